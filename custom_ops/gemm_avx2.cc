@@ -1,0 +1,36 @@
+// AVX2 kernels (x86-64 with AVX2, F16C, FMA), compiled with those flags only here.
+#include <immintrin.h>
+
+#define SCAP_KERNEL_NS avx2
+#include "gemm_impl.h"
+
+namespace scap {
+namespace avx2 {
+namespace {
+
+struct Isa {
+  using Vec = __m256;
+  static constexpr int64_t kWidth = 8;
+  static Vec Set(float x) { return _mm256_set1_ps(x); }
+  static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static Vec LoadB(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec LoadB(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static void StoreHalf(uint16_t* p, Vec v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+}  // namespace
+}  // namespace avx2
+
+const GemmKernels& Avx2Kernels() {
+  static const GemmKernels kernels{&avx2::GemmBlock<avx2::Isa, float>, &avx2::GemmBlock<avx2::Isa, uint16_t>, "avx2"};
+  return kernels;
+}
+
+}  // namespace scap

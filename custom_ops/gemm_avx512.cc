@@ -1,0 +1,37 @@
+// AVX-512 kernels (x86-64 with AVX512F/BW/VL, F16C, FMA), compiled with those flags only here.
+#include <immintrin.h>
+
+#define SCAP_KERNEL_NS avx512
+#include "gemm_impl.h"
+
+namespace scap {
+namespace avx512 {
+namespace {
+
+struct Isa {
+  using Vec = __m512;
+  static constexpr int64_t kWidth = 16;
+  static Vec Set(float x) { return _mm512_set1_ps(x); }
+  static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static Vec LoadB(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec LoadB(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static void StoreHalf(uint16_t* p, Vec v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+}  // namespace
+}  // namespace avx512
+
+const GemmKernels& Avx512Kernels() {
+  static const GemmKernels kernels{&avx512::GemmBlock<avx512::Isa, float>, &avx512::GemmBlock<avx512::Isa, uint16_t>,
+                                   "avx512"};
+  return kernels;
+}
+
+}  // namespace scap

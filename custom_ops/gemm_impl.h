@@ -1,0 +1,147 @@
+// The sparse GEMM kernels, written once over a small vector policy ("Isa") and compiled once per
+// instruction set: gemm_avx512.cc, gemm_avx2.cc, gemm_portable.cc.
+//
+// Each including translation unit defines SCAP_KERNEL_NS first, so that every function here gets
+// a namespace of its own: code compiled with -mavx512f must never be picked by the linker for a
+// caller on a CPU without it. For the same reason nothing here calls std:: templates.
+//
+// An Isa provides: Vec, kWidth, Set, Load, Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
+// Add, StoreHalf, Prefetch.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "sparse_gemm.h"
+
+#ifndef SCAP_KERNEL_NS
+#error "define SCAP_KERNEL_NS before including gemm_impl.h"
+#endif
+
+namespace scap {
+namespace SCAP_KERNEL_NS {
+
+// Float accumulators per thread, rows x column tile: 32 KiB stays in L1/L2.
+constexpr int64_t kAccFloats = 8192;
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
+
+inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// acc[0:w] += d0*b0 + d1*b1 + d2*b2 + d3*b3, and prefetch the same columns of the next rows.
+template <class Isa, typename TW>
+inline void Axpy4(float* acc, int64_t w, const TW* b0, const TW* b1, const TW* b2, const TW* b3,
+                  float d0, float d1, float d2, float d3, const TW* const* next) {
+  const auto v0 = Isa::Set(d0), v1 = Isa::Set(d1), v2 = Isa::Set(d2), v3 = Isa::Set(d3);
+  int64_t j = 0;
+  for (; j + Isa::kWidth <= w; j += Isa::kWidth) {
+    if (next != nullptr) {
+      Isa::Prefetch(next[0] + j);
+      Isa::Prefetch(next[1] + j);
+      Isa::Prefetch(next[2] + j);
+      Isa::Prefetch(next[3] + j);
+    }
+    auto a = Isa::Fma(Isa::LoadB(b0 + j), v0, Isa::Load(acc + j));
+    auto c = Isa::Fma(Isa::LoadB(b1 + j), v1, Isa::Mul(Isa::LoadB(b2 + j), v2));  // two chains, then join
+    c = Isa::Fma(Isa::LoadB(b3 + j), v3, c);
+    Isa::Store(acc + j, Isa::Add(a, c));
+  }
+  for (; j < w; ++j) {
+    acc[j] += d0 * ToFloat(b0[j]) + d1 * ToFloat(b1[j]) + d2 * ToFloat(b2[j]) + d3 * ToFloat(b3[j]);
+  }
+}
+
+// acc[0:w] += d * b
+template <class Isa, typename TW>
+inline void Axpy1(float* acc, int64_t w, const TW* b, float d) {
+  const auto v = Isa::Set(d);
+  int64_t j = 0;
+  for (; j + Isa::kWidth <= w; j += Isa::kWidth) {
+    Isa::Store(acc + j, Isa::Fma(Isa::LoadB(b + j), v, Isa::Load(acc + j)));
+  }
+  for (; j < w; ++j) acc[j] += d * ToFloat(b[j]);
+}
+
+// Decode (one row of A): stream the kept rows of B four at a time, prefetching the next four.
+template <class Isa, typename TW>
+void AccumulateOneRow(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w,
+                      float* acc) {
+  const float* d = act.values;
+  const int32_t* kept = act.kept;
+  const int64_t count = act.kept_count;
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    const TW* next[4];
+    const TW* const* prefetch = nullptr;
+    if (i + 8 <= count) {
+      for (int r = 0; r < 4; ++r) next[r] = b + static_cast<int64_t>(kept[i + 4 + r]) * n + c0;
+      prefetch = next;
+    }
+    const int64_t k0 = kept[i], k1 = kept[i + 1], k2 = kept[i + 2], k3 = kept[i + 3];
+    Axpy4<Isa>(acc, w, b + k0 * n + c0, b + k1 * n + c0, b + k2 * n + c0, b + k3 * n + c0, d[k0], d[k1],
+               d[k2], d[k3], prefetch);
+  }
+  for (; i < count; ++i) Axpy1<Isa>(acc, w, b + static_cast<int64_t>(kept[i]) * n + c0, d[kept[i]]);
+}
+
+// Several rows of A: each kept row of B is read once from memory and reused from cache for
+// every row of A that keeps it.
+template <class Isa, typename TW>
+void AccumulateRows(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w,
+                    int64_t tile, float* acc) {
+  for (int64_t i = 0; i < act.kept_count; ++i) {
+    const int64_t k = act.kept[i];
+    const TW* row = b + k * n + c0;
+    for (int64_t m = 0; m < act.rows; ++m) {
+      const float d = act.values[m * act.depth + k];
+      if (d != 0.0f) Axpy1<Isa>(acc + m * tile, w, row, d);
+    }
+  }
+}
+
+template <class Isa>
+inline void StoreRow(const float* acc, const float* bias, float* y, int64_t w) {
+  int64_t j = 0;
+  if (bias != nullptr) {
+    for (; j + Isa::kWidth <= w; j += Isa::kWidth) Isa::Store(y + j, Isa::Add(Isa::Load(acc + j), Isa::Load(bias + j)));
+    for (; j < w; ++j) y[j] = acc[j] + bias[j];
+  } else {
+    std::memcpy(y, acc, static_cast<size_t>(w) * sizeof(float));
+  }
+}
+
+template <class Isa>
+inline void StoreRow(const float* acc, const float* bias, uint16_t* y, int64_t w) {
+  int64_t j = 0;
+  for (; j + Isa::kWidth <= w; j += Isa::kWidth) {
+    auto v = Isa::Load(acc + j);
+    if (bias != nullptr) v = Isa::Add(v, Isa::Load(bias + j));
+    Isa::StoreHalf(y + j, v);
+  }
+  for (; j < w; ++j) y[j] = FloatToHalf(acc[j] + (bias != nullptr ? bias[j] : 0.0f));
+}
+
+template <class Isa, typename TW>
+void GemmBlock(const SparseActivations& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0,
+               int64_t n1) {
+  alignas(64) float acc[kAccFloats];
+  const int64_t rows = act.rows < 1 ? 1 : act.rows;
+  int64_t tile = kAccFloats / rows;
+  tile = tile < 16 ? 16 : tile / 16 * 16;
+  for (int64_t c0 = n0; c0 < n1; c0 += tile) {
+    const int64_t w = Min(tile, n1 - c0);
+    for (int64_t m = 0; m < act.rows; ++m) std::memset(acc + m * tile, 0, static_cast<size_t>(w) * sizeof(float));
+    if (act.rows == 1) {
+      AccumulateOneRow<Isa>(act, b, n, c0, w, acc);
+    } else {
+      AccumulateRows<Isa>(act, b, n, c0, w, tile, acc);
+    }
+    for (int64_t m = 0; m < act.rows; ++m) {
+      StoreRow<Isa>(acc + m * tile, bias != nullptr ? bias + c0 : nullptr, y + m * n + c0, w);
+    }
+  }
+}
+
+}  // namespace SCAP_KERNEL_NS
+}  // namespace scap

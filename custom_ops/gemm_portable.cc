@@ -1,0 +1,68 @@
+// Portable kernels: plain C++ over 8-float blocks that compilers vectorise for the baseline ISA
+// (SSE2 on x86-64, NEON on ARM64). Used where no faster kernel fits the CPU.
+#define SCAP_KERNEL_NS portable
+#include "gemm_impl.h"
+
+namespace scap {
+namespace portable {
+namespace {
+
+struct Isa {
+  static constexpr int64_t kWidth = 8;
+  struct Vec {
+    float v[8];
+  };
+  static Vec Set(float x) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = x;
+    return r;
+  }
+  static Vec Load(const float* p) {
+    Vec r;
+    std::memcpy(r.v, p, sizeof r.v);
+    return r;
+  }
+  static void Store(float* p, const Vec& v) { std::memcpy(p, v.v, sizeof v.v); }
+  static Vec LoadB(const float* p) { return Load(p); }
+  static Vec LoadB(const uint16_t* p) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = HalfToFloat(p[i]);
+    return r;
+  }
+  static Vec Fma(const Vec& a, const Vec& b, const Vec& c) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  static Vec Mul(const Vec& a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  static Vec Add(const Vec& a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
+  static void StoreHalf(uint16_t* p, const Vec& v) {
+    for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v.v[i]);
+  }
+  static void Prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+  }
+};
+
+}  // namespace
+}  // namespace portable
+
+const GemmKernels& PortableKernels() {
+  static const GemmKernels kernels{&portable::GemmBlock<portable::Isa, float>,
+                                   &portable::GemmBlock<portable::Isa, uint16_t>, "portable"};
+  return kernels;
+}
+
+}  // namespace scap
