@@ -1,0 +1,109 @@
+"""Python API: the same operations as the command line.
+
+    from scap_onnx.api import calibrate, rewrite, inspect
+    stats = calibrate("model.onnx", "text.txt", sparsity="up=0.35,gate=0.35,down=0.55")
+    stats.save("stats.json")
+    result = rewrite("model.onnx", "sparse.onnx", stats="stats.json", sparsity="0.4")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .calibrate import calibrate
+from .capture import fingerprint, load_proto
+from .errors import ScapError
+from .progress import NullProgress, Progress
+from .rewrite import check_model, load_model, rewrite_model, save_model
+from .spec import parse_spec
+from .stats import Stats, TargetPlan
+from .targets import GraphView, Target, find_all_targets, find_targets, group_sites, select_targets
+
+__all__ = ["calibrate", "rewrite", "inspect", "model_fingerprint", "RewriteResult", "Stats", "ScapError"]
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """The identity stats files record (see capture.fingerprint)."""
+    proto = load_proto(model)
+    return fingerprint(proto, Path(model).resolve().parent)
+
+
+@dataclass
+class RewriteResult:
+    output: Path
+    external_data: Path | None
+    plan: dict[str, TargetPlan]
+    stats: Stats
+    rewritten: list[str] = field(default_factory=list)
+
+
+def rewrite(
+    model: str | Path,
+    output: str | Path,
+    *,
+    stats: Stats | str | Path | None = None,
+    data: str | Path | None = None,
+    sparsity: str | float | None = None,
+    targets: str | None = None,
+    check: bool = True,
+    progress: Progress | None = None,
+    **calibrate_kwargs,
+) -> RewriteResult:
+    """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
+    from calibrating on ``data``. ``sparsity`` re-targets (default: the calibration SPEC)."""
+    model = Path(model)
+    output = Path(output)
+    progress = progress or NullProgress()
+    if sparsity is not None:
+        parse_spec(sparsity)  # fail early on a bad SPEC
+    if stats is None and data is None:
+        raise ScapError("rewrite needs --stats STATS.json or --data DATA to calibrate")
+    if stats is not None and data is not None:
+        raise ScapError("give either --stats or --data, not both")
+    if stats is None:
+        stats = calibrate(model, data, sparsity=sparsity if sparsity is not None else 0.5, targets=targets,
+                          progress=progress, **calibrate_kwargs)
+        fp = stats.model["fingerprint"]
+    else:
+        if not isinstance(stats, Stats):
+            stats = Stats.load(stats)
+        fp = model_fingerprint(model)
+    stats.check_model(fp, model)
+    plan = stats.plan(sparsity)
+    ir_model = load_model(model)
+    if targets is not None:
+        chosen = {t.name for t in select_targets(find_all_targets(GraphView.from_ir(ir_model)), targets)}
+        plan = {k: v for k, v in plan.items() if k in chosen}
+    if not plan:
+        raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
+    task = progress.task("rewrite", len(plan))
+    ir_model, names = rewrite_model(ir_model, plan)
+    task.advance(len(names))
+    task.close()
+    ext = save_model(ir_model, output, inputs_to_keep=[model] + _external_files(ir_model))
+    del ir_model
+    if check:
+        check_model(output)
+    return RewriteResult(output, ext, plan, stats, names)
+
+
+def _external_files(ir_model) -> list[Path]:
+    """Files the model's external tensors live in (the rewrite must not overwrite them)."""
+    import onnx_ir as ir
+
+    files = set()
+    for v in ir_model.graph.initializers.values():
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            files.add(Path(t.path))
+    return sorted(files)
+
+
+def inspect(model: str | Path, targets: str | None = None) -> list[Target]:
+    """Target MatMuls of a model (``targets`` patterns as in --targets; all but lm_head by default)."""
+    proto = load_proto(model)
+    return find_targets(proto, targets)
+
+
+__all__ += ["find_targets", "group_sites"]

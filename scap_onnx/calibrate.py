@@ -1,0 +1,268 @@
+"""Calibration: per sparsified input, a centre m and a threshold tau from activation statistics.
+
+For each site (an input tensor shared by one or more target MatMuls) the calibration data flow
+through onnxruntime once per pass; the site's values stream into a :class:`Histogram` and a
+fixed-size reservoir of rows (memory independent of the number of tokens). Offset candidates come
+from the histogram (mode of a fine histogram, mode of a smoother box-kernel density, median,
+zero); each is scored by the relative error it causes at the layer's output on the reservoir rows,
+``||drop(x - m, tau_m) @ W|| / ||x @ W||`` with ``tau_m = quantile(|x - m|, s)``, at a grid of
+sparsities, and the best is chosen at the SPEC's sparsity.
+
+Upstream-aware calibration (``passes`` >= 2): pass p runs the model with every site already
+sparsified with the thresholds and offsets of pass p-1 (in standard ONNX ops), so each site's
+statistics are those of the inputs it will see at run time. A site's input depends only on sites
+upstream of it, so after p passes the first p-1 layers are exactly calibrated layer by layer; in
+practice the thresholds settle after one or two refinement passes (see the project notes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from onnx import helper
+
+from . import __version__
+from .capture import Capture, ModelSource, default_options
+from .data import DataSource, open_data
+from .errors import ScapError
+from .histogram import Histogram, robust_scale
+from .progress import NullProgress, Progress
+from .spec import Spec, parse_spec
+from .stats import CANDIDATE_ORDER, SiteStats, Stats
+from .targets import Site, find_targets, group_sites
+
+#: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
+ERROR_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_PASSES = 2
+DEFAULT_SAMPLE_ROWS = 128
+_ELEM = {"float32": 1, "float16": 10}
+
+
+class RowReservoir:
+    """A uniform sample of at most ``size`` rows of a stream of [..., K] arrays (algorithm R)."""
+
+    def __init__(self, k: int, size: int, seed: int = 0):
+        self.rows = np.empty((size, k), dtype=np.float32)
+        self.size = size
+        self.seen = 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        n = x.shape[0]
+        start = self.seen
+        fill = min(max(self.size - start, 0), n)
+        if fill:
+            self.rows[start : start + fill] = x[:fill]
+        if n > fill:
+            idx = np.arange(start + fill, start + n)
+            slots = (self.rng.random(idx.size) * (idx + 1)).astype(np.int64)
+            take = np.flatnonzero(slots < self.size)
+            for t in take:  # later rows overwrite earlier ones, as the sequential algorithm does
+                self.rows[slots[t]] = x[fill + t]
+        self.seen += n
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self.rows[: min(self.seen, self.size)]
+
+
+def offset_candidates(h: Histogram) -> dict[str, float]:
+    """Centre candidates from a histogram, near-duplicates removed (earlier in CANDIDATE_ORDER kept)."""
+    scale = robust_scale(h)
+    raw = {"zero": 0.0, "median": float(h.quantile(0.5))}
+    if scale > 0:
+        raw["mode"] = h.mode(scale / 100)
+        raw["kde"] = h.mode(scale / 10)
+    out: dict[str, float] = {}
+    tol = 1e-3 * scale if scale > 0 else 0.0
+    for kind in CANDIDATE_ORDER:
+        v = raw.get(kind)
+        if v is None or not np.isfinite(v):
+            continue
+        if all(abs(v - w) > tol for w in out.values()):
+            out[kind] = float(v)
+    return out
+
+
+def output_errors(
+    sample: np.ndarray,
+    weights: list[np.ndarray],
+    h: Histogram,
+    candidates: dict[str, float],
+    sparsities: list[float],
+) -> dict[str, list[float]]:
+    """Mean over the site's weights of ||drop(x - m) @ W|| / ||x @ W|| per candidate and sparsity."""
+    x = sample.astype(np.float32)
+    dense = [np.linalg.norm(x @ w) for w in weights]
+    out: dict[str, list[float]] = {}
+    for kind, m in candidates.items():
+        d = x - np.float32(m)
+        errs = []
+        for s in sparsities:
+            tau = h.threshold(s, m)
+            dropped = np.where(np.abs(d) <= np.float32(tau), d, np.float32(0))
+            e = [np.linalg.norm(dropped @ w) / nd if nd > 0 else 0.0 for w, nd in zip(weights, dense)]
+            errs.append(float(np.mean(e)))
+        out[kind] = errs
+    return out
+
+
+@dataclass
+class PassResult:
+    histograms: dict[str, Histogram]
+    samples: dict[str, np.ndarray]
+    tokens: int
+    batches: int
+    seconds: float
+
+
+def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, options, providers) -> PassResult:
+    capture = Capture(source, {s.input: _ELEM[s.dtype] for s in sites}, sparsify, options, providers)
+    hists = {s.input: Histogram() for s in sites}
+    res = {s.input: RowReservoir(s.k, sample_rows, seed=i) for i, s in enumerate(sites)}
+    t0 = time.perf_counter()
+    tokens = batches = 0
+    task = progress.task(label, data.max_tokens if data.is_text else None)
+    try:
+        for feeds, n_tok in data.batches():
+            outs = capture.run(feeds)
+            for name, arr in outs.items():
+                hists[name].add(arr)
+                res[name].add(arr)
+            del outs
+            tokens += n_tok
+            batches += 1
+            task.advance(n_tok)
+    finally:
+        task.close()
+    del capture
+    return PassResult(hists, {k: r.sample.copy() for k, r in res.items()}, tokens, batches, time.perf_counter() - t0)
+
+
+def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: float | None, grid: list[float]):
+    cands = offset_candidates(hist)
+    errs = output_errors(sample, weights, hist, cands, grid) if grid and sample.size else {}
+    st = SiteStats(
+        input=site.input,
+        targets=[{k: v for k, v in t.to_dict().items()} for t in site.targets],
+        dtype=site.dtype,
+        histogram=hist,
+        candidates=cands,
+        error_grid=list(grid),
+        errors=errs,
+        sparsity=sparsity,
+    )
+    if sparsity is not None:
+        st.offset_kind, st.offset = st.choose_offset(sparsity)
+        st.threshold = hist.threshold(sparsity, st.offset)
+    return st
+
+
+def calibrate(
+    model: str | Path,
+    data: str | Path | DataSource,
+    *,
+    sparsity: str | float | Spec = 0.5,
+    targets: str | None = None,
+    tokenizer: str | Path | None = None,
+    seq_len: int = 256,
+    max_tokens: int | None = 16384,
+    batch_size: int = 1,
+    passes: int = DEFAULT_PASSES,
+    sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    progress: Progress | None = None,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> Stats:
+    """Calibrate ``model`` on ``data`` for ``sparsity`` (a SPEC) and return the statistics.
+
+    ``passes``: 1 calibrates on dense activations; each further pass recalibrates with all
+    upstream sites sparsified as the previous pass decided.
+    """
+    spec = parse_spec(sparsity)
+    if passes < 1:
+        raise ScapError("--passes must be at least 1")
+    if sample_rows < 1:
+        raise ScapError("--sample-rows must be at least 1")
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    with ModelSource(model) as source:
+        chosen = find_targets(source.proto, targets)
+        sites = group_sites(chosen)
+        if isinstance(data, DataSource):
+            ds = data
+        else:
+            ds = open_data(data, source.proto, model, tokenizer=tokenizer, seq_len=seq_len,
+                           max_tokens=max_tokens, batch_size=batch_size)
+        site_sparsity = {}
+        for s in sites:
+            vals = [spec.sparsity(t.role) for t in s.targets]
+            vals = [v for v in vals if v is not None]
+            site_sparsity[s.input] = float(np.mean(vals)) if vals else None
+        weights_cache: dict[str, list[np.ndarray]] = {}
+
+        def weights_of(site: Site) -> list[np.ndarray]:
+            if site.input not in weights_cache:
+                weights_cache[site.input] = [source.weight(t.weight).astype(np.float32, copy=False) for t in site.targets]
+            return weights_cache[site.input]
+
+        sparsify = None
+        result: PassResult | None = None
+        history = []
+        decided: dict[str, SiteStats] = {}
+        for p in range(1, passes + 1):
+            result = _run_pass(source, sites, ds, sparsify, sample_rows, progress,
+                               f"calibrate pass {p}/{passes}", default_options(threads), providers)
+            last = p == passes
+            decided = {}
+            for s in sites:
+                sp = site_sparsity[s.input]
+                if last:
+                    grid = sorted(set(ERROR_GRID) | ({sp} if sp is not None else set()))
+                else:
+                    grid = [sp] if sp is not None else []
+                w = weights_of(s) if grid else []
+                decided[s.input] = _decide(s, result.histograms[s.input], result.samples[s.input], w, sp, grid)
+                if not last:
+                    # free the big per-site arrays of an intermediate pass as we go
+                    weights_cache.pop(s.input, None)
+            history.append({
+                "pass": p, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+                "thresholds": {k: v.threshold for k, v in decided.items() if v.sparsity is not None},
+            })
+            if not last:
+                sparsify = {
+                    st.input: (st.threshold, st.offset, _ELEM[st.dtype], [t["name"] for t in st.targets
+                                                                          if spec.sparsity(t["role"]) is not None])
+                    for st in decided.values() if st.sparsity is not None
+                }
+        weights_cache.clear()
+        assert result is not None
+        stats = Stats(
+            model={"path": str(Path(model).resolve()), "fingerprint": source.fingerprint,
+                   "targets": len(chosen), "sites": len(sites)},
+            calibration={
+                "spec": str(spec), "data": ds.describe(), "tokens": result.tokens, "batches": result.batches,
+                "passes": passes, "sample_rows": sample_rows, "targets": targets,
+                "seconds": round(time.perf_counter() - started, 2),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "scap_onnx": __version__,
+                "threshold_change": _threshold_change(history),
+            },
+            sites=[decided[s.input] for s in sites],
+        )
+    return stats
+
+
+def _threshold_change(history: list[dict]) -> list[float]:
+    """Median relative change of thresholds between consecutive passes (convergence record)."""
+    out = []
+    for a, b in zip(history, history[1:]):
+        ch = [abs(b["thresholds"][k] - v) / v for k, v in a["thresholds"].items() if v > 0 and k in b["thresholds"]]
+        out.append(round(float(np.median(ch)), 6) if ch else 0.0)
+    return out

@@ -1,0 +1,310 @@
+"""Calibration data: model feeds from text (through the model's tokenizer) or from an .npz.
+
+Text (.txt, or .jsonl with a "text" field per line) is read as a stream, tokenised in chunks and
+cut into windows of ``seq_len`` tokens (the tokenizer's own special tokens, e.g. [CLS]/[SEP],
+added around each window). Feeds for the other inputs an exported model has are derived from the
+window: attention_mask (ones), position_ids / cache_position (0..S-1), token_type_ids (zeros) and
+empty past_key_values (past length 0) for decoders exported with past (optimum's
+text-generation-with-past). An .npz holds feeds by input name, split along axis 0 into batches.
+
+Nothing here holds more than one batch of feeds at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import ScapError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
+_CHUNK_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """A graph input: name, numpy dtype, dims (int, or str for symbolic, or None)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple
+
+    @property
+    def rank(self) -> int:
+        return len(self.dims)
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
+    """Graph inputs that are not initializers, with dtypes and dims."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+        dims = tuple(
+            (d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim
+        ) if tt.HasField("shape") else ()
+        out.append(InputInfo(i.name, dtype, dims))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def find_tokenizer(model_path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """tokenizer.json: ``tokenizer`` (a file or a folder holding one) or the one beside the model."""
+    if tokenizer is not None:
+        p = Path(tokenizer)
+        cand = p / "tokenizer.json" if p.is_dir() else p
+        if not cand.is_file():
+            raise ScapError(f"no tokenizer: {cand} does not exist")
+        return cand
+    cand = Path(model_path).resolve().parent / "tokenizer.json"
+    if not cand.is_file():
+        raise ScapError(
+            f"no tokenizer: text data needs the model's tokenizer.json (not found beside {model_path}); "
+            "pass --tokenizer DIR or give --data as an .npz of feeds"
+        )
+    return cand
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ScapError(f"cannot read tokenizer {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _special_wrap(tok) -> tuple[list[int], list[int]]:
+    """Ids the tokenizer's post-processor puts before and after a single sequence."""
+    with_sp = tok.encode("a", add_special_tokens=True).ids
+    without = tok.encode("a", add_special_tokens=False).ids
+    n = len(without)
+    for i in range(len(with_sp) - n + 1):
+        if with_sp[i : i + n] == without:
+            return with_sp[:i], with_sp[i + n :]
+    return [], []
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """The file's text in pieces of about _CHUNK_CHARS, cut at line ends (jsonl: one per record)."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ScapError(f"{path}:{lineno}: not a JSON object") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise ScapError(f'{path}:{lineno}: a .jsonl record needs a "text" string field')
+                yield rec["text"] + "\n\n"
+        return
+    buf: list[str] = []
+    size = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                buf.append(line)
+                size += len(line)
+                if size >= _CHUNK_CHARS:
+                    yield "".join(buf)
+                    buf, size = [], 0
+    except UnicodeDecodeError:
+        raise ScapError(f"{path} is not UTF-8 text") from None
+    if buf:
+        yield "".join(buf)
+
+
+def token_windows(path: Path, tokenizer, seq_len: int, *, skip: int = 0) -> Iterator[np.ndarray]:
+    """Consecutive windows of ``seq_len`` ids (special tokens included), after skipping ``skip`` windows."""
+    pre, post = _special_wrap(tokenizer)
+    content = seq_len - len(pre) - len(post)
+    if content < 1:
+        raise ScapError(f"--seq-len {seq_len} leaves no room for text next to the tokenizer's special tokens")
+    buf: list[int] = []
+    index = 0
+    for chunk in _text_chunks(path):
+        buf.extend(tokenizer.encode(chunk, add_special_tokens=False).ids)
+        while len(buf) >= content:
+            window, buf = buf[:content], buf[content:]
+            if index >= skip:
+                yield np.asarray(pre + window + post, dtype=np.int64)
+            index += 1
+
+
+# ----------------------------------------------------------------------------- feeds
+def _is_batch_dim(d, batch_name) -> bool:
+    return isinstance(d, str) and (d == batch_name or "batch" in d.lower())
+
+
+def feeds_from_ids(inputs: list[InputInfo], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a batch of token windows ``ids`` [B, S] (past length 0)."""
+    b, s = ids.shape
+    by_name = {i.name: i for i in inputs}
+    ids_input = by_name.get("input_ids") or next((i for i in inputs if "input_ids" in i.name), None)
+    if ids_input is None:
+        raise ScapError(
+            "the model has no input_ids input, so text cannot feed it; give --data as an .npz of feeds "
+            f"(inputs: {', '.join(by_name)})"
+        )
+    batch_name = ids_input.dims[0] if ids_input.dims else None
+    feeds: dict[str, np.ndarray] = {}
+    for inp in inputs:
+        n = inp.name
+        if inp is ids_input:
+            feeds[n] = ids.astype(inp.dtype)
+        elif "attention_mask" in n:
+            feeds[n] = np.ones((b, s), dtype=inp.dtype)
+        elif "position_ids" in n:
+            feeds[n] = np.broadcast_to(np.arange(s, dtype=inp.dtype), (b, s)).copy()
+        elif "cache_position" in n:
+            feeds[n] = np.arange(s, dtype=inp.dtype)
+        elif "token_type_ids" in n:
+            feeds[n] = np.zeros((b, s), dtype=inp.dtype)
+        elif n.startswith("past") or ".past" in n or "past_key" in n:
+            shape = []
+            for d in inp.dims:
+                if isinstance(d, int) and d > 0:
+                    shape.append(d)
+                elif _is_batch_dim(d, batch_name):
+                    shape.append(b)
+                else:
+                    shape.append(0)  # past sequence length
+            feeds[n] = np.zeros(shape, dtype=inp.dtype)
+        elif n == "use_cache_branch":
+            feeds[n] = np.zeros((1,), dtype=inp.dtype)
+        else:
+            raise ScapError(
+                f"cannot derive model input {n!r} from text; give --data as an .npz of feeds for every input"
+            )
+    return feeds
+
+
+@dataclass
+class DataSource:
+    """Where calibration feeds come from; ``batches()`` yields (feeds, n_tokens) one batch at a time."""
+
+    path: Path
+    inputs: list[InputInfo]
+    tokenizer_path: Path | None = None
+    seq_len: int = 256
+    max_tokens: int | None = 16384
+    batch_size: int = 1
+    skip_tokens: int = 0
+
+    @property
+    def is_text(self) -> bool:
+        return self.path.suffix.lower() != ".npz"
+
+    @property
+    def max_windows(self) -> int | None:
+        if self.max_tokens is None:
+            return None
+        return max(1, self.max_tokens // self.seq_len)
+
+    def batches(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        if self.is_text:
+            yield from self._text_batches()
+        else:
+            yield from self._npz_batches()
+
+    def _text_batches(self):
+        tok = load_tokenizer(self.tokenizer_path)
+        pending: list[np.ndarray] = []
+        n = 0
+        limit = self.max_windows
+        skip = self.skip_tokens // self.seq_len
+        for w in token_windows(self.path, tok, self.seq_len, skip=skip):
+            pending.append(w)
+            n += 1
+            if len(pending) == self.batch_size:
+                ids = np.stack(pending)
+                pending = []
+                yield feeds_from_ids(self.inputs, ids), int(ids.size)
+            if limit is not None and n >= limit:
+                break
+        if pending:
+            ids = np.stack(pending)
+            yield feeds_from_ids(self.inputs, ids), int(ids.size)
+        if n == 0:
+            raise ScapError(f"{self.path} holds fewer than {self.seq_len} tokens: no calibration window")
+
+    def _npz_batches(self):
+        try:
+            z = np.load(self.path, allow_pickle=False)
+        except Exception as e:
+            raise ScapError(f"cannot read {self.path} as .npz: {type(e).__name__}") from None
+        with z:
+            names = set(z.files)
+            missing = [i.name for i in self.inputs if i.name not in names]
+            if missing:
+                raise ScapError(f"{self.path} lacks feeds for model inputs: {', '.join(missing)}")
+            arrays = {i.name: z[i.name] for i in self.inputs}
+        rows = {a.shape[0] if a.ndim else 1 for a in arrays.values()}
+        if len(rows) != 1 or any(a.ndim == 0 for a in arrays.values()):
+            yield {k: v.astype(i.dtype, copy=False) for (k, v), i in zip(arrays.items(), self.inputs)}, _tokens(arrays)
+            return
+        total = rows.pop()
+        step = self.batch_size
+        done = 0
+        for start in range(0, total, step):
+            feeds = {i.name: np.ascontiguousarray(arrays[i.name][start : start + step]).astype(i.dtype, copy=False) for i in self.inputs}
+            n_tok = _tokens(feeds)
+            yield feeds, n_tok
+            done += n_tok
+            if self.max_tokens is not None and done >= self.max_tokens:
+                break
+
+    def describe(self) -> dict:
+        d = {"path": str(self.path), "kind": "text" if self.is_text else "npz", "batch_size": self.batch_size}
+        if self.is_text:
+            d.update(seq_len=self.seq_len, tokenizer=str(self.tokenizer_path), skip_tokens=self.skip_tokens)
+        return d
+
+
+def _tokens(feeds: dict[str, np.ndarray]) -> int:
+    """Rows x sequence length of the first 2-D integer feed, else rows of the first feed."""
+    for a in feeds.values():
+        if a.ndim == 2 and a.dtype.kind in "iu":
+            return int(a.shape[0] * a.shape[1])
+    a = next(iter(feeds.values()))
+    return int(a.shape[0]) if a.ndim else 1
+
+
+def open_data(
+    data: str | Path,
+    model: onnx.ModelProto,
+    model_path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    seq_len: int = 256,
+    max_tokens: int | None = 16384,
+    batch_size: int = 1,
+    skip_tokens: int = 0,
+) -> DataSource:
+    """Check the data argument and make a DataSource for ``model``. Raises ScapError on bad input."""
+    path = Path(data)
+    if not path.is_file():
+        raise ScapError(f"data file {path} does not exist")
+    if seq_len < 2:
+        raise ScapError("--seq-len must be at least 2")
+    if batch_size < 1:
+        raise ScapError("--batch-size must be at least 1")
+    inputs = model_inputs(model)
+    if path.suffix.lower() == ".npz":
+        return DataSource(path, inputs, None, seq_len, max_tokens, batch_size, skip_tokens)
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise ScapError(f"data {path}: expected a text file (.txt, .jsonl) or an .npz of feeds")
+    tok = find_tokenizer(model_path, tokenizer)
+    return DataSource(path, inputs, tok, seq_len, max_tokens, batch_size, skip_tokens)

@@ -1,0 +1,81 @@
+"""SPEC: target sparsity for every target (``0.5``) or per role (``up=0.35,gate=0.35,down=0.55``).
+
+A per-role SPEC names the roles to sparsify; targets of other roles stay dense. ``*=0.3`` (or
+``all=0.3``) sets every role not named otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ScapError
+from .targets import ROLES
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Parsed SPEC: ``default`` applies to roles absent from ``roles`` (None: those stay dense)."""
+
+    default: float | None = None
+    roles: dict[str, float] = field(default_factory=dict)
+
+    def sparsity(self, role: str) -> float | None:
+        """Target sparsity of a role, or None when the SPEC leaves it dense."""
+        return self.roles.get(role, self.default)
+
+    def __str__(self) -> str:
+        if not self.roles and self.default is not None:
+            return _fmt(self.default)
+        items = [f"{r}={_fmt(v)}" for r, v in self.roles.items()]
+        if self.default is not None:
+            items.append(f"*={_fmt(self.default)}")
+        return ",".join(items)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _value(text: str, where: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ScapError(f"sparsity {where!r} is not a number") from None
+    if not (0.0 <= v < 1.0) or math.isnan(v):
+        raise ScapError(f"sparsity {where!r} is outside [0, 1)")
+    return v
+
+
+def parse_spec(text: str | float | Spec) -> Spec:
+    """Parse a SPEC string (or a number). Raises ScapError on a malformed SPEC."""
+    if isinstance(text, Spec):
+        return text
+    if isinstance(text, (int, float)):
+        return Spec(default=_value(str(text), str(text)))
+    text = text.strip()
+    if not text:
+        raise ScapError("empty sparsity SPEC; give a number like 0.5 or roles like up=0.35,down=0.55")
+    if "=" not in text:
+        return Spec(default=_value(text, text))
+    default: float | None = None
+    roles: dict[str, float] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ScapError(f"sparsity SPEC item {item!r} is not ROLE=VALUE (roles: {', '.join(ROLES)})")
+        role, value = (p.strip() for p in item.split("=", 1))
+        v = _value(value, item)
+        if role in ("*", "all", "default"):
+            default = v
+        elif role in ROLES:
+            if role in roles:
+                raise ScapError(f"sparsity SPEC names role {role!r} twice")
+            roles[role] = v
+        else:
+            raise ScapError(f"unknown role {role!r} in sparsity SPEC (roles: {', '.join(ROLES)})")
+    if not roles and default is None:
+        raise ScapError(f"sparsity SPEC {text!r} names no role")
+    return Spec(default=default, roles=roles)

@@ -1,0 +1,214 @@
+"""stats.json: calibration statistics per sparsified input, and the model they came from.
+
+Per site (an input tensor shared by one or more target MatMuls): its targets (name, role, layer,
+weight, K, N, bias), the histogram of its values, the offset candidates (mode, kde, median, zero)
+with the relative output error each causes at a grid of sparsities, and the offset/threshold
+chosen for the calibration SPEC. ``plan(spec)`` re-targets any SPEC from the stored histograms and
+errors without running the model again. ``model.fingerprint`` identifies the source model; a
+stats file is refused for any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ScapError
+from .fileio import atomic_write_text
+from .histogram import Histogram
+from .spec import Spec, parse_spec
+
+FORMAT = "scap-onnx-stats"
+VERSION = 1
+#: Candidate order used to break ties in output error (zero first: no change unless it helps).
+CANDIDATE_ORDER = ("zero", "median", "mode", "kde")
+
+
+@dataclass
+class SiteStats:
+    input: str
+    targets: list[dict]
+    dtype: str
+    histogram: Histogram
+    candidates: dict[str, float] = field(default_factory=dict)
+    error_grid: list[float] = field(default_factory=list)
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    sparsity: float | None = None  # calibration SPEC's target for this site (None: left dense)
+    offset: float = 0.0
+    offset_kind: str = "zero"
+    threshold: float = 0.0
+
+    @property
+    def roles(self) -> list[str]:
+        return list(dict.fromkeys(t["role"] for t in self.targets))
+
+    @property
+    def layer(self) -> int | None:
+        return self.targets[0].get("layer")
+
+    @property
+    def k(self) -> int:
+        return int(self.targets[0]["k"])
+
+    def sparsity_for(self, spec: Spec) -> float | None:
+        """The site's sparsity under ``spec``: mean over its targets that the SPEC names."""
+        vals = [spec.sparsity(t["role"]) for t in self.targets]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    def choose_offset(self, sparsity: float) -> tuple[str, float]:
+        """Candidate with the least output error at ``sparsity`` (errors interpolated on the grid)."""
+        if not self.candidates:
+            return "zero", 0.0
+        if not self.errors or not self.error_grid:
+            kind = "zero" if "zero" in self.candidates else next(iter(self.candidates))
+            return kind, self.candidates[kind]
+        grid = np.asarray(self.error_grid)
+        best = None
+        for kind in sorted(self.candidates, key=lambda k: CANDIDATE_ORDER.index(k) if k in CANDIDATE_ORDER else 99):
+            e = float(np.interp(sparsity, grid, np.asarray(self.errors[kind])))
+            if best is None or e < best[0] * (1 - 1e-9) - 1e-15:
+                best = (e, kind)
+        return best[1], self.candidates[best[1]]
+
+    def to_dict(self) -> dict:
+        return {
+            "input": self.input,
+            "roles": self.roles,
+            "layer": self.layer,
+            "k": self.k,
+            "dtype": self.dtype,
+            "targets": self.targets,
+            "sparsity": self.sparsity,
+            "offset": self.offset,
+            "offset_kind": self.offset_kind,
+            "threshold": self.threshold,
+            "candidates": self.candidates,
+            "error_grid": self.error_grid,
+            "errors": self.errors,
+            "count": self.histogram.total,
+            "histogram": self.histogram.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SiteStats":
+        return cls(
+            input=d["input"],
+            targets=list(d["targets"]),
+            dtype=d.get("dtype", "float32"),
+            histogram=Histogram.from_dict(d["histogram"]),
+            candidates={k: float(v) for k, v in d.get("candidates", {}).items()},
+            error_grid=[float(x) for x in d.get("error_grid", [])],
+            errors={k: [float(x) for x in v] for k, v in d.get("errors", {}).items()},
+            sparsity=None if d.get("sparsity") is None else float(d["sparsity"]),
+            offset=float(d.get("offset", 0.0)),
+            offset_kind=d.get("offset_kind", "zero"),
+            threshold=float(d.get("threshold", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What the rewriter does to one target MatMul."""
+
+    name: str
+    role: str
+    input: str
+    threshold: float
+    offset: float
+    sparsity: float
+    offset_kind: str
+
+
+@dataclass
+class Stats:
+    model: dict
+    calibration: dict
+    sites: list[SiteStats]
+
+    # -- re-targeting
+    def plan(self, spec: Spec | str | float | None = None) -> dict[str, TargetPlan]:
+        """Per target name: threshold and offset for ``spec`` (None: the calibration SPEC's values).
+
+        Only targets whose role the SPEC names are in the plan; targets sharing an input share
+        threshold and offset.
+        """
+        out: dict[str, TargetPlan] = {}
+        if spec is None:
+            for s in self.sites:
+                if s.sparsity is None:
+                    continue
+                cal = parse_spec(self.calibration["spec"]) if self.calibration.get("spec") else None
+                for t in s.targets:
+                    if cal is not None and cal.sparsity(t["role"]) is None:
+                        continue
+                    out[t["name"]] = TargetPlan(t["name"], t["role"], s.input, s.threshold, s.offset, s.sparsity, s.offset_kind)
+            return out
+        spec = parse_spec(spec)
+        for s in self.sites:
+            sp = s.sparsity_for(spec)
+            if sp is None:
+                continue
+            kind, m = s.choose_offset(sp)
+            tau = s.histogram.threshold(sp, m)
+            for t in s.targets:
+                if spec.sparsity(t["role"]) is None:
+                    continue
+                out[t["name"]] = TargetPlan(t["name"], t["role"], s.input, tau, m, sp, kind)
+        return out
+
+    # -- identity
+    def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:
+        if self.model.get("fingerprint") != fingerprint:
+            src = self.model.get("path", "another model")
+            raise ScapError(
+                f"stats file was calibrated on a different model ({src}); recalibrate for {model_path or 'this model'}"
+            )
+
+    # -- files
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "calibration": self.calibration,
+            "sites": [s.to_dict() for s in self.sites],
+        }
+
+    def save(self, path: str | Path) -> None:
+        text = json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Stats":
+        p = Path(path)
+        if not p.is_file():
+            raise ScapError(f"stats file {p} does not exist")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ScapError(f"{p} is not a stats file (not JSON)") from None
+        return cls.from_dict(d, p)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | Path = "stats") -> "Stats":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ScapError(f"{where} is not a scap-onnx stats file")
+        if d.get("version") != VERSION:
+            raise ScapError(f"{where}: stats version {d.get('version')} is not supported (expected {VERSION})")
+        try:
+            sites = [SiteStats.from_dict(s) for s in d["sites"]]
+            model = dict(d["model"])
+            cal = dict(d.get("calibration", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ScapError(f"{where}: malformed stats file ({type(e).__name__}: {e})") from None
+        for s in sites:
+            if not math.isfinite(s.threshold) or s.threshold < 0 or not math.isfinite(s.offset):
+                raise ScapError(f"{where}: site {s.input!r} has an invalid threshold/offset")
+        if "fingerprint" not in model:
+            raise ScapError(f"{where}: stats file does not record its model")
+        return cls(model, cal, sites)

@@ -1,0 +1,327 @@
+"""Target MatMuls: which MatMuls SCAP can sparsify, their roles, layers and shared inputs.
+
+A target is a MatMul whose B is a constant 2-D float initializer (float32 or float16). Its role
+(q, k, v, o, qkv, gate, up, gate_up, down, lm_head, other) and layer index come from the names
+that exporters (optimum / torch.onnx, transformers module paths) give nodes and weights, e.g.
+``/model/layers.3/mlp/down_proj/MatMul`` or ``model.layers.3.mlp.down_proj.weight``. A MatMul
+followed by an Add of a constant 1-D bias of length N carries that bias (fused at rewrite time).
+
+Works on an ``onnx.ModelProto`` (weights not needed: load with ``load_external_data=False``) and
+on an ``onnx_ir.Model`` through the small :class:`GraphView` adapter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import onnx
+
+from .errors import ScapError
+
+#: Roles in a stable order (also the order `inspect` prints them).
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "other")
+#: Roles left out unless --targets asks for them.
+DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head"})
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target MatMul."""
+
+    name: str  # node name (or its output name when the node has none): the target's id
+    input: str  # A: the activation input, the tensor SCAP sparsifies
+    weight: str  # B: the constant [K, N] initializer (through Identity nodes)
+    output: str  # MatMul output
+    role: str
+    layer: int | None
+    k: int
+    n: int
+    dtype: str  # "float32" | "float16"
+    bias: str | None = None  # constant [N] initializer added right after the MatMul
+    bias_add: str | None = None  # name of that Add node
+    bias_output: str | None = None  # output of that Add node
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Site:
+    """An activation tensor sparsified once for all the targets that read it (q/k/v, gate/up)."""
+
+    input: str
+    targets: tuple[Target, ...]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.role for t in self.targets))
+
+    @property
+    def layer(self) -> int | None:
+        return self.targets[0].layer
+
+    @property
+    def k(self) -> int:
+        return self.targets[0].k
+
+    @property
+    def dtype(self) -> str:
+        return self.targets[0].dtype
+
+
+# ----------------------------------------------------------------------------- graph adapters
+@dataclass(frozen=True)
+class _Node:
+    name: str
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class GraphView:
+    """The little of a graph target finding needs: nodes, constant initializers, graph outputs."""
+
+    nodes: list[_Node]
+    initializers: dict[str, tuple[tuple[int, ...], int]]  # name -> (dims, onnx elem type)
+    graph_outputs: set[str]
+    aliases: dict[str, str] = field(default_factory=dict)  # Identity output -> constant it copies
+
+    @classmethod
+    def from_proto(cls, model: onnx.ModelProto) -> "GraphView":
+        g = model.graph
+        graph_inputs = {i.name for i in g.input}
+        inits = {
+            t.name: (tuple(int(d) for d in t.dims), t.data_type) for t in g.initializer if t.name not in graph_inputs
+        }
+        # Constant nodes with a tensor value are constants too (some exporters fold weights into them).
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        inits[n.output[0]] = (tuple(int(d) for d in a.t.dims), a.t.data_type)
+        nodes = [_Node(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in g.node]
+        return cls(nodes, inits, {o.name for o in g.output})._with_aliases()
+
+    @classmethod
+    def from_ir(cls, model) -> "GraphView":
+        g = model.graph
+        inits: dict[str, tuple[tuple[int, ...], int]] = {}
+        for name, v in g.initializers.items():
+            if v.is_graph_input() or v.const_value is None:
+                continue
+            inits[name] = (tuple(int(d) for d in v.const_value.shape), int(v.const_value.dtype))
+        nodes = []
+        for n in g:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and "value" in n.attributes:
+                t = n.attributes["value"].value
+                if hasattr(t, "shape") and hasattr(t, "dtype"):
+                    inits[n.outputs[0].name] = (tuple(int(d) for d in t.shape), int(t.dtype))
+            nodes.append(
+                _Node(
+                    n.name or "",
+                    n.op_type,
+                    n.domain,
+                    tuple(v.name if v is not None else "" for v in n.inputs),
+                    tuple(v.name for v in n.outputs),
+                )
+            )
+        return cls(nodes, inits, {o.name for o in g.outputs})._with_aliases()
+
+    def _with_aliases(self) -> "GraphView":
+        """Identity of a constant is that constant (exporters deduplicate equal weights this way)."""
+        for n in self.nodes:
+            if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.inputs and n.outputs:
+                src = self.aliases.get(n.inputs[0], n.inputs[0])
+                if src in self.initializers:
+                    self.aliases[n.outputs[0]] = src
+        return self
+
+    def constant(self, name: str) -> str | None:
+        """The initializer (or Constant output) a value name is, through Identity nodes; None if not constant."""
+        name = self.aliases.get(name, name)
+        return name if name in self.initializers else None
+
+
+# ----------------------------------------------------------------------------- roles and layers
+_ATTN = re.compile(r"attn|attention")
+_FIXED = {
+    # fused projections
+    "c_attn": "qkv", "query_key_value": "qkv", "qkv_proj": "qkv", "qkv": "qkv", "wqkv": "qkv",
+    "w_pack": "qkv", "in_proj": "qkv", "gate_up_proj": "gate_up",
+    # attention
+    "q_proj": "q", "query": "q", "q_lin": "q", "wq": "q",
+    "k_proj": "k", "key": "k", "k_lin": "k", "wk": "k",
+    "v_proj": "v", "value": "v", "v_lin": "v", "wv": "v",
+    "o_proj": "o", "out_proj": "o", "out_lin": "o",
+    # feed-forward
+    "gate_proj": "gate", "w1": "gate", "wi_0": "gate",
+    "up_proj": "up", "w3": "up", "wi_1": "up", "wi": "up", "c_fc": "up", "fc1": "up", "fc_in": "up",
+    "dense_h_to_4h": "up", "lin1": "up",
+    "down_proj": "down", "w2": "down", "fc2": "down", "fc_out": "down", "dense_4h_to_h": "down", "lin2": "down",
+    # heads
+    "lm_head": "lm_head", "embed_out": "lm_head",
+}
+_SKIP = re.compile(r"^(matmul(_\d+)?|gemm(_\d+)?|weight|bias|kernel|linear|base_layer|onnx|\d+)$")
+
+
+def _components(name: str) -> list[str]:
+    return [c for c in re.split(r"[/.:]+", name.lower()) if c]
+
+
+def role_of(name: str) -> str | None:
+    """Role that a node/value/weight name implies, or None when it implies none."""
+    comps = _components(name)
+    for i in range(len(comps) - 1, -1, -1):
+        c = comps[i]
+        if _SKIP.match(c) or c.endswith("_output_0") or c.startswith("matmul_"):
+            continue
+        ctx = comps[:i]
+        in_attn = any(_ATTN.search(x) for x in ctx)
+        if c in _FIXED:
+            return _FIXED[c]
+        if c in ("q", "k", "v", "o") and in_attn:
+            return c
+        if c in ("wo", "c_proj"):
+            return "o" if in_attn else "down"
+        if c == "dense":
+            if in_attn:
+                return "o"  # BERT attention.output.dense, Falcon/NeoX/Phi attention dense
+            if "intermediate" in ctx:
+                return "up"  # BERT intermediate.dense
+            if ctx and ctx[-1] == "output":
+                return "down"  # BERT output.dense
+            return None
+        # First meaningful component decides; anything else (pooler, classifier, router gate...) is not a role.
+        return None
+    return None
+
+
+def layer_of(name: str) -> int | None:
+    """Layer index: the first integer component of a name (``layers.3``, ``layer.3``, ``h.3``, ``blocks.3``)."""
+    for c in _components(name):
+        if c.isdigit():
+            return int(c)
+    return None
+
+
+def _classify(names: Sequence[str]) -> tuple[str, int | None]:
+    role = None
+    layer = None
+    for nm in names:
+        if not nm or nm.startswith("onnx::"):
+            continue
+        r = role_of(nm)
+        if role is None and r is not None:
+            role = r
+            layer = layer_of(nm)
+        if layer is None:
+            layer = layer_of(nm)
+        if role is not None:
+            break
+    return role or "other", layer
+
+
+# ----------------------------------------------------------------------------- finding targets
+def find_all_targets(view: GraphView) -> list[Target]:
+    """Every MatMul with a constant 2-D float B, in graph order, lm_head included."""
+    consumers: dict[str, list[_Node]] = {}
+    for n in view.nodes:
+        for i in n.inputs:
+            if i:
+                consumers.setdefault(i, []).append(n)
+    targets = []
+    for idx, n in enumerate(view.nodes):
+        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2:
+            continue
+        a, b_in = n.inputs
+        b = view.constant(b_in)
+        if b is None or view.constant(a) is not None:
+            continue
+        dims, dtype = view.initializers[b]
+        if len(dims) != 2 or dtype not in _FLOAT_TYPES:
+            continue
+        out = n.outputs[0]
+        bias = bias_add = bias_output = None
+        users = consumers.get(out, [])
+        if len(users) == 1 and out not in view.graph_outputs:
+            u = users[0]
+            if u.op_type == "Add" and u.domain in ("", "ai.onnx") and len(u.inputs) == 2:
+                other = u.inputs[1] if u.inputs[0] == out else u.inputs[0]
+                const = view.constant(other) if other != out else None
+                if const is not None:
+                    bdims, btype = view.initializers[const]
+                    if tuple(bdims) == (dims[1],) and btype == dtype:
+                        bias, bias_add, bias_output = const, u.name or u.outputs[0], u.outputs[0]
+        role, layer = _classify([n.name, out, b])
+        targets.append(
+            Target(
+                name=n.name or out,
+                input=a,
+                weight=b,
+                output=out,
+                role=role,
+                layer=layer,
+                k=int(dims[0]),
+                n=int(dims[1]),
+                dtype=_FLOAT_TYPES[dtype],
+                bias=bias,
+                bias_add=bias_add,
+                bias_output=bias_output,
+            )
+        )
+    return targets
+
+
+def select_targets(targets: Iterable[Target], patterns: str | Sequence[str] | None = None) -> list[Target]:
+    """Targets chosen by ``--targets``: comma-separated glob patterns on the node name, the weight
+    name or the role (``down``, ``*mlp*``, ``/model/layers.1?/*``); ``!PATTERN`` excludes.
+    Without patterns: every target except lm_head."""
+    targets = list(targets)
+    if patterns is None or (isinstance(patterns, str) and not patterns.strip()):
+        return [t for t in targets if t.role not in DEFAULT_EXCLUDED_ROLES]
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+
+    def hit(t: Target, pats: list[str]) -> bool:
+        return any(t.role == p or fnmatch.fnmatchcase(t.name, p) or fnmatch.fnmatchcase(t.weight, p) for p in pats)
+
+    base = [t for t in targets if hit(t, include)] if include else [t for t in targets if t.role not in DEFAULT_EXCLUDED_ROLES]
+    return [t for t in base if not hit(t, exclude)]
+
+
+def group_sites(targets: Iterable[Target]) -> list[Site]:
+    """Group targets by their input tensor, in graph order: one Site per shared input."""
+    groups: "OrderedDict[str, list[Target]]" = OrderedDict()
+    for t in targets:
+        groups.setdefault(t.input, []).append(t)
+    return [Site(inp, tuple(ts)) for inp, ts in groups.items()]
+
+
+def find_targets(model, patterns: str | Sequence[str] | None = None, *, require: bool = True) -> list[Target]:
+    """Targets of a model (onnx.ModelProto, onnx_ir.Model or GraphView), filtered by ``patterns``.
+
+    Raises ScapError when ``require`` and nothing matches.
+    """
+    if isinstance(model, GraphView):
+        view = model
+    elif isinstance(model, onnx.ModelProto):
+        view = GraphView.from_proto(model)
+    else:
+        view = GraphView.from_ir(model)
+    all_targets = find_all_targets(view)
+    chosen = select_targets(all_targets, patterns)
+    if require and not chosen:
+        if not all_targets:
+            raise ScapError("the model has no target MatMuls (a MatMul whose B is a constant 2-D float initializer)")
+        raise ScapError(f"--targets {patterns!r} matches none of the model's {len(all_targets)} target MatMuls")
+    return chosen
