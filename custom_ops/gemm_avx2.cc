@@ -22,14 +22,15 @@ struct Isa {
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  template <int kHint>
+  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), static_cast<_mm_hint>(kHint)); }
 };
 
 }  // namespace
 }  // namespace avx2
 
 const GemmKernels& Avx2Kernels() {
-  static const GemmKernels kernels{&avx2::GemmBlock<avx2::Isa, float>, &avx2::GemmBlock<avx2::Isa, uint16_t>, "avx2"};
+  static const GemmKernels kernels{avx2::MakeKernelSet<avx2::Isa, float>(), avx2::MakeKernelSet<avx2::Isa, uint16_t>(), "avx2"};
   return kernels;
 }
 

@@ -22,15 +22,15 @@ struct Isa {
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  template <int kHint>
+  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), static_cast<_mm_hint>(kHint)); }
 };
 
 }  // namespace
 }  // namespace avx512
 
 const GemmKernels& Avx512Kernels() {
-  static const GemmKernels kernels{&avx512::GemmBlock<avx512::Isa, float>, &avx512::GemmBlock<avx512::Isa, uint16_t>,
-                                   "avx512"};
+  static const GemmKernels kernels{avx512::MakeKernelSet<avx512::Isa, float>(), avx512::MakeKernelSet<avx512::Isa, uint16_t>(), "avx512"};
   return kernels;
 }
 

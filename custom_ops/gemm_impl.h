@@ -30,17 +30,17 @@ inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // acc[0:w] += d0*b0 + d1*b1 + d2*b2 + d3*b3, and prefetch the same columns of the next rows.
-template <class Isa, typename TW>
+template <class Isa, int kHint, typename TW>
 inline void Axpy4(float* acc, int64_t w, const TW* b0, const TW* b1, const TW* b2, const TW* b3,
                   float d0, float d1, float d2, float d3, const TW* const* next) {
   const auto v0 = Isa::Set(d0), v1 = Isa::Set(d1), v2 = Isa::Set(d2), v3 = Isa::Set(d3);
   int64_t j = 0;
   for (; j + Isa::kWidth <= w; j += Isa::kWidth) {
     if (next != nullptr) {
-      Isa::Prefetch(next[0] + j);
-      Isa::Prefetch(next[1] + j);
-      Isa::Prefetch(next[2] + j);
-      Isa::Prefetch(next[3] + j);
+      Isa::template Prefetch<kHint>(next[0] + j);
+      Isa::template Prefetch<kHint>(next[1] + j);
+      Isa::template Prefetch<kHint>(next[2] + j);
+      Isa::template Prefetch<kHint>(next[3] + j);
     }
     auto a = Isa::Fma(Isa::LoadB(b0 + j), v0, Isa::Load(acc + j));
     auto c = Isa::Fma(Isa::LoadB(b1 + j), v1, Isa::Mul(Isa::LoadB(b2 + j), v2));  // two chains, then join
@@ -63,26 +63,45 @@ inline void Axpy1(float* acc, int64_t w, const TW* b, float d) {
   for (; j < w; ++j) acc[j] += d * ToFloat(b[j]);
 }
 
-// Decode (one row of A): stream the kept rows of B four at a time, prefetching the next four.
-template <class Isa, typename TW>
-void AccumulateOneRow(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w,
-                      float* acc) {
+// One row of A (decoding): acc[0:w] += sum over kept[i0:i1] of d[k] * B[k, c0:c0+w]. Kept rows of
+// B stream four at a time while the next four are prefetched.
+template <class Isa, int kHint, typename TW>
+void AccumulateOneRowWith(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w, int64_t i0,
+                          int64_t i1, float* acc) {
   const float* d = act.values;
   const int32_t* kept = act.kept;
-  const int64_t count = act.kept_count;
-  int64_t i = 0;
-  for (; i + 4 <= count; i += 4) {
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
     const TW* next[4];
     const TW* const* prefetch = nullptr;
-    if (i + 8 <= count) {
+    if (kHint >= 0 && i + 8 <= i1) {
       for (int r = 0; r < 4; ++r) next[r] = b + static_cast<int64_t>(kept[i + 4 + r]) * n + c0;
       prefetch = next;
     }
     const int64_t k0 = kept[i], k1 = kept[i + 1], k2 = kept[i + 2], k3 = kept[i + 3];
-    Axpy4<Isa>(acc, w, b + k0 * n + c0, b + k1 * n + c0, b + k2 * n + c0, b + k3 * n + c0, d[k0], d[k1],
-               d[k2], d[k3], prefetch);
+    Axpy4<Isa, kHint>(acc, w, b + k0 * n + c0, b + k1 * n + c0, b + k2 * n + c0, b + k3 * n + c0, d[k0], d[k1],
+                      d[k2], d[k3], prefetch);
   }
-  for (; i < count; ++i) Axpy1<Isa>(acc, w, b + static_cast<int64_t>(kept[i]) * n + c0, d[kept[i]]);
+  for (; i < i1; ++i) Axpy1<Isa>(acc, w, b + static_cast<int64_t>(kept[i]) * n + c0, d[kept[i]]);
+}
+
+template <class Isa, typename TW>
+void AccumulateOneRow(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w, int64_t i0,
+                      int64_t i1, float* acc) {
+  switch (act.prefetch) {
+    case 0: return AccumulateOneRowWith<Isa, -1>(act, b, n, c0, w, i0, i1, acc);
+    case 1: return AccumulateOneRowWith<Isa, 3>(act, b, n, c0, w, i0, i1, acc);
+    case 2: return AccumulateOneRowWith<Isa, 2>(act, b, n, c0, w, i0, i1, acc);
+    default: return AccumulateOneRowWith<Isa, 0>(act, b, n, c0, w, i0, i1, acc);
+  }
+}
+
+// One row of A, split over K: partial[0:n] = the contribution of kept[i0:i1]. Each task streams
+// whole rows of B, the access pattern that reaches the memory's read bandwidth.
+template <class Isa, typename TW>
+void RowsPartial(const SparseActivations& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial) {
+  std::memset(partial, 0, static_cast<size_t>(n) * sizeof(float));
+  AccumulateOneRow<Isa>(act, b, n, 0, n, i0, i1, partial);
 }
 
 // Several rows of A: each kept row of B is read once from memory and reused from cache for
@@ -133,7 +152,7 @@ void GemmBlock(const SparseActivations& act, const TW* b, int64_t n, const float
     const int64_t w = Min(tile, n1 - c0);
     for (int64_t m = 0; m < act.rows; ++m) std::memset(acc + m * tile, 0, static_cast<size_t>(w) * sizeof(float));
     if (act.rows == 1) {
-      AccumulateOneRow<Isa>(act, b, n, c0, w, acc);
+      AccumulateOneRow<Isa>(act, b, n, c0, w, 0, act.kept_count, acc);
     } else {
       AccumulateRows<Isa>(act, b, n, c0, w, tile, acc);
     }
@@ -141,6 +160,29 @@ void GemmBlock(const SparseActivations& act, const TW* b, int64_t n, const float
       StoreRow<Isa>(acc + m * tile, bias != nullptr ? bias + c0 : nullptr, y + m * n + c0, w);
     }
   }
+}
+
+// y[0:n] = sum of the partials (+ bias), stored as TW.
+template <class Isa, typename TW>
+void ReducePartials(const float* partials, int64_t parts, int64_t n, const float* bias, TW* y) {
+  constexpr int64_t kChunk = 1024;
+  alignas(64) float sum[kChunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t w = Min(kChunk, n - c0);
+    std::memcpy(sum, partials + c0, static_cast<size_t>(w) * sizeof(float));
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* part = partials + p * n + c0;
+      int64_t j = 0;
+      for (; j + Isa::kWidth <= w; j += Isa::kWidth) Isa::Store(sum + j, Isa::Add(Isa::Load(sum + j), Isa::Load(part + j)));
+      for (; j < w; ++j) sum[j] += part[j];
+    }
+    StoreRow<Isa>(sum, bias != nullptr ? bias + c0 : nullptr, y + c0, w);
+  }
+}
+
+template <class Isa, typename TW>
+constexpr KernelSet<TW> MakeKernelSet() {
+  return KernelSet<TW>{&GemmBlock<Isa, TW>, &RowsPartial<Isa, TW>, &ReducePartials<Isa, TW>};
 }
 
 }  // namespace SCAP_KERNEL_NS

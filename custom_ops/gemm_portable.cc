@@ -47,9 +47,10 @@ struct Isa {
   static void StoreHalf(uint16_t* p, const Vec& v) {
     for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v.v[i]);
   }
+  template <int kHint>
   static void Prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(p);
+    __builtin_prefetch(p, 0, kHint < 0 ? 0 : kHint);
 #else
     (void)p;
 #endif
@@ -60,8 +61,7 @@ struct Isa {
 }  // namespace portable
 
 const GemmKernels& PortableKernels() {
-  static const GemmKernels kernels{&portable::GemmBlock<portable::Isa, float>,
-                                   &portable::GemmBlock<portable::Isa, uint16_t>, "portable"};
+  static const GemmKernels kernels{portable::MakeKernelSet<portable::Isa, float>(), portable::MakeKernelSet<portable::Isa, uint16_t>(), "portable"};
   return kernels;
 }
 

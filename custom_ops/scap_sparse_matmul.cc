@@ -4,7 +4,9 @@
 // sparsified A.
 #include "scap_sparse_matmul.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <vector>
 
@@ -62,6 +64,7 @@ struct Scratch {
   std::vector<int32_t> kept;   // union of kept columns of one pass
   std::vector<uint8_t> seen;
   std::vector<float> bias;     // bias as float32
+  std::vector<float> partials; // per-task partial sums of a decoding pass
 };
 
 Scratch& ThreadScratch() {
@@ -91,43 +94,53 @@ void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float
 }
 
 template <typename Bits>
+const KernelSet<Bits>& Kernels();
+template <>
+const KernelSet<float>& Kernels<float>() { return SelectKernels().f32; }
+template <>
+const KernelSet<uint16_t>& Kernels<uint16_t>() { return SelectKernels().f16; }
+
+// One pass of at most kMaxRowsPerPass rows of A, split into tasks for the thread pool.
+template <typename Bits>
 struct PassJob {
+  const KernelSet<Bits>* kernels;
   SparseActivations act;
   const Bits* b;
   int64_t n;
   const float* bias;
   Bits* y;
-  int64_t columns_per_task;
+  int64_t per_task;  // columns per task (column split) or kept rows per task (row split)
+  float* partials;   // row split: one [n] partial sum per task
 };
 
 template <typename Bits>
-void RunBlock(const PassJob<Bits>& job, int64_t n0, int64_t n1);
-
-template <>
-void RunBlock<float>(const PassJob<float>& job, int64_t n0, int64_t n1) {
-  SelectKernels().f32(job.act, job.b, job.n, job.bias, job.y, n0, n1);
-}
-
-template <>
-void RunBlock<uint16_t>(const PassJob<uint16_t>& job, int64_t n0, int64_t n1) {
-  SelectKernels().f16(job.act, job.b, job.n, job.bias, job.y, n0, n1);
+void RunColumnTask(void* data, size_t index) {
+  const auto& job = *static_cast<const PassJob<Bits>*>(data);
+  const int64_t n0 = static_cast<int64_t>(index) * job.per_task;
+  const int64_t n1 = n0 + job.per_task < job.n ? n0 + job.per_task : job.n;
+  job.kernels->columns(job.act, job.b, job.n, job.bias, job.y, n0, n1);
 }
 
 template <typename Bits>
-void RunTask(void* data, size_t index) {
+void RunRowTask(void* data, size_t index) {
   const auto& job = *static_cast<const PassJob<Bits>*>(data);
-  const int64_t n0 = static_cast<int64_t>(index) * job.columns_per_task;
-  const int64_t n1 = n0 + job.columns_per_task < job.n ? n0 + job.columns_per_task : job.n;
-  RunBlock<Bits>(job, n0, n1);
+  const int64_t i0 = static_cast<int64_t>(index) * job.per_task;
+  const int64_t count = job.act.kept_count;
+  const int64_t i1 = i0 + job.per_task < count ? i0 + job.per_task : count;
+  job.kernels->rows_partial(job.act, job.b, job.n, i0 < count ? i0 : count, i1, job.partials + index * job.n);
 }
 
 // Column blocks wide enough to stream long runs of each kept row of B, numerous enough to keep
 // every thread of the pool busy.
-int64_t ColumnsPerTask(int64_t work, int64_t n) {
-  if (work < kMinWorkForThreads) return n;
+int64_t ColumnsPerTask(int64_t n) {
   int64_t columns = (n + kTargetTasks - 1) / kTargetTasks;
   columns = (columns + 15) / 16 * 16;
   return columns < kMinColumnsPerTask ? kMinColumnsPerTask : columns;
+}
+
+int64_t TuneEnv(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : fallback;
 }
 
 }  // namespace
@@ -145,6 +158,8 @@ ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKe
     fail(e.what());
   }
   offset_ = ReadFloatAttribute(api, info, "offset", /*required=*/false, 0.0f);
+  row_tasks_ = TuneEnv("SCAP_TUNE_ROW_TASKS", 8);
+  prefetch_ = static_cast<int>(TuneEnv("SCAP_TUNE_PREFETCH", 1));
   if (std::isnan(threshold_) || threshold_ < 0.0f)
     fail("attribute 'threshold' must be >= 0, got " + std::to_string(threshold_));
   if (std::isnan(offset_)) fail("attribute 'offset' must not be NaN");
@@ -243,18 +258,31 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
     const int64_t pass_rows = rows - row0 < kMaxRowsPerPass ? rows - row0 : kMaxRowsPerPass;
     Sparsify(a_data + row0 * depth, pass_rows, depth, threshold_, offset_, scratch);
-    PassJob<Bits> job{{scratch.d.data(), pass_rows, depth, scratch.kept.data(), static_cast<int64_t>(scratch.kept.size())},
-                      b_data,
-                      n,
-                      bias_f32,
-                      y_data + row0 * n,
-                      0};
-    job.columns_per_task = ColumnsPerTask(pass_rows * job.act.kept_count * n, n);
-    const size_t tasks = static_cast<size_t>((n + job.columns_per_task - 1) / job.columns_per_task);
-    if (tasks == 1) {
-      RunTask<Bits>(&job, 0);
+    const int64_t kept = static_cast<int64_t>(scratch.kept.size());
+    PassJob<Bits> job{&Kernels<Bits>(),
+                      {scratch.d.data(), pass_rows, depth, scratch.kept.data(), kept, prefetch_},
+                      b_data, n, bias_f32, y_data + row0 * n, 0, nullptr};
+    const bool threaded = pass_rows * kept * n >= kMinWorkForThreads;
+    if (pass_rows == 1) {
+      // Decoding: split the kept rows of B over tasks; each streams whole rows into its own partial sum.
+      const int64_t tasks = threaded ? std::max<int64_t>(1, std::min<int64_t>(row_tasks_, kept / 16)) : 1;
+      job.per_task = (kept + tasks - 1) / tasks;
+      scratch.partials.resize(static_cast<size_t>(tasks * n));
+      job.partials = scratch.partials.data();
+      if (tasks == 1) {
+        RunRowTask<Bits>(&job, 0);
+      } else {
+        context.ParallelFor(&RunRowTask<Bits>, static_cast<size_t>(tasks), 0, &job);
+      }
+      job.kernels->reduce(job.partials, tasks, n, bias_f32, job.y);
     } else {
-      context.ParallelFor(&RunTask<Bits>, tasks, 0, &job);
+      job.per_task = threaded ? ColumnsPerTask(n) : n;
+      const int64_t tasks = (n + job.per_task - 1) / job.per_task;
+      if (tasks == 1) {
+        RunColumnTask<Bits>(&job, 0);
+      } else {
+        context.ParallelFor(&RunColumnTask<Bits>, static_cast<size_t>(tasks), 0, &job);
+      }
     }
   }
 }

@@ -17,23 +17,30 @@ struct SparseActivations {
   int64_t depth;         // K
   const int32_t* kept;   // ascending indices k kept in at least one of the rows
   int64_t kept_count;
+  int prefetch;           // software prefetch of the next kept rows: 0 none, 1 L1, 2 L2, 3 non-temporal
 };
 
 // The kernels keep rows x (column tile) float accumulators in a fixed buffer on the stack;
 // the caller splits taller A into passes of at most this many rows.
 constexpr int64_t kMaxRowsPerPass = 32;
 
-// Y[m, n0:n1] = sum over kept k of values[m, k] * B[k, n0:n1] (+ bias[n0:n1]).
-// B is row-major [depth, N]; Y is row-major [rows, N]; bias is float32 or nullptr.
-// Half-precision data is passed as IEEE binary16 bit patterns.
-using GemmBlockF32 = void (*)(const SparseActivations& act, const float* b, int64_t n, const float* bias,
-                              float* y, int64_t n0, int64_t n1);
-using GemmBlockF16 = void (*)(const SparseActivations& act, const uint16_t* b, int64_t n, const float* bias,
-                              uint16_t* y, int64_t n0, int64_t n1);
+// The kernels for weights of one type TW: float, or uint16_t holding IEEE binary16 bit patterns.
+// B is row-major [depth, N]; Y is row-major [rows, N] of TW; bias is float32 or nullptr.
+template <typename TW>
+struct KernelSet {
+  // Y[m, n0:n1] = sum over kept k of values[m, k] * B[k, n0:n1] (+ bias[n0:n1]), for every row m.
+  void (*columns)(const SparseActivations& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0,
+                  int64_t n1);
+  // One row of A (act.rows == 1): partial[0:n] = sum over kept[i0:i1] of values[k] * B[k, :].
+  void (*rows_partial)(const SparseActivations& act, const TW* b, int64_t n, int64_t i0, int64_t i1,
+                       float* partial);
+  // y[0:n] = sum of `parts` partials laid out [parts, n] (+ bias).
+  void (*reduce)(const float* partials, int64_t parts, int64_t n, const float* bias, TW* y);
+};
 
 struct GemmKernels {
-  GemmBlockF32 f32;
-  GemmBlockF16 f16;
+  KernelSet<float> f32;
+  KernelSet<uint16_t> f16;
   const char* isa;  // "avx512", "avx2" or "portable"
 };
 

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Benchmark ScapSparseMatMul against onnxruntime's own MatMul on the same shapes, in one run.
+
+Each measurement runs a model of C independent nodes over C copies of the weight matrix, with C
+chosen so that the copies exceed the last-level cache twice over: like a decoder's layers, no
+weight is in cache when its node runs. Dense (onnxruntime's float32 MatMul) and sparse runs are
+interleaved and the medians of the repeats are compared. The same run measures the machine's
+streaming read bandwidth (numpy sums over twice the cache, on as many threads), so every row
+also shows the bandwidth the op reached on the weight rows it kept.
+
+    python tools/bench_kernel.py                      # the full grid of issue 2 (about 30 min)
+    python tools/bench_kernel.py --quick              # K = N = 4096, M = 1 and 128 only
+    python tools/bench_kernel.py --shapes 4096x4096 --m 1 --threads 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import scap_onnx  # noqa: E402
+from scap_onnx.op import make_node, opset_import  # noqa: E402
+
+DEFAULT_SHAPES = ["4096x4096", "4096x11008", "11008x4096", "2048x5632"]
+THRESHOLD = 1.0  # inputs are built so that exactly the requested share of |A - 0| is <= 1
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), or 512 MiB when it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes) if sizes else 512 << 20
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def copies_for(weight_bytes: int, cache_bytes: int, minimum: int = 2) -> int:
+    return max(minimum, -(-2 * cache_bytes // weight_bytes))
+
+
+def build_model(kind: str, k: int, n: int, copies: int, dtype: type) -> onnx.ModelProto:
+    """C nodes sharing input A, each over its own copy of B: MatMul or ScapSparseMatMul."""
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    weights = (np.random.default_rng(0).standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(dtype)
+    nodes, inits, outputs = [], [], []
+    for c in range(copies):
+        inits.append(numpy_helper.from_array(weights, f"B{c}"))
+        if kind == "dense":
+            nodes.append(helper.make_node("MatMul", ["A", f"B{c}"], [f"Y{c}"]))
+        else:
+            nodes.append(make_node("A", f"B{c}", f"Y{c}", threshold=THRESHOLD, name=f"sparse{c}"))
+        outputs.append(helper.make_tensor_value_info(f"Y{c}", elem, None))
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("A", elem, [None, k])], outputs, inits)
+    opsets = [helper.make_opsetid("", 17)] + ([opset_import()] if kind == "sparse" else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def read_bandwidth(total_bytes: int, threads: int, repeats: int) -> float:
+    """Streaming read bandwidth in GB/s: numpy sums over total_bytes split across `threads` threads."""
+    data = np.ones(total_bytes // 4, np.float32)
+    parts = np.array_split(data, threads)
+    rates = []
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        rates.append(data.nbytes / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.InferenceSession:
+    options = scap_onnx.session_options(intra_op_threads=threads) if sparse else ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def sparse_input(m: int, k: int, sparsity: float, dtype: type, rng: np.random.Generator) -> np.ndarray:
+    """Rows with exactly round(sparsity * K) elements of magnitude <= THRESHOLD, at random places."""
+    a = rng.uniform(1.1, 3.0, (m, k)) * rng.choice([-1.0, 1.0], (m, k))
+    dropped = int(round(sparsity * k))
+    for row in a:
+        row[rng.permutation(k)[:dropped]] = rng.uniform(-0.9, 0.9, dropped)
+    return a.astype(dtype)
+
+
+class Runner:
+    """A session with its input and outputs bound once, so repeats time the graph alone."""
+
+    def __init__(self, sess: ort.InferenceSession, feeds: dict[str, np.ndarray]):
+        self.sess = sess
+        self.binding = sess.io_binding()
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        for out in sess.get_outputs():
+            self.binding.bind_output(out.name, "cpu")
+        sess.run_with_iobinding(self.binding)  # warm-up; also allocates outputs
+
+    def time(self) -> float:
+        start = time.perf_counter()
+        self.sess.run_with_iobinding(self.binding)
+        return time.perf_counter() - start
+
+
+def run_grid(args: argparse.Namespace) -> dict:
+    cache = last_level_cache_bytes()
+    rng = np.random.default_rng(1)
+    results = []
+    bandwidth = {}
+    for threads in args.threads:
+        bandwidth[threads] = read_bandwidth(2 * cache, threads, args.repeats)
+        print(f"# streaming read bandwidth, {threads} thread(s): {bandwidth[threads]:.1f} GB/s", flush=True)
+        for shape in args.shapes:
+            k, n = (int(x) for x in shape.split("x"))
+            for m in args.m:
+                # Tall A is compute-bound: a few copies suffice, the cache matters little there.
+                copies = copies_for(k * n * 4, cache) if m <= 8 else 2
+                dense = session(build_model("dense", k, n, copies, np.float32), threads, sparse=False)
+                sparse_sessions = {d: session(build_model("sparse", k, n, copies, np.dtype(d).type), threads, sparse=True)
+                                   for d in args.dtypes}
+                for sparsity in args.sparsity:
+                    a32 = sparse_input(m, k, sparsity, np.float32, rng)
+                    dense_runner = Runner(dense, {"A": a32})
+                    for dname, sess in sparse_sessions.items():
+                        a = a32.astype(np.dtype(dname))
+                        sparse_runner = Runner(sess, {"A": a})
+                        dense_t, sparse_t = [], []
+                        for _ in range(args.repeats):  # interleaved
+                            dense_t.append(dense_runner.time() / copies)
+                            sparse_t.append(sparse_runner.time() / copies)
+                        d_med, s_med = statistics.median(dense_t), statistics.median(sparse_t)
+                        kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
+                        kept_bytes = kept_rows * n * np.dtype(dname).itemsize
+                        kept_bw = kept_bytes / s_med / 1e9
+                        row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, copies=copies,
+                                   dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
+                                   kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
+                        results.append(row)
+                        print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.1f}  "
+                              f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
+                              f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
+                              flush=True)
+                del dense, sparse_sessions
+    return dict(
+        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), last_level_cache_bytes=cache,
+                     onnxruntime=ort.__version__, library=scap_onnx.get_library_path()),
+        method="median of interleaved repeats; dense = onnxruntime float32 MatMul on the same shapes",
+        repeats=args.repeats,
+        bandwidth_gbps=bandwidth,
+        results=results,
+    )
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| K x N | M | weights | threads | sparsity | dense ms | sparse ms | speedup | kept GB/s | share of read BW |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.1f} | "
+                     f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['kept_gbps']:.1f} | "
+                     f"{r['bandwidth_share']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="KxN weight shapes")
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 8, 128], help="rows of A")
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="K = N = 4096, M = 1 and 128, 2 threads")
+    parser.add_argument("--json", type=Path, default=Path("bench_kernel.json"), help="where to write the results")
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.m, args.threads = ["4096x4096"], [1, 128], [2]
+    report = run_grid(args)
+    tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, args.json)
+    print()
+    print(markdown_table(report))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

