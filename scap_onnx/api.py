@@ -14,6 +14,7 @@ from pathlib import Path
 from .calibrate import calibrate
 from .capture import fingerprint, load_proto
 from .errors import ScapError
+from .fileio import same_file
 from .progress import NullProgress, Progress
 from .rewrite import check_model, load_model, rewrite_model, save_model
 from .spec import parse_spec
@@ -54,6 +55,8 @@ def rewrite(
     from calibrating on ``data``. ``sparsity`` re-targets (default: the calibration SPEC)."""
     model = Path(model)
     output = Path(output)
+    if same_file(model, output):
+        raise ScapError(f"output {output} would overwrite the input model")
     progress = progress or NullProgress()
     if sparsity is not None:
         parse_spec(sparsity)  # fail early on a bad SPEC

@@ -95,6 +95,24 @@ def fingerprint(model: onnx.ModelProto, base_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def _inline_small_external(proto: onnx.ModelProto, base_dir: Path, limit: int = 4096) -> None:
+    """Read small external tensors (shape constants, axes ...) into the proto: onnxruntime's shape
+    inference needs their values, and they cost nothing to hold."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for t in proto.graph.initializer:
+        if _has_external(t):
+            info = {e.key: e.value for e in t.external_data}
+            length = int(info["length"]) if "length" in info else None
+            if length is None:
+                n = int(np.prod(t.dims)) if len(t.dims) else 1
+                length = n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            if length <= limit:
+                load_external_data_for_tensor(t, str(base_dir))
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+
+
 class ModelSource:
     """A model held as a weight-free proto plus a folder onnxruntime reads its weights from."""
 
@@ -122,6 +140,7 @@ class ModelSource:
                 self.data_dir = self.path.parent
         else:
             self.data_dir = self.path.parent
+        _inline_small_external(proto, self.data_dir)
         self.proto = proto
 
     def _link_original_external(self, proto: onnx.ModelProto) -> None:
@@ -315,5 +334,14 @@ class Capture:
         self.output_names = [f"{CAPTURE_PREFIX}{k}" for k in range(len(self.names))]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {k: v for k, v in feeds.items() if k in self.input_names})
+        outs = run_session(self.session, self.output_names, {k: v for k, v in feeds.items() if k in self.input_names})
         return dict(zip(self.names, outs))
+
+
+def run_session(session: ort.InferenceSession, outputs, feeds):
+    """session.run, with onnxruntime's failures on bad feeds turned into a one-line ScapError."""
+    try:
+        return session.run(outputs, feeds)
+    except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ScapError(f"onnxruntime failed on the data: {msg}") from None

@@ -47,6 +47,9 @@ def handle_errors(fn):
             raise
         except ScapError as e:
             fail(str(e))
+        except BrokenPipeError:  # output piped into head & co.
+            sys.stderr.close()
+            raise typer.Exit(0)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)

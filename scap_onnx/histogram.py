@@ -216,16 +216,29 @@ class Histogram:
         if sparsity == 0.0 or n == 0:
             return 0.0
         ts = np.unique(np.abs(np.concatenate([[offset], knots, pts]) - offset))
-        mass = self.mass_within(offset, ts)
-        mass = np.maximum.accumulate(mass)
+        mass = np.maximum.accumulate(self.mass_within(offset, ts))
         j = int(np.searchsorted(mass, sparsity - 1e-12, side="left"))
         if j == 0:
             return 0.0
         if j >= ts.size:
             return float(ts[-1])
-        m0, m1 = mass[j - 1], mass[j]
+        # Between breakpoints the mass grows linearly up to its left limit at ts[j], then may jump
+        # (a point mass at distance ts[j]): then ts[j] itself is the answer.
+        m0 = mass[j - 1]
+        m1 = max(float(self._mass_strictly_within(offset, ts[j])), m0)
+        if sparsity > m1:
+            return float(ts[j])
         w = 1.0 if m1 <= m0 else (sparsity - m0) / (m1 - m0)
         return float(ts[j - 1] + np.clip(w, 0.0, 1.0) * (ts[j] - ts[j - 1]))
+
+    def _mass_strictly_within(self, m: float, t: float) -> float:
+        """Fraction with |x - m| < t (point masses at distance exactly t excluded)."""
+        n = self._model()[4]
+        if n == 0:
+            return 0.0
+        hi = self._count_below(np.array([m + t]), False)
+        lo = self._count_below(np.array([m - t]), True)
+        return float((hi - lo)[0] / n)
 
     def mode(self, bandwidth: float) -> float:
         """Peak of the density smoothed with a box kernel of half-width ``bandwidth``, searched

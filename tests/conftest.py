@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny models (built here, fast) and the real prepared models (cached).
+
+Real-model fixtures are session-scoped and run each expensive calibration once; they skip with a
+reason when the prepared models cannot be had (see scap_onnx.prepare).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from onnx.reference.op_run import OpRun
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+def reference_op() -> type[OpRun]:
+    """ScapSparseMatMul for onnx.reference.ReferenceEvaluator(new_ops=[...]).
+
+    ReferenceEvaluator keys new ops by class __name__, which must be the op type.
+    """
+    from scap_onnx.reference import ScapSparseMatMulOpRun
+
+    if ScapSparseMatMulOpRun.__name__ == "ScapSparseMatMul":
+        return ScapSparseMatMulOpRun
+    return type("ScapSparseMatMul", (ScapSparseMatMulOpRun,), {})
+
+
+def run_cli(*args, check: bool | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real command line (``python -m scap_onnx.cli``, the console script's main())."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "scap_onnx.cli", *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO,
+    )
+    if check is True and proc.returncode != 0:
+        raise AssertionError(f"scap-onnx {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Tiny decoder (inline and external-data), encoder, no-target model, texts."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {
+        "decoder": tiny_models.make_decoder(root / "decoder" / "model.onnx"),
+        "decoder_ext": tiny_models.make_decoder(root / "decoder_ext" / "model.onnx", external=True),
+        "encoder": tiny_models.make_encoder(root / "encoder" / "model.onnx"),
+        "no_targets": tiny_models.make_no_targets(root / "no_targets.onnx"),
+    }
+    out.update(tiny_models.make_texts(root))
+    return out
+
+
+# ----------------------------------------------------------------------------- real models
+def _prepared(fn_name: str):
+    try:
+        from scap_onnx import prepare
+    except ImportError as e:  # pragma: no cover - the preparation module is part of the repo
+        pytest.skip(f"scap_onnx.prepare unavailable: {e}")
+    try:
+        return getattr(prepare, fn_name)()
+    except Exception as e:  # preparation needs packages that may be missing
+        pytest.skip(f"{fn_name}() failed: {type(e).__name__}: {e}")
+
+
+@pytest.fixture(scope="session")
+def texts() -> dict[str, Path]:
+    return _prepared("prepare_texts")
+
+
+@pytest.fixture(scope="session")
+def smollm2(texts) -> Path:
+    return _prepared("prepare_smollm2") / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def minilm(texts) -> Path:
+    return _prepared("prepare_minilm") / "model.onnx"
+
+
+SMOL_SPEC = "up=0.35,gate=0.35,down=0.55"
+
+
+@pytest.fixture(scope="session")
+def smol_stats(smollm2, texts, tmp_path_factory) -> Path:
+    """SmolLM2 calibrated once through the CLI on pydoc (small: the acceptance numbers use more)."""
+    out = tmp_path_factory.mktemp("smol") / "stats.json"
+    run_cli("calibrate", smollm2, "--data", texts["pydoc"], "--sparsity", SMOL_SPEC, "--tokens", 2048,
+            "--seq-len", 128, "--passes", 2, "-o", out, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_stats(minilm, texts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("minilm") / "stats.json"
+    run_cli("calibrate", minilm, "--data", texts["pydoc"], "--sparsity", "0.5", "--tokens", 4096,
+            "--seq-len", 128, "--passes", 2, "-o", out, check=True)
+    return out

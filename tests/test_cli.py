@@ -1,0 +1,131 @@
+"""The real command line (python -m scap_onnx.cli -> main()) on tiny models and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from scap_onnx.op import OP_TYPE
+
+
+@pytest.fixture(scope="module")
+def dec_stats(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "stats.json"
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--sparsity", "up=0.35,gate=0.35,down=0.55",
+                "--tokens", 1024, "--seq-len", 64, "-o", out, check=True)
+    assert "calibrated 14 targets (8 inputs) on 1024 tokens" in p.stdout
+    return out
+
+
+def test_calibrate_writes_stats(dec_stats):
+    d = json.loads(dec_stats.read_text())
+    assert d["format"] == "scap-onnx-stats" and len(d["sites"]) == 8
+    assert d["calibration"]["spec"] == "up=0.35,gate=0.35,down=0.55"
+    assert oct(dec_stats.stat().st_mode & 0o777) != "0o600"
+
+
+def test_rewrite_from_stats_and_retarget(tiny, dec_stats, tmp_path):
+    out = tmp_path / "a.onnx"
+    p = run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", out, check=True)
+    assert "rewrote 6 MatMuls" in p.stdout  # up, gate, down of 2 layers
+    onnx.checker.check_model(str(out))
+    p = run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "--sparsity", "0.4", "-o", tmp_path / "b.onnx", check=True)
+    assert "rewrote 14 MatMuls" in p.stdout
+    m = onnx.load(str(tmp_path / "b.onnx"))
+    assert sum(n.op_type == OP_TYPE for n in m.graph.node) == 14
+
+
+def test_rewrite_with_data_in_one_step(tiny, tmp_path):
+    shutil.copytree(tiny["encoder"].parent, tmp_path / "enc")
+    model = tmp_path / "enc" / "model.onnx"
+    p = run_cli("rewrite", model, "--data", tiny["jsonl"], "--sparsity", "0.5", "--tokens", 512, "--seq-len", 32,
+                "--save-stats", tmp_path / "s.json", check=True)
+    default_out = tmp_path / "enc" / "model_scap.onnx"
+    assert default_out.exists() and (tmp_path / "s.json").exists()
+    assert "rewrote 12 MatMuls" in p.stdout
+
+
+def test_inspect(tiny, dec_stats, tmp_path):
+    p = run_cli("inspect", tiny["decoder"], check=True)
+    assert "14 targets, 8 distinct inputs" in p.stdout and "/model/layers.1/mlp/down_proj/MatMul" in p.stdout
+    p = run_cli("inspect", tiny["decoder"], "--json", "--stats", dec_stats, check=True)
+    rows = json.loads(p.stdout)["targets"]
+    down = [r for r in rows if r["role"] == "down"]
+    assert len(rows) == 14 and all(r["sparsity"] == 0.55 for r in down)
+    q = [r for r in rows if r["role"] == "q"][0]
+    assert set(q["shared_with"]) == {q["name"].replace("q_proj", "k_proj"), q["name"].replace("q_proj", "v_proj")}
+    p = run_cli("inspect", tiny["decoder"], "--targets", "lm_head", check=True)
+    assert "1 targets" in p.stdout
+    run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", tmp_path / "s.onnx", check=True)
+    p = run_cli("inspect", tmp_path / "s.onnx", check=True)
+    assert "6 ScapSparseMatMul nodes already in the model" in p.stdout
+
+
+def test_help_lists_commands():
+    p = run_cli("--help", check=True)
+    for cmd in ("calibrate", "rewrite", "inspect"):
+        assert cmd in p.stdout
+
+
+# ----------------------------------------------------------------------------- bad input -> exit 2
+def _bad(*args, match):
+    p = run_cli(*args)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+def test_not_onnx(tiny, tmp_path):
+    _bad("calibrate", tiny["calib"], "--data", tiny["calib"], "-o", tmp_path / "s.json", match="not an ONNX model")
+    (tmp_path / "junk.onnx").write_bytes(np.random.default_rng(0).bytes(1000))
+    _bad("inspect", tmp_path / "junk.onnx", match="not an ONNX model")
+    _bad("rewrite", tmp_path / "missing.onnx", "--stats", tmp_path / "s.json", match="does not exist")
+
+
+def test_no_targets(tiny, tmp_path):
+    _bad("inspect", tiny["no_targets"], match="no target MatMuls")
+    _bad("calibrate", tiny["no_targets"], "--data", tiny["calib"], "--tokenizer", tiny["decoder"].parent,
+         "-o", tmp_path / "s.json", match="no target MatMuls")
+    _bad("inspect", tiny["decoder"], "--targets", "zzz*", match="matches none")
+
+
+def test_stats_from_another_model(tiny, dec_stats, tmp_path):
+    _bad("rewrite", tiny["encoder"], "--stats", dec_stats, "-o", tmp_path / "x.onnx", match="different model")
+    _bad("inspect", tiny["encoder"], "--stats", dec_stats, match="different model")
+    (tmp_path / "notstats.json").write_text('{"a": 1}')
+    _bad("rewrite", tiny["decoder"], "--stats", tmp_path / "notstats.json", "-o", tmp_path / "x.onnx",
+         match="not a scap-onnx stats file")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("spec", ["1", "1.5", "-0.1", "up=1.0", "nan", "up=0.3,foo=0.2"])
+def test_sparsity_outside_range(tiny, dec_stats, tmp_path, spec):
+    _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "--sparsity", spec, "-o", tmp_path / "x.onnx",
+         match="sparsity" if "foo" not in spec else "unknown role")
+    _bad("calibrate", tiny["decoder"], "--data", tiny["calib"], "--sparsity", spec, "-o", tmp_path / "s.json",
+         match="sparsity" if "foo" not in spec else "unknown role")
+
+
+def test_missing_tokenizer(tiny, tmp_path):
+    (tmp_path / "m").mkdir()
+    shutil.copy(tiny["decoder"], tmp_path / "m" / "model.onnx")
+    _bad("calibrate", tmp_path / "m" / "model.onnx", "--data", tiny["calib"], "-o", tmp_path / "s.json",
+         match="no tokenizer")
+    _bad("rewrite", tmp_path / "m" / "model.onnx", "--data", tiny["calib"], match="no tokenizer")
+    _bad("calibrate", tmp_path / "m" / "model.onnx", "--data", tiny["calib"], "--tokenizer", tmp_path,
+         "-o", tmp_path / "s.json", match="no tokenizer")
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_other_bad_input(tiny, dec_stats, tmp_path):
+    _bad("rewrite", tiny["decoder"], "-o", tmp_path / "x.onnx", match="--stats")
+    _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "--data", tiny["calib"], match="not both")
+    _bad("calibrate", tiny["decoder"], "-o", tmp_path / "s.json", match="--data")
+    _bad("calibrate", tiny["decoder"], "--data", tmp_path / "nope.txt", "-o", tmp_path / "s.json", match="does not exist")
+    _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", tiny["decoder"], match="overwrite")

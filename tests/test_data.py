@@ -1,0 +1,79 @@
+import numpy as np
+import onnx
+import pytest
+
+from scap_onnx.data import feeds_from_ids, model_inputs, open_data
+from scap_onnx.errors import ScapError
+
+
+def _proto(p):
+    return onnx.load(str(p), load_external_data=False)
+
+
+def test_decoder_feeds_from_text(tiny):
+    m = _proto(tiny["decoder"])
+    ds = open_data(tiny["calib"], m, tiny["decoder"], seq_len=32, max_tokens=128, batch_size=2)
+    batches = list(ds.batches())
+    assert sum(n for _, n in batches) == 128 and len(batches) == 2
+    feeds = batches[0][0]
+    assert feeds["input_ids"].shape == (2, 32) and feeds["input_ids"].dtype == np.int64
+    assert (feeds["attention_mask"] == 1).all() and feeds["attention_mask"].shape == (2, 32)
+    assert (feeds["position_ids"][1] == np.arange(32)).all()
+    assert feeds["past_key_values.1.value"].shape == (2, 2, 0, 4)
+
+
+def test_encoder_windows_carry_special_tokens(tiny):
+    m = _proto(tiny["encoder"])
+    ds = open_data(tiny["jsonl"], m, tiny["encoder"], seq_len=16, max_tokens=64)
+    feeds, n = next(iter(ds.batches()))
+    ids = feeds["input_ids"][0]
+    assert ids[0] == 1 and ids[-1] == 2  # [CLS] ... [SEP]
+    assert (feeds["token_type_ids"] == 0).all()
+
+
+def test_skip_tokens_holds_out(tiny):
+    m = _proto(tiny["decoder"])
+    a = next(iter(open_data(tiny["calib"], m, tiny["decoder"], seq_len=32, max_tokens=32).batches()))[0]
+    b = next(iter(open_data(tiny["calib"], m, tiny["decoder"], seq_len=32, max_tokens=32, skip_tokens=64).batches()))[0]
+    assert not np.array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_npz_feeds(tiny, tmp_path):
+    m = _proto(tiny["decoder"])
+    ids = np.random.default_rng(0).integers(0, 40, (5, 8))
+    feeds = feeds_from_ids(model_inputs(m), ids)
+    np.savez(tmp_path / "f.npz", **feeds)
+    ds = open_data(tmp_path / "f.npz", m, tiny["decoder"], batch_size=2)
+    got = list(ds.batches())
+    assert [f["input_ids"].shape[0] for f, _ in got] == [2, 2, 1]
+    np.savez(tmp_path / "bad.npz", input_ids=ids)
+    with pytest.raises(ScapError, match="lacks feeds"):
+        list(open_data(tmp_path / "bad.npz", m, tiny["decoder"]).batches())
+
+
+def test_missing_tokenizer(tiny, tmp_path):
+    import shutil
+
+    shutil.copy(tiny["decoder"], tmp_path / "model.onnx")
+    with pytest.raises(ScapError, match="no tokenizer"):
+        open_data(tiny["calib"], _proto(tiny["decoder"]), tmp_path / "model.onnx")
+    with pytest.raises(ScapError, match="no tokenizer"):
+        open_data(tiny["calib"], _proto(tiny["decoder"]), tmp_path / "model.onnx", tokenizer=tmp_path)
+    # an explicit tokenizer folder works
+    ds = open_data(tiny["calib"], _proto(tiny["decoder"]), tmp_path / "model.onnx", tokenizer=tiny["decoder"].parent)
+    assert next(iter(ds.batches()))[1] > 0
+
+
+def test_bad_data_files(tiny, tmp_path):
+    m = _proto(tiny["decoder"])
+    with pytest.raises(ScapError, match="does not exist"):
+        open_data(tmp_path / "nope.txt", m, tiny["decoder"])
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ScapError, match="expected a text file"):
+        open_data(tmp_path / "x.csv", m, tiny["decoder"])
+    (tmp_path / "short.txt").write_text("the of")
+    with pytest.raises(ScapError, match="fewer than"):
+        list(open_data(tmp_path / "short.txt", m, tiny["decoder"], seq_len=64).batches())
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(ScapError, match='"text"'):
+        list(open_data(tmp_path / "bad.jsonl", m, tiny["decoder"], seq_len=4).batches())

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from scap_onnx.histogram import Histogram, bin_counts
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    # a shifted bulk, exact zeros (as after ReLU) and heavy tails (outliers as in LLM activations)
+    return np.concatenate([
+        rng.normal(-0.12, 0.05, 200_000), np.zeros(30_000), rng.standard_cauchy(5_000) * 20,
+    ]).astype(np.float32)
+
+
+def test_quantiles_match_numpy(data):
+    h = Histogram().add(data)
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        exact = np.quantile(data, q)
+        assert abs(h.quantile(q) - exact) <= 0.01 * abs(exact) + 1e-6
+
+
+@pytest.mark.parametrize("m", [0.0, -0.12, 0.3])
+@pytest.mark.parametrize("s", [0.1, 0.35, 0.5, 0.9])
+def test_threshold_reaches_sparsity(data, m, s):
+    h = Histogram().add(data)
+    tau = h.threshold(s, m)
+    reached = np.mean(np.abs(data - np.float32(m)) <= tau)
+    exact = np.quantile(np.abs(data - m), s, method="inverted_cdf")
+    assert abs(tau - exact) <= 0.01 * exact + 1e-6
+    # the least tau reaching s: exactly s, or more where a point mass (the zeros) sits at distance tau
+    assert reached >= s - 0.005
+    if tau > 0 and abs(abs(m) - tau) > 1e-3:
+        assert abs(reached - s) < 0.005
+
+
+def test_zero_point_mass(data):
+    h = Histogram().add(data)
+    assert h.zeros == 30_000
+    # 30k zeros + the part of the bulk close to 0 already exceed 10%: tau 0 drops only zeros
+    assert h.threshold(30_000 / len(data) * 0.9, 0.0) == 0.0
+    assert h.threshold(0.0, 0.3) == 0.0
+
+
+def test_merge_equals_one_pass(data):
+    a = Histogram()
+    for chunk in np.array_split(data, 7):
+        a.merge(Histogram().add(chunk))
+    b = Histogram().add(data)
+    assert (a.counts == b.counts).all()
+
+
+def test_special_values():
+    x = np.array([0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-40, 1e30, 1.0, -2.5], np.float32)
+    h = Histogram().add(x)
+    assert h.total == x.size and h.nan == 1 and h.zeros == 2
+    assert h.threshold(0.5, 0.0) >= 0
+    assert np.isfinite(h.quantile(0.5))
+
+
+def test_serialisation_roundtrip(data):
+    h = Histogram().add(data)
+    d = h.to_dict()
+    assert len(d["pos"]["counts"]) + len(d["neg"]["counts"]) < 30_000
+    assert (Histogram.from_dict(d).counts == h.counts).all()
+    with pytest.raises(ValueError):
+        Histogram.from_dict({**d, "layout": "other"})
+
+
+def test_mode_of_shifted_bulk(data):
+    h = Histogram().add(data[:200_000])  # the shifted normal alone
+    assert abs(h.mode(0.005) + 0.12) < 0.01
+
+
+def test_memory_is_fixed():
+    small = bin_counts(np.ones(10, np.float32))
+    big = bin_counts(np.random.default_rng(1).standard_normal(1_000_000).astype(np.float32))
+    assert small.shape == big.shape
+
+
+def test_bad_sparsity():
+    with pytest.raises(ValueError):
+        Histogram().add(np.ones(3, np.float32)).threshold(1.0)

@@ -1,0 +1,171 @@
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from conftest import reference_op
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+from scap_onnx import rewrite as rw
+from scap_onnx.api import rewrite
+from scap_onnx.calibrate import calibrate
+from scap_onnx.capture import ModelSource, build_capture_model
+from scap_onnx.data import feeds_from_ids, model_inputs
+from scap_onnx.errors import ScapError
+from scap_onnx.measure import library_available, lower_scap_ops
+from scap_onnx.op import DOMAIN, OP_TYPE
+from scap_onnx.rewrite import load_model, rewrite_model, save_model
+from scap_onnx.targets import find_targets
+
+
+@pytest.fixture(scope="module")
+def stats(tiny):
+    return {k: calibrate(tiny[k], tiny["calib"], sparsity="0.5", max_tokens=1024, seq_len=64, passes=2)
+            for k in ("decoder", "encoder")}
+
+
+def _feeds(model_path, n=12, seed=0):
+    proto = onnx.load(str(model_path), load_external_data=False)
+    ids = np.random.default_rng(seed).integers(3, 50, (2, n))
+    return feeds_from_ids(model_inputs(proto), ids)
+
+
+def _dense(model_path, feeds):
+    s = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    return s.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _reference(model_path, feeds):
+    ref = ReferenceEvaluator(str(model_path), new_ops=[reference_op()])
+    return ref.run(None, {k: v for k, v in feeds.items() if k in ref.input_names})[0]
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _hash(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("key", ["decoder", "encoder"])
+def test_structure(tiny, stats, tmp_path, key):
+    out = tmp_path / "sparse.onnx"
+    before = _hash(tiny[key])
+    res = rewrite(tiny[key], out, stats=stats[key])
+    assert _hash(tiny[key]) == before  # input untouched
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m)
+    scap = [n for n in m.graph.node if n.op_type == OP_TYPE]
+    targets = find_targets(onnx.load(str(tiny[key])))
+    assert len(scap) == len(targets) == len(res.rewritten)
+    assert {n.name for n in scap} == {t.name for t in targets}  # names traceable to the MatMuls
+    assert all(n.domain == DOMAIN for n in scap)
+    assert any(o.domain == DOMAIN and o.version == 1 for o in m.opset_import)
+    assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.name in {t.name for t in targets}]
+    if key == "encoder":  # the bias Adds were fused
+        assert all(len(n.input) == 3 for n in scap)
+        assert not [n for n in m.graph.node if n.op_type == "Add" and n.name.endswith("/dense/Add")]
+    assert [o.name for o in m.graph.output] == [o.name for o in onnx.load(str(tiny[key])).graph.output]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+@pytest.mark.parametrize("key", ["decoder", "encoder"])
+def test_threshold_zero_keeps_the_function(tiny, stats, tmp_path, key):
+    """Offsets folded into the bias: with threshold 0 the rewritten model is the dense model."""
+    plan = {name: (0.0, p.offset if p.offset else 0.25) for name, p in stats[key].plan().items()}
+    model, names = rewrite_model(load_model(tiny[key]), plan)
+    save_model(model, tmp_path / "t0.onnx")
+    feeds = _feeds(tiny[key])
+    assert _rel(_reference(tmp_path / "t0.onnx", feeds), _dense(tiny[key], feeds)) < 1e-5
+
+
+@pytest.mark.parametrize("key", ["decoder", "encoder"])
+def test_sparse_numerics_match_the_contract(tiny, stats, tmp_path, key):
+    """The rewritten model (numpy reference op) equals the dense graph with inputs sparsified in
+    standard ops, Where(|x - m| <= tau, m, x), which is what calibration runs."""
+    out = tmp_path / "sparse.onnx"
+    rewrite(tiny[key], out, stats=stats[key])
+    feeds = _feeds(tiny[key])
+    got = _reference(out, feeds)
+    src = ModelSource(tiny[key])
+    st = stats[key]
+    cfg = {s.input: (s.threshold, s.offset, 1, [t["name"] for t in s.targets]) for s in st.sites}
+    out_name = src.proto.graph.output[0].name
+    sess = src.session(build_capture_model(src.proto, {out_name: 1}, cfg))
+    want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    assert _rel(got, want) < 1e-4
+    assert _rel(got, _dense(tiny[key], feeds)) > 1e-3  # and it is sparse
+
+
+def test_lowered_ops_equal_reference(tiny, stats, tmp_path):
+    out = tmp_path / "sparse.onnx"
+    rewrite(tiny["encoder"], out, stats=stats["encoder"])
+    m = lower_scap_ops(onnx.load(str(out)))
+    feeds = _feeds(tiny["encoder"])
+    low = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert _rel(low, _reference(out, feeds)) < 1e-5
+
+
+@pytest.mark.skipif(not library_available(), reason="ScapSparseMatMul library not built")
+@pytest.mark.parametrize("key", ["decoder", "encoder"])
+def test_runs_with_the_library(tiny, stats, tmp_path, key):
+    from scap_onnx import session_options
+
+    out = tmp_path / "sparse.onnx"
+    rewrite(tiny[key], out, stats=stats[key])
+    feeds = _feeds(tiny[key])
+    sess = ort.InferenceSession(str(out), session_options(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    assert _rel(got, _reference(out, feeds)) < 1e-4
+
+
+def test_external_data_preserved(tiny, tmp_path):
+    src_dir = tiny["decoder_ext"].parent
+    before = {p.name: _hash(p) for p in src_dir.iterdir()}
+    st = calibrate(tiny["decoder_ext"], tiny["calib"], sparsity="0.5", max_tokens=512, seq_len=64, passes=1)
+    out = tmp_path / "sparse.onnx"
+    res = rewrite(tiny["decoder_ext"], out, stats=st)
+    assert res.external_data == tmp_path / "sparse.onnx.data" and res.external_data.stat().st_size > 0
+    assert {p.name: _hash(p) for p in src_dir.iterdir()} == before
+    m = onnx.load(str(out), load_external_data=False)
+    ext = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert ext and all({e.key: e.value for e in t.external_data}["location"] == "sparse.onnx.data" for t in ext)
+    feeds = _feeds(tiny["decoder_ext"])
+    assert np.isfinite(_reference(out, feeds)).all()
+
+
+def test_large_models_get_external_data(tiny, stats, tmp_path, monkeypatch):
+    monkeypatch.setattr(rw, "EXTERNAL_DATA_BYTES", 1000)
+    res = rewrite(tiny["decoder"], tmp_path / "big.onnx", stats=stats["decoder"])
+    assert res.external_data is not None and res.external_data.exists()
+
+
+def test_never_overwrites_input(tiny, stats, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny["decoder"].parent, tmp_path / "m")
+    model = tmp_path / "m" / "model.onnx"
+    before = _hash(model)
+    with pytest.raises(ScapError, match="overwrite"):
+        rewrite(model, model, stats=stats["decoder"])
+    assert _hash(model) == before
+
+
+def test_plan_errors(tiny):
+    with pytest.raises(ScapError, match="not target MatMuls"):
+        rewrite_model(load_model(tiny["decoder"]), {"nope": (0.1, 0.0)})
+    with pytest.raises(ScapError, match="invalid threshold"):
+        rewrite_model(load_model(tiny["decoder"]), {"/model/layers.0/mlp/down_proj/MatMul": (-1.0, 0.0)})
+
+
+def test_spec_selects_roles(tiny, stats, tmp_path):
+    res = rewrite(tiny["decoder"], tmp_path / "s.onnx", stats=stats["decoder"], sparsity="down=0.6")
+    m = onnx.load(str(tmp_path / "s.onnx"))
+    scap = [n for n in m.graph.node if n.op_type == OP_TYPE]
+    assert len(scap) == 2 and all("down_proj" in n.name for n in scap)
+    assert all(p.sparsity == 0.6 for p in res.plan.values())
