@@ -22,8 +22,6 @@ struct Isa {
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  template <int kHint>
-  static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), static_cast<_mm_hint>(kHint)); }
 };
 
 }  // namespace

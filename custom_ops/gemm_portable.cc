@@ -47,14 +47,6 @@ struct Isa {
   static void StoreHalf(uint16_t* p, const Vec& v) {
     for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v.v[i]);
   }
-  template <int kHint>
-  static void Prefetch(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(p, 0, kHint < 0 ? 0 : kHint);
-#else
-    (void)p;
-#endif
-  }
 };
 
 }  // namespace

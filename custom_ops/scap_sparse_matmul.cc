@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <stdexcept>
 #include <vector>
 
@@ -23,6 +22,10 @@ constexpr int64_t kDenseMatMulMinRows = 16;
 constexpr int64_t kMinWorkForThreads = 1 << 16;
 constexpr int64_t kMinColumnsPerTask = 256;
 constexpr int64_t kTargetTasks = 16;
+// Decoding splits the kept rows of B into this many tasks (partial sums added at the end): enough
+// to balance a pool of a few threads, few enough that the partial sums stay cheap.
+constexpr int64_t kDecodeTasks = 8;
+constexpr int64_t kMinKeptRowsPerTask = 16;
 
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
@@ -138,10 +141,6 @@ int64_t ColumnsPerTask(int64_t n) {
   return columns < kMinColumnsPerTask ? kMinColumnsPerTask : columns;
 }
 
-int64_t TuneEnv(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : fallback;
-}
 
 }  // namespace
 
@@ -158,8 +157,6 @@ ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKe
     fail(e.what());
   }
   offset_ = ReadFloatAttribute(api, info, "offset", /*required=*/false, 0.0f);
-  row_tasks_ = TuneEnv("SCAP_TUNE_ROW_TASKS", 8);
-  prefetch_ = static_cast<int>(TuneEnv("SCAP_TUNE_PREFETCH", 1));
   if (std::isnan(threshold_) || threshold_ < 0.0f)
     fail("attribute 'threshold' must be >= 0, got " + std::to_string(threshold_));
   if (std::isnan(offset_)) fail("attribute 'offset' must not be NaN");
@@ -260,12 +257,12 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     Sparsify(a_data + row0 * depth, pass_rows, depth, threshold_, offset_, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
     PassJob<Bits> job{&Kernels<Bits>(),
-                      {scratch.d.data(), pass_rows, depth, scratch.kept.data(), kept, prefetch_},
+                      {scratch.d.data(), pass_rows, depth, scratch.kept.data(), kept},
                       b_data, n, bias_f32, y_data + row0 * n, 0, nullptr};
     const bool threaded = pass_rows * kept * n >= kMinWorkForThreads;
     if (pass_rows == 1) {
       // Decoding: split the kept rows of B over tasks; each streams whole rows into its own partial sum.
-      const int64_t tasks = threaded ? std::max<int64_t>(1, std::min<int64_t>(row_tasks_, kept / 16)) : 1;
+      const int64_t tasks = threaded ? std::max<int64_t>(1, std::min<int64_t>(kDecodeTasks, kept / kMinKeptRowsPerTask)) : 1;
       job.per_task = (kept + tasks - 1) / tasks;
       scratch.partials.resize(static_cast<size_t>(tasks * n));
       job.partials = scratch.partials.data();

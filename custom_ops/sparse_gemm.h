@@ -17,7 +17,6 @@ struct SparseActivations {
   int64_t depth;         // K
   const int32_t* kept;   // ascending indices k kept in at least one of the rows
   int64_t kept_count;
-  int prefetch;           // software prefetch of the next kept rows: 0 none, 1 L1, 2 L2, 3 non-temporal
 };
 
 // The kernels keep rows x (column tile) float accumulators in a fixed buffer on the stack;
