@@ -262,6 +262,16 @@ def inspect(
         typer.echo(f"{len(rewritten)} ScapSparseMatMul nodes already in the model")
 
 
+# Commands of the validation stage (issue 4), defined in their own modules.
+from .validate import validate_command  # noqa: E402
+from .sweep import sweep_command  # noqa: E402
+from .demo import demo_command  # noqa: E402
+
+app.command("validate")(validate_command)
+app.command("sweep")(sweep_command)
+app.command("demo")(demo_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``scap-onnx``)."""
     app(args=argv, prog_name="scap-onnx")

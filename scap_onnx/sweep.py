@@ -1,0 +1,452 @@
+"""Sparsity / quality / speed sweep: calibrate once, rewrite at several levels and methods, validate each.
+
+    scap-onnx sweep MODEL.onnx --data CAL.txt [--eval-data EVAL.txt] [--levels 0.3,0.4,0.5,0.6,0.7] -o DIR
+
+Methods (each at every level s, all targets but lm_head):
+
+``teal``       TEAL-style baseline: zero-centred thresholds (offset 0), the same sparsity s for
+               every role, thresholds from activations of the dense model (one calibration pass).
+``scap-zero``  SCAP without mode-centering: offset 0, sparsity s for every role, thresholds from
+               upstream-aware calibration (the later passes see upstream targets sparsified).
+``scap-mode``  SCAP with mode-centering: as scap-zero, but each input's centre is the calibrated
+               candidate (histogram mode, KDE mode, median or zero) with the least output error.
+``scap-role``  SCAP per role: mode-centred, with per-role sparsities in the proportions of the
+               paper's Llama-2 setting (up/gate 0.35 : down 0.55, attention at the mean), scaled
+               so that the weight-byte-weighted mean sparsity over the targets is s.
+
+Calibration happens once per kind of statistics: dense activations for ``teal`` (1 pass) and
+upstream-aware for the SCAP methods (``--passes``, default 2, at the middle level of the sweep);
+every point then takes its thresholds from the stored histograms (stats.json keeps them), so
+the methods differ only in centring and sparsity allocation. The dense model runs once over the
+evaluation data (its outputs are cached on disk for the whole sweep); latency is measured for
+every point against the dense model, interleaved, as `scap-onnx validate` does.
+
+Output folder: ``sweep.json`` (format ``scap-onnx-sweep``), ``sweep.md`` (tables),
+``pareto.png``, ``stats_teal.json`` / ``stats_scap.json`` and ``reports/<method>_<level>.json``
+(+ .md) per point. ``sweep.json`` keys: ``model``, ``data`` (calibration), ``eval_data``,
+``levels``, ``methods``, ``calibration`` (per stats kind: tokens, passes, spec, seconds),
+``environment`` (as in validate), ``rows`` (one per point, the dense row first: ``method``,
+``level``, ``spec``, ``sparsity`` (measured, share of FC weight bytes skipped),
+``sparsity_targets`` (share of the rewritten MatMuls' bytes), ``roles`` (measured mean per role),
+``quality`` (the y axis: perplexity change in % for causal LMs, 1 - mean cosine in % for
+encoders), and the report's ``perplexity_dense`` / ``perplexity_sparse`` / ``top1_agreement`` /
+``kl_mean`` / ``cosine_mean`` / ``cosine_min``, ``speedup`` (decode step, or one batch for
+encoders), ``dense_tokens_per_s`` / ``sparse_tokens_per_s``, ``report``), ``comparison`` (per
+level: teal vs scap-mode quality and whether SCAP is at or above the baseline), ``seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import ScapError
+from .progress import NullProgress, Progress
+from .validate import DenseCache, ValidateOptions, _cli, validate
+
+FORMAT = "scap-onnx-sweep"
+VERSION = 1
+METHODS = ("teal", "scap-zero", "scap-mode", "scap-role")
+DEFAULT_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
+#: Per-role sparsity relative to the mean, after the paper's Llama-2-7B setting (up/gate 35 %,
+#: down 55 %; attention at the MLP mean); scaled per model so the byte-weighted mean is the level.
+ROLE_PROFILE = {"q": 1.0, "k": 1.0, "v": 1.0, "qkv": 1.0, "o": 1.0, "gate": 0.84, "up": 0.84, "gate_up": 0.84,
+                "down": 1.32, "other": 1.0}
+MAX_SPARSITY = 0.95
+LABELS = {"dense": "dense", "teal": "TEAL-style (zero-centred, uniform)", "scap-zero": "SCAP, no mode-centering",
+          "scap-mode": "SCAP, mode-centred", "scap-role": "SCAP, mode-centred, per-role"}
+
+
+def parse_levels(text: str | list[float]) -> list[float]:
+    if isinstance(text, (list, tuple)):
+        vals = [float(v) for v in text]
+    else:
+        try:
+            vals = [float(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise ScapError(f"--levels {text!r} is not a comma-separated list of numbers") from None
+    if not vals:
+        raise ScapError("--levels names no sparsity level")
+    for v in vals:
+        if not (0.0 < v < 1.0):
+            raise ScapError(f"sparsity level {v} is outside (0, 1)")
+    return sorted(set(vals))
+
+
+def parse_methods(text: str | list[str]) -> list[str]:
+    vals = list(text) if isinstance(text, (list, tuple)) else [m.strip() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in vals if m not in METHODS]
+    if bad or not vals:
+        raise ScapError(f"unknown method {bad[0] if bad else text!r} (methods: {', '.join(METHODS)})")
+    return [m for m in METHODS if m in vals]
+
+
+def role_spec(stats, level: float) -> dict[str, float]:
+    """Per-role sparsities in ROLE_PROFILE's proportions with byte-weighted mean ``level``."""
+    nbytes: dict[str, int] = {}
+    for s in stats.sites:
+        for t in s.targets:
+            nbytes[t["role"]] = nbytes.get(t["role"], 0) + int(t["k"]) * int(t["n"])
+    total = sum(nbytes.values())
+    weighted = sum(ROLE_PROFILE.get(r, 1.0) * b for r, b in nbytes.items())
+    c = total / weighted if weighted else 1.0
+    return {r: round(min(MAX_SPARSITY, level * ROLE_PROFILE.get(r, 1.0) * c), 4) for r in nbytes}
+
+
+def plan_for(method: str, level: float, scap_stats, teal_stats) -> tuple[dict[str, tuple[float, float]], str]:
+    """(plan: target -> (threshold, offset), SPEC text) for one sweep point."""
+    from .spec import Spec
+
+    if method in ("teal", "scap-zero"):
+        st = teal_stats if method == "teal" else scap_stats
+        plan = {}
+        for s in st.sites:
+            tau = float(s.histogram.threshold(level, 0.0))
+            for t in s.targets:
+                plan[t["name"]] = (tau, 0.0)
+        return plan, f"{level:g} (offset 0)"
+    if method == "scap-mode":
+        p = scap_stats.plan(level)
+        return {k: (v.threshold, v.offset) for k, v in p.items()}, f"{level:g}"
+    if method == "scap-role":
+        roles = role_spec(scap_stats, level)
+        spec = Spec(roles=roles)
+        p = scap_stats.plan(spec)
+        return {k: (v.threshold, v.offset) for k, v in p.items()}, str(spec)
+    raise ScapError(f"unknown method {method!r}")
+
+
+def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, opts: dict, progress) -> tuple:
+    """Stats from ``path`` when it matches the model and settings, else calibrate and save them."""
+    from .api import model_fingerprint
+    from .calibrate import calibrate
+    from .stats import Stats
+
+    want = {"passes": passes, "spec": f"{level:g}", "tokens": opts["max_tokens"], "seq_len": opts["seq_len"],
+            "data": str(Path(data).resolve())}
+    if path.is_file():
+        try:
+            st = Stats.load(path)
+            cal = st.calibration
+            same = (st.model.get("fingerprint") == model_fingerprint(model) and cal.get("passes") == passes
+                    and cal.get("spec") == want["spec"] and cal.get("sweep") == want)
+            if same:
+                return st, True
+        except ScapError:
+            pass
+    st = calibrate(model, data, sparsity=level, passes=passes, progress=progress, **opts)
+    st.calibration["sweep"] = want
+    st.save(path)
+    return st, False
+
+
+def _row(method: str, level: float, spec: str, rep: dict, report_path: Path | None) -> dict:
+    acc = rep.get("accuracy", {})
+    sp = rep.get("sparsity", {})
+    lat = rep.get("latency", {})
+    part = lat.get("decode") or lat.get("batch") or {}
+    row = {"method": method, "level": level, "spec": spec,
+           "sparsity": sp.get("weighted"), "sparsity_targets": sp.get("weighted_sparse_targets"),
+           "roles": {r: v["mean"] for r, v in sp.get("roles", {}).items()},
+           "speedup": part.get("speedup"), "paired_speedup": part.get("paired_speedup"),
+           "latency_kind": "decode" if "decode" in lat else ("batch" if "batch" in lat else None),
+           "dense_tokens_per_s": part.get("dense_tokens_per_s"), "sparse_tokens_per_s": part.get("sparse_tokens_per_s"),
+           "report": str(report_path) if report_path else None}
+    if "perplexity" in acc:
+        p = acc["perplexity"]
+        row.update(perplexity_dense=p["dense"], perplexity_sparse=p["sparse"], quality=p["change_pct"],
+                   quality_name="perplexity change %")
+    if "top1_agreement" in acc:
+        row.update(top1_agreement=acc["top1_agreement"], kl_mean=acc["kl"]["mean"])
+    if "embedding" in acc:
+        e = acc["embedding"]
+        row.update(cosine_mean=e["cosine_mean"], cosine_min=e["cosine_min"])
+        if "quality" not in row:
+            row.update(quality=100.0 * (1.0 - e["cosine_mean"]), quality_name="1 - cosine %")
+    if "quality" not in row and acc.get("outputs"):
+        first = next(iter(acc["outputs"].values()))
+        row.update(quality=100.0 * first["rel_error"], quality_name="relative error %")
+    return row
+
+
+def compare(rows: list[dict], levels: list[float]) -> list[dict]:
+    """Per level: TEAL-style vs SCAP mode-centred quality loss (lower is better)."""
+    out = []
+    by = {(r["method"], r["level"]): r for r in rows}
+    for lv in levels:
+        t, s = by.get(("teal", lv)), by.get(("scap-mode", lv))
+        if not t or not s or t.get("quality") is None or s.get("quality") is None:
+            continue
+        ok = s["quality"] <= t["quality"]
+        out.append({"level": lv, "teal_quality": t["quality"], "scap_mode_quality": s["quality"],
+                    "teal_sparsity": t["sparsity"], "scap_mode_sparsity": s["sparsity"],
+                    "scap_at_or_above_baseline": bool(ok)})
+    return out
+
+
+def sweep(
+    model: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    eval_data: str | Path | None = None,
+    levels: list[float] | str = DEFAULT_LEVELS,
+    methods: list[str] | str = METHODS,
+    tokenizer: str | Path | None = None,
+    tokens: int = 8192,
+    seq_len: int = 256,
+    passes: int = 2,
+    validate_options: ValidateOptions | None = None,
+    keep_models: bool = False,
+    progress: Progress | None = None,
+    log=None,
+) -> dict:
+    """Run the sweep; returns the sweep report (also written to ``out_dir``)."""
+    from .capture import load_proto
+    from .report import write_report
+    from .rewrite import load_model, rewrite_model, save_model
+
+    progress = progress or NullProgress()
+    log = log or (lambda msg: None)
+    started = time.perf_counter()
+    model, data, out_dir = Path(model), Path(data), Path(out_dir)
+    levels = parse_levels(levels)
+    methods = parse_methods(methods)
+    load_proto(model)  # ScapError now if not a model
+    if not data.is_file():
+        raise ScapError(f"data file {data} does not exist")
+    vopts = validate_options or ValidateOptions()
+    if eval_data is None and data.suffix.lower() == ".npz":
+        raise ScapError("with .npz calibration feeds give --eval-data (other feeds to evaluate on)")
+    if eval_data is None:  # held-out part of the same data
+        eval_data = data
+        vopts.skip_tokens = max(vopts.skip_tokens, tokens)
+    eval_data = Path(eval_data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "reports").mkdir(exist_ok=True)
+    mid = float(levels[len(levels) // 2])
+    cal_opts = dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, threads=vopts.threads)
+    calibration = {}
+    scap_methods = [m for m in methods if m != "teal"]
+    scap_stats = teal_stats = None
+    if scap_methods:
+        t0 = time.perf_counter()
+        scap_stats, reused = _calibrated(model, data, out_dir / "stats_scap.json", passes, mid, cal_opts, progress)
+        calibration["scap"] = {"passes": passes, "spec": f"{mid:g}", "tokens": scap_stats.calibration.get("tokens"),
+                               "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+        log(f"SCAP statistics: {calibration['scap']}")
+    if "teal" in methods:
+        t0 = time.perf_counter()
+        teal_stats, reused = _calibrated(model, data, out_dir / "stats_teal.json", 1, mid, cal_opts, progress)
+        calibration["teal"] = {"passes": 1, "spec": f"{mid:g}", "tokens": teal_stats.calibration.get("tokens"),
+                               "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+        log(f"TEAL-style statistics (dense activations): {calibration['teal']}")
+    cache = DenseCache(out_dir / ".dense_cache")
+    rows: list[dict] = []
+    env = None
+    eval_info: dict = {}
+    dense_row = None
+    try:
+        for method in methods:
+            for lv in levels:
+                plan, spec = plan_for(method, lv, scap_stats, teal_stats)
+                name = f"{method}_{lv:g}"
+                sparse_path = out_dir / "models" / f"{name}.onnx"
+                ir_model = load_model(model)
+                ir_model, _ = rewrite_model(ir_model, plan)
+                save_model(ir_model, sparse_path, inputs_to_keep=[model])
+                del ir_model
+                rep = validate(model, sparse_path, eval_data, vopts, progress=progress, dense_cache=cache)
+                rpath = out_dir / "reports" / f"{name}.json"
+                write_report(rep, rpath)
+                env = env or rep["environment"]
+                eval_info = eval_info or dict(rep.get("data", {}))
+                row = _row(method, lv, spec, rep, rpath)
+                rows.append(row)
+                if dense_row is None:
+                    dense_row = {"method": "dense", "level": 0.0, "spec": "-", "sparsity": 0.0,
+                                 "sparsity_targets": 0.0, "roles": {}, "quality": 0.0,
+                                 "quality_name": row.get("quality_name"), "speedup": 1.0,
+                                 "latency_kind": row.get("latency_kind"),
+                                 "dense_tokens_per_s": row.get("dense_tokens_per_s"),
+                                 "sparse_tokens_per_s": row.get("dense_tokens_per_s")}
+                    if "perplexity_dense" in row:
+                        dense_row.update(perplexity_dense=row["perplexity_dense"],
+                                         perplexity_sparse=row["perplexity_dense"], top1_agreement=1.0, kl_mean=0.0)
+                    if "cosine_mean" in row:
+                        dense_row.update(cosine_mean=1.0, cosine_min=1.0)
+                log(_row_line(row))
+                if not keep_models:
+                    for p in (sparse_path, sparse_path.with_name(sparse_path.name + ".data")):
+                        if p.exists():
+                            p.unlink()
+    finally:
+        shutil.rmtree(out_dir / ".dense_cache", ignore_errors=True)
+        if not keep_models:
+            shutil.rmtree(out_dir / "models", ignore_errors=True)
+    rows = ([dense_row] if dense_row else []) + rows
+    result = {
+        "format": FORMAT, "version": VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": str(model.resolve()), "data": str(data.resolve()), "eval_data": str(eval_data.resolve()),
+        "eval": {"tokens": eval_info.get("tokens"), "kind": eval_info.get("kind"), "seq_len": vopts.seq_len,
+                 "skip_tokens": vopts.skip_tokens, "kv_len": vopts.kv_len, "repeats": vopts.repeats,
+                 "warmup": vopts.warmup},
+        "levels": levels, "methods": methods, "role_profile": ROLE_PROFILE,
+        "calibration": calibration, "environment": env, "rows": rows,
+        "comparison": compare(rows, levels),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_sweep(result, out_dir)
+    return result
+
+
+def _row_line(r: dict) -> str:
+    q = r.get("quality")
+    qs = "-" if q is None else f"{q:+.2f}"
+    sp = "-" if r.get("sparsity") is None else f"{100 * r['sparsity']:.1f}%"
+    su = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
+    return f"{r['method']:10s} level {r['level']:.2f}: FC bytes skipped {sp}, {r.get('quality_name', 'quality')} {qs}, speedup {su}"
+
+
+# ----------------------------------------------------------------------------- output
+def sweep_markdown(res: dict) -> str:
+    rows = res["rows"]
+    qname = next((r.get("quality_name") for r in rows if r.get("quality_name")), "quality change")
+    lm = any("perplexity_sparse" in r for r in rows)
+    kind = next((r.get("latency_kind") for r in rows if r.get("latency_kind")), "decode")
+    lines = [f"#### Sweep: {Path(res['model']).parent.name}/{Path(res['model']).name}", ""]
+    env = res.get("environment") or {}
+    if env:
+        from .report import environment_line
+
+        lines.append(f"Machine: {environment_line(env)}.")
+    cal = res.get("calibration", {})
+    cal_txt = "; ".join(f"{k}: {v.get('tokens')} tokens, {v.get('passes')} pass(es)" for k, v in cal.items())
+    ev = res.get("eval", {})
+    win = f" in windows of {ev.get('seq_len')}" if ev.get("kind") == "text" else ""
+    skip = f", after skipping {ev['skip_tokens']}" if ev.get("skip_tokens") and ev.get("kind") == "text" else ""
+    lines.append(f"Calibration on {Path(res['data']).name} ({cal_txt}); evaluation on {Path(res['eval_data']).name} "
+                 f"({ev.get('tokens')} tokens{win}{skip}); speedups: {ev.get('warmup')} warm-up + "
+                 f"{ev.get('repeats')} rounds per point, dense and sparse interleaved.")
+    lines.append("")
+    head = "| method | level | SPEC | FC bytes skipped | " + ("perplexity | Δ ppl | top-1 agree | KL mean |" if lm
+                                                              else "cosine mean | cosine min |")
+    head += f" {kind} speedup |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [LABELS.get(r["method"], r["method"]), f"{r['level']:.2f}", f"`{r.get('spec', '-')}`",
+                 f"{100 * (r.get('sparsity') or 0):.1f}%"]
+        if lm:
+            cells += [f"{r.get('perplexity_sparse', float('nan')):.3f}", f"{r.get('quality', 0):+.2f}%",
+                      f"{100 * r.get('top1_agreement', float('nan')):.1f}%", f"{r.get('kl_mean', float('nan')):.4f}"]
+        else:
+            cells += [f"{r.get('cosine_mean', float('nan')):.5f}", f"{r.get('cosine_min', float('nan')):.5f}"]
+        cells.append("-" if r.get("speedup") is None else f"{r['speedup']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    comp = res.get("comparison") or []
+    if comp:
+        lines += ["", f"SCAP mode-centred vs the TEAL-style baseline at each level ({qname}, lower is better):", "",
+                  "| level | TEAL-style | SCAP mode-centred | verdict |", "|---:|---:|---:|---|"]
+        for c in comp:
+            verdict = "SCAP at or above baseline" if c["scap_at_or_above_baseline"] else "**SCAP below baseline**"
+            lines.append(f"| {c['level']:.2f} | {c['teal_quality']:+.3f} ({100 * c['teal_sparsity']:.1f}% skipped) | "
+                         f"{c['scap_mode_quality']:+.3f} ({100 * c['scap_mode_sparsity']:.1f}% skipped) | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(res: dict, path: Path) -> Path:
+    from .report import _plt, _save
+
+    plt = _plt()
+    rows = res["rows"]
+    qname = next((r.get("quality_name") for r in rows if r.get("quality_name")), "quality change")
+    kind = next((r.get("latency_kind") for r in rows if r.get("latency_kind")), "decode")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    markers = {"teal": "s", "scap-zero": "^", "scap-mode": "o", "scap-role": "D"}
+    for m in res["methods"]:
+        pts = sorted([r for r in rows if r["method"] == m], key=lambda r: r["level"])
+        if not pts:
+            continue
+        dense = [r for r in rows if r["method"] == "dense"]
+        seq = dense + pts
+        a1.plot([100 * (r["sparsity"] or 0) for r in seq], [r.get("quality") or 0 for r in seq],
+                marker=markers.get(m, "o"), ms=4, label=LABELS.get(m, m))
+        a2.plot([r.get("speedup") or 1 for r in seq], [r.get("quality") or 0 for r in seq],
+                marker=markers.get(m, "o"), ms=4, ls=":", label=LABELS.get(m, m))
+    for ax in (a1, a2):
+        ax.set_ylabel(qname + " (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.axhline(0, color="k", lw=0.5)
+    a1.set_xlabel("measured sparsity: share of FC weight bytes skipped (%)")
+    a2.set_xlabel(f"{kind} speedup (x, dense = 1)")
+    a1.legend(fontsize=8)
+    env = res.get("environment") or {}
+    fig.suptitle(f"{Path(res['model']).parent.name}: quality vs sparsity vs speed "
+                 f"({env.get('threads')} threads, {env.get('provider')})", fontsize=10)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def write_sweep(res: dict, out_dir: Path) -> dict:
+    from .fileio import atomic_write_text
+
+    atomic_write_text(out_dir / "sweep.json", json.dumps(res, indent=1) + "\n")
+    md = sweep_markdown(res)
+    atomic_write_text(out_dir / "sweep.md", md)
+    png = plot_pareto(res, out_dir / "pareto.png") if res["rows"] else None
+    return {"json": out_dir / "sweep.json", "markdown": out_dir / "sweep.md", "markdown_text": md, "plot": png}
+
+
+# ----------------------------------------------------------------------------- command line
+import typer  # noqa: E402
+
+
+@_cli
+def sweep_command(
+    model: Path = typer.Argument(..., help="The dense ONNX model (never modified)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Calibration data: a text file or an .npz of feeds."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: the part of --data after the calibration tokens)."),
+    output: Path = typer.Option(Path("scap-sweep"), "--output", "-o", help="Output folder (sweep.json, sweep.md, pareto.png, reports/)."),
+    levels: str = typer.Option(",".join(f"{v:g}" for v in DEFAULT_LEVELS), "--levels", help="Comma-separated sparsity levels."),
+    methods: str = typer.Option(",".join(METHODS), "--methods", help=f"Comma-separated methods: {', '.join(METHODS)}."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside MODEL)."),
+    tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration and evaluation window."),
+    passes: int = typer.Option(2, "--passes", help="Calibration passes of the SCAP statistics (1: dense activations)."),
+    eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Evaluation tokens per point."),
+    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed rounds per point."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds per point."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full name."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the speedup of every point."),
+    keep_models: bool = typer.Option(False, "--keep-models", help="Keep the rewritten models in OUTPUT/models."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Calibrate once, rewrite at several sparsity levels (TEAL-style baseline and SCAP variants), validate each, draw the quality / sparsity / speed Pareto chart."""
+    from .progress import make_progress
+
+    vopts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=eval_tokens, threads=threads,
+                            provider=provider, kv_len=kv_len, repeats=repeats, warmup=warmup, prefill=False,
+                            latency=latency)
+    vopts.check()
+    progress = make_progress(quiet)
+    try:
+        res = sweep(model, data, output, eval_data=eval_data, levels=levels, methods=methods, tokenizer=tokenizer,
+                    tokens=tokens, seq_len=seq_len, passes=passes, validate_options=vopts, keep_models=keep_models,
+                    progress=progress, log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    finally:
+        stop = getattr(progress, "stop", None)
+        if stop:
+            stop()
+    typer.echo(sweep_markdown(res))
+    typer.echo(f"sweep: {output / 'sweep.json'} (+ sweep.md, pareto.png, reports/)")
