@@ -6,7 +6,7 @@
 // caller on a CPU without it. For the same reason nothing here calls std:: templates.
 //
 // An Isa provides: Vec, kWidth, Set, Load, Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
-// Add, StoreHalf.
+// Add, StoreHalf, and kTileRows (rows of A per register block).
 #pragma once
 
 #include <cstdint>
@@ -20,9 +20,6 @@
 
 namespace scap {
 namespace SCAP_KERNEL_NS {
-
-// Float accumulators per thread, rows x column tile: 32 KiB stays in L1/L2.
-constexpr int64_t kAccFloats = 8192;
 
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
@@ -83,12 +80,11 @@ inline void Axpy1(float* acc, int64_t w, const TW* b, float d) {
   for (; j < w; ++j) acc[j] += d * ToFloat(b[j]);
 }
 
-// One row of A (decoding): acc[0:w] += sum over kept[i0:i1] of d[k] * B[k, c0:c0+w], streaming the
+// One row of A (decoding): acc[0:n] += sum over kept[i0:i1] of d[k] * B[k, :], streaming the
 // kept rows of B eight at a time. (Measured on a 2-core Xeon: software prefetching of the next rows
 // and groups of 1 or 4 rows were no faster; the loop runs at the machine's streaming read rate.)
 template <class Isa, typename TW>
-void AccumulateOneRow(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w, int64_t i0,
-                      int64_t i1, float* acc) {
+void AccumulateOneRow(const SparseRow& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* acc) {
   const float* d = act.values;
   const int32_t* kept = act.kept;
   int64_t i = i0;
@@ -96,40 +92,24 @@ void AccumulateOneRow(const SparseActivations& act, const TW* b, int64_t n, int6
     const TW* rows[8];
     float dk[8];
     for (int r = 0; r < 8; ++r) {
-      rows[r] = b + static_cast<int64_t>(kept[i + r]) * n + c0;
+      rows[r] = b + static_cast<int64_t>(kept[i + r]) * n;
       dk[r] = d[kept[i + r]];
     }
-    Axpy8<Isa>(acc, w, rows, dk);
+    Axpy8<Isa>(acc, n, rows, dk);
   }
   for (; i + 4 <= i1; i += 4) {
     const int64_t k0 = kept[i], k1 = kept[i + 1], k2 = kept[i + 2], k3 = kept[i + 3];
-    Axpy4<Isa>(acc, w, b + k0 * n + c0, b + k1 * n + c0, b + k2 * n + c0, b + k3 * n + c0, d[k0], d[k1], d[k2],
-               d[k3]);
+    Axpy4<Isa>(acc, n, b + k0 * n, b + k1 * n, b + k2 * n, b + k3 * n, d[k0], d[k1], d[k2], d[k3]);
   }
-  for (; i < i1; ++i) Axpy1<Isa>(acc, w, b + static_cast<int64_t>(kept[i]) * n + c0, d[kept[i]]);
+  for (; i < i1; ++i) Axpy1<Isa>(acc, n, b + static_cast<int64_t>(kept[i]) * n, d[kept[i]]);
 }
 
 // One row of A, split over K: partial[0:n] = the contribution of kept[i0:i1]. Each task streams
 // whole rows of B, the access pattern that reaches the memory's read bandwidth.
 template <class Isa, typename TW>
-void RowsPartial(const SparseActivations& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial) {
+void RowPartial(const SparseRow& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial) {
   std::memset(partial, 0, static_cast<size_t>(n) * sizeof(float));
-  AccumulateOneRow<Isa>(act, b, n, 0, n, i0, i1, partial);
-}
-
-// Several rows of A: each kept row of B is read once from memory and reused from cache for
-// every row of A that keeps it.
-template <class Isa, typename TW>
-void AccumulateRows(const SparseActivations& act, const TW* b, int64_t n, int64_t c0, int64_t w,
-                    int64_t tile, float* acc) {
-  for (int64_t i = 0; i < act.kept_count; ++i) {
-    const int64_t k = act.kept[i];
-    const TW* row = b + k * n + c0;
-    for (int64_t m = 0; m < act.rows; ++m) {
-      const float d = act.values[m * act.depth + k];
-      if (d != 0.0f) Axpy1<Isa>(acc + m * tile, w, row, d);
-    }
-  }
+  AccumulateOneRow<Isa>(act, b, n, i0, i1, partial);
 }
 
 template <class Isa>
@@ -154,24 +134,82 @@ inline void StoreRow(const float* acc, const float* bias, uint16_t* y, int64_t w
   for (; j < w; ++j) y[j] = FloatToHalf(acc[j] + (bias != nullptr ? bias[j] : 0.0f));
 }
 
+inline void StoreValue(float* y, float v) { *y = v; }
+inline void StoreValue(uint16_t* y, float v) { *y = FloatToHalf(v); }
+
+template <class Isa>
+inline void StoreVec(float* y, typename Isa::Vec v) { Isa::Store(y, v); }
+template <class Isa>
+inline void StoreVec(uint16_t* y, typename Isa::Vec v) { Isa::StoreHalf(y, v); }
+
+// Converts a row segment of B to float32 (a plain copy for float weights).
+template <class Isa>
+inline void CopyRow(const float* src, int64_t w, float* dst) {
+  std::memcpy(dst, src, static_cast<size_t>(w) * sizeof(float));
+}
+template <class Isa>
+inline void CopyRow(const uint16_t* src, int64_t w, float* dst) {
+  int64_t j = 0;
+  for (; j + Isa::kWidth <= w; j += Isa::kWidth) Isa::Store(dst + j, Isa::LoadB(src + j));
+  for (; j < w; ++j) dst[j] = HalfToFloat(src[j]);
+}
+
+// acc[r][c:c+2W] += sum over panel rows i of packed[i][r] * panel[i][c:c+2W], for kRows rows of
+// A held in registers. acc and panel rows are `stride` floats apart.
+template <class Isa>
+inline void PanelBlock(const float* panel, int64_t rows_in_panel, int64_t stride, const float* packed, float* acc,
+                       int64_t acc_stride) {
+  constexpr int64_t kRows = Isa::kTileRows;
+  constexpr int64_t kW = Isa::kWidth;
+  typename Isa::Vec acc0[kRows], acc1[kRows];
+  for (int64_t r = 0; r < kRows; ++r) {
+    acc0[r] = Isa::Load(acc + r * acc_stride);
+    acc1[r] = Isa::Load(acc + r * acc_stride + kW);
+  }
+  for (int64_t i = 0; i < rows_in_panel; ++i) {
+    const auto b0 = Isa::Load(panel + i * stride), b1 = Isa::Load(panel + i * stride + kW);
+    const float* d = packed + i * kRows;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const auto v = Isa::Set(d[r]);
+      acc0[r] = Isa::Fma(b0, v, acc0[r]);
+      acc1[r] = Isa::Fma(b1, v, acc1[r]);
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    Isa::Store(acc + r * acc_stride, acc0[r]);
+    Isa::Store(acc + r * acc_stride + kW, acc1[r]);
+  }
+}
+
+// Several rows of A over the column block [n0, n1): copy kPanelRows kept rows of B's block into
+// a float32 panel, multiply every tile of A by it in register blocks, repeat over K. Work space:
+// the panel, then the float32 accumulators of all rows (width rounded up to a register block).
 template <class Isa, typename TW>
-void GemmBlock(const SparseActivations& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0,
-               int64_t n1) {
-  alignas(64) float acc[kAccFloats];
-  const int64_t rows = act.rows < 1 ? 1 : act.rows;
-  int64_t tile = kAccFloats / rows;
-  tile = tile < 16 ? 16 : tile / 16 * 16;
-  for (int64_t c0 = n0; c0 < n1; c0 += tile) {
-    const int64_t w = Min(tile, n1 - c0);
-    for (int64_t m = 0; m < act.rows; ++m) std::memset(acc + m * tile, 0, static_cast<size_t>(w) * sizeof(float));
-    if (act.rows == 1) {
-      AccumulateOneRow<Isa>(act, b, n, c0, w, 0, act.kept_count, acc);
-    } else {
-      AccumulateRows<Isa>(act, b, n, c0, w, tile, acc);
+void TileColumns(const SparseTiles& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0, int64_t n1,
+                 float* work) {
+  constexpr int64_t kRows = Isa::kTileRows;
+  constexpr int64_t kBlock = 2 * Isa::kWidth;
+  const int64_t w = n1 - n0;
+  const int64_t stride = (w + kBlock - 1) / kBlock * kBlock;
+  float* panel = work;
+  float* acc = work + kPanelRows * stride;
+  std::memset(acc, 0, static_cast<size_t>(act.tiles * kRows * stride) * sizeof(float));
+  for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
+    const int64_t count = Min(kPanelRows, act.kept_count - i0);
+    for (int64_t i = 0; i < count; ++i) {
+      float* dst = panel + i * stride;
+      CopyRow<Isa>(b + static_cast<int64_t>(act.kept[i0 + i]) * n + n0, w, dst);
+      for (int64_t j = w; j < stride; ++j) dst[j] = 0.0f;
     }
-    for (int64_t m = 0; m < act.rows; ++m) {
-      StoreRow<Isa>(acc + m * tile, bias != nullptr ? bias + c0 : nullptr, y + m * n + c0, w);
+    for (int64_t c = 0; c < stride; c += kBlock) {
+      for (int64_t t = 0; t < act.tiles; ++t) {
+        PanelBlock<Isa>(panel + c, count, stride, act.packed + (t * act.kept_count + i0) * kRows,
+                        acc + t * kRows * stride + c, stride);
+      }
     }
+  }
+  for (int64_t r = 0; r < act.rows; ++r) {
+    StoreRow<Isa>(acc + r * stride, bias != nullptr ? bias + n0 : nullptr, y + r * n + n0, w);
   }
 }
 
@@ -195,7 +233,8 @@ void ReducePartials(const float* partials, int64_t parts, int64_t n, const float
 
 template <class Isa, typename TW>
 constexpr KernelSet<TW> MakeKernelSet() {
-  return KernelSet<TW>{&GemmBlock<Isa, TW>, &RowsPartial<Isa, TW>, &ReducePartials<Isa, TW>};
+  return KernelSet<TW>{Isa::kTileRows, 2 * Isa::kWidth, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
+                       &TileColumns<Isa, TW>};
 }
 
 }  // namespace SCAP_KERNEL_NS

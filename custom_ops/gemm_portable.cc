@@ -8,6 +8,7 @@ namespace portable {
 namespace {
 
 struct Isa {
+  static constexpr int64_t kTileRows = 4;
   static constexpr int64_t kWidth = 8;
   struct Vec {
     float v[8];

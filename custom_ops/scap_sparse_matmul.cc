@@ -1,12 +1,13 @@
-// CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs either the
-// row-skipping kernels (sparse_gemm.h) over column blocks in ONNX Runtime's thread pool, or, for
-// tall float32 A where skipping rows of B no longer pays, onnxruntime's own MatMul on the
-// sparsified A.
+// CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs the
+// row-skipping kernels (sparse_gemm.h) as tasks in ONNX Runtime's intra-op thread pool.
+// (onnxruntime's own MatMul through OrtApi::InvokeOp was tried for tall A and measured slower:
+// it repacks B on every call, while the dense session's MatMul packs its constant B once.)
 #include "scap_sparse_matmul.h"
 
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "sparse_gemm.h"
@@ -14,14 +15,13 @@
 namespace scap {
 namespace {
 
-// Rows of A from which float32 goes through onnxruntime's MatMul: by then the union of the rows'
-// kept activations covers nearly all of K, and a tuned dense GEMM beats row skipping.
-constexpr int64_t kDenseMatMulMinRows = 16;
-
 // Below this many multiply-adds a pass runs on the calling thread alone.
 constexpr int64_t kMinWorkForThreads = 1 << 16;
 constexpr int64_t kMinColumnsPerTask = 256;
-constexpr int64_t kTargetTasks = 16;
+constexpr int64_t kMaxColumnsPerTask = 1024;
+constexpr int64_t kTargetTasks = 8;
+// Rows of A per pass of the several-rows path: bounds the packed activations kept in scratch.
+constexpr int64_t kMaxRowsPerPass = 128;
 // Decoding splits the kept rows of B into this many tasks (partial sums added at the end): enough
 // to balance a pool of a few threads, few enough that the partial sums stay cheap.
 constexpr int64_t kDecodeTasks = 8;
@@ -63,11 +63,12 @@ float ReadFloatAttribute(const OrtApi& api, const OrtKernelInfo* info, const cha
 
 // Per-thread scratch, reused across calls so that decoding does not allocate per token.
 struct Scratch {
-  std::vector<float> d;        // sparsified activations of one pass
-  std::vector<int32_t> kept;   // union of kept columns of one pass
+  std::vector<float> d;           // sparsified activations: one row, or one tile of rows
+  std::vector<int32_t> kept;      // kept columns: of the row, or of every tile one after another
+  std::vector<float> packed;      // tiles packed for the kernels (SparseTiles)
   std::vector<uint8_t> seen;
-  std::vector<float> bias;     // bias as float32
-  std::vector<float> partials; // per-task partial sums of a decoding pass
+  std::vector<float> bias;        // bias as float32
+  std::vector<float> partials;    // per-task partial sums of a decoding call
 };
 
 Scratch& ThreadScratch() {
@@ -75,8 +76,8 @@ Scratch& ThreadScratch() {
   return scratch;
 }
 
-// The drop rule on rows of A: d = A - offset with dropped elements set to 0, and the ascending
-// union of kept columns.
+// The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), and the ascending
+// union of their kept columns into s.kept.
 template <typename Bits>
 void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float offset, Scratch& s) {
   s.d.resize(static_cast<size_t>(rows * depth));
@@ -96,6 +97,22 @@ void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float
     if (s.seen[static_cast<size_t>(k)]) s.kept.push_back(static_cast<int32_t>(k));
 }
 
+// The drop rule on rows [0, rows) of A, packed into tiles of tile_rows rows (see SparseTiles).
+template <typename Bits>
+SparseTiles SparsifyTiles(const Bits* a, int64_t rows, int64_t depth, float threshold, float offset,
+                          int64_t tile_rows, Scratch& s) {
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  Sparsify(a, rows, depth, threshold, offset, s);
+  const int64_t kept = static_cast<int64_t>(s.kept.size());
+  s.packed.assign(static_cast<size_t>(tiles * kept * tile_rows), 0.0f);
+  for (int64_t m = 0; m < rows; ++m) {
+    float* tile = s.packed.data() + (m / tile_rows) * kept * tile_rows + m % tile_rows;
+    const float* d_row = s.d.data() + m * depth;
+    for (int64_t i = 0; i < kept; ++i) tile[i * tile_rows] = d_row[s.kept[static_cast<size_t>(i)]];
+  }
+  return SparseTiles{rows, tile_rows, tiles, s.kept.data(), kept, s.packed.data()};
+}
+
 template <typename Bits>
 const KernelSet<Bits>& Kernels();
 template <>
@@ -103,44 +120,47 @@ const KernelSet<float>& Kernels<float>() { return SelectKernels().f32; }
 template <>
 const KernelSet<uint16_t>& Kernels<uint16_t>() { return SelectKernels().f16; }
 
-// One pass of at most kMaxRowsPerPass rows of A, split into tasks for the thread pool.
+// One call's work, split into tasks for the thread pool.
 template <typename Bits>
-struct PassJob {
+struct Job {
   const KernelSet<Bits>* kernels;
-  SparseActivations act;
+  SparseRow row;      // one row of A
+  SparseTiles tiles;  // several rows of A
   const Bits* b;
   int64_t n;
   const float* bias;
   Bits* y;
-  int64_t per_task;  // columns per task (column split) or kept rows per task (row split)
-  float* partials;   // row split: one [n] partial sum per task
+  int64_t per_task;  // kept rows per task (one row of A) or columns per task (several)
+  float* partials;   // one row of A: one [n] partial sum per task
 };
 
 template <typename Bits>
-void RunColumnTask(void* data, size_t index) {
-  const auto& job = *static_cast<const PassJob<Bits>*>(data);
-  const int64_t n0 = static_cast<int64_t>(index) * job.per_task;
-  const int64_t n1 = n0 + job.per_task < job.n ? n0 + job.per_task : job.n;
-  job.kernels->columns(job.act, job.b, job.n, job.bias, job.y, n0, n1);
+void RunRowTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const int64_t count = job.row.kept_count;
+  const int64_t i0 = std::min(static_cast<int64_t>(index) * job.per_task, count);
+  const int64_t i1 = std::min(i0 + job.per_task, count);
+  job.kernels->row_partial(job.row, job.b, job.n, i0, i1, job.partials + index * job.n);
 }
 
 template <typename Bits>
-void RunRowTask(void* data, size_t index) {
-  const auto& job = *static_cast<const PassJob<Bits>*>(data);
-  const int64_t i0 = static_cast<int64_t>(index) * job.per_task;
-  const int64_t count = job.act.kept_count;
-  const int64_t i1 = i0 + job.per_task < count ? i0 + job.per_task : count;
-  job.kernels->rows_partial(job.act, job.b, job.n, i0 < count ? i0 : count, i1, job.partials + index * job.n);
+void RunColumnTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const int64_t n0 = static_cast<int64_t>(index) * job.per_task;
+  const int64_t n1 = std::min(n0 + job.per_task, job.n);
+  thread_local std::vector<float> work;  // per pool thread: panel and accumulators
+  const int64_t block = job.kernels->tile_columns;
+  work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, (n1 - n0 + block - 1) / block * block)));
+  job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
 }
 
 // Column blocks wide enough to stream long runs of each kept row of B, numerous enough to keep
-// every thread of the pool busy.
-int64_t ColumnsPerTask(int64_t n) {
+// every thread of the pool busy, narrow enough for the panel to stay in L2; whole register blocks.
+int64_t ColumnsPerTask(int64_t n, int64_t block) {
   int64_t columns = (n + kTargetTasks - 1) / kTargetTasks;
-  columns = (columns + 15) / 16 * 16;
-  return columns < kMinColumnsPerTask ? kMinColumnsPerTask : columns;
+  columns = std::min(std::max(columns, kMinColumnsPerTask), kMaxColumnsPerTask);
+  return (columns + block - 1) / block * block;
 }
-
 
 }  // namespace
 
@@ -160,18 +180,6 @@ ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKe
   if (std::isnan(threshold_) || threshold_ < 0.0f)
     fail("attribute 'threshold' must be >= 0, got " + std::to_string(threshold_));
   if (std::isnan(offset_)) fail("attribute 'offset' must not be NaN");
-
-  if constexpr (std::is_same<T, float>::value) {
-    // float16 always takes the row-skipping kernels: they accumulate in float32 as the
-    // contract asks, which onnxruntime's float16 MatMul on CPU need not.
-    const char* type_names[] = {"T"};
-    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    try {
-      dense_matmul_ = Ort::Op::Create(info, "MatMul", "", 13, type_names, types, 1, nullptr, 0, 2, 1);
-    } catch (const Ort::Exception&) {
-      dense_matmul_ = Ort::Op{nullptr};  // older runtimes: row-skipping kernels for every height
-    }
-  }
 }
 
 template <typename T>
@@ -234,52 +242,37 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     }
   }
 
-  if constexpr (std::is_same<Bits, float>::value) {
-    if (rows >= kDenseMatMulMinRows && dense_matmul_ != nullptr) {
-      // onnxruntime's MatMul on the sparsified A, then the bias.
-      Sparsify(a_data, rows, depth, threshold_, offset_, scratch);
-      const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-      Ort::Value d = Ort::Value::CreateTensor<float>(cpu, scratch.d.data(), scratch.d.size(), a_shape.data(),
-                                                     a_shape.size());
-      const OrtValue* inputs[] = {d, static_cast<const OrtValue*>(b)};
-      OrtValue* outputs[] = {static_cast<OrtValue*>(y)};
-      dense_matmul_.Invoke(raw_context, inputs, 2, outputs, 1);
-      if (bias_f32 != nullptr) {
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t j = 0; j < n; ++j) y_data[m * n + j] += bias_f32[j];
-      }
-      return;
-    }
-  }
-
-  for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
-    const int64_t pass_rows = rows - row0 < kMaxRowsPerPass ? rows - row0 : kMaxRowsPerPass;
-    Sparsify(a_data + row0 * depth, pass_rows, depth, threshold_, offset_, scratch);
+  const KernelSet<Bits>& kernels = Kernels<Bits>();
+  if (rows == 1) {
+    // Decoding: split the kept rows of B over tasks; each streams whole rows into a partial sum.
+    Sparsify(a_data, 1, depth, threshold_, offset_, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
-    PassJob<Bits> job{&Kernels<Bits>(),
-                      {scratch.d.data(), pass_rows, depth, scratch.kept.data(), kept},
-                      b_data, n, bias_f32, y_data + row0 * n, 0, nullptr};
-    const bool threaded = pass_rows * kept * n >= kMinWorkForThreads;
-    if (pass_rows == 1) {
-      // Decoding: split the kept rows of B over tasks; each streams whole rows into its own partial sum.
-      const int64_t tasks = threaded ? std::max<int64_t>(1, std::min<int64_t>(kDecodeTasks, kept / kMinKeptRowsPerTask)) : 1;
-      job.per_task = (kept + tasks - 1) / tasks;
-      scratch.partials.resize(static_cast<size_t>(tasks * n));
-      job.partials = scratch.partials.data();
-      if (tasks == 1) {
-        RunRowTask<Bits>(&job, 0);
-      } else {
-        context.ParallelFor(&RunRowTask<Bits>, static_cast<size_t>(tasks), 0, &job);
-      }
-      job.kernels->reduce(job.partials, tasks, n, bias_f32, job.y);
+    const bool threaded = kept * n >= kMinWorkForThreads;
+    const int64_t tasks = threaded ? std::max<int64_t>(1, std::min(kDecodeTasks, kept / kMinKeptRowsPerTask)) : 1;
+    scratch.partials.resize(static_cast<size_t>(tasks * n));
+    Job<Bits> job{&kernels, {scratch.d.data(), scratch.kept.data(), kept}, {}, b_data, n, bias_f32, y_data,
+                  (kept + tasks - 1) / tasks, scratch.partials.data()};
+    if (tasks == 1) {
+      RunRowTask<Bits>(&job, 0);
     } else {
-      job.per_task = threaded ? ColumnsPerTask(n) : n;
-      const int64_t tasks = (n + job.per_task - 1) / job.per_task;
-      if (tasks == 1) {
-        RunColumnTask<Bits>(&job, 0);
-      } else {
-        context.ParallelFor(&RunColumnTask<Bits>, static_cast<size_t>(tasks), 0, &job);
-      }
+      context.ParallelFor(&RunRowTask<Bits>, static_cast<size_t>(tasks), 0, &job);
+    }
+    kernels.reduce(job.partials, tasks, n, bias_f32, y_data);
+    return;
+  }
+  // Several rows: passes bound the scratch memory; each pass reads the kept rows of B once.
+  for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
+    const int64_t pass_rows = std::min(rows - row0, kMaxRowsPerPass);
+    Job<Bits> job{&kernels, {}, SparsifyTiles(a_data + row0 * depth, pass_rows, depth, threshold_, offset_,
+                                              kernels.tile_rows, scratch),
+                  b_data, n, bias_f32, y_data + row0 * n, 0, nullptr};
+    const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
+    job.per_task = threaded ? ColumnsPerTask(n, kernels.tile_columns) : n;
+    const int64_t tasks = (n + job.per_task - 1) / job.per_task;
+    if (tasks == 1) {
+      RunColumnTask<Bits>(&job, 0);
+    } else {
+      context.ParallelFor(&RunColumnTask<Bits>, static_cast<size_t>(tasks), 0, &job);
     }
   }
 }

@@ -30,7 +30,6 @@ struct ScapSparseMatMulKernel {
   std::string node_name_;
   float threshold_ = 0.0f;
   float offset_ = 0.0f;
-  Ort::Op dense_matmul_{nullptr};  // onnxruntime's own MatMul, for tall A (float32 only)
 };
 
 template <typename T>

@@ -1,8 +1,8 @@
 // Numeric core of ScapSparseMatMul, free of ONNX Runtime types.
 //
 // The kernels multiply already-sparsified activations by B, visiting only the rows of B whose
-// activations survived the drop rule. They compute one block of output columns [n0, n1) so that
-// the caller can spread column blocks over threads.
+// activations survived the drop rule. One row of A (decoding) splits the kept rows of B over
+// tasks, each adding into a partial sum; several rows split the output columns over tasks.
 #pragma once
 
 #include <cstddef>
@@ -10,31 +10,47 @@
 
 namespace scap {
 
-// Activations after the drop rule, for up to kMaxRowsPerPass rows of A.
-struct SparseActivations {
-  const float* values;   // rows x depth, row-major: D = A - offset, dropped elements set to 0
-  int64_t rows;          // M of this pass
-  int64_t depth;         // K
-  const int32_t* kept;   // ascending indices k kept in at least one of the rows
+// One row of A after the drop rule (decoding).
+struct SparseRow {
+  const float* values;  // [K]: D = A - offset, dropped elements set to 0
+  const int32_t* kept;  // ascending indices k of the kept elements
   int64_t kept_count;
 };
 
-// The kernels keep rows x (column tile) float accumulators in a fixed buffer on the stack;
-// the caller splits taller A into passes of at most this many rows.
-constexpr int64_t kMaxRowsPerPass = 32;
+// Several rows of A after the drop rule, packed for the kernels in tiles of tile_rows rows. All
+// tiles visit the union of the rows' kept k, kept[0 .. kept_count), and
+// packed[(t * kept_count + i) * tile_rows + r] = D[t * tile_rows + r, kept[i]] (0 past the end of A).
+struct SparseTiles {
+  int64_t rows;
+  int64_t tile_rows;
+  int64_t tiles;
+  const int32_t* kept;
+  int64_t kept_count;
+  const float* packed;
+};
+
+// The several-rows kernel copies kPanelRows kept rows of a column block of B at a time into a
+// contiguous float32 panel (streaming whole row segments from memory), then multiplies from it.
+constexpr int64_t kPanelRows = 256;
+
+// Floats of work space the several-rows kernel needs for a block of `columns` columns.
+inline int64_t TileWorkFloats(int64_t tiles, int64_t tile_rows, int64_t columns) {
+  return (kPanelRows + tiles * tile_rows) * columns;
+}
 
 // The kernels for weights of one type TW: float, or uint16_t holding IEEE binary16 bit patterns.
-// B is row-major [depth, N]; Y is row-major [rows, N] of TW; bias is float32 or nullptr.
+// B is row-major [K, N]; Y is row-major [rows, N] of TW; bias is float32 or nullptr.
 template <typename TW>
 struct KernelSet {
-  // Y[m, n0:n1] = sum over kept k of values[m, k] * B[k, n0:n1] (+ bias[n0:n1]), for every row m.
-  void (*columns)(const SparseActivations& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0,
-                  int64_t n1);
-  // One row of A (act.rows == 1): partial[0:n] = sum over kept[i0:i1] of values[k] * B[k, :].
-  void (*rows_partial)(const SparseActivations& act, const TW* b, int64_t n, int64_t i0, int64_t i1,
-                       float* partial);
-  // y[0:n] = sum of `parts` partials laid out [parts, n] (+ bias).
+  int64_t tile_rows;     // rows per tile that `tiles` expects
+  int64_t tile_columns;  // columns of its register block: column ranges should be multiples of it
+  // One row of A: partial[0:N] = sum over kept[i0:i1] of values[k] * B[k, :].
+  void (*row_partial)(const SparseRow& row, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial);
+  // y[0:N] = sum of `parts` partials laid out [parts, N] (+ bias).
   void (*reduce)(const float* partials, int64_t parts, int64_t n, const float* bias, TW* y);
+  // Several rows of A: Y[:, n0:n1] = D @ B[:, n0:n1] (+ bias[n0:n1]), with TileWorkFloats of work space.
+  void (*tiles)(const SparseTiles& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0, int64_t n1,
+                float* work);
 };
 
 struct GemmKernels {
