@@ -1,0 +1,193 @@
+"""The onnxruntime-extensions fallback (scap_onnx.fallback) against the numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("onnxruntime_extensions")
+
+from scap_onnx.fallback import FALLBACK_DOMAIN, fallback_session, to_fallback_model  # noqa: E402
+from scap_onnx.op import DOMAIN, make_node, opset_import  # noqa: E402
+from scap_onnx.reference import scap_sparse_matmul  # noqa: E402
+
+K, H, N = 17, 33, 7
+T1, O1 = 0.5, 0.25  # first node: threshold, offset
+T2, O2 = 0.1, -0.125  # second node
+
+
+def _weights(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    b1 = rng.standard_normal((K, H)).astype(dtype)
+    bias1 = rng.standard_normal(H).astype(dtype)
+    b2 = (rng.standard_normal((H, N)) / 4).astype(dtype)
+    return b1, bias1, b2
+
+
+def _model(dtype, opset=17):
+    """a -> ScapSparseMatMul(bias, named 'fc1') -> Relu -> ScapSparseMatMul(no bias, 'fc2') -> y.
+
+    The second node's A (the Relu output) has no declared type, so the conversion has to use CastLike.
+    """
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    b1, bias1, b2 = _weights(dtype)
+    graph = helper.make_graph(
+        [
+            make_node("a", "b1", "h", threshold=T1, offset=O1, bias="bias1", name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            make_node("r", "b2", "y", threshold=T2, offset=O2, name="fc2"),
+        ],
+        "two_layers",
+        [helper.make_tensor_value_info("a", elem, None)],
+        [helper.make_tensor_value_info("y", elem, None)],
+        [numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(bias1, "bias1"), numpy_helper.from_array(b2, "b2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), opset_import()])
+    model.ir_version = 10
+    return model
+
+
+def _expected(a, dtype):
+    b1, bias1, b2 = _weights(dtype)
+    h = scap_sparse_matmul(a, b1, bias1, threshold=T1, offset=O1)
+    return scap_sparse_matmul(np.maximum(h, 0), b2, threshold=T2, offset=O2)
+
+
+def _check(y, ref, tol):
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    finite = np.isfinite(ref)
+    scale = float(np.abs(ref[finite].astype(np.float64)).max(initial=0.0)) or 1.0
+    err = float(np.abs(y[finite].astype(np.float64) - ref[finite].astype(np.float64)).max(initial=0.0)) / scale
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(np.float32, 1e-6), (np.float16, 3e-3)], ids=["float32", "float16"]
+)
+@pytest.mark.parametrize("shape", [(K,), (1, K), (5, K), (2, 3, K), (0, K)], ids=str)
+def test_fallback_matches_reference(dtype, tol, shape):
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    a = rng.standard_normal(shape).astype(dtype)
+    a.reshape(-1)[::5] = 0
+    session = fallback_session(_model(dtype))
+    (y,) = session.run(None, {"a": a})
+    _check(y, _expected(a, dtype), tol)
+
+
+def test_fallback_nan_and_inf_propagate():
+    a = np.random.default_rng(1).standard_normal((4, K)).astype(np.float32)
+    a[1, 3] = np.nan
+    a[2, 5] = np.inf
+    (y,) = fallback_session(_model(np.float32)).run(None, {"a": a})
+    with np.errstate(invalid="ignore"):
+        ref = _expected(a, np.float32)
+    assert np.isnan(ref[1]).all()
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    _check(y, ref, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_casts_around_the_python_op(dtype):
+    """fc1's A has a declared type: float32 runs as is, float16 is cast; fc2's A (Relu's output) is not
+    declared, so its result is cast back with CastLike."""
+    converted = to_fallback_model(_model(dtype))
+    ops = [n.op_type for n in converted.graph.node]
+    float16 = dtype == np.float16
+    assert ops.count("CastLike") == 1
+    assert ops.count("Cast") == (3 + 1 if float16 else 0) + 2  # fc1's inputs and result; fc2's inputs
+
+
+def test_conversion_rewrites_nodes_and_opsets_and_leaves_input_alone():
+    model = _model(np.float32)
+    before = model.SerializeToString()
+    converted = to_fallback_model(model)
+    assert model.SerializeToString() == before
+    scap = [n for n in converted.graph.node if n.domain == FALLBACK_DOMAIN]
+    assert [(n.op_type, n.name, len(n.input)) for n in scap] == [
+        ("ScapSparseMatMulBias", "fc1", 3),
+        ("ScapSparseMatMul", "fc2", 2),
+    ]
+    assert not any(n.domain == DOMAIN for n in converted.graph.node)
+    domains = {o.domain for o in converted.opset_import}
+    assert FALLBACK_DOMAIN in domains and DOMAIN not in domains
+
+
+def test_fallback_session_from_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(np.float32), path)
+    a = np.random.default_rng(3).standard_normal((2, K)).astype(np.float32)
+    (y,) = fallback_session(str(path)).run(None, {"a": a})
+    _check(y, _expected(a, np.float32), 1e-6)
+
+
+def test_omitted_optional_bias():
+    b = np.random.default_rng(4).standard_normal((K, N)).astype(np.float32)
+    node = helper.make_node("ScapSparseMatMul", ["a", "b", ""], ["y"], domain=DOMAIN, threshold=0.3, name="n")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+    model.ir_version = 10
+    a = np.random.default_rng(5).standard_normal((3, K)).astype(np.float32)
+    (y,) = fallback_session(model).run(None, {"a": a})
+    _check(y, scap_sparse_matmul(a, b, threshold=0.3), 1e-6)
+
+
+@pytest.mark.parametrize("threshold", [-1.0, float("nan"), None], ids=["negative", "nan", "missing"])
+def test_bad_attributes_rejected_at_conversion(threshold):
+    model = _model(np.float32)
+    node = model.graph.node[0]
+    del node.attribute[:]
+    if threshold is not None:
+        node.attribute.append(helper.make_attribute("threshold", threshold))
+    with pytest.raises(ValueError, match="fc1"):
+        to_fallback_model(model)
+
+
+def _single_node_model(with_bias):
+    inputs = ["a", "b", "bias"] if with_bias else ["a", "b"]
+    node = helper.make_node("ScapSparseMatMul", inputs, ["y"], domain=DOMAIN, threshold=0.5, offset=0.0, name="one")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((2, 3), (3, 4, 1), None), ((2, 3), (4, 4), None), ((), (3, 4), None), ((2, 3), (3, 4), (5,)),
+     ((2, 3), (3, 4), (1, 4))],
+    ids=["b3d", "k_mismatch", "a_scalar", "bias_len", "bias_2d"],
+)
+def test_bad_shapes_raise_naming_the_node(shapes):
+    """A Python exception inside an onnxruntime-extensions op would abort the process: the fallback
+    reports bad shapes through FallbackSession.run instead."""
+    a_shape, b_shape, bias_shape = shapes
+    session = fallback_session(_single_node_model(bias_shape is not None))
+    feeds = {"a": np.ones(a_shape, np.float32), "b": np.ones(b_shape, np.float32)}
+    if bias_shape is not None:
+        feeds["bias"] = np.ones(bias_shape, np.float32)
+    with pytest.raises(RuntimeError, match="'one'"):
+        session.run(None, feeds)
+
+
+def test_session_still_works_after_a_bad_shape():
+    session = fallback_session(_model(np.float32))
+    with pytest.raises(RuntimeError, match="fc1"):
+        session.run(None, {"a": np.ones((2, K + 1), np.float32)})
+    # The session still works afterwards.
+    a = np.ones((2, K), np.float32)
+    (y,) = session.run(None, {"a": a})
+    _check(y, _expected(a, np.float32), 1e-6)
+
+
+def test_undeclared_type_with_old_opset_is_a_clear_error():
+    with pytest.raises(ValueError, match="fc2.*opset"):
+        to_fallback_model(_model(np.float32, opset=14))

@@ -1,0 +1,448 @@
+"""The compiled ScapSparseMatMul op in real onnxruntime sessions, against the numpy reference.
+
+The reference (scap_onnx.reference.scap_sparse_matmul) is the oracle: no expected output is written
+down here. The shapes cover every path of the CPU kernel:
+
+- one row of A (decode): kept rows of B split over tasks, threaded from rows*kept*N >= 65536;
+- several rows: column blocks over threads, passes of rows, register tiles of a few rows, panels
+  of kept rows of B (K = 300 keeps more than 256 at low thresholds); earlier versions sent float32
+  A of 16 rows or more to onnxruntime's MatMul on the sparsified A: the heights cover that too;
+- K and N off the vector widths, K = 1, N = 1, no rows at all; 1 to 4 threads.
+
+Each ISA cap (SCAP_ONNX_ISA, read once per process) is checked in a subprocess that imports this
+file and calls run_battery(). Error metric: max |y - ref| / max |ref| over the finite outputs,
+with NaN and Inf required in the same places.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import scap_onnx
+from scap_onnx.op import DOMAIN, OP_TYPE, make_node, opset_import
+from scap_onnx.reference import scap_sparse_matmul
+
+TOL = {np.float32: 1e-5, np.float16: 3e-3}
+DTYPES = [np.float32, np.float16]
+PROVIDERS = ["CPUExecutionProvider"]
+
+# (shape of A, N). K = A.shape[-1].
+CASES = [
+    ((7,), 17),  # rank 1, decode
+    ((1,), 33),  # rank 1, K = 1
+    ((1, 300), 1000),  # decode, threaded, 8 row tasks
+    ((1, 40), 3000),  # decode, threaded, few kept rows (1-2 tasks)
+    ((1, 1, 33), 7),  # rank 3, decode
+    ((3, 17), 33),  # several rows, fewer than a register tile
+    ((2, 5, 1), 17),  # K = 1, 10 rows
+    ((2, 3, 33), 7),  # rank 3, 6 rows
+    ((4, 300), 1000),  # several rows, threaded over column blocks, > 256 kept rows at threshold 0
+    ((15, 300), 1000),  # 15 rows (the last below 16, where earlier versions switched path), threaded
+    ((16, 17), 33),  # 16 rows (earlier versions: onnxruntime's MatMul for float32 from here)
+    ((2, 3, 4, 7), 17),  # rank 4, 24 rows
+    ((33, 300), 1000),  # 33 rows (32 + 1: a pass or tile boundary), threaded
+    ((70, 1), 33),  # K = 1, 70 rows
+    ((3, 50, 17), 33),  # 150 rows: more than one pass (of 32 or 128 rows)
+    ((5, 40), 3000),  # several rows, threaded over many column blocks
+    ((3, 1, 1, 300), 1),  # rank 4, N = 1
+    ((0, 17), 7),  # no rows
+    ((2, 0, 33), 17),  # no rows, rank 3
+]
+CASE_IDS = ["x".join(map(str, (*shape, n))) for shape, n in CASES]
+# (threshold, offset)
+ATTRS = [(0.0, 0.0), (0.5, 0.25), (1.0, -1.25), (math.inf, 0.5)]
+ATTR_IDS = [f"t{t}_o{o}" for t, o in ATTRS]
+SPECIALS = ["finite", "nan", "inf"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _model(dtype, *, threshold=0.5, offset=0.0, with_bias=False, name="scap", attrs=None, b=None):
+    """One ScapSparseMatMul node named `name` over graph inputs a, b (or initializer b), bias.
+
+    attrs, when given, replaces the node's attributes (to build invalid nodes).
+    """
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inputs = [helper.make_tensor_value_info("a", elem, None)]
+    initializers = []
+    if b is None:
+        inputs.append(helper.make_tensor_value_info("b", elem, None))
+    else:
+        initializers.append(numpy_helper.from_array(b, "b"))
+    if with_bias:
+        inputs.append(helper.make_tensor_value_info("bias", elem, None))
+    node = make_node("a", "b", "y", threshold=threshold, offset=offset, bias="bias" if with_bias else None, name=name)
+    if attrs is not None:
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+    graph = helper.make_graph([node], "scap_op_test", inputs, [helper.make_tensor_value_info("y", elem, None)],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+    model.ir_version = 10
+    return model
+
+
+def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    options = scap_onnx.session_options(intra_op_threads=threads)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=PROVIDERS)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_session(dtype, with_bias, threshold, offset, threads):
+    return _session(_model(dtype, threshold=threshold, offset=offset, with_bias=with_bias), threads)
+
+
+@functools.lru_cache(maxsize=None)
+def _weights(k, n, dtype):
+    rng = np.random.default_rng(_seed("weights", k, n, np.dtype(dtype).name))
+    b = (rng.standard_normal((k, n)) / math.sqrt(k)).astype(dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    b.flags.writeable = bias.flags.writeable = False
+    return b, bias
+
+
+def _activations(shape, dtype, threshold, offset, special, seed):
+    """A ~ N(offset, 1) with exact zeros, exact offsets (d = 0) and ties |d| == threshold mixed in,
+    and NaN or +-Inf in a few places when asked."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(shape) + offset).astype(dtype)
+    flat = a.reshape(-1)
+    if flat.size:
+        pick = rng.random(flat.size)
+        flat[pick < 0.08] = 0
+        flat[(pick >= 0.08) & (pick < 0.14)] = offset
+        if math.isfinite(threshold):
+            flat[(pick >= 0.14) & (pick < 0.18)] = offset + threshold
+            flat[(pick >= 0.18) & (pick < 0.22)] = offset - threshold
+        if special != "finite":
+            where = rng.choice(flat.size, size=max(1, flat.size // 97), replace=False)
+            flat[where] = np.nan if special == "nan" else np.where(rng.random(where.size) < 0.5, np.inf, -np.inf)
+    return a
+
+
+def relative_error(y: np.ndarray, ref: np.ndarray) -> float:
+    """max |y - ref| / max |ref| over the finite entries of ref (scale 1 where ref is all zero)."""
+    finite = np.isfinite(ref)
+    r = ref[finite].astype(np.float64)
+    diff = np.abs(y[finite].astype(np.float64) - r)
+    scale = float(np.abs(r).max(initial=0.0)) or 1.0
+    return float(diff.max(initial=0.0)) / scale
+
+
+def check_close(y: np.ndarray, ref: np.ndarray, tol: float, context: str = "") -> None:
+    assert y.dtype == ref.dtype, f"{context}: dtype {y.dtype} != {ref.dtype}"
+    assert y.shape == ref.shape, f"{context}: shape {y.shape} != {ref.shape}"
+    assert np.array_equal(np.isnan(y), np.isnan(ref)), f"{context}: NaN in different places"
+    inf = np.isinf(ref)
+    assert np.array_equal(np.isinf(y), inf) and np.array_equal(y[inf], ref[inf]), f"{context}: Inf differs"
+    err = relative_error(y, ref)
+    assert err <= tol, f"{context}: relative error {err:.3g} > {tol:g}"
+
+
+def _reference(a, b, bias, threshold, offset):
+    with np.errstate(invalid="ignore", over="ignore"):
+        return scap_sparse_matmul(a, b, bias, threshold=threshold, offset=offset)
+
+
+def check_case(dtype, with_bias, threshold, offset, threads, shape, n, special) -> None:
+    """Run one case through the compiled op and compare it with the reference (AssertionError)."""
+    b, bias = _weights(shape[-1], n, dtype)
+    a = _activations(shape, dtype, threshold, offset, special,
+                     _seed(np.dtype(dtype).name, with_bias, threshold, offset, threads, shape, n, special))
+    feeds = {"a": a, "b": b, **({"bias": bias} if with_bias else {})}
+    (y,) = _cached_session(dtype, with_bias, threshold, offset, threads).run(None, feeds)
+    ref = _reference(a, b, bias if with_bias else None, threshold, offset)
+    context = (f"{np.dtype(dtype).name} A{shape} N={n} threshold={threshold} offset={offset} bias={with_bias} "
+               f"threads={threads} {special}")
+    check_close(y, ref, TOL[dtype], context)
+
+
+def check_float16_exact(rows: int, threads: int) -> None:
+    """float16 conversions, exactly: B holds all 65536 float16 bit patterns and A is 1, so Y = B bit for
+    bit (NaN as NaN); then A in [1, 2) with offset -2**-11 makes every D = A + 2**-11 a tie between two
+    float16 values, which must round to even as the reference's cast does. N is odd, so every ISA's
+    vector body and scalar tail both store halves."""
+    b = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(1, -1)[:, :65535]
+    a = np.ones((rows, 1), np.float16)
+    (y,) = _cached_session(np.float16, False, 0.0, 0.0, threads).run(None, {"a": a, "b": b})
+    assert y.shape == (rows, b.shape[1])
+    for row in y:
+        assert np.array_equal(row, b[0], equal_nan=True), f"rows={rows}: float16 values not reproduced exactly"
+
+    offset = -(2.0**-11)
+    ties = (1 + np.arange(rows * 17).reshape(rows, 17) % 1024 / 1024).astype(np.float16)
+    ones = np.ones((17, 33), np.float16)
+    for k in (1, 17):  # one kept row, or several summed (all exact in float32)
+        a = ties[:, :k]
+        (y,) = _cached_session(np.float16, False, 0.0, offset, threads).run(None, {"a": a, "b": ones[:k]})
+        ref = _reference(a, ones[:k], None, 0.0, offset)
+        assert np.array_equal(y, ref), f"rows={rows} K={k}: float16 ties not rounded to even"
+
+
+def run_battery() -> int:
+    """A smaller sweep over every path, for the ISA-capped subprocesses: 0 if all pass, else 1."""
+    failures = []
+    for rows in (1, 3, 40):
+        try:
+            check_float16_exact(rows, 2)
+        except AssertionError as e:
+            failures.append(str(e))
+    for dtype in DTYPES:
+        for with_bias in (False, True):
+            for threshold, offset in ATTRS[1:3]:
+                for threads in (3,):
+                    for shape, n in CASES:
+                        for special in ("finite", "nan"):
+                            try:
+                                check_case(dtype, with_bias, threshold, offset, threads, shape, n, special)
+                            except AssertionError as e:
+                                failures.append(str(e))
+    for line in failures[:20]:
+        print(line)
+    print(f"isa={os.environ.get('SCAP_ONNX_ISA')}: {len(failures)} failures")
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("shape, n", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("threads", [1, 2, 3, 4], ids=lambda t: f"{t}thr")
+@pytest.mark.parametrize("threshold, offset", ATTRS, ids=ATTR_IDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_matches_reference(dtype, with_bias, threshold, offset, threads, shape, n):
+    # Finite data, then NaN or Inf (alternating with the thread count, so each combination of the
+    # other parameters meets both).
+    for special in ("finite", SPECIALS[1 + threads % 2]):
+        check_case(dtype, with_bias, threshold, offset, threads, shape, n, special)
+
+
+HEIGHTS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257]
+
+
+@pytest.mark.parametrize("k, n", [(17, 33), (300, 70)], ids=["17x33", "300x70"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_every_height(dtype, k, n):
+    """Rows of A around every block size a kernel may use (vector widths, register tiles, passes)."""
+    for rows in HEIGHTS:
+        for special in ("finite", "nan"):
+            check_case(dtype, True, 0.5, 0.25, 2, (rows, k), n, special)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_float16_conversions_exact(rows):
+    check_float16_exact(rows, 2)
+
+
+@pytest.mark.parametrize("shape, n", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_threshold_zero_offset_zero_is_matmul(shape, n, with_bias):
+    """Dropping only exact zeros changes nothing: Y = A @ B (+ bias), numpy's float32 matmul."""
+    b, bias = _weights(shape[-1], n, np.float32)
+    rng = np.random.default_rng(_seed("dense", shape, n))
+    a = rng.standard_normal(shape).astype(np.float32)
+    a[rng.random(shape) < 0.3] = 0
+    feeds = {"a": a, "b": b, **({"bias": bias} if with_bias else {})}
+    (y,) = _cached_session(np.float32, with_bias, 0.0, 0.0, 2).run(None, feeds)
+    expected = a @ b + (bias if with_bias else 0)
+    check_close(y, expected.astype(np.float32), 1e-5, f"A{shape} N={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_initializer_weights_and_changing_shapes(dtype):
+    """B as a constant initializer (the rewriter's layout); one session runs heights of every path in
+    turn, so per-thread scratch buffers grow and shrink between calls."""
+    b, bias = _weights(300, 1000, dtype)
+    session = _session(_model(dtype, threshold=0.5, offset=0.25, b=np.array(b)), threads=2)
+    for rows in (1, 40, 1, 5, 0, 17, 1, 2, 33, 1):
+        a = _activations((rows, 300), dtype, 0.5, 0.25, "finite", _seed("init", rows))
+        (y,) = session.run(None, {"a": a})
+        check_close(y, _reference(a, b, None, 0.5, 0.25), TOL[dtype], f"rows={rows}")
+
+
+def test_concurrent_runs_of_one_session():
+    """Runs from several Python threads at once (onnxruntime releases the GIL) stay independent."""
+    session = _cached_session(np.float32, True, 0.5, 0.25, 2)
+    b, bias = _weights(300, 1000, np.float32)
+    errors: list[str] = []
+
+    def worker(index: int) -> None:
+        for i in range(6):
+            rows = (1, 3, 20)[(index + i) % 3]
+            a = _activations((rows, 300), np.float32, 0.5, 0.25, "finite", _seed("threads", index, i))
+            try:
+                (y,) = session.run(None, {"a": a, "b": b, "bias": bias})
+                check_close(y, _reference(a, b, bias, 0.5, 0.25), TOL[np.float32], f"thread {index} run {i}")
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(f"{type(e).__name__}: {e}")
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+
+
+# Known kernel bug (reported; not strict while the kernel is being tuned): the several-rows path
+# multiplies every row of A's tile by each kept row of B, so a row of B that some row of A keeps
+# and another drops meets that row's 0: 0 * Inf = NaN where the contract skips the row.
+_PARTLY_DROPPED = pytest.mark.xfail(
+    reason="kernel bug: several rows of A, a row of B kept by some rows and dropped by others: 0 * Inf = NaN"
+)
+
+
+@pytest.mark.parametrize(
+    "dtype, rows, partly",
+    [
+        pytest.param(dtype, rows, partly,
+                     id=f"{np.dtype(dtype).name}-{rows}rows-{'dropped_by_some' if partly else 'dropped_by_all'}",
+                     marks=[_PARTLY_DROPPED] if partly and rows > 1 else [])
+        for dtype in DTYPES
+        for rows in (1, 3, 16, 40)
+        for partly in (False, True)
+    ],
+)
+def test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly):
+    """A dropped activation skips its row of B (the contract: Y = D_kept @ B), so Inf / NaN in a row of
+    B that every row of A drops must not reach Y as 0 * Inf = NaN (the reference's semantics). A dense
+    MatMul on the sparsified A (an earlier float32 path for >= 16 rows) fails this."""
+    k, n = 33, 17
+    b = np.array(_weights(k, n, dtype)[0])
+    b[4, 3] = np.inf
+    b[9, :] = np.nan
+    a = _activations((rows, k), dtype, 0.5, 0.0, "finite", _seed("nonfinite", rows))
+    a[:, [4, 9]] = 0.25  # |0.25| <= 0.5: dropped in every row
+    if partly:
+        a[0, 4] = 2.0  # row 0 keeps k = 4 (its Y[0, 3] is Inf); the other rows still drop it
+    (y,) = _cached_session(dtype, False, 0.5, 0.0, 1).run(None, {"a": a, "b": b})
+    ref = _reference(a, b, None, 0.5, 0.0)
+    assert np.isfinite(ref).sum() == ref.size - partly
+    check_close(y, ref, TOL[dtype], f"rows={rows}")
+
+
+# ----------------------------------------------------------------------------- ISA caps
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_isa_cap(isa):
+    """Every kernel variant the CPU runs, one capped subprocess each (SCAP_ONNX_ISA is read once)."""
+    flags = _cpu_flags()
+    need = {"portable": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl"}}[isa]
+    if flags is not None and not need <= flags:
+        pytest.skip(f"this CPU lacks {sorted(need - flags)}: the {isa} kernels cannot run here")
+    package_root = str(Path(scap_onnx.__file__).resolve().parents[1])
+    script = (
+        "import sys\n"
+        f"sys.path[:0] = [{package_root!r}, {str(Path(__file__).parent)!r}]\n"
+        "import test_op\n"
+        "sys.exit(test_op.run_battery())\n"
+    )
+    env = {**os.environ, "SCAP_ONNX_ISA": isa}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+# ----------------------------------------------------------------------------- errors
+def _expect_ort_error(model: onnx.ModelProto, feeds: dict, node_name: str) -> str:
+    """Creating the session or running it raises an onnxruntime error that names the node."""
+    with pytest.raises(Exception) as info:  # onnxruntime's Fail / InvalidArgument / RuntimeException ...
+        _session(model).run(None, feeds)
+    assert type(info.value).__module__.startswith("onnxruntime"), repr(info.value)
+    message = str(info.value)
+    assert node_name in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "attrs, words",
+    [
+        ({"threshold": -0.5, "offset": 0.0}, "threshold"),
+        ({"threshold": -math.inf}, "threshold"),
+        ({"threshold": math.nan, "offset": 0.0}, "threshold"),
+        ({"offset": 0.0}, "threshold"),
+        ({"threshold": 0.5, "offset": math.nan}, "offset"),
+    ],
+    ids=["negative", "minus_inf", "nan", "missing", "nan_offset"],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_bad_attributes(dtype, attrs, words):
+    name = f"bad_attrs_{np.dtype(dtype).name}"
+    a, b = np.ones((2, 3), dtype), np.ones((3, 4), dtype)
+    message = _expect_ort_error(_model(dtype, attrs=attrs, name=name), {"a": a, "b": b}, name)
+    assert words in message
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape, bias_shape",
+    [
+        ((2, 3), (3, 4, 1), None),  # B 3-D
+        ((2, 3), (3,), None),  # B 1-D
+        ((2, 3), (4, 4), None),  # K mismatch
+        ((1, 3), (2, 4), None),  # K mismatch, one row
+        ((20, 3), (2, 4), None),  # K mismatch, 20 rows
+        ((2, 3), (3, 4), (5,)),  # bias too long
+        ((2, 3), (3, 4), (1, 4)),  # bias 2-D
+        ((), (3, 4), None),  # A scalar
+    ],
+    ids=["b3d", "b1d", "k_mismatch", "k_mismatch_1row", "k_mismatch_tall", "bias_len", "bias_2d", "a_scalar"],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_bad_shapes(dtype, a_shape, b_shape, bias_shape):
+    name = f"bad_shape_{np.dtype(dtype).name}"
+    model = _model(dtype, with_bias=bias_shape is not None, name=name)
+    feeds = {"a": np.ones(a_shape, dtype), "b": np.ones(b_shape, dtype)}
+    if bias_shape is not None:
+        feeds["bias"] = np.ones(bias_shape, dtype)
+    _expect_ort_error(model, feeds, name)
+
+
+def test_unsupported_types():
+    """Only float32 and float16, the same for A, B and bias."""
+    cases = {"int_inputs": (TensorProto.INT32, TensorProto.INT32), "mixed": (TensorProto.FLOAT16, TensorProto.FLOAT)}
+    for name, types in cases.items():
+        node = helper.make_node(OP_TYPE, ["a", "b"], ["y"], domain=DOMAIN, name=name, threshold=0.5)
+        graph = helper.make_graph(
+            [node], "g",
+            [helper.make_tensor_value_info("a", types[0], None), helper.make_tensor_value_info("b", types[1], None)],
+            [helper.make_tensor_value_info("y", types[0], None)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+        model.ir_version = 10
+        np_types = [helper.tensor_dtype_to_np_dtype(t) for t in types]
+        _expect_ort_error(model, {"a": np.ones((2, 3), np_types[0]), "b": np.ones((3, 4), np_types[1])}, name)
+
+
+def test_session_still_works_after_errors():
+    """An error in one run leaves the session usable (the kernel threw no further than its status)."""
+    session = _session(_model(np.float32, threshold=0.5, name="reuse"))
+    with pytest.raises(Exception, match="reuse"):
+        session.run(None, {"a": np.ones((2, 3), np.float32), "b": np.ones((4, 4), np.float32)})
+    b, _ = _weights(33, 17, np.float32)
+    a = _activations((3, 33), np.float32, 0.5, 0.0, "finite", 1)
+    (y,) = session.run(None, {"a": a, "b": b})
+    check_close(y, _reference(a, b, None, 0.5, 0.0), 1e-5)
