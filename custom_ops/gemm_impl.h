@@ -142,16 +142,37 @@ inline void StoreVec(float* y, typename Isa::Vec v) { Isa::Store(y, v); }
 template <class Isa>
 inline void StoreVec(uint16_t* y, typename Isa::Vec v) { Isa::StoreHalf(y, v); }
 
-// Converts a row segment of B to float32 (a plain copy for float weights).
-template <class Isa>
-inline void CopyRow(const float* src, int64_t w, float* dst) {
-  std::memcpy(dst, src, static_cast<size_t>(w) * sizeof(float));
-}
-template <class Isa>
-inline void CopyRow(const uint16_t* src, int64_t w, float* dst) {
+// Converts a row segment of B to float32 (a copy for float weights) and reports whether it holds
+// Inf or NaN: those must not meet the zeros of dropped activations (0 * Inf would make NaN).
+template <class Isa, typename TW>
+inline bool CopyRow(const TW* src, int64_t w, float* dst) {
+  const auto zero = Isa::Set(0.0f);
+  auto probe = zero;  // stays 0 unless some x * 0 is NaN, i.e. x is Inf or NaN
   int64_t j = 0;
-  for (; j + Isa::kWidth <= w; j += Isa::kWidth) Isa::Store(dst + j, Isa::LoadB(src + j));
-  for (; j < w; ++j) dst[j] = HalfToFloat(src[j]);
+  for (; j + Isa::kWidth <= w; j += Isa::kWidth) {
+    const auto v = Isa::LoadB(src + j);
+    probe = Isa::Fma(v, zero, probe);
+    Isa::Store(dst + j, v);
+  }
+  bool finite = true;
+  for (; j < w; ++j) {
+    dst[j] = ToFloat(src[j]);
+    finite = finite && dst[j] * 0.0f == 0.0f;
+  }
+  alignas(64) float lanes[Isa::kWidth];
+  Isa::Store(lanes, probe);
+  for (int64_t l = 0; l < Isa::kWidth; ++l) finite = finite && lanes[l] == 0.0f;
+  return finite;
+}
+
+// acc[r][0:w] += d[r] * row for the rows r of the tile that keep this element: the slow, exact
+// path for a row of B holding Inf or NaN.
+inline void NonFiniteRow(const float* row, int64_t w, const float* d, int64_t tile_rows, float* acc,
+                         int64_t acc_stride) {
+  for (int64_t r = 0; r < tile_rows; ++r) {
+    if (d[r] == 0.0f) continue;  // dropped (kept elements are never 0)
+    for (int64_t j = 0; j < w; ++j) acc[r * acc_stride + j] += d[r] * row[j];
+  }
 }
 
 // acc[r][c:c+2W] += sum over panel rows i of packed[i][r] * panel[i][c:c+2W], for kRows rows of
@@ -194,17 +215,39 @@ void TileColumns(const SparseTiles& act, const TW* b, int64_t n, const float* bi
   float* panel = work;
   float* acc = work + kPanelRows * stride;
   std::memset(acc, 0, static_cast<size_t>(act.tiles * kRows * stride) * sizeof(float));
+  bool finite[kPanelRows];
   for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
     const int64_t count = Min(kPanelRows, act.kept_count - i0);
+    bool all_finite = true;
     for (int64_t i = 0; i < count; ++i) {
       float* dst = panel + i * stride;
-      CopyRow<Isa>(b + static_cast<int64_t>(act.kept[i0 + i]) * n + n0, w, dst);
+      finite[i] = CopyRow<Isa>(b + static_cast<int64_t>(act.kept[i0 + i]) * n + n0, w, dst);
       for (int64_t j = w; j < stride; ++j) dst[j] = 0.0f;
+      all_finite = all_finite && finite[i];
     }
-    for (int64_t c = 0; c < stride; c += kBlock) {
-      for (int64_t t = 0; t < act.tiles; ++t) {
-        PanelBlock<Isa>(panel + c, count, stride, act.packed + (t * act.kept_count + i0) * kRows,
-                        acc + t * kRows * stride + c, stride);
+    const float* packed = act.packed + i0 * kRows;
+    const int64_t tile_packed = act.kept_count * kRows;  // distance between tiles in act.packed
+    if (all_finite) {
+      // Column strip outside, tiles inside: the strip stays in L1 for every tile.
+      for (int64_t c = 0; c < stride; c += kBlock) {
+        for (int64_t t = 0; t < act.tiles; ++t) {
+          PanelBlock<Isa>(panel + c, count, stride, packed + t * tile_packed, acc + t * kRows * stride + c, stride);
+        }
+      }
+      continue;
+    }
+    // Runs of finite rows go through the register blocks; a row with Inf or NaN goes alone.
+    for (int64_t t = 0; t < act.tiles; ++t) {
+      const float* tile_d = packed + t * tile_packed;
+      float* tile_acc = acc + t * kRows * stride;
+      for (int64_t start = 0; start < count;) {
+        int64_t end = start;
+        while (end < count && finite[end]) ++end;
+        for (int64_t c = 0; end > start && c < stride; c += kBlock) {
+          PanelBlock<Isa>(panel + start * stride + c, end - start, stride, tile_d + start * kRows, tile_acc + c, stride);
+        }
+        if (end < count) NonFiniteRow(panel + end * stride, w, tile_d + end * kRows, kRows, tile_acc, stride);
+        start = end + 1;
       }
     }
   }

@@ -44,24 +44,31 @@ def scap_sparse_matmul(
         raise ValueError(f"B must be 2-D, got shape {b.shape}")
     if a.ndim < 1 or a.shape[-1] != b.shape[0]:
         raise ValueError(f"A's last dimension must equal B's first ({b.shape[0]}), got shape {a.shape}")
+    if bias is not None and bias.shape != (b.shape[1],):
+        raise ValueError(f"bias must have shape ({b.shape[1]},), got {bias.shape}")
     d = sparsify(a, threshold, offset)
     # float64 accumulation keeps the oracle more exact than the kernels it judges.
     d64 = d.astype(np.float64)
     b64 = b.astype(np.float64)
     if np.isfinite(b64).all():
-        y = d64 @ b64
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf in A propagate, as in MatMul
+            y = d64 @ b64
     else:
         # A dropped element skips its row of B, so an Inf there must not turn into 0 * Inf = NaN.
         rows = d64.reshape(-1, d64.shape[-1])
-        y = np.stack([r[r != 0] @ b64[r != 0] for r in rows]) if len(rows) else rows @ b64
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = np.stack([r[r != 0] @ b64[r != 0] for r in rows]) if len(rows) else rows @ b64
         y = y.reshape(*d64.shape[:-1], b64.shape[1])
     if bias is not None:
         y = y + bias.astype(np.float64)
     return y.astype(a.dtype)
 
 
-class ScapSparseMatMulOpRun(OpRun):
-    """onnx.reference implementation: ReferenceEvaluator(model, new_ops=[ScapSparseMatMulOpRun])."""
+class ScapSparseMatMul(OpRun):
+    """onnx.reference implementation: ReferenceEvaluator(model, new_ops=[ScapSparseMatMulOpRun]).
+
+    ReferenceEvaluator finds new ops by (op_domain, class name): the class bears the op's name.
+    """
 
     op_domain = DOMAIN
     op_type = OP_TYPE
@@ -70,3 +77,6 @@ class ScapSparseMatMulOpRun(OpRun):
         if threshold is None:
             raise ValueError("ScapSparseMatMul requires the 'threshold' attribute")
         return (scap_sparse_matmul(a, b, bias, threshold=threshold, offset=offset),)
+
+
+ScapSparseMatMulOpRun = ScapSparseMatMul

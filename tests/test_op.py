@@ -299,20 +299,11 @@ def test_concurrent_runs_of_one_session():
     assert not errors, errors
 
 
-# Known kernel bug (reported; not strict while the kernel is being tuned): the several-rows path
-# multiplies every row of A's tile by each kept row of B, so a row of B that some row of A keeps
-# and another drops meets that row's 0: 0 * Inf = NaN where the contract skips the row.
-_PARTLY_DROPPED = pytest.mark.xfail(
-    reason="kernel bug: several rows of A, a row of B kept by some rows and dropped by others: 0 * Inf = NaN"
-)
-
-
 @pytest.mark.parametrize(
     "dtype, rows, partly",
     [
         pytest.param(dtype, rows, partly,
-                     id=f"{np.dtype(dtype).name}-{rows}rows-{'dropped_by_some' if partly else 'dropped_by_all'}",
-                     marks=[_PARTLY_DROPPED] if partly and rows > 1 else [])
+                     id=f"{np.dtype(dtype).name}-{rows}rows-{'dropped_by_some' if partly else 'dropped_by_all'}")
         for dtype in DTYPES
         for rows in (1, 3, 16, 40)
         for partly in (False, True)
