@@ -218,12 +218,9 @@ def calibrate(
             vals = [spec.sparsity(t.role) for t in s.targets]
             vals = [v for v in vals if v is not None]
             site_sparsity[s.input] = float(np.mean(vals)) if vals else None
-        weights_cache: dict[str, list[np.ndarray]] = {}
-
         def weights_of(site: Site) -> list[np.ndarray]:
-            if site.input not in weights_cache:
-                weights_cache[site.input] = [source.weight(t.weight).astype(np.float32, copy=False) for t in site.targets]
-            return weights_cache[site.input]
+            # read when needed, one site at a time: never all weights in Python at once
+            return [source.weight(t.weight).astype(np.float32, copy=False) for t in site.targets]
 
         sparsify = None
         result: PassResult | None = None
@@ -242,9 +239,7 @@ def calibrate(
                     grid = [sp] if sp is not None else []
                 w = weights_of(s) if grid else []
                 decided[s.input] = _decide(s, result.histograms[s.input], result.samples[s.input], w, sp, grid)
-                if not last:
-                    # free the big per-site arrays of an intermediate pass as we go
-                    weights_cache.pop(s.input, None)
+                del w
             history.append({
                 "pass": p, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                 "thresholds": {k: v.threshold for k, v in decided.items() if v.sparsity is not None},
@@ -255,7 +250,6 @@ def calibrate(
                                                                           if spec.sparsity(t["role"]) is not None])
                     for st in decided.values() if st.sparsity is not None
                 }
-        weights_cache.clear()
         assert result is not None
         stats = Stats(
             model={"path": str(Path(model).resolve()), "fingerprint": source.fingerprint,

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from scap_onnx.op import OP_TYPE, make_node, opset_import
+from scap_onnx.op import make_node, opset_import
 from scap_onnx.reference import ScapSparseMatMulOpRun, check_attributes, scap_sparse_matmul, sparsify
 
 
