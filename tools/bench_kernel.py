@@ -144,19 +144,25 @@ def run_grid(args: argparse.Namespace) -> dict:
             k, n = (int(x) for x in shape.split("x"))
             for m in args.m:
                 # Tall A is compute-bound: a few copies suffice, the cache matters little there.
-                copies = copies_for(k * n * 4, cache) if m <= 8 else 2
-                dense = session(build_model("dense", k, n, copies, np.float32), threads, sparse=False)
-                sparse_sessions = {d: session(build_model("sparse", k, n, copies, np.dtype(d).type), threads, sparse=True)
-                                   for d in args.dtypes}
+                def copies_of(itemsize: int) -> int:
+                    return copies_for(k * n * itemsize, cache) if m <= 8 else 2
+
+                dense_copies = copies_of(4)
+                dense = session(build_model("dense", k, n, dense_copies, np.float32), threads, sparse=False)
+                sparse_sessions = {}
+                for dname in args.dtypes:
+                    copies = copies_of(np.dtype(dname).itemsize)
+                    model = build_model("sparse", k, n, copies, np.dtype(dname).type)
+                    sparse_sessions[dname] = (session(model, threads, sparse=True), copies)
                 for sparsity in args.sparsity:
                     a32 = sparse_input(m, k, sparsity, np.float32, rng)
                     dense_runner = Runner(dense, {"A": a32})
-                    for dname, sess in sparse_sessions.items():
+                    for dname, (sess, copies) in sparse_sessions.items():
                         a = a32.astype(np.dtype(dname))
                         sparse_runner = Runner(sess, {"A": a})
                         dense_t, sparse_t = [], []
                         for _ in range(args.repeats):  # interleaved
-                            dense_t.append(dense_runner.time() / copies)
+                            dense_t.append(dense_runner.time() / dense_copies)
                             sparse_t.append(sparse_runner.time() / copies)
                         d_med, s_med = statistics.median(dense_t), statistics.median(sparse_t)
                         kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
