@@ -1,0 +1,114 @@
+"""`scap-onnx sweep` through the real CLI on a tiny random-weight Llama (.npz feeds) and on MiniLM
+(text, encoder), plus the plans each method makes from the same statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from random_llama import tiny_llama
+from scap_onnx.measure import library_available
+from scap_onnx.stats import Stats
+from scap_onnx.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec
+
+
+@pytest.fixture(scope="module")
+def llama_sweep(tmp_path_factory):
+    folder = tiny_llama(0)
+    out = tmp_path_factory.mktemp("sweep_llama")
+    lat = [] if library_available() else ["--no-latency"]
+    p = run_cli("sweep", folder / "model.onnx", "--data", folder / "calib.npz", "--eval-data", folder / "eval.npz",
+                "--levels", "0.3,0.5", "--kv-len", 32, "--repeats", 2, "--warmup", 1, "-o", out, *lat, check=True)
+    return folder, out, p
+
+
+def test_sweep_cli_rows_tables_and_chart(llama_sweep):
+    folder, out, p = llama_sweep
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["format"] == "scap-onnx-sweep" and res["levels"] == [0.3, 0.5] and res["methods"] == list(METHODS)
+    rows = res["rows"]
+    assert [r["method"] for r in rows] == ["dense"] + [m for m in METHODS for _ in (0, 1)]
+    assert rows[0]["quality"] == 0 and rows[0]["speedup"] == 1.0
+    for r in rows[1:]:
+        assert r["perplexity_sparse"] > 1 and 0 < r["top1_agreement"] <= 1 and r["kl_mean"] >= 0
+        # the measured share of the rewritten MatMuls' bytes is near the level (random feeds, other seed)
+        assert abs(r["sparsity_targets"] - r["level"]) < 0.06, r
+        assert (out / "reports" / f"{r['method']}_{r['level']:g}.json").is_file()
+        if library_available():
+            assert r["speedup"] > 0 and r["latency_kind"] == "decode"
+    assert [c["level"] for c in res["comparison"]] == [0.3, 0.5]
+    assert all(isinstance(c["scap_at_or_above_baseline"], bool) for c in res["comparison"])
+    assert res["calibration"]["teal"]["passes"] == 1 and res["calibration"]["scap"]["passes"] == 2
+    md = (out / "sweep.md").read_text()
+    assert "TEAL-style" in md and "SCAP, mode-centred, per-role" in md and "verdict" in md
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "models").exists() and not (out / ".dense_cache").exists()
+    assert "| method | level |" in p.stdout
+
+
+def test_sweep_plans(llama_sweep):
+    _, out, _ = llama_sweep
+    scap, teal = Stats.load(out / "stats_scap.json"), Stats.load(out / "stats_teal.json")
+    names = {t["name"] for s in scap.sites for t in s.targets}
+    for m in METHODS:
+        plan, spec = plan_for(m, 0.4, scap, teal)
+        assert set(plan) == names, m
+        if m in ("teal", "scap-zero"):
+            assert all(off == 0.0 for _, off in plan.values())
+    # teal thresholds come from the dense-activation statistics, scap-zero's from the upstream-aware ones
+    t_plan, _ = plan_for("teal", 0.4, scap, teal)
+    z_plan, _ = plan_for("scap-zero", 0.4, scap, teal)
+    assert t_plan != z_plan
+    # mode-centring picks non-zero centres somewhere
+    m_plan, _ = plan_for("scap-mode", 0.4, scap, teal)
+    assert any(off != 0.0 for _, off in m_plan.values())
+
+
+def test_role_spec_keeps_byte_weighted_mean(llama_sweep):
+    _, out, _ = llama_sweep
+    scap = Stats.load(out / "stats_scap.json")
+    for level in (0.3, 0.5, 0.7):
+        spec = role_spec(scap, level)
+        nbytes = {}
+        for s in scap.sites:
+            for t in s.targets:
+                nbytes[t["role"]] = nbytes.get(t["role"], 0) + t["k"] * t["n"]
+        mean = sum(spec[r] * b for r, b in nbytes.items()) / sum(nbytes.values())
+        assert abs(mean - level) < 1e-3
+        assert spec["down"] / spec["up"] == pytest.approx(ROLE_PROFILE["down"] / ROLE_PROFILE["up"], rel=1e-3)
+
+
+def test_sweep_minilm_text(minilm, texts, tmp_path):
+    """Encoder on text: quality is 1 - cosine of pooled embeddings; latency is one batch."""
+    lat = [] if library_available() else ["--no-latency"]
+    run_cli("sweep", minilm, "--data", texts["pydoc"], "--eval-data", texts["kjv"], "--levels", "0.4",
+            "--methods", "teal,scap-mode", "--tokens", 1024, "--seq-len", 128, "--eval-tokens", 256,
+            "--repeats", 2, "--warmup", 1, "-o", tmp_path, *lat, check=True)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["dense", "teal", "scap-mode"]
+    for r in res["rows"][1:]:
+        assert r["quality_name"] == "1 - cosine %" and 0 <= r["quality"] < 50
+        assert 0.5 < r["cosine_mean"] <= 1
+        if lat == []:
+            assert r["latency_kind"] == "batch"
+    assert len(res["comparison"]) == 1
+
+
+def test_sweep_bad_input(tmp_path):
+    folder = tiny_llama(0)
+    for args, msg in (
+        (["--levels", "0.3,1.2"], "outside"),
+        (["--levels", "x"], "not a comma-separated list"),
+        (["--methods", "teal,magic"], "unknown method"),
+    ):
+        p = run_cli("sweep", folder / "model.onnx", "--data", folder / "calib.npz", "--eval-data",
+                    folder / "eval.npz", "-o", tmp_path, *args)
+        assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    p = run_cli("sweep", folder / "model.onnx", "--data", folder / "calib.npz", "-o", tmp_path)
+    assert p.returncode == 2 and "--eval-data" in p.stderr
+    with pytest.raises(Exception):
+        parse_levels("")
+    assert np.allclose(parse_levels("0.5,0.3,0.5"), [0.3, 0.5])
