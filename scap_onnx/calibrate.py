@@ -187,6 +187,7 @@ def calibrate(
     seq_len: int = 256,
     max_tokens: int | None = 16384,
     batch_size: int = 1,
+    sampling: str = "spread",
     passes: int = DEFAULT_PASSES,
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     progress: Progress | None = None,
@@ -212,7 +213,7 @@ def calibrate(
             ds = data
         else:
             ds = open_data(data, source.proto, model, tokenizer=tokenizer, seq_len=seq_len,
-                           max_tokens=max_tokens, batch_size=batch_size)
+                           max_tokens=max_tokens, batch_size=batch_size, sampling=sampling)
         site_sparsity = {}
         for s in sites:
             vals = [spec.sparsity(t.role) for t in s.targets]

@@ -80,14 +80,15 @@ TargetsOpt = typer.Option(None, "--targets", help="Comma-separated patterns on n
 TokensOpt = typer.Option(16384, "--tokens", help="Calibration tokens to read (windows of --seq-len).")
 SeqLenOpt = typer.Option(256, "--seq-len", help="Tokens per calibration window.")
 BatchOpt = typer.Option(1, "--batch-size", help="Windows per onnxruntime run.")
+SamplingOpt = typer.Option("spread", "--sampling", help="Where text windows come from: 'spread' (evenly across the whole file) or 'contiguous' (from its start).")
 PassesOpt = typer.Option(2, "--passes", help="1: calibrate on dense activations; each further pass recalibrates with upstream targets sparsified.")
 SampleRowsOpt = typer.Option(128, "--sample-rows", help="Activation rows kept per input to score offset candidates by output error.")
 ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 
 
-def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, passes, sample_rows, threads) -> dict:
-    return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads) -> dict:
+    return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
                 passes=passes, sample_rows=sample_rows, threads=threads)
 
 
@@ -120,6 +121,7 @@ def calibrate(
     tokens: int = TokensOpt,
     seq_len: int = SeqLenOpt,
     batch_size: int = BatchOpt,
+    sampling: str = SamplingOpt,
     passes: int = PassesOpt,
     sample_rows: int = SampleRowsOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -138,7 +140,7 @@ def calibrate(
     progress = _progress(quiet)
     try:
         stats = run(model, data, sparsity=spec, targets=targets, progress=progress,
-                    **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, passes, sample_rows, threads))
+                    **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads))
     finally:
         _stop(progress)
     stats.save(output)
@@ -162,6 +164,7 @@ def rewrite(
     tokens: int = TokensOpt,
     seq_len: int = SeqLenOpt,
     batch_size: int = BatchOpt,
+    sampling: str = SamplingOpt,
     passes: int = PassesOpt,
     sample_rows: int = SampleRowsOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -179,7 +182,7 @@ def rewrite(
         output = model.with_name(model.stem + "_scap.onnx")
     kwargs = {}
     if data is not None:
-        kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, passes, sample_rows, threads)
+        kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads)
     progress = _progress(quiet)
     try:
         result = run(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,

@@ -1,7 +1,9 @@
 """Calibration data: model feeds from text (through the model's tokenizer) or from an .npz.
 
 Text (.txt, or .jsonl with a "text" field per line) is read as a stream, tokenised in chunks and
-cut into windows of ``seq_len`` tokens (the tokenizer's own special tokens, e.g. [CLS]/[SEP],
+cut into windows of ``seq_len`` tokens, by default taken at evenly spaced places across the whole
+file (``sampling="spread"``: a sample of all of the text, read without reading the rest), or
+from its start (``"contiguous"``) (the tokenizer's own special tokens, e.g. [CLS]/[SEP],
 added around each window). Feeds for the other inputs an exported model has are derived from the
 window: attention_mask (ones), position_ids / cache_position (0..S-1), token_type_ids (zeros) and
 empty past_key_values (past length 0) for decoders exported with past (optimum's
@@ -126,6 +128,69 @@ def _text_chunks(path: Path) -> Iterator[str]:
         yield "".join(buf)
 
 
+def _lines_from(path: Path, offset: int) -> Iterator[str]:
+    """Text from byte ``offset`` on, in lines: plain text from the next word boundary, jsonl from the
+    next record (its "text")."""
+    jsonl = path.suffix == ".jsonl"
+    with path.open("rb") as f:
+        if offset > 0:
+            f.seek(offset - 1)
+            if f.read(1) != b"\n":
+                rest = f.readline()  # the partial line
+                if not jsonl:
+                    # plain text: start at the next word of this line (lines can be whole chapters)
+                    text = rest.decode("utf-8", errors="ignore")
+                    cut = len(text) - len(text.lstrip()) if text[:1].isspace() else next(
+                        (i for i, ch in enumerate(text) if ch.isspace()), len(text))
+                    if text[cut:].strip():
+                        yield text[cut:].lstrip(" \t")
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ScapError(f"{path} is not UTF-8 text") from None
+            if jsonl:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ScapError(f"{path}: not a JSON object at byte {f.tell()}") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise ScapError(f'{path}: a .jsonl record needs a "text" string field')
+                yield rec["text"] + "\n\n"
+            else:
+                yield line
+
+
+def spread_windows(path: Path, tokenizer, seq_len: int, n_windows: int, *, phase: float = 0.0,
+                   per_anchor: int = 1) -> Iterator[np.ndarray]:
+    """``n_windows`` windows taken at evenly spaced places across the whole file (``per_anchor``
+    consecutive windows at each), so a calibration sample represents all of a text, not its start.
+    ``phase`` in [0, 1) shifts the places by that fraction of the spacing: phase 0.5 gives windows
+    disjoint from phase 0's (held-out data from the same file)."""
+    pre, post = _special_wrap(tokenizer)
+    content = seq_len - len(pre) - len(post)
+    if content < 1:
+        raise ScapError(f"--seq-len {seq_len} leaves no room for text next to the tokenizer's special tokens")
+    size = path.stat().st_size
+    anchors = max(1, -(-n_windows // per_anchor))
+    produced = 0
+    for i in range(anchors):
+        offset = int((i + phase) * size / anchors)
+        want = min(per_anchor, n_windows - produced)
+        buf: list[int] = []
+        for line in _lines_from(path, offset):
+            buf.extend(tokenizer.encode(line, add_special_tokens=False).ids)
+            if len(buf) >= want * content:
+                break
+        got = len(buf) // content
+        for k in range(min(want, got)):
+            yield np.asarray(pre + buf[k * content : (k + 1) * content] + post, dtype=np.int64)
+            produced += 1
+
+
 def token_windows(path: Path, tokenizer, seq_len: int, *, skip: int = 0) -> Iterator[np.ndarray]:
     """Consecutive windows of ``seq_len`` ids (special tokens included), after skipping ``skip`` windows."""
     pre, post = _special_wrap(tokenizer)
@@ -202,6 +267,8 @@ class DataSource:
     max_tokens: int | None = 16384
     batch_size: int = 1
     skip_tokens: int = 0
+    sampling: str = "spread"  # "spread": windows across the whole file; "contiguous": from its start
+    phase: float = 0.0  # spread sampling: shift of the window places (0.5: held out from phase 0)
 
     @property
     def is_text(self) -> bool:
@@ -225,7 +292,11 @@ class DataSource:
         n = 0
         limit = self.max_windows
         skip = self.skip_tokens // self.seq_len
-        for w in token_windows(self.path, tok, self.seq_len, skip=skip):
+        if self.sampling == "spread" and limit is not None and not skip and self._large_enough(tok, limit):
+            windows = spread_windows(self.path, tok, self.seq_len, limit, phase=self.phase)
+        else:
+            windows = token_windows(self.path, tok, self.seq_len, skip=skip)
+        for w in windows:
             pending.append(w)
             n += 1
             if len(pending) == self.batch_size:
@@ -239,6 +310,18 @@ class DataSource:
             yield feeds_from_ids(self.inputs, ids), int(ids.size)
         if n == 0:
             raise ScapError(f"{self.path} holds fewer than {self.seq_len} tokens: no calibration window")
+
+    def _large_enough(self, tok, windows: int) -> bool:
+        """Whether the file holds clearly more text than ``windows`` need (else read it from the start:
+        spread windows would overlap)."""
+        size = self.path.stat().st_size
+        with self.path.open("rb") as f:
+            head = f.read(_CHUNK_CHARS).decode("utf-8", errors="ignore")
+        n_tok = len(tok.encode(head, add_special_tokens=False).ids) if head else 0
+        if n_tok == 0:
+            return False
+        bytes_per_token = len(head.encode("utf-8")) / n_tok
+        return size > 2 * windows * self.seq_len * bytes_per_token
 
     def _npz_batches(self):
         try:
@@ -269,7 +352,8 @@ class DataSource:
     def describe(self) -> dict:
         d = {"path": str(self.path), "kind": "text" if self.is_text else "npz", "batch_size": self.batch_size}
         if self.is_text:
-            d.update(seq_len=self.seq_len, tokenizer=str(self.tokenizer_path), skip_tokens=self.skip_tokens)
+            d.update(seq_len=self.seq_len, tokenizer=str(self.tokenizer_path), skip_tokens=self.skip_tokens,
+                     sampling=self.sampling, phase=self.phase)
         return d
 
 
@@ -292,6 +376,8 @@ def open_data(
     max_tokens: int | None = 16384,
     batch_size: int = 1,
     skip_tokens: int = 0,
+    sampling: str = "spread",
+    phase: float = 0.0,
 ) -> DataSource:
     """Check the data argument and make a DataSource for ``model``. Raises ScapError on bad input."""
     path = Path(data)
@@ -301,10 +387,12 @@ def open_data(
         raise ScapError("--seq-len must be at least 2")
     if batch_size < 1:
         raise ScapError("--batch-size must be at least 1")
+    if sampling not in ("spread", "contiguous"):
+        raise ScapError(f"--sampling must be 'spread' or 'contiguous', not {sampling!r}")
     inputs = model_inputs(model)
     if path.suffix.lower() == ".npz":
-        return DataSource(path, inputs, None, seq_len, max_tokens, batch_size, skip_tokens)
+        return DataSource(path, inputs, None, seq_len, max_tokens, batch_size, skip_tokens, sampling, phase)
     if path.suffix.lower() not in TEXT_SUFFIXES:
         raise ScapError(f"data {path}: expected a text file (.txt, .jsonl) or an .npz of feeds")
     tok = find_tokenizer(model_path, tokenizer)
-    return DataSource(path, inputs, tok, seq_len, max_tokens, batch_size, skip_tokens)
+    return DataSource(path, inputs, tok, seq_len, max_tokens, batch_size, skip_tokens, sampling, phase)

@@ -77,3 +77,43 @@ def test_bad_data_files(tiny, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(ScapError, match='"text"'):
         list(open_data(tmp_path / "bad.jsonl", m, tiny["decoder"], seq_len=4).batches())
+
+
+def test_spread_sampling_covers_the_file(tiny, tmp_path):
+    # a long file whose quarters use different words: spread windows see all quarters
+    from tiny_models import WORDS, write_tokenizer
+
+    quarters = [WORDS[i::4] for i in range(4)]
+    rng = np.random.default_rng(0)
+    text = "".join(" ".join(rng.choice(q, 20000)) + "\n" for q in quarters)  # four very long lines
+    (tmp_path / "m").mkdir()
+    import shutil
+
+    shutil.copy(tiny["decoder"], tmp_path / "m" / "model.onnx")
+    write_tokenizer(tmp_path / "m", bert=False)
+    (tmp_path / "t.txt").write_text(text)
+    m = _proto(tiny["decoder"])
+    model = tmp_path / "m" / "model.onnx"
+    ds = open_data(tmp_path / "t.txt", m, model, seq_len=16, max_tokens=16 * 8)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    seen = set()
+    for feeds, _ in ds.batches():
+        words = tok.decode(feeds["input_ids"][0].tolist()).split()
+        seen |= {i for i, q in enumerate(quarters) if words[0] in q}
+    assert seen == {0, 1, 2, 3}
+    contiguous = open_data(tmp_path / "t.txt", m, model, seq_len=16, max_tokens=16 * 8, sampling="contiguous")
+    first = {tuple(f["input_ids"][0]) for f, _ in contiguous.batches()}
+    a = {tuple(f["input_ids"][0]) for f, _ in ds.batches()}
+    held = {tuple(f["input_ids"][0]) for f, _ in open_data(tmp_path / "t.txt", m, model, seq_len=16,
+                                                             max_tokens=16 * 8, phase=0.5).batches()}
+    assert len(a) == 8 and len(held) == 8 and not a & held and a != first
+
+
+def test_spread_falls_back_on_short_files(tiny):
+    m = _proto(tiny["decoder"])
+    spread = [f["input_ids"] for f, _ in open_data(tiny["calib"], m, tiny["decoder"], seq_len=64, max_tokens=64 * 400).batches()]
+    contiguous = [f["input_ids"] for f, _ in open_data(tiny["calib"], m, tiny["decoder"], seq_len=64, max_tokens=64 * 400,
+                                                       sampling="contiguous").batches()]
+    assert all((a == b).all() for a, b in zip(spread, contiguous)) and len(spread) == len(contiguous)

@@ -46,7 +46,10 @@ def evaluate(model: Path, sparse: Path, spec_text: str, evals: dict, progress) -
         ppl = perplexity(sparse, ds, progress=progress)
         worst = max((abs(v["worst_error"]) for v in summ.values() if "worst_error" in v), default=0.0)
         worst_mean = max((abs(v["mean_error"]) for v in summ.values() if "mean_error" in v), default=0.0)
-        out[name] = {"roles": summ, "perplexity": ppl["perplexity"], "worst_target_error": worst,
+        per_layer: dict[str, list] = {}
+        for v in sorted(per_node.values(), key=lambda v: (v["layer"] is None, v["layer"] or 0)):
+            per_layer.setdefault(v["role"], []).append(round(v["sparsity"], 4))
+        out[name] = {"roles": summ, "per_layer": per_layer, "perplexity": ppl["perplexity"], "worst_target_error": worst,
                      "worst_role_mean_error": worst_mean,
                      "accept": worst_mean <= 0.03 and worst <= 0.08}
     return out
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--sampling", choices=["spread", "contiguous"], default="spread")
     ap.add_argument("--retarget", nargs="*", default=[], help="SPECs re-targeted from the stats of the last --passes value")
     ap.add_argument("--also-spec", nargs="*", default=[], help="SPECs calibrated directly (with the last --passes value)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scap-measure"))
@@ -73,12 +77,17 @@ def main() -> None:
     proto = load_proto(args.model)
     evals = {}
     for e in args.eval:
-        skip = args.tokens if e.resolve() == args.calib.resolve() else 0  # held out: after the calibration tokens
-        key = e.stem + ("+heldout" if skip else "")
-        evals[key] = open_data(e, proto, args.model, seq_len=args.seq_len, max_tokens=args.eval_tokens, skip_tokens=skip)
+        same = e.resolve() == args.calib.resolve()
+        key = e.stem + ("+heldout" if same else "")
+        if args.sampling == "spread":  # held out: windows between the calibration windows
+            evals[key] = open_data(e, proto, args.model, seq_len=args.seq_len, max_tokens=args.eval_tokens,
+                                   sampling="spread", phase=0.5 if same else 0.0)
+        else:  # held out: after the calibration tokens
+            evals[key] = open_data(e, proto, args.model, seq_len=args.seq_len, max_tokens=args.eval_tokens,
+                                   sampling="contiguous", skip_tokens=args.tokens if same else 0)
     del proto
     report = {"model": str(args.model), "calib": str(args.calib), "tokens": args.tokens, "eval_tokens": args.eval_tokens,
-              "seq_len": args.seq_len, "library": library_available(), "dense": {}, "runs": []}
+              "seq_len": args.seq_len, "sampling": args.sampling, "library": library_available(), "dense": {}, "runs": []}
     for name, ds in evals.items():
         report["dense"][name] = perplexity(args.model, ds, progress=progress)["perplexity"]
     print(json.dumps({"dense_perplexity": report["dense"]}), flush=True)
@@ -87,7 +96,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if stats is None:
             stats = calibrate(args.model, args.calib, sparsity=spec_text, max_tokens=args.tokens, seq_len=args.seq_len,
-                              passes=passes, progress=progress)
+                              passes=passes, sampling=args.sampling, progress=progress)
             stats.save(args.workdir / f"stats_p{passes}_{spec_text.replace(',', '_').replace('=', '')}.json")
         cal_s = time.perf_counter() - t0
         sparse = args.workdir / "sparse.onnx"

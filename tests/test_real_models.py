@@ -1,0 +1,117 @@
+"""The real CLI on the real exported models: SmolLM2-135M (decoder with past) and all-MiniLM-L6-v2.
+
+Calibrations are small here (a few thousand tokens, session-scoped fixtures in conftest.py) to keep
+the suite short; tools/measure_calibration.py measures the acceptance numbers on 16k tokens.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import SMOL_SPEC, run_cli
+from scap_onnx.data import open_data
+from scap_onnx.measure import embedding_agreement, measured_sparsity, summarize_sparsity
+from scap_onnx.op import OP_TYPE
+from scap_onnx.rewrite import load_model, rewrite_model, save_model
+from scap_onnx.stats import Stats
+
+
+def _data(model, text, tokens, seq_len=128):
+    return open_data(text, onnx.load(str(model), load_external_data=False), model, seq_len=seq_len, max_tokens=tokens)
+
+
+def _count_scap(path):
+    return sum(n.op_type == OP_TYPE for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.fixture(scope="module")
+def smol_sparse(smollm2, smol_stats, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol_sparse") / "sparse.onnx"
+    p = run_cli("rewrite", smollm2, "--stats", smol_stats, "-o", out, check=True)
+    assert "rewrote 90 MatMuls" in p.stdout
+    return out
+
+
+def test_smollm2_rewrite_passes_checker_and_reaches_targets(smollm2, smol_sparse, texts):
+    onnx.checker.check_model(str(smol_sparse))
+    assert _count_scap(smol_sparse) == 90
+    # calibrated on pydoc, measured on the King James Bible
+    per_node = measured_sparsity(smol_sparse, _data(smollm2, texts["kjv"], 512))
+    summary = summarize_sparsity(per_node, {"up": 0.35, "gate": 0.35, "down": 0.55})
+    assert set(summary) == {"up", "gate", "down"} and all(v["targets"] == 30 for v in summary.values())
+    for role, v in summary.items():
+        assert abs(v["mean_error"]) < 0.05, (role, v)
+        assert abs(v["worst_error"]) < 0.12, (role, v)
+
+
+def test_smollm2_threshold_zero_reproduces_dense_logits(smollm2, smol_stats, texts, tmp_path):
+    """Calibrated offsets with threshold 0: the folded biases give back the dense logits."""
+    import onnxruntime as ort
+
+    from scap_onnx.capture import ModelSource
+    from scap_onnx.measure import _options
+
+    st = Stats.load(smol_stats)
+    plan = {name: (0.0, p.offset) for name, p in st.plan("0.5").items()}
+    assert len(plan) == 210 and sum(off != 0 for _, off in plan.values()) >= 30
+    model, names = rewrite_model(load_model(smollm2), plan)
+    out = tmp_path / "t0.onnx"
+    save_model(model, out)
+    del model
+    feeds, _ = next(iter(_data(smollm2, texts["kjv"], 64, seq_len=64).batches()))
+    dense = ort.InferenceSession(str(smollm2), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    with ModelSource(out) as src:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(src.proto)
+        sess = src.session(proto, _options(proto, None, None))  # the op library when built
+        sparse = sess.run(["logits"], feeds)[0]
+    rel = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)
+    assert rel < 1e-4, rel
+    assert np.abs(sparse - dense).max() / np.abs(dense).max() < 1e-4
+
+
+def test_smollm2_retarget_all_roles_without_recalibrating(smollm2, smol_stats, tmp_path):
+    out = tmp_path / "s40.onnx"
+    p = run_cli("rewrite", smollm2, "--stats", smol_stats, "--sparsity", "0.4", "-o", out, check=True)
+    assert "rewrote 210 MatMuls" in p.stdout and "calibrate pass" not in p.stderr
+    assert _count_scap(out) == 210
+    p = run_cli("inspect", smollm2, "--stats", smol_stats, "--sparsity", "0.4", "--json", check=True)
+    rows = json.loads(p.stdout)["targets"]
+    assert len(rows) == 210 and {r["sparsity"] for r in rows} == {0.4}
+
+
+def test_smollm2_inspect(smollm2):
+    p = run_cli("inspect", smollm2, check=True)
+    assert "210 targets, 120 distinct inputs" in p.stdout
+
+
+def test_stats_of_one_model_rejected_for_another(minilm, smol_stats, tmp_path):
+    p = run_cli("rewrite", minilm, "--stats", smol_stats, "-o", tmp_path / "x.onnx")
+    assert p.returncode == 2 and "different model" in p.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_minilm_gelu_offsets_and_cosine(minilm, minilm_stats, texts, tmp_path):
+    st = Stats.load(minilm_stats)
+    downs = [s for s in st.sites if s.roles == ["down"]]
+    assert len(downs) == 6
+    for s in downs:  # output.dense reads GELU outputs, whose mode is below zero
+        assert s.offset_kind != "zero" and s.offset < 0, (s.input, s.offset_kind, s.offset)
+    # Same sparsity everywhere, offsets as calibrated vs all zero.
+    mode_out = tmp_path / "mode.onnx"
+    run_cli("rewrite", minilm, "--stats", minilm_stats, "-o", mode_out, check=True)
+    zero_plan = {}
+    for s in st.sites:
+        tau = s.histogram.threshold(s.sparsity, 0.0)
+        for t in s.targets:
+            zero_plan[t["name"]] = (tau, 0.0)
+    model, _ = rewrite_model(load_model(minilm), zero_plan)
+    zero_out = tmp_path / "zero.onnx"
+    save_model(model, zero_out)
+    data = _data(minilm, texts["kjv"], 2048)
+    cos_mode = embedding_agreement(minilm, mode_out, data)["cosine_mean"]
+    cos_zero = embedding_agreement(minilm, zero_out, data)["cosine_mean"]
+    print(f"MiniLM 50% all roles: cosine mode-centred {cos_mode:.4f} vs offset 0 {cos_zero:.4f}")
+    assert cos_mode > cos_zero
