@@ -134,14 +134,6 @@ inline void StoreRow(const float* acc, const float* bias, uint16_t* y, int64_t w
   for (; j < w; ++j) y[j] = FloatToHalf(acc[j] + (bias != nullptr ? bias[j] : 0.0f));
 }
 
-inline void StoreValue(float* y, float v) { *y = v; }
-inline void StoreValue(uint16_t* y, float v) { *y = FloatToHalf(v); }
-
-template <class Isa>
-inline void StoreVec(float* y, typename Isa::Vec v) { Isa::Store(y, v); }
-template <class Isa>
-inline void StoreVec(uint16_t* y, typename Isa::Vec v) { Isa::StoreHalf(y, v); }
-
 // Converts a row segment of B to float32 (a copy for float weights) and reports whether it holds
 // Inf or NaN: those must not meet the zeros of dropped activations (0 * Inf would make NaN).
 template <class Isa, typename TW>
