@@ -304,10 +304,44 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
         kind = "encoder"
     else:
         kind = "generic"
-    fc_bytes = sum(t.k * t.n * (2 if t.dtype == "float16" else 4) for t in fc)
+    fc_bytes = fc_weight_bytes(dp)
     past = _past_map(names, outputs) if kind == "causal-lm" else {}
     del dp
     return ModelPair(dense, sparse, inputs, outputs, kind, past, scap, fc_bytes, sp)
+
+
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+             onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1}
+
+
+def fc_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every MatMul / Gemm weight that is a constant 2-D tensor, also through Identity,
+    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose): what a
+    decode step streams from memory for its fully-connected layers."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+            inits[n.output[0]] = n.attribute[0].t
+    source = {}
+    for n in model.graph.node:
+        if n.op_type in ("Identity", "Transpose", "Cast") and n.input:
+            source[n.output[0]] = n.input[0]
+
+    def resolve(name: str):
+        seen = 0
+        while name not in inits and name in source and seen < 8:
+            name, seen = source[name], seen + 1
+        return inits.get(name)
+
+    total = 0
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
+            continue
+        t = resolve(n.input[1])
+        if t is None or len(t.dims) != 2 or resolve(n.input[0]) is not None:
+            continue
+        total += int(t.dims[0]) * int(t.dims[1]) * _ITEMSIZE.get(t.data_type, 4)
+    return total
 
 
 # ----------------------------------------------------------------------------- sessions

@@ -72,6 +72,10 @@ def test_validate_cli_smollm2_report(smollm2, smol_sparse, texts, tmp_path):
         assert sp["roles"][role]["target"] == target
         assert abs(sp["roles"][role]["mean"] - target) < 0.12
     assert 0.1 < sp["weighted"] < sp["weighted_sparse_targets"] < 0.6 and sp["ideal_fc_speedup"] > 1
+    # all FC weights a decode step reads: 30 layers of q/k/v/o/gate/up/down and the tied lm_head
+    # (the embedding through a Transpose)
+    assert sp["fc_bytes"] == 4 * (30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 49152 * 576)
+    assert sp["fc_bytes_sparse_targets"] == 4 * 30 * 3 * 576 * 1536
     lat = rep["latency"]
     dec = lat["decode"]
     assert dec["kv_len"] == 64 and dec["repeats"] == 3 and dec["dense_ms"]["n"] == 3
