@@ -4,8 +4,8 @@
    (:mod:`scap_onnx.prepare`; needs the ``prepare`` extra the first time);
 2. calibrate on the Python documentation (``--tokens``, default 16384, upstream-aware, 2 passes);
 3. rewrite at ``--sparsity`` (default ``up=0.35,gate=0.35,down=0.55``, the paper's Llama-2 setting);
-4. validate on the King James Bible (another text; or ``--eval-text pydoc`` for a held-out part of
-   the calibration text): perplexity, agreement, KL, measured sparsity, decode / prefill latency;
+4. validate on the King James Bible (another text; or ``--eval-text pydoc`` for windows of the
+   calibration text half-way between the calibration windows): perplexity, agreement, KL, measured sparsity, decode / prefill latency;
 5. print the table, the headline numbers and where the report is.
 
 Everything goes to ``--output`` (default ``$SCAP_ONNX_CACHE/demo``, i.e. ``~/.cache/scap-onnx/demo``):
@@ -110,11 +110,11 @@ def run_demo(
 
     t0 = time.perf_counter()
     if eval_text == "kjv":
-        eval_data, skip = texts["kjv"], 0
-    else:
-        eval_data, skip = texts["pydoc"], tokens  # the part after the calibration tokens
+        eval_data, phase = texts["kjv"], 0.0
+    else:  # windows half-way between the calibration windows (spread sampling): held out
+        eval_data, phase = texts["pydoc"], 0.5
     log(f"[4/4] validating on {eval_data.name} ({eval_tokens} tokens), then timing decode (KV cache {kv_len}) ...")
-    opts = ValidateOptions(max_tokens=eval_tokens, seq_len=seq_len, skip_tokens=skip, kv_len=kv_len,
+    opts = ValidateOptions(max_tokens=eval_tokens, seq_len=seq_len, phase=phase, kv_len=kv_len,
                            repeats=repeats, threads=threads, targets=targets_from_spec(spec))
     rep = validate(model, sparse, eval_data, opts, progress=progress)
     rep["demo"] = {"spec": spec, "rewritten": len(result.rewritten), "calibration_text": str(cal_data),

@@ -6,7 +6,8 @@ milliseconds, sparsities fractions in [0, 1]:
 ``created``            UTC time the run finished (ISO 8601)
 ``dense``/``sparse``   ``path``, ``bytes`` (model plus external data); sparse: ``scap_nodes``
 ``model_kind``         ``causal-lm`` (logits + input_ids), ``encoder`` (input_ids, no logits) or ``generic``
-``data``               ``path``, ``kind`` (text|npz), ``seq_len``, ``skip_tokens``, ``tokenizer``,
+``data``               ``path``, ``kind`` (text|npz), ``seq_len``, ``sampling`` (spread|contiguous),
+                       ``phase``, ``skip_tokens``, ``tokenizer``,
                        ``batch_size``, ``max_tokens``; ``tokens`` and ``batches`` actually evaluated
 ``environment``        ``cpu_model``, ``isa`` (notable CPU flags), ``kernel_isa`` (the op library's
                        kernel family on this CPU), ``cores_logical``, ``cores_physical``,
@@ -89,6 +90,8 @@ def markdown(report: dict) -> str:
         dtxt += f" of {data['seq_len']}"
         if data.get("skip_tokens"):
             dtxt += f" (after skipping {data['skip_tokens']})"
+        elif data.get("sampling") == "spread":
+            dtxt += ", spread across the file" + (f" at phase {data['phase']:g}" if data.get("phase") else "")
     lines += [f"Data: {dtxt}.", "", "| metric | dense | sparse | change |", "|---|---:|---:|---:|"]
     acc = report.get("accuracy") or {}
     if "perplexity" in acc:

@@ -248,9 +248,9 @@ def sweep(
     vopts = validate_options or ValidateOptions()
     if eval_data is None and data.suffix.lower() == ".npz":
         raise ScapError("with .npz calibration feeds give --eval-data (other feeds to evaluate on)")
-    if eval_data is None:  # held-out part of the same data
+    if eval_data is None:  # held out from the same text: windows half-way between the calibration windows
         eval_data = data
-        vopts.skip_tokens = max(vopts.skip_tokens, tokens)
+        vopts.phase = 0.5
     eval_data = Path(eval_data)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "reports").mkdir(exist_ok=True)
@@ -320,7 +320,7 @@ def sweep(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": str(model.resolve()), "data": str(data.resolve()), "eval_data": str(eval_data.resolve()),
         "eval": {"tokens": eval_info.get("tokens"), "kind": eval_info.get("kind"), "seq_len": vopts.seq_len,
-                 "skip_tokens": vopts.skip_tokens, "kv_len": vopts.kv_len, "repeats": vopts.repeats,
+                 "skip_tokens": vopts.skip_tokens, "sampling": vopts.sampling, "phase": vopts.phase, "kv_len": vopts.kv_len, "repeats": vopts.repeats,
                  "warmup": vopts.warmup},
         "levels": levels, "methods": methods, "role_profile": ROLE_PROFILE,
         "calibration": calibration, "environment": env, "rows": rows,
@@ -356,6 +356,8 @@ def sweep_markdown(res: dict) -> str:
     ev = res.get("eval", {})
     win = f" in windows of {ev.get('seq_len')}" if ev.get("kind") == "text" else ""
     skip = f", after skipping {ev['skip_tokens']}" if ev.get("skip_tokens") and ev.get("kind") == "text" else ""
+    if ev.get("phase") and ev.get("kind") == "text":
+        skip += f", spread windows at phase {ev['phase']:g} (held out from calibration's)"
     lines.append(f"Calibration on {Path(res['data']).name} ({cal_txt}); evaluation on {Path(res['eval_data']).name} "
                  f"({ev.get('tokens')} tokens{win}{skip}); speedups: {ev.get('warmup')} warm-up + "
                  f"{ev.get('repeats')} rounds per point, dense and sparse interleaved.")
@@ -446,7 +448,7 @@ import typer  # noqa: E402
 def sweep_command(
     model: Path = typer.Argument(..., help="The dense ONNX model (never modified)."),
     data: Path = typer.Option(..., "--data", "-d", help="Calibration data: a text file or an .npz of feeds."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: the part of --data after the calibration tokens)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: windows of --data half-way between the calibration windows)."),
     output: Path = typer.Option(Path("scap-sweep"), "--output", "-o", help="Output folder (sweep.json, sweep.md, pareto.png, reports/)."),
     levels: str = typer.Option(",".join(f"{v:g}" for v in DEFAULT_LEVELS), "--levels", help="Comma-separated sparsity levels."),
     methods: str = typer.Option(",".join(METHODS), "--methods", help=f"Comma-separated methods: {', '.join(METHODS)}."),

@@ -66,7 +66,9 @@ class ValidateOptions:
     tokenizer: str | Path | None = None
     seq_len: int = 256  # tokens per evaluation window
     max_tokens: int | None = 4096  # evaluation tokens (windows x seq_len)
-    skip_tokens: int = 0  # skip this many tokens of the data first (held-out part of a text)
+    skip_tokens: int = 0  # skip this many tokens of the data first (contiguous sampling)
+    sampling: str = "spread"  # text windows: "spread" across the whole file, or "contiguous" from its start
+    phase: float = 0.0  # spread sampling: shift of the window places; 0.5 is disjoint from calibration's 0.0
     batch_size: int = 1
     threads: int | None = None  # intra-op threads (default: physical cores)
     provider: str = "cpu"
@@ -95,6 +97,8 @@ class ValidateOptions:
             raise ScapError("--threads must be at least 1")
         if self.skip_tokens < 0:
             raise ScapError("--skip-tokens must be at least 0")
+        if not (0.0 <= self.phase < 1.0):
+            raise ScapError("--phase must be in [0, 1)")
         if not (self.accuracy or self.latency):
             raise ScapError("nothing to do: both accuracy and latency are switched off")
 
@@ -396,7 +400,8 @@ def open_eval_data(pair: ModelPair, data: str | Path, opts: ValidateOptions):
     from .data import open_data
 
     return open_data(data, pair.sparse_proto, pair.dense_path, tokenizer=opts.tokenizer, seq_len=opts.seq_len,
-                     max_tokens=opts.max_tokens, batch_size=opts.batch_size, skip_tokens=opts.skip_tokens)
+                     max_tokens=opts.max_tokens, batch_size=opts.batch_size, skip_tokens=opts.skip_tokens,
+                     sampling=opts.sampling, phase=opts.phase)
 
 
 def _ids_of(feeds: dict) -> np.ndarray | None:
@@ -900,7 +905,9 @@ def validate_command(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside DENSE)."),
     tokens: int = typer.Option(4096, "--tokens", help="Evaluation tokens (windows of --seq-len)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per evaluation window."),
-    skip_tokens: int = typer.Option(0, "--skip-tokens", help="Skip this many tokens of the data first (evaluate on a held-out part)."),
+    sampling: str = typer.Option("spread", "--sampling", help="Text windows: 'spread' (evenly across the whole file) or 'contiguous' (from its start)."),
+    phase: float = typer.Option(0.0, "--phase", help="Spread sampling: shift of the window places in [0, 1); 0.5 gives windows disjoint from a calibration at 0 (held out from the same file)."),
+    skip_tokens: int = typer.Option(0, "--skip-tokens", help="Skip this many tokens first (implies contiguous windows)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per onnxruntime run."),
     kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
     repeats: int = typer.Option(20, "--repeats", help="Timed rounds (dense and sparse once each per round)."),
@@ -919,6 +926,7 @@ def validate_command(
     from .report import write_report
 
     opts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=tokens, skip_tokens=skip_tokens,
+                           sampling=sampling, phase=phase,
                            batch_size=batch_size, threads=threads, provider=provider, accuracy=accuracy,
                            latency=latency, kv_len=kv_len, warmup=warmup, repeats=repeats,
                            prefill_repeats=prefill_repeats, spinning=spinning, targets=targets_from_spec(sparsity))
