@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,30 @@ def _library_name() -> str:
     return _LIBRARY_NAMES.get(sys.platform, _LIBRARY_NAMES["linux"])
 
 
+def _installed_library() -> Path | None:
+    """The library of the installed scap-onnx distribution, which may lie elsewhere than this module
+    (e.g. when the package is imported from a source checkout after `pip install .`)."""
+    try:
+        located = importlib.metadata.distribution("scap-onnx").locate_file(f"scap_onnx/{_library_name()}")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(str(located))
+
+
 def get_library_path() -> str:
-    """Path of the ScapSparseMatMul op library: $SCAP_ONNX_LIBRARY, else the one installed in the package.
+    """Path of the ScapSparseMatMul op library: $SCAP_ONNX_LIBRARY, else the one beside this module,
+    else the one of the installed distribution.
 
     Raises FileNotFoundError with a hint when the library was not built.
     """
     override = os.environ.get(LIBRARY_ENV)
-    candidates = [Path(override)] if override else [Path(__file__).parent / _library_name()]
+    if override:
+        candidates = [Path(override)]
+    else:
+        candidates = [Path(__file__).parent / _library_name()]
+        installed = _installed_library()
+        if installed is not None:
+            candidates.append(installed)
     for path in candidates:
         if path.is_file():
             return str(path)
