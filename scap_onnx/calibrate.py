@@ -32,7 +32,7 @@ from .errors import ScapError
 from .histogram import Histogram, robust_scale
 from .progress import NullProgress, Progress
 from .spec import Spec, parse_spec
-from .stats import CANDIDATE_ORDER, SiteStats, Stats
+from .stats import CANDIDATE_ORDER, SiteStats, Stats, shared_sparsity
 from .targets import Site, find_targets, group_sites
 
 #: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
@@ -216,9 +216,7 @@ def calibrate(
                            max_tokens=max_tokens, batch_size=batch_size, sampling=sampling)
         site_sparsity = {}
         for s in sites:
-            vals = [spec.sparsity(t.role) for t in s.targets]
-            vals = [v for v in vals if v is not None]
-            site_sparsity[s.input] = float(np.mean(vals)) if vals else None
+            site_sparsity[s.input] = shared_sparsity([spec.sparsity(t.role) for t in s.targets])
         def weights_of(site: Site) -> list[np.ndarray]:
             # read when needed, one site at a time: never all weights in Python at once
             return [source.weight(t.weight).astype(np.float32, copy=False) for t in site.targets]

@@ -28,6 +28,14 @@ VERSION = 1
 CANDIDATE_ORDER = ("zero", "median", "mode", "kde")
 
 
+def shared_sparsity(values: list) -> float | None:
+    """Sparsity of an input shared by targets with these (non-None) targets: their mean (exact when equal)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return vals[0] if max(vals) == min(vals) else float(np.mean(vals))
+
+
 @dataclass
 class SiteStats:
     input: str
@@ -58,7 +66,7 @@ class SiteStats:
         """The site's sparsity under ``spec``: mean over its targets that the SPEC names."""
         vals = [spec.sparsity(t["role"]) for t in self.targets]
         vals = [v for v in vals if v is not None]
-        return float(np.mean(vals)) if vals else None
+        return shared_sparsity(vals)
 
     def choose_offset(self, sparsity: float) -> tuple[str, float]:
         """Candidate with the least output error at ``sparsity`` (errors interpolated on the grid)."""
