@@ -11,6 +11,7 @@ namespace {
 struct Isa {
   using Vec = __m256;
   static constexpr int64_t kTileRows = 4;
+  static constexpr int64_t kTileVecs = 2;
   static constexpr int64_t kWidth = 8;
   static Vec Set(float x) { return _mm256_set1_ps(x); }
   static Vec Load(const float* p) { return _mm256_loadu_ps(p); }

@@ -11,6 +11,7 @@ namespace {
 struct Isa {
   using Vec = __m512;
   static constexpr int64_t kTileRows = 8;
+  static constexpr int64_t kTileVecs = 3;
   static constexpr int64_t kWidth = 16;
   static Vec Set(float x) { return _mm512_set1_ps(x); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }

@@ -6,7 +6,8 @@
 // caller on a CPU without it. For the same reason nothing here calls std:: templates.
 //
 // An Isa provides: Vec, kWidth, Set, Load, Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
-// Add, StoreHalf, and kTileRows (rows of A per register block).
+// Add, StoreHalf, and the register block of the several-rows kernel: kTileRows rows of A by
+// kTileVecs vectors of columns.
 #pragma once
 
 #include <cstdint>
@@ -167,97 +168,132 @@ inline void NonFiniteRow(const float* row, int64_t w, const float* d, int64_t ti
   }
 }
 
-// acc[r][c:c+2W] += sum over panel rows i of packed[i][r] * panel[i][c:c+2W], for kRows rows of
-// A held in registers. acc and panel rows are `stride` floats apart.
+// acc[r][c:c+V*W] += sum over panel rows i of packed[i][r] * panel[i][c:c+V*W], for kTileRows rows
+// of A and kTileVecs vectors of columns held in registers. acc and panel rows are `stride` floats apart.
 template <class Isa>
 inline void PanelBlock(const float* panel, int64_t rows_in_panel, int64_t stride, const float* packed, float* acc,
                        int64_t acc_stride) {
   constexpr int64_t kRows = Isa::kTileRows;
+  constexpr int64_t kVecs = Isa::kTileVecs;
   constexpr int64_t kW = Isa::kWidth;
-  typename Isa::Vec acc0[kRows], acc1[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    acc0[r] = Isa::Load(acc + r * acc_stride);
-    acc1[r] = Isa::Load(acc + r * acc_stride + kW);
-  }
+  typename Isa::Vec sum[kRows][kVecs];
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVecs; ++v) sum[r][v] = Isa::Load(acc + r * acc_stride + v * kW);
   for (int64_t i = 0; i < rows_in_panel; ++i) {
-    const auto b0 = Isa::Load(panel + i * stride), b1 = Isa::Load(panel + i * stride + kW);
+    typename Isa::Vec bv[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) bv[v] = Isa::Load(panel + i * stride + v * kW);
     const float* d = packed + i * kRows;
     for (int64_t r = 0; r < kRows; ++r) {
-      const auto v = Isa::Set(d[r]);
-      acc0[r] = Isa::Fma(b0, v, acc0[r]);
-      acc1[r] = Isa::Fma(b1, v, acc1[r]);
+      const auto dv = Isa::Set(d[r]);
+      for (int64_t v = 0; v < kVecs; ++v) sum[r][v] = Isa::Fma(bv[v], dv, sum[r][v]);
     }
   }
-  for (int64_t r = 0; r < kRows; ++r) {
-    Isa::Store(acc + r * acc_stride, acc0[r]);
-    Isa::Store(acc + r * acc_stride + kW, acc1[r]);
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVecs; ++v) Isa::Store(acc + r * acc_stride + v * kW, sum[r][v]);
+}
+
+// acc += D[:, kept[i0 : i0 + count]] @ panel, where the panel holds those kept rows of B (count rows,
+// `stride` floats apart, a multiple of the register block wide) and acc holds every row of A
+// (acc_stride floats apart). finite[i] says whether panel row i is free of Inf and NaN.
+template <class Isa>
+void MultiplyPanel(const SparseTiles& act, int64_t i0, const float* panel, int64_t count, int64_t stride,
+                   const bool* finite, float* acc, int64_t acc_stride) {
+  constexpr int64_t kRows = Isa::kTileRows;
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  const float* packed = act.packed + i0 * kRows;
+  const int64_t tile_packed = act.kept_count * kRows;  // distance between tiles in act.packed
+  bool all_finite = true;
+  for (int64_t i = 0; i < count; ++i) all_finite = all_finite && finite[i];
+  if (all_finite) {
+    // Column strip outside, tiles inside: the strip stays in L1 for every tile.
+    for (int64_t c = 0; c < stride; c += kBlock) {
+      for (int64_t t = 0; t < act.tiles; ++t) {
+        PanelBlock<Isa>(panel + c, count, stride, packed + t * tile_packed, acc + t * kRows * acc_stride + c,
+                        acc_stride);
+      }
+    }
+    return;
+  }
+  // Runs of finite rows go through the register blocks; a row with Inf or NaN goes alone.
+  for (int64_t t = 0; t < act.tiles; ++t) {
+    const float* tile_d = packed + t * tile_packed;
+    float* tile_acc = acc + t * kRows * acc_stride;
+    for (int64_t start = 0; start < count;) {
+      int64_t end = start;
+      while (end < count && finite[end]) ++end;
+      for (int64_t c = 0; end > start && c < stride; c += kBlock) {
+        PanelBlock<Isa>(panel + start * stride + c, end - start, stride, tile_d + start * kRows, tile_acc + c,
+                        acc_stride);
+      }
+      if (end < count) NonFiniteRow(panel + end * stride, stride, tile_d + end * kRows, kRows, tile_acc, acc_stride);
+      start = end + 1;
+    }
   }
 }
 
-// Several rows of A over the column block [n0, n1): copy kPanelRows kept rows of B's block into
-// a float32 panel, multiply every tile of A by it in register blocks, repeat over K. Work space:
-// the panel, then the float32 accumulators of all rows (width rounded up to a register block).
+// Copies kept rows [i0, i0 + count) of B's columns [n0, n0 + w) into a float32 panel `stride`
+// floats wide (zero-padded), recording which rows hold Inf or NaN.
+template <class Isa, typename TW>
+void CopyPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t count, int64_t n0, int64_t w,
+               int64_t stride, float* panel, bool* finite) {
+  for (int64_t i = 0; i < count; ++i) {
+    float* dst = panel + i * stride;
+    finite[i] = CopyRow<Isa>(b + static_cast<int64_t>(act.kept[i0 + i]) * n + n0, w, dst);
+    for (int64_t j = w; j < stride; ++j) dst[j] = 0.0f;
+  }
+}
+
+inline int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Several rows of A over the column block [n0, n1) (the split for tall A, compute-bound): copy
+// kPanelRows kept rows of B's block into a float32 panel, multiply every tile of A by it, repeat
+// over K. Work space: the panel, then float32 accumulators for all rows.
 template <class Isa, typename TW>
 void TileColumns(const SparseTiles& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0, int64_t n1,
                  float* work) {
-  constexpr int64_t kRows = Isa::kTileRows;
-  constexpr int64_t kBlock = 2 * Isa::kWidth;
   const int64_t w = n1 - n0;
-  const int64_t stride = (w + kBlock - 1) / kBlock * kBlock;
+  const int64_t stride = RoundUp(w, Isa::kTileVecs * Isa::kWidth);
   float* panel = work;
   float* acc = work + kPanelRows * stride;
-  std::memset(acc, 0, static_cast<size_t>(act.tiles * kRows * stride) * sizeof(float));
+  std::memset(acc, 0, static_cast<size_t>(act.tiles * Isa::kTileRows * stride) * sizeof(float));
   bool finite[kPanelRows];
   for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
     const int64_t count = Min(kPanelRows, act.kept_count - i0);
-    bool all_finite = true;
-    for (int64_t i = 0; i < count; ++i) {
-      float* dst = panel + i * stride;
-      finite[i] = CopyRow<Isa>(b + static_cast<int64_t>(act.kept[i0 + i]) * n + n0, w, dst);
-      for (int64_t j = w; j < stride; ++j) dst[j] = 0.0f;
-      all_finite = all_finite && finite[i];
-    }
-    const float* packed = act.packed + i0 * kRows;
-    const int64_t tile_packed = act.kept_count * kRows;  // distance between tiles in act.packed
-    if (all_finite) {
-      // Column strip outside, tiles inside: the strip stays in L1 for every tile.
-      for (int64_t c = 0; c < stride; c += kBlock) {
-        for (int64_t t = 0; t < act.tiles; ++t) {
-          PanelBlock<Isa>(panel + c, count, stride, packed + t * tile_packed, acc + t * kRows * stride + c, stride);
-        }
-      }
-      continue;
-    }
-    // Runs of finite rows go through the register blocks; a row with Inf or NaN goes alone.
-    for (int64_t t = 0; t < act.tiles; ++t) {
-      const float* tile_d = packed + t * tile_packed;
-      float* tile_acc = acc + t * kRows * stride;
-      for (int64_t start = 0; start < count;) {
-        int64_t end = start;
-        while (end < count && finite[end]) ++end;
-        for (int64_t c = 0; end > start && c < stride; c += kBlock) {
-          PanelBlock<Isa>(panel + start * stride + c, end - start, stride, tile_d + start * kRows, tile_acc + c, stride);
-        }
-        if (end < count) NonFiniteRow(panel + end * stride, w, tile_d + end * kRows, kRows, tile_acc, stride);
-        start = end + 1;
-      }
-    }
+    CopyPanel<Isa>(act, b, n, i0, count, n0, w, stride, panel, finite);
+    MultiplyPanel<Isa>(act, i0, panel, count, stride, finite, acc, stride);
   }
   for (int64_t r = 0; r < act.rows; ++r) {
     StoreRow<Isa>(acc + r * stride, bias != nullptr ? bias + n0 : nullptr, y + r * n + n0, w);
   }
 }
 
-// y[0:n] = sum of the partials (+ bias), stored as TW.
+// Several rows of A over kept rows [i0, i1) and all columns (the split for short A, bound by
+// memory): whole rows of B stream into the panel, a few at a time. partial: every row of A,
+// RoundUp(n, block) floats apart; work: PartialWorkFloats.
 template <class Isa, typename TW>
-void ReducePartials(const float* partials, int64_t parts, int64_t n, const float* bias, TW* y) {
+void TilesPartial(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* work,
+                  float* partial) {
+  const int64_t stride = RoundUp(n, Isa::kTileVecs * Isa::kWidth);
+  const int64_t panel_rows = PanelRowsForWidth(stride);
+  std::memset(partial, 0, static_cast<size_t>(act.tiles * Isa::kTileRows * stride) * sizeof(float));
+  bool finite[kPanelRows];
+  for (int64_t start = i0; start < i1; start += panel_rows) {
+    const int64_t count = Min(panel_rows, i1 - start);
+    CopyPanel<Isa>(act, b, n, start, count, 0, n, stride, work, finite);
+    MultiplyPanel<Isa>(act, start, work, count, stride, finite, partial, stride);
+  }
+}
+
+// y[0:n] = sum of the partials, part_stride floats apart (+ bias), stored as TW.
+template <class Isa, typename TW>
+void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, int64_t n, const float* bias, TW* y) {
   constexpr int64_t kChunk = 1024;
   alignas(64) float sum[kChunk];
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t w = Min(kChunk, n - c0);
     std::memcpy(sum, partials + c0, static_cast<size_t>(w) * sizeof(float));
     for (int64_t p = 1; p < parts; ++p) {
-      const float* part = partials + p * n + c0;
+      const float* part = partials + p * part_stride + c0;
       int64_t j = 0;
       for (; j + Isa::kWidth <= w; j += Isa::kWidth) Isa::Store(sum + j, Isa::Add(Isa::Load(sum + j), Isa::Load(part + j)));
       for (; j < w; ++j) sum[j] += part[j];
@@ -268,8 +304,8 @@ void ReducePartials(const float* partials, int64_t parts, int64_t n, const float
 
 template <class Isa, typename TW>
 constexpr KernelSet<TW> MakeKernelSet() {
-  return KernelSet<TW>{Isa::kTileRows, 2 * Isa::kWidth, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
-                       &TileColumns<Isa, TW>};
+  return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
+                       &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>};
 }
 
 }  // namespace SCAP_KERNEL_NS

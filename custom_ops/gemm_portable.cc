@@ -9,6 +9,7 @@ namespace {
 
 struct Isa {
   static constexpr int64_t kTileRows = 4;
+  static constexpr int64_t kTileVecs = 2;
   static constexpr int64_t kWidth = 8;
   struct Vec {
     float v[8];

@@ -17,14 +17,16 @@ namespace {
 
 // Below this many multiply-adds a pass runs on the calling thread alone.
 constexpr int64_t kMinWorkForThreads = 1 << 16;
-constexpr int64_t kMinColumnsPerTask = 256;
 constexpr int64_t kMaxColumnsPerTask = 1024;
-constexpr int64_t kTargetTasks = 8;
+constexpr int64_t kTargetTasks = 16;
 // Rows of A per pass of the several-rows path: bounds the packed activations kept in scratch.
 constexpr int64_t kMaxRowsPerPass = 128;
-// Decoding splits the kept rows of B into this many tasks (partial sums added at the end): enough
-// to balance a pool of a few threads, few enough that the partial sums stay cheap.
-constexpr int64_t kDecodeTasks = 8;
+// Short A (decoding included) splits the kept rows of B into this many tasks, whose partial sums
+// are added at the end: enough to balance a pool of a few threads, few enough that the partial
+// sums stay cheap. Taller A splits the columns instead: the work is then bound by compute and
+// each task reuses its panel of B for every tile of A.
+constexpr int64_t kKSplitTasks = 8;
+constexpr int64_t kKSplitMaxRows = 16;
 constexpr int64_t kMinKeptRowsPerTask = 16;
 
 inline float ToFloat(float x) { return x; }
@@ -130,9 +132,17 @@ struct Job {
   int64_t n;
   const float* bias;
   Bits* y;
-  int64_t per_task;  // kept rows per task (one row of A) or columns per task (several)
-  float* partials;   // one row of A: one [n] partial sum per task
+  int64_t per_task;      // kept rows per task (split over K) or columns per task (split over N)
+  float* partials;       // split over K: one partial sum per task
+  int64_t part_stride;   // floats between two tasks' partial sums
 };
+
+int64_t RoundUpTo(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Tasks for a split over K: enough to balance a pool of a few threads, each with enough rows of B.
+int64_t KSplitTasks(int64_t kept, bool threaded) {
+  return threaded ? std::max<int64_t>(1, std::min(kKSplitTasks, kept / kMinKeptRowsPerTask)) : 1;
+}
 
 template <typename Bits>
 void RunRowTask(void* data, size_t index) {
@@ -140,7 +150,19 @@ void RunRowTask(void* data, size_t index) {
   const int64_t count = job.row.kept_count;
   const int64_t i0 = std::min(static_cast<int64_t>(index) * job.per_task, count);
   const int64_t i1 = std::min(i0 + job.per_task, count);
-  job.kernels->row_partial(job.row, job.b, job.n, i0, i1, job.partials + index * job.n);
+  job.kernels->row_partial(job.row, job.b, job.n, i0, i1, job.partials + index * job.part_stride);
+}
+
+template <typename Bits>
+void RunTilesPartialTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const int64_t count = job.tiles.kept_count;
+  const int64_t i0 = std::min(static_cast<int64_t>(index) * job.per_task, count);
+  const int64_t i1 = std::min(i0 + job.per_task, count);
+  thread_local std::vector<float> work;  // per pool thread: the panel
+  const int64_t width = RoundUpTo(job.n, job.kernels->tile_columns);
+  work.resize(static_cast<size_t>(PanelRowsForWidth(width) * width));
+  job.kernels->tiles_partial(job.tiles, job.b, job.n, i0, i1, work.data(), job.partials + index * job.part_stride);
 }
 
 template <typename Bits>
@@ -150,15 +172,23 @@ void RunColumnTask(void* data, size_t index) {
   const int64_t n1 = std::min(n0 + job.per_task, job.n);
   thread_local std::vector<float> work;  // per pool thread: panel and accumulators
   const int64_t block = job.kernels->tile_columns;
-  work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, (n1 - n0 + block - 1) / block * block)));
+  work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUpTo(n1 - n0, block))));
   job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
 }
 
-// Column blocks wide enough to stream long runs of each kept row of B, numerous enough to keep
-// every thread of the pool busy, narrow enough for the panel to stay in L2; whole register blocks.
+// Runs tasks [0, count) in onnxruntime's intra-op thread pool, or inline when there is one.
+void RunTasks(Ort::KernelContext& context, void (*task)(void*, size_t), int64_t count, void* job) {
+  if (count == 1) {
+    task(job, 0);
+  } else {
+    context.ParallelFor(task, static_cast<size_t>(count), 0, job);
+  }
+}
+
+// Column blocks numerous enough to balance the pool's threads (the thread count is not known
+// here), narrow enough for the panel to stay in L2; whole register blocks.
 int64_t ColumnsPerTask(int64_t n, int64_t block) {
-  int64_t columns = (n + kTargetTasks - 1) / kTargetTasks;
-  columns = std::min(std::max(columns, kMinColumnsPerTask), kMaxColumnsPerTask);
+  const int64_t columns = std::min((n + kTargetTasks - 1) / kTargetTasks, kMaxColumnsPerTask);
   return (columns + block - 1) / block * block;
 }
 
@@ -244,20 +274,15 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
 
   const KernelSet<Bits>& kernels = Kernels<Bits>();
   if (rows == 1) {
-    // Decoding: split the kept rows of B over tasks; each streams whole rows into a partial sum.
+    // Decoding: each task streams whole kept rows of B into a partial sum.
     Sparsify(a_data, 1, depth, threshold_, offset_, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
-    const bool threaded = kept * n >= kMinWorkForThreads;
-    const int64_t tasks = threaded ? std::max<int64_t>(1, std::min(kDecodeTasks, kept / kMinKeptRowsPerTask)) : 1;
+    const int64_t tasks = KSplitTasks(kept, kept * n >= kMinWorkForThreads);
     scratch.partials.resize(static_cast<size_t>(tasks * n));
     Job<Bits> job{&kernels, {scratch.d.data(), scratch.kept.data(), kept}, {}, b_data, n, bias_f32, y_data,
-                  (kept + tasks - 1) / tasks, scratch.partials.data()};
-    if (tasks == 1) {
-      RunRowTask<Bits>(&job, 0);
-    } else {
-      context.ParallelFor(&RunRowTask<Bits>, static_cast<size_t>(tasks), 0, &job);
-    }
-    kernels.reduce(job.partials, tasks, n, bias_f32, y_data);
+                  (kept + tasks - 1) / tasks, scratch.partials.data(), n};
+    RunTasks(context, &RunRowTask<Bits>, tasks, &job);
+    kernels.reduce(job.partials, tasks, n, n, bias_f32, y_data);
     return;
   }
   // Several rows: passes bound the scratch memory; each pass reads the kept rows of B once.
@@ -265,14 +290,24 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     const int64_t pass_rows = std::min(rows - row0, kMaxRowsPerPass);
     Job<Bits> job{&kernels, {}, SparsifyTiles(a_data + row0 * depth, pass_rows, depth, threshold_, offset_,
                                               kernels.tile_rows, scratch),
-                  b_data, n, bias_f32, y_data + row0 * n, 0, nullptr};
+                  b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
     const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
-    job.per_task = threaded ? ColumnsPerTask(n, kernels.tile_columns) : n;
-    const int64_t tasks = (n + job.per_task - 1) / job.per_task;
-    if (tasks == 1) {
-      RunColumnTask<Bits>(&job, 0);
+    if (pass_rows <= kKSplitMaxRows) {
+      // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
+      const int64_t kept = job.tiles.kept_count;
+      const int64_t tasks = KSplitTasks(kept, threaded);
+      const int64_t width = RoundUpTo(n, kernels.tile_columns);
+      job.per_task = (kept + tasks - 1) / tasks;
+      job.part_stride = job.tiles.tiles * job.tiles.tile_rows * width;
+      scratch.partials.resize(static_cast<size_t>(tasks * job.part_stride));
+      job.partials = scratch.partials.data();
+      RunTasks(context, &RunTilesPartialTask<Bits>, tasks, &job);
+      for (int64_t m = 0; m < pass_rows; ++m) {
+        kernels.reduce(job.partials + m * width, tasks, job.part_stride, n, bias_f32, job.y + m * n);
+      }
     } else {
-      context.ParallelFor(&RunColumnTask<Bits>, static_cast<size_t>(tasks), 0, &job);
+      job.per_task = threaded ? ColumnsPerTask(n, kernels.tile_columns) : n;
+      RunTasks(context, &RunColumnTask<Bits>, (n + job.per_task - 1) / job.per_task, &job);
     }
   }
 }

@@ -33,9 +33,15 @@ struct SparseTiles {
 // contiguous float32 panel (streaming whole row segments from memory), then multiplies from it.
 constexpr int64_t kPanelRows = 256;
 
-// Floats of work space the several-rows kernel needs for a block of `columns` columns.
+// Floats of work space `tiles` needs for a block of `columns` columns (a multiple of tile_columns).
 inline int64_t TileWorkFloats(int64_t tiles, int64_t tile_rows, int64_t columns) {
   return (kPanelRows + tiles * tile_rows) * columns;
+}
+
+// Rows of B per panel when whole rows `width` floats wide are copied: about 512 KiB, in L2.
+inline int64_t PanelRowsForWidth(int64_t width) {
+  const int64_t rows = (int64_t{1} << 17) / (width > 0 ? width : 1);
+  return rows < 8 ? 8 : (rows > kPanelRows ? kPanelRows : rows);
 }
 
 // The kernels for weights of one type TW: float, or uint16_t holding IEEE binary16 bit patterns.
@@ -46,11 +52,16 @@ struct KernelSet {
   int64_t tile_columns;  // columns of its register block: column ranges should be multiples of it
   // One row of A: partial[0:N] = sum over kept[i0:i1] of values[k] * B[k, :].
   void (*row_partial)(const SparseRow& row, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial);
-  // y[0:N] = sum of `parts` partials laid out [parts, N] (+ bias).
-  void (*reduce)(const float* partials, int64_t parts, int64_t n, const float* bias, TW* y);
+  // y[0:N] = sum of `parts` partials, part_stride floats apart (+ bias).
+  void (*reduce)(const float* partials, int64_t parts, int64_t part_stride, int64_t n, const float* bias, TW* y);
   // Several rows of A: Y[:, n0:n1] = D @ B[:, n0:n1] (+ bias[n0:n1]), with TileWorkFloats of work space.
   void (*tiles)(const SparseTiles& act, const TW* b, int64_t n, const float* bias, TW* y, int64_t n0, int64_t n1,
                 float* work);
+  // Several rows of A, split over K: partial (every row of A, RoundUp(N, tile_columns) floats
+  // apart) = D[:, kept[i0:i1]] @ B[kept[i0:i1], :], with PanelRowsForWidth(that width) rows of
+  // that width as work space.
+  void (*tiles_partial)(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* work,
+                        float* partial);
 };
 
 struct GemmKernels {
