@@ -192,12 +192,12 @@ inline void PanelBlock(const float* panel, int64_t rows_in_panel, int64_t stride
     for (int64_t v = 0; v < kVecs; ++v) Isa::Store(acc + r * acc_stride + v * kW, sum[r][v]);
 }
 
-// acc += D[:, kept[i0 : i0 + count]] @ panel, where the panel holds those kept rows of B (count rows,
-// `stride` floats apart, a multiple of the register block wide) and acc holds every row of A
-// (acc_stride floats apart). finite[i] says whether panel row i is free of Inf and NaN.
+// acc += D[:, kept[i0 : i0 + count]] @ panel, where the panel holds those kept rows of B (count rows
+// `width` floats wide, a multiple of the register block, panel_stride floats apart) and acc holds
+// every row of A (acc_stride floats apart). finite[i] says whether panel row i is free of Inf and NaN.
 template <class Isa>
-void MultiplyPanel(const SparseTiles& act, int64_t i0, const float* panel, int64_t count, int64_t stride,
-                   const bool* finite, float* acc, int64_t acc_stride) {
+void MultiplyPanel(const SparseTiles& act, int64_t i0, const float* panel, int64_t count, int64_t width,
+                   int64_t panel_stride, const bool* finite, float* acc, int64_t acc_stride) {
   constexpr int64_t kRows = Isa::kTileRows;
   constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
   const float* packed = act.packed + i0 * kRows;
@@ -206,9 +206,9 @@ void MultiplyPanel(const SparseTiles& act, int64_t i0, const float* panel, int64
   for (int64_t i = 0; i < count; ++i) all_finite = all_finite && finite[i];
   if (all_finite) {
     // Column strip outside, tiles inside: the strip stays in L1 for every tile.
-    for (int64_t c = 0; c < stride; c += kBlock) {
+    for (int64_t c = 0; c < width; c += kBlock) {
       for (int64_t t = 0; t < act.tiles; ++t) {
-        PanelBlock<Isa>(panel + c, count, stride, packed + t * tile_packed, acc + t * kRows * acc_stride + c,
+        PanelBlock<Isa>(panel + c, count, panel_stride, packed + t * tile_packed, acc + t * kRows * acc_stride + c,
                         acc_stride);
       }
     }
@@ -221,25 +221,25 @@ void MultiplyPanel(const SparseTiles& act, int64_t i0, const float* panel, int64
     for (int64_t start = 0; start < count;) {
       int64_t end = start;
       while (end < count && finite[end]) ++end;
-      for (int64_t c = 0; end > start && c < stride; c += kBlock) {
-        PanelBlock<Isa>(panel + start * stride + c, end - start, stride, tile_d + start * kRows, tile_acc + c,
+      for (int64_t c = 0; end > start && c < width; c += kBlock) {
+        PanelBlock<Isa>(panel + start * panel_stride + c, end - start, panel_stride, tile_d + start * kRows, tile_acc + c,
                         acc_stride);
       }
-      if (end < count) NonFiniteRow(panel + end * stride, stride, tile_d + end * kRows, kRows, tile_acc, acc_stride);
+      if (end < count) NonFiniteRow(panel + end * panel_stride, width, tile_d + end * kRows, kRows, tile_acc, acc_stride);
       start = end + 1;
     }
   }
 }
 
-// Copies kept rows [i0, i0 + count) of B's columns [n0, n0 + w) into a float32 panel `stride`
-// floats wide (zero-padded), recording which rows hold Inf or NaN.
+// Copies kept rows [i0, i0 + count) of B's columns [n0, n0 + w) into a float32 panel, zero-padded
+// to `width` floats, rows panel_stride floats apart, recording which rows hold Inf or NaN.
 template <class Isa, typename TW>
 void CopyPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t count, int64_t n0, int64_t w,
-               int64_t stride, float* panel, bool* finite) {
+               int64_t width, int64_t panel_stride, float* panel, bool* finite) {
   for (int64_t i = 0; i < count; ++i) {
-    float* dst = panel + i * stride;
+    float* dst = panel + i * panel_stride;
     finite[i] = CopyRow<Isa>(b + static_cast<int64_t>(act.kept[i0 + i]) * n + n0, w, dst);
-    for (int64_t j = w; j < stride; ++j) dst[j] = 0.0f;
+    for (int64_t j = w; j < width; ++j) dst[j] = 0.0f;
   }
 }
 
@@ -253,14 +253,15 @@ void TileColumns(const SparseTiles& act, const TW* b, int64_t n, const float* bi
                  float* work) {
   const int64_t w = n1 - n0;
   const int64_t stride = RoundUp(w, Isa::kTileVecs * Isa::kWidth);
+  const int64_t panel_stride = PanelStride(stride);
   float* panel = work;
-  float* acc = work + kPanelRows * stride;
+  float* acc = work + kPanelRows * panel_stride;
   std::memset(acc, 0, static_cast<size_t>(act.tiles * Isa::kTileRows * stride) * sizeof(float));
   bool finite[kPanelRows];
   for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
     const int64_t count = Min(kPanelRows, act.kept_count - i0);
-    CopyPanel<Isa>(act, b, n, i0, count, n0, w, stride, panel, finite);
-    MultiplyPanel<Isa>(act, i0, panel, count, stride, finite, acc, stride);
+    CopyPanel<Isa>(act, b, n, i0, count, n0, w, stride, panel_stride, panel, finite);
+    MultiplyPanel<Isa>(act, i0, panel, count, stride, panel_stride, finite, acc, stride);
   }
   for (int64_t r = 0; r < act.rows; ++r) {
     StoreRow<Isa>(acc + r * stride, bias != nullptr ? bias + n0 : nullptr, y + r * n + n0, w);
@@ -279,8 +280,8 @@ void TilesPartial(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, in
   bool finite[kPanelRows];
   for (int64_t start = i0; start < i1; start += panel_rows) {
     const int64_t count = Min(panel_rows, i1 - start);
-    CopyPanel<Isa>(act, b, n, start, count, 0, n, stride, work, finite);
-    MultiplyPanel<Isa>(act, start, work, count, stride, finite, partial, stride);
+    CopyPanel<Isa>(act, b, n, start, count, 0, n, stride, PanelStride(stride), work, finite);
+    MultiplyPanel<Isa>(act, start, work, count, stride, PanelStride(stride), finite, partial, stride);
   }
 }
 

@@ -161,7 +161,7 @@ void RunTilesPartialTask(void* data, size_t index) {
   const int64_t i1 = std::min(i0 + job.per_task, count);
   thread_local std::vector<float> work;  // per pool thread: the panel
   const int64_t width = RoundUpTo(job.n, job.kernels->tile_columns);
-  work.resize(static_cast<size_t>(PanelRowsForWidth(width) * width));
+  work.resize(static_cast<size_t>(PanelRowsForWidth(width) * PanelStride(width)));
   job.kernels->tiles_partial(job.tiles, job.b, job.n, i0, i1, work.data(), job.partials + index * job.part_stride);
 }
 

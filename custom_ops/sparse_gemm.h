@@ -33,9 +33,13 @@ struct SparseTiles {
 // contiguous float32 panel (streaming whole row segments from memory), then multiplies from it.
 constexpr int64_t kPanelRows = 256;
 
+// Floats between two rows of a panel `columns` wide: one cache line more, so that the rows of a
+// column strip do not all fall into the same few L1 sets when `columns` is a power of two.
+inline int64_t PanelStride(int64_t columns) { return columns + 16; }
+
 // Floats of work space `tiles` needs for a block of `columns` columns (a multiple of tile_columns).
 inline int64_t TileWorkFloats(int64_t tiles, int64_t tile_rows, int64_t columns) {
-  return (kPanelRows + tiles * tile_rows) * columns;
+  return kPanelRows * PanelStride(columns) + tiles * tile_rows * columns;
 }
 
 // Rows of B per panel when whole rows `width` floats wide are copied: about 512 KiB, in L2.
@@ -59,7 +63,7 @@ struct KernelSet {
                 float* work);
   // Several rows of A, split over K: partial (every row of A, RoundUp(N, tile_columns) floats
   // apart) = D[:, kept[i0:i1]] @ B[kept[i0:i1], :], with PanelRowsForWidth(that width) rows of
-  // that width as work space.
+  // PanelStride(that width) floats as work space.
   void (*tiles_partial)(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* work,
                         float* partial);
 };
