@@ -133,6 +133,7 @@ class Runner:
 
 
 def run_grid(args: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()
     cache = last_level_cache_bytes()
     rng = np.random.default_rng(1)
     results = []
@@ -142,10 +143,14 @@ def run_grid(args: argparse.Namespace) -> dict:
         print(f"# streaming read bandwidth, {threads} thread(s): {bandwidth[threads]:.1f} GB/s", flush=True)
         for shape in args.shapes:
             k, n = (int(x) for x in shape.split("x"))
-            for m in args.m:
-                # Tall A is compute-bound: a few copies suffice, the cache matters little there.
+            # Short A (M <= 8) streams weights from memory: copies beyond the cache. Tall A is
+            # compute-bound: a few copies suffice. Sessions are shared by the M of each group.
+            for group in ([m for m in args.m if m <= 8], [m for m in args.m if m > 8]):
+                if not group:
+                    continue
+
                 def copies_of(itemsize: int) -> int:
-                    return copies_for(k * n * itemsize, cache) if m <= 8 else 2
+                    return copies_for(k * n * itemsize, cache) if group[0] <= 8 else 2
 
                 dense_copies = copies_of(4)
                 dense = session(build_model("dense", k, n, dense_copies, np.float32), threads, sparse=False)
@@ -154,7 +159,7 @@ def run_grid(args: argparse.Namespace) -> dict:
                     copies = copies_of(np.dtype(dname).itemsize)
                     model = build_model("sparse", k, n, copies, np.dtype(dname).type)
                     sparse_sessions[dname] = (session(model, threads, sparse=True), copies)
-                for sparsity in args.sparsity:
+                for m, sparsity in ((m, s) for m in group for s in args.sparsity):
                     a32 = sparse_input(m, k, sparsity, np.float32, rng)
                     dense_runner = Runner(dense, {"A": a32})
                     for dname, (sess, copies) in sparse_sessions.items():
@@ -179,7 +184,8 @@ def run_grid(args: argparse.Namespace) -> dict:
                 del dense, sparse_sessions
     return dict(
         machine=dict(cpu=cpu_name(), cores=os.cpu_count(), last_level_cache_bytes=cache,
-                     onnxruntime=ort.__version__, library=scap_onnx.get_library_path()),
+                     onnxruntime=ort.__version__, library=scap_onnx.get_library_path(),
+                     load_average_before=load_before, load_average_after=os.getloadavg()),
         method="median of interleaved repeats; dense = onnxruntime float32 MatMul on the same shapes",
         repeats=args.repeats,
         bandwidth_gbps=bandwidth,
