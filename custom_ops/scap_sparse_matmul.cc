@@ -15,7 +15,8 @@
 namespace scap {
 namespace {
 
-// Below this many multiply-adds a pass runs on the calling thread alone.
+// Below this many multiply-adds a pass runs on the calling thread alone; above, each task gets at
+// least this many.
 constexpr int64_t kMinWorkForThreads = 1 << 16;
 constexpr int64_t kMaxColumnsPerTask = 1024;
 constexpr int64_t kTargetTasks = 16;
@@ -139,9 +140,12 @@ struct Job {
 
 int64_t RoundUpTo(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// Tasks for a split over K: enough to balance a pool of a few threads, each with enough rows of B.
-int64_t KSplitTasks(int64_t kept, bool threaded) {
-  return threaded ? std::max<int64_t>(1, std::min(kKSplitTasks, kept / kMinKeptRowsPerTask)) : 1;
+// Tasks for a split over K: enough to balance a pool of a few threads, each with enough work to
+// outweigh its dispatch and its partial sum (small layers of small models run in few tasks).
+int64_t KSplitTasks(int64_t kept, int64_t work) {
+  const int64_t by_rows = kept / kMinKeptRowsPerTask;
+  const int64_t by_work = work / kMinWorkForThreads;
+  return std::max<int64_t>(1, std::min({kKSplitTasks, by_rows, by_work}));
 }
 
 template <typename Bits>
@@ -277,7 +281,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     // Decoding: each task streams whole kept rows of B into a partial sum.
     Sparsify(a_data, 1, depth, threshold_, offset_, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
-    const int64_t tasks = KSplitTasks(kept, kept * n >= kMinWorkForThreads);
+    const int64_t tasks = KSplitTasks(kept, kept * n);
     scratch.partials.resize(static_cast<size_t>(tasks * n));
     Job<Bits> job{&kernels, {scratch.d.data(), scratch.kept.data(), kept}, {}, b_data, n, bias_f32, y_data,
                   (kept + tasks - 1) / tasks, scratch.partials.data(), n};
@@ -295,7 +299,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     if (pass_rows <= kKSplitMaxRows) {
       // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
       const int64_t kept = job.tiles.kept_count;
-      const int64_t tasks = KSplitTasks(kept, threaded);
+      const int64_t tasks = KSplitTasks(kept, pass_rows * kept * n);
       const int64_t width = RoundUpTo(n, kernels.tile_columns);
       job.per_task = (kept + tasks - 1) / tasks;
       job.part_stride = job.tiles.tiles * job.tiles.tile_rows * width;
