@@ -8,6 +8,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "sparse_gemm.h"
@@ -148,21 +149,23 @@ int64_t KSplitTasks(int64_t kept, int64_t work) {
   return std::max<int64_t>(1, std::min({kKSplitTasks, by_rows, by_work}));
 }
 
+// Task `index` of a split of [0, count) into runs of per_task: [first, second).
+std::pair<int64_t, int64_t> TaskRange(size_t index, int64_t per_task, int64_t count) {
+  const int64_t begin = std::min(static_cast<int64_t>(index) * per_task, count);
+  return {begin, std::min(begin + per_task, count)};
+}
+
 template <typename Bits>
 void RunRowTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
-  const int64_t count = job.row.kept_count;
-  const int64_t i0 = std::min(static_cast<int64_t>(index) * job.per_task, count);
-  const int64_t i1 = std::min(i0 + job.per_task, count);
+  const auto [i0, i1] = TaskRange(index, job.per_task, job.row.kept_count);
   job.kernels->row_partial(job.row, job.b, job.n, i0, i1, job.partials + index * job.part_stride);
 }
 
 template <typename Bits>
 void RunTilesPartialTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
-  const int64_t count = job.tiles.kept_count;
-  const int64_t i0 = std::min(static_cast<int64_t>(index) * job.per_task, count);
-  const int64_t i1 = std::min(i0 + job.per_task, count);
+  const auto [i0, i1] = TaskRange(index, job.per_task, job.tiles.kept_count);
   thread_local std::vector<float> work;  // per pool thread: the panel
   const int64_t width = RoundUpTo(job.n, job.kernels->tile_columns);
   work.resize(static_cast<size_t>(PanelRowsForWidth(width) * PanelStride(width)));
@@ -172,8 +175,7 @@ void RunTilesPartialTask(void* data, size_t index) {
 template <typename Bits>
 void RunColumnTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
-  const int64_t n0 = static_cast<int64_t>(index) * job.per_task;
-  const int64_t n1 = std::min(n0 + job.per_task, job.n);
+  const auto [n0, n1] = TaskRange(index, job.per_task, job.n);
   thread_local std::vector<float> work;  // per pool thread: panel and accumulators
   const int64_t block = job.kernels->tile_columns;
   work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUpTo(n1 - n0, block))));
