@@ -12,7 +12,9 @@ Upstream-aware calibration (``passes`` >= 2): pass p runs the model with every s
 sparsified with the thresholds and offsets of pass p-1 (in standard ONNX ops), so each site's
 statistics are those of the inputs it will see at run time. A site's input depends only on sites
 upstream of it, so after p passes the first p-1 layers are exactly calibrated layer by layer; in
-practice the thresholds settle after one or two refinement passes (see the project notes).
+practice the thresholds settle after one refinement pass. Measured on SmolLM2 (docs/calibration.md):
+with 2 passes, held-out text of the calibration domain reaches the targets within 0.1 point at every
+layer (1 pass: about 1 point off in deep layers), at slightly lower perplexity; hence the default.
 """
 
 from __future__ import annotations
