@@ -102,6 +102,9 @@ def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.Inference
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Interleaved sessions each own a thread pool: spinning workers of the session that just ran
+    # would steal the cores from the next one.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
