@@ -21,15 +21,10 @@ import tiny_models  # noqa: E402
 
 
 def reference_op() -> type[OpRun]:
-    """ScapSparseMatMul for onnx.reference.ReferenceEvaluator(new_ops=[...]).
-
-    ReferenceEvaluator keys new ops by class __name__, which must be the op type.
-    """
+    """ScapSparseMatMul for onnx.reference.ReferenceEvaluator(new_ops=[...])."""
     from scap_onnx.reference import ScapSparseMatMulOpRun
 
-    if ScapSparseMatMulOpRun.__name__ == "ScapSparseMatMul":
-        return ScapSparseMatMulOpRun
-    return type("ScapSparseMatMul", (ScapSparseMatMulOpRun,), {})
+    return ScapSparseMatMulOpRun
 
 
 def run_cli(*args, check: bool | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
