@@ -96,21 +96,28 @@ def _special_wrap(tok) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def _jsonl_text(line: str, where: str) -> str | None:
+    """The "text" of one .jsonl line, as a paragraph (None for a blank line); `where` names the line."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        raise ScapError(f"{where}: not a JSON object") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise ScapError(f'{where}: a .jsonl record needs a "text" string field')
+    return rec["text"] + "\n\n"
+
+
 def _text_chunks(path: Path) -> Iterator[str]:
     """The file's text in pieces of about _CHUNK_CHARS, cut at line ends (jsonl: one per record)."""
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ScapError(f"{path}:{lineno}: not a JSON object") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ScapError(f'{path}:{lineno}: a .jsonl record needs a "text" string field')
-                yield rec["text"] + "\n\n"
+                text = _jsonl_text(line, f"{path}:{lineno}")
+                if text is not None:
+                    yield text
         return
     buf: list[str] = []
     size = 0
@@ -150,16 +157,9 @@ def _lines_from(path: Path, offset: int) -> Iterator[str]:
             except UnicodeDecodeError:
                 raise ScapError(f"{path} is not UTF-8 text") from None
             if jsonl:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ScapError(f"{path}: not a JSON object at byte {f.tell()}") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ScapError(f'{path}: a .jsonl record needs a "text" string field')
-                yield rec["text"] + "\n\n"
+                text = _jsonl_text(line, f"{path} (before byte {f.tell()})")
+                if text is not None:
+                    yield text
             else:
                 yield line
 
