@@ -68,7 +68,9 @@ def build_model(kind: str, k: int, n: int, copies: int, dtype: type) -> onnx.Mod
     weights = (np.random.default_rng(0).standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(dtype)
     nodes, inits, outputs = [], [], []
     for c in range(copies):
-        inits.append(numpy_helper.from_array(weights, f"B{c}"))
+        # Distinct values per copy: onnxruntime may share identical initializers, which would let
+        # every node read one copy from cache.
+        inits.append(numpy_helper.from_array(weights * np.asarray(1 + c / 1024, weights.dtype), f"B{c}"))
         if kind == "dense":
             nodes.append(helper.make_node("MatMul", ["A", f"B{c}"], [f"Y{c}"]))
         else:
