@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from .calibrate import calibrate
 from .capture import fingerprint, load_proto
@@ -44,7 +45,7 @@ def rewrite(
     output: str | Path,
     *,
     stats: Stats | str | Path | None = None,
-    data: str | Path | None = None,
+    data: str | Path | Sequence[str | Path] | None = None,
     sparsity: str | float | None = None,
     targets: str | None = None,
     check: bool = True,
@@ -52,7 +53,8 @@ def rewrite(
     **calibrate_kwargs,
 ) -> RewriteResult:
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
-    from calibrating on ``data``. ``sparsity`` re-targets (default: the calibration SPEC)."""
+    from calibrating on ``data`` (a file, or a list of text files to mix). ``sparsity`` re-targets
+    (default: the calibration SPEC)."""
     model = Path(model)
     output = Path(output)
     if same_file(model, output):
@@ -60,6 +62,8 @@ def rewrite(
     progress = progress or NullProgress()
     if sparsity is not None:
         parse_spec(sparsity)  # fail early on a bad SPEC
+    if data is not None and not isinstance(data, (str, Path)) and not list(data):
+        data = None
     if stats is None and data is None:
         raise ScapError("rewrite needs --stats STATS.json or --data DATA to calibrate")
     if stats is not None and data is not None:

@@ -23,13 +23,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from onnx import helper
 
 from . import __version__
 from .capture import Capture, ModelSource, default_options
-from .data import DataSource, open_data
+from .data import DataSource, MixedSource, open_data
 from .errors import ScapError
 from .histogram import Histogram, robust_scale
 from .progress import NullProgress, Progress
@@ -181,7 +182,7 @@ def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: 
 
 def calibrate(
     model: str | Path,
-    data: str | Path | DataSource,
+    data: str | Path | Sequence[str | Path] | DataSource | MixedSource,
     *,
     sparsity: str | float | Spec = 0.5,
     targets: str | None = None,
@@ -198,6 +199,9 @@ def calibrate(
 ) -> Stats:
     """Calibrate ``model`` on ``data`` for ``sparsity`` (a SPEC) and return the statistics.
 
+    ``data``: a text file or .npz, or a list of text files whose windows are mixed (``max_tokens``
+    split evenly between them).
+
     ``passes``: 1 calibrates on dense activations; each further pass recalibrates with all
     upstream sites sparsified as the previous pass decided.
     """
@@ -211,7 +215,7 @@ def calibrate(
     with ModelSource(model) as source:
         chosen = find_targets(source.proto, targets)
         sites = group_sites(chosen)
-        if isinstance(data, DataSource):
+        if isinstance(data, (DataSource, MixedSource)):
             ds = data
         else:
             ds = open_data(data, source.proto, model, tokenizer=tokenizer, seq_len=seq_len,

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -74,7 +74,7 @@ def _stop(progress) -> None:
 
 
 # Options shared by calibrate and rewrite --data.
-DataOpt = typer.Option(None, "--data", "-d", help="Calibration data: a text file (.txt, .jsonl with a 'text' field) or an .npz of input feeds.")
+DataOpt = typer.Option(None, "--data", "-d", help="Calibration data: a text file (.txt, .jsonl with a 'text' field) or an .npz of input feeds. Repeat it for several text files: their windows are mixed, --tokens split evenly between them.")
 TokenizerOpt = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside the model).")
 TargetsOpt = typer.Option(None, "--targets", help="Comma-separated patterns on node name, weight name or role (e.g. 'down,*mlp*', '!*layers.0/*'); default: every target but lm_head.")
 TokensOpt = typer.Option(16384, "--tokens", help="Calibration tokens to read (windows of --seq-len).")
@@ -113,7 +113,7 @@ def _summary_lines(stats, plan) -> list[str]:
 @handle_errors
 def calibrate(
     model: Path = typer.Argument(..., help="ONNX model (as optimum exports it, tokenizer.json beside it)."),
-    data: Optional[Path] = DataOpt,
+    data: Optional[List[Path]] = DataOpt,
     output: Path = typer.Option(..., "--output", "-o", help="stats.json to write."),
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="SPEC: one number for every target (0.5) or per role (up=0.35,gate=0.35,down=0.55)."),
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -133,7 +133,7 @@ def calibrate(
     from .spec import parse_spec
 
     spec = parse_spec(sparsity)
-    if data is None:
+    if not data:
         fail("calibrate needs --data DATA (a text file or an .npz of feeds)")
     if same_file(output, model):
         fail(f"output {output} would overwrite the input model")
@@ -156,7 +156,7 @@ def calibrate(
 def rewrite(
     model: Path = typer.Argument(..., help="ONNX model to rewrite (never modified)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="stats.json from `scap-onnx calibrate`."),
-    data: Optional[Path] = DataOpt,
+    data: Optional[List[Path]] = DataOpt,
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC to re-target (default: the calibration SPEC)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL_scap.onnx beside MODEL)."),
     targets: Optional[str] = TargetsOpt,
@@ -181,6 +181,7 @@ def rewrite(
     if output is None:
         output = model.with_name(model.stem + "_scap.onnx")
     kwargs = {}
+    data = data or None
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads)
     progress = _progress(quiet)

@@ -8,6 +8,7 @@ added around each window). Feeds for the other inputs an exported model has are 
 window: attention_mask (ones), position_ids / cache_position (0..S-1), token_type_ids (zeros) and
 empty past_key_values (past length 0) for decoders exported with past (optimum's
 text-generation-with-past). An .npz holds feeds by input name, split along axis 0 into batches.
+Several text files are mixed (MixedSource): the windows are split evenly between them.
 
 Nothing here holds more than one batch of feeds at a time.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -287,8 +288,10 @@ class DataSource:
             yield from self._npz_batches()
 
     def _text_batches(self):
-        tok = load_tokenizer(self.tokenizer_path)
-        pending: list[np.ndarray] = []
+        yield from batch_windows(self.inputs, self.windows(load_tokenizer(self.tokenizer_path)), self.batch_size)
+
+    def windows(self, tok) -> Iterator[np.ndarray]:
+        """The text's token windows (at most ``max_windows``), one [seq_len] array each."""
         n = 0
         limit = self.max_windows
         skip = self.skip_tokens // self.seq_len
@@ -297,17 +300,10 @@ class DataSource:
         else:
             windows = token_windows(self.path, tok, self.seq_len, skip=skip)
         for w in windows:
-            pending.append(w)
+            yield w
             n += 1
-            if len(pending) == self.batch_size:
-                ids = np.stack(pending)
-                pending = []
-                yield feeds_from_ids(self.inputs, ids), int(ids.size)
             if limit is not None and n >= limit:
                 break
-        if pending:
-            ids = np.stack(pending)
-            yield feeds_from_ids(self.inputs, ids), int(ids.size)
         if n == 0:
             raise ScapError(f"{self.path} holds fewer than {self.seq_len} tokens: no calibration window")
 
@@ -366,8 +362,57 @@ def _tokens(feeds: dict[str, np.ndarray]) -> int:
     return int(a.shape[0]) if a.ndim else 1
 
 
+def batch_windows(inputs: list[InputInfo], windows, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """(feeds, n_tokens) for batches of ``batch_size`` windows."""
+    pending: list[np.ndarray] = []
+    for w in windows:
+        pending.append(w)
+        if len(pending) == batch_size:
+            ids = np.stack(pending)
+            pending = []
+            yield feeds_from_ids(inputs, ids), int(ids.size)
+    if pending:
+        ids = np.stack(pending)
+        yield feeds_from_ids(inputs, ids), int(ids.size)
+
+
+@dataclass
+class MixedSource:
+    """Windows from several text files: the token budget split evenly between them, windows taken
+    in turn from each (so every batch, and any prefix of the run, mixes the texts)."""
+
+    parts: list[DataSource]
+    max_tokens: int | None
+    batch_size: int = 1
+
+    is_text = True
+
+    @property
+    def path(self) -> Path:  # named in messages
+        return self.parts[0].path
+
+    def batches(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        tok = load_tokenizer(self.parts[0].tokenizer_path)
+        streams = [part.windows(tok) for part in self.parts]
+
+        def interleaved():
+            live = list(streams)
+            while live:
+                for st in list(live):
+                    w = next(st, None)
+                    if w is None:
+                        live.remove(st)
+                    else:
+                        yield w
+
+        yield from batch_windows(self.parts[0].inputs, interleaved(), self.batch_size)
+
+    def describe(self) -> dict:
+        return {"kind": "text", "batch_size": self.batch_size, "mix": [p.describe() for p in self.parts]}
+
+
 def open_data(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     model: onnx.ModelProto,
     model_path: str | Path,
     *,
@@ -379,7 +424,17 @@ def open_data(
     sampling: str = "spread",
     phase: float = 0.0,
 ) -> DataSource:
-    """Check the data argument and make a DataSource for ``model``. Raises ScapError on bad input."""
+    """Check the data argument and make a DataSource for ``model``. Raises ScapError on bad input.
+
+    Several text files (a list) give a MixedSource: ``max_tokens`` split evenly between them."""
+    if not isinstance(data, (str, Path)):
+        paths = list(data)
+        if not paths:
+            raise ScapError("no data file given")
+        if len(paths) > 1:
+            return _open_mix(paths, model, model_path, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens,
+                             batch_size=batch_size, skip_tokens=skip_tokens, sampling=sampling, phase=phase)
+        data = paths[0]
     path = Path(data)
     if not path.is_file():
         raise ScapError(f"data file {path} does not exist")
@@ -396,3 +451,21 @@ def open_data(
         raise ScapError(f"data {path}: expected a text file (.txt, .jsonl) or an .npz of feeds")
     tok = find_tokenizer(model_path, tokenizer)
     return DataSource(path, inputs, tok, seq_len, max_tokens, batch_size, skip_tokens, sampling, phase)
+
+
+def _open_mix(paths: list, model: onnx.ModelProto, model_path, *, max_tokens: int | None, seq_len: int,
+              batch_size: int, **kw) -> MixedSource:
+    if max_tokens is not None and max_tokens // seq_len < len(paths):
+        raise ScapError(f"--tokens {max_tokens} gives fewer windows of {seq_len} tokens than the {len(paths)} data files")
+    parts = []
+    for i, p in enumerate(paths):
+        if max_tokens is None:
+            budget = None
+        else:
+            windows = max_tokens // seq_len
+            budget = (windows // len(paths) + (i < windows % len(paths))) * seq_len
+        ds = open_data(p, model, model_path, seq_len=seq_len, max_tokens=budget, batch_size=batch_size, **kw)
+        if not ds.is_text:
+            raise ScapError(f"data {p}: only text files can be mixed (an .npz must be the only --data)")
+        parts.append(ds)
+    return MixedSource(parts, max_tokens, batch_size)

@@ -48,6 +48,19 @@ def test_rewrite_with_data_in_one_step(tiny, tmp_path):
     assert "rewrote 12 MatMuls" in p.stdout
 
 
+def test_several_data_files_are_mixed(tiny, tmp_path):
+    out = tmp_path / "mix.json"
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--data", tiny["eval"], "--sparsity", "0.5",
+                "--tokens", 1024, "--seq-len", 64, "--passes", 1, "-o", out, check=True)
+    assert "on 1024 tokens" in p.stdout
+    mix = json.loads(out.read_text())["calibration"]["data"]["mix"]
+    assert [m["path"] for m in mix] == [str(tiny["calib"]), str(tiny["eval"])]
+    p = run_cli("rewrite", tiny["decoder"], "-d", tiny["calib"], "-d", tiny["eval"], "--sparsity", "0.5", "--tokens", 512,
+                "--seq-len", 64, "--passes", 1, "-o", tmp_path / "m.onnx", "--save-stats", tmp_path / "m.json", check=True)
+    assert "rewrote 14 MatMuls" in p.stdout
+    assert len(json.loads((tmp_path / "m.json").read_text())["calibration"]["data"]["mix"]) == 2
+
+
 def test_inspect(tiny, dec_stats, tmp_path):
     p = run_cli("inspect", tiny["decoder"], check=True)
     assert "14 targets, 8 distinct inputs" in p.stdout and "/model/layers.1/mlp/down_proj/MatMul" in p.stdout

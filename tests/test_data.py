@@ -117,3 +117,30 @@ def test_spread_falls_back_on_short_files(tiny):
     contiguous = [f["input_ids"] for f, _ in open_data(tiny["calib"], m, tiny["decoder"], seq_len=64, max_tokens=64 * 400,
                                                        sampling="contiguous").batches()]
     assert all((a == b).all() for a, b in zip(spread, contiguous)) and len(spread) == len(contiguous)
+
+
+def test_several_text_files_are_mixed(tiny, tmp_path):
+    m = _proto(tiny["decoder"])
+    ds = open_data([tiny["calib"], tiny["eval"]], m, tiny["decoder"], seq_len=32, max_tokens=5 * 32, batch_size=2)
+    batches = list(ds.batches())
+    assert [n for _, n in batches] == [64, 64, 32]
+    got = [row for f, _ in batches for row in f["input_ids"]]
+
+    def alone(path, windows):
+        return [f["input_ids"][0] for f, _ in open_data(path, m, tiny["decoder"], seq_len=32,
+                                                        max_tokens=windows * 32).batches()]
+
+    a, b = alone(tiny["calib"], 3), alone(tiny["eval"], 2)  # 5 windows: 3 + 2, taken in turn
+    for x, y in zip(got, [a[0], b[0], a[1], b[1], a[2]], strict=True):
+        assert np.array_equal(x, y)
+    assert [d["path"] for d in ds.describe()["mix"]] == [str(tiny["calib"]), str(tiny["eval"])]
+    # one file in a list is that file
+    one = open_data([tiny["calib"]], m, tiny["decoder"], seq_len=32, max_tokens=64)
+    assert one.describe()["path"] == str(tiny["calib"])
+
+    ids = np.random.default_rng(0).integers(0, 40, (2, 8))
+    np.savez(tmp_path / "f.npz", **feeds_from_ids(model_inputs(m), ids))
+    with pytest.raises(ScapError, match="only text files can be mixed"):
+        open_data([tiny["calib"], tmp_path / "f.npz"], m, tiny["decoder"], seq_len=32, max_tokens=128)
+    with pytest.raises(ScapError, match="fewer windows"):
+        open_data([tiny["calib"], tiny["eval"]], m, tiny["decoder"], seq_len=32, max_tokens=32)

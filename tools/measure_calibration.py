@@ -38,12 +38,12 @@ def role_targets(spec_text: str) -> dict[str, float]:
     return {r: spec.sparsity(r) for r in ROLES7 if spec.sparsity(r) is not None}
 
 
-def evaluate(model: Path, sparse: Path, spec_text: str, evals: dict, progress) -> dict:
+def evaluate(model: Path, sparse: Path, spec_text: str, evals: dict, progress, threads: int | None = None) -> dict:
     out = {}
     for name, ds in evals.items():
-        per_node = measured_sparsity(sparse, ds, progress=progress)
+        per_node = measured_sparsity(sparse, ds, progress=progress, threads=threads)
         summ = summarize_sparsity(per_node, role_targets(spec_text))
-        ppl = perplexity(sparse, ds, progress=progress)
+        ppl = perplexity(sparse, ds, progress=progress, threads=threads)
         worst = max((abs(v["worst_error"]) for v in summ.values() if "worst_error" in v), default=0.0)
         worst_mean = max((abs(v["mean_error"]) for v in summ.values() if "mean_error" in v), default=0.0)
         per_layer: dict[str, list] = {}
@@ -58,7 +58,8 @@ def evaluate(model: Path, sparse: Path, spec_text: str, evals: dict, progress) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--calib", type=Path, required=True)
+    ap.add_argument("--calib", type=Path, required=True, nargs="+",
+                    help="calibration text; several files are mixed (--tokens split evenly between them)")
     ap.add_argument("--eval", type=Path, required=True, nargs="+")
     ap.add_argument("--spec", default="up=0.35,gate=0.35,down=0.55")
     ap.add_argument("--passes", type=int, nargs="+", default=[1, 2])
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--sampling", choices=["spread", "contiguous"], default="spread")
     ap.add_argument("--retarget", nargs="*", default=[], help="SPECs re-targeted from the stats of the last --passes value")
     ap.add_argument("--also-spec", nargs="*", default=[], help="SPECs calibrated directly (with the last --passes value)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scap-measure"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
     proto = load_proto(args.model)
     evals = {}
     for e in args.eval:
-        same = e.resolve() == args.calib.resolve()
+        same = e.resolve() in {c.resolve() for c in args.calib}
         key = e.stem + ("+heldout" if same else "")
         if args.sampling == "spread":  # held out: windows between the calibration windows
             evals[key] = open_data(e, proto, args.model, seq_len=args.seq_len, max_tokens=args.eval_tokens,
@@ -86,24 +88,24 @@ def main() -> None:
             evals[key] = open_data(e, proto, args.model, seq_len=args.seq_len, max_tokens=args.eval_tokens,
                                    sampling="contiguous", skip_tokens=args.tokens if same else 0)
     del proto
-    report = {"model": str(args.model), "calib": str(args.calib), "tokens": args.tokens, "eval_tokens": args.eval_tokens,
+    report = {"model": str(args.model), "calib": [str(c) for c in args.calib], "tokens": args.tokens, "eval_tokens": args.eval_tokens,
               "seq_len": args.seq_len, "sampling": args.sampling, "library": library_available(), "dense": {}, "runs": []}
     for name, ds in evals.items():
-        report["dense"][name] = perplexity(args.model, ds, progress=progress)["perplexity"]
+        report["dense"][name] = perplexity(args.model, ds, progress=progress, threads=args.threads)["perplexity"]
     print(json.dumps({"dense_perplexity": report["dense"]}), flush=True)
 
     def run(spec_text: str, passes: int, stats: Stats | None = None, label: str = "") -> Stats:
         t0 = time.perf_counter()
         if stats is None:
             stats = calibrate(args.model, args.calib, sparsity=spec_text, max_tokens=args.tokens, seq_len=args.seq_len,
-                              passes=passes, sampling=args.sampling, progress=progress)
+                              passes=passes, sampling=args.sampling, progress=progress, threads=args.threads)
             stats.save(args.workdir / f"stats_p{passes}_{spec_text.replace(',', '_').replace('=', '')}.json")
         cal_s = time.perf_counter() - t0
         sparse = args.workdir / "sparse.onnx"
         rewrite(args.model, sparse, stats=stats, sparsity=spec_text, check=False)
         res = {"spec": spec_text, "passes": passes, "mode": label or "calibrated", "calibrate_seconds": round(cal_s, 1),
                "threshold_change": stats.calibration.get("threshold_change"),
-               "eval": evaluate(args.model, sparse, spec_text, evals, progress)}
+               "eval": evaluate(args.model, sparse, spec_text, evals, progress, args.threads)}
         report["runs"].append(res)
         args.out.write_text(json.dumps(report, indent=1))
         brief = {k: {"ppl": round(v["perplexity"], 3), "worst_mean": round(v["worst_role_mean_error"], 4),
