@@ -21,6 +21,13 @@ struct Isa {
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static Vec Sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static uint32_t Drop(Vec diff, Vec threshold, Vec* kept) {
+    const Vec abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), diff);
+    const Vec keep = _mm256_cmp_ps(abs, threshold, _CMP_NLE_UQ);  // NaN: kept
+    *kept = _mm256_and_ps(keep, diff);
+    return static_cast<uint32_t>(_mm256_movemask_ps(keep));
+  }
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }

@@ -21,6 +21,12 @@ struct Isa {
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec Sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static uint32_t Drop(Vec diff, Vec threshold, Vec* kept) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(diff), threshold, _CMP_NLE_UQ);  // NaN: kept
+    *kept = _mm512_maskz_mov_ps(keep, diff);
+    return keep;
+  }
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }

@@ -6,7 +6,8 @@
 // caller on a CPU without it. For the same reason nothing here calls std:: templates.
 //
 // An Isa provides: Vec, kWidth, Set, Load, Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
-// Add, StoreHalf, and the register block of the several-rows kernel: kTileRows rows of A by
+// Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
+// zeroed), and the register block of the several-rows kernel: kTileRows rows of A by
 // kTileVecs vectors of columns.
 #pragma once
 
@@ -81,6 +82,41 @@ inline void Axpy1(float* acc, int64_t w, const TW* b, float d) {
   for (; j < w; ++j) acc[j] += d * ToFloat(b[j]);
 }
 
+// The drop rule on rows of A (see KernelSet::sparsify): vectors of d, and the kept columns of every
+// row ORed into a bitmap, read out in ascending order at the end.
+template <class Isa, typename TW>
+int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, float threshold, float offset, float* d, uint32_t* seen,
+                 int32_t* kept) {
+  static_assert(32 % Isa::kWidth == 0, "a vector's kept bits must fit in one word of the bitmap");
+  const int64_t words = SeenWords(depth);
+  std::memset(seen, 0, static_cast<size_t>(words) * sizeof(uint32_t));
+  const auto off = Isa::Set(offset), thr = Isa::Set(threshold);
+  for (int64_t r = 0; r < rows; ++r) {
+    const TW* a_row = a + r * depth;
+    float* d_row = d + r * depth;
+    int64_t j = 0;
+    for (; j + Isa::kWidth <= depth; j += Isa::kWidth) {
+      typename Isa::Vec kept_values;
+      const uint32_t bits = Isa::Drop(Isa::Sub(Isa::LoadB(a_row + j), off), thr, &kept_values);
+      Isa::Store(d_row + j, kept_values);
+      seen[j >> 5] |= bits << (j & 31);
+    }
+    for (; j < depth; ++j) {
+      const float diff = ToFloat(a_row[j]) - offset;
+      const bool keep = !(__builtin_fabsf(diff) <= threshold);  // NaN compares false: kept
+      d_row[j] = keep ? diff : 0.0f;
+      seen[j >> 5] |= static_cast<uint32_t>(keep) << (j & 31);
+    }
+  }
+  int64_t count = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    for (uint32_t bits = seen[w]; bits != 0; bits &= bits - 1) {
+      kept[count++] = static_cast<int32_t>(w * 32 + __builtin_ctz(bits));
+    }
+  }
+  return count;
+}
+
 // One row of A (decoding): acc[0:n] += sum over kept[i0:i1] of d[k] * B[k, :], streaming the
 // kept rows of B eight at a time. (Measured on a 2-core Xeon: software prefetching of the next rows
 // and groups of 1 or 4 rows were no faster; the loop runs at the machine's streaming read rate.)
@@ -140,13 +176,23 @@ inline void StoreRow(const float* acc, const float* bias, uint16_t* y, int64_t w
 template <class Isa, typename TW>
 inline bool CopyRow(const TW* src, int64_t w, float* dst) {
   const auto zero = Isa::Set(0.0f);
-  auto probe = zero;  // stays 0 unless some x * 0 is NaN, i.e. x is Inf or NaN
+  // Stay 0 unless some x * 0 is NaN, i.e. x is Inf or NaN. Two of them, so that the copy does not
+  // wait on one chain of FMA latencies.
+  auto probe = zero, probe2 = zero;
   int64_t j = 0;
+  for (; j + 2 * Isa::kWidth <= w; j += 2 * Isa::kWidth) {
+    const auto v = Isa::LoadB(src + j), v2 = Isa::LoadB(src + j + Isa::kWidth);
+    probe = Isa::Fma(v, zero, probe);
+    probe2 = Isa::Fma(v2, zero, probe2);
+    Isa::Store(dst + j, v);
+    Isa::Store(dst + j + Isa::kWidth, v2);
+  }
   for (; j + Isa::kWidth <= w; j += Isa::kWidth) {
     const auto v = Isa::LoadB(src + j);
     probe = Isa::Fma(v, zero, probe);
     Isa::Store(dst + j, v);
   }
+  probe = Isa::Add(probe, probe2);
   bool finite = true;
   for (; j < w; ++j) {
     dst[j] = ToFloat(src[j]);
@@ -158,33 +204,36 @@ inline bool CopyRow(const TW* src, int64_t w, float* dst) {
   return finite;
 }
 
-// acc[r][0:w] += d[r] * row for the rows r of the tile that keep this element: the slow, exact
-// path for a row of B holding Inf or NaN.
-inline void NonFiniteRow(const float* row, int64_t w, const float* d, int64_t tile_rows, float* acc,
+// acc[r][0:w] += d[r * d_stride] * row for the rows r of the tile that keep this element: the slow,
+// exact path for a row of B holding Inf or NaN.
+inline void NonFiniteRow(const float* row, int64_t w, const float* d, int64_t d_stride, int64_t tile_rows, float* acc,
                          int64_t acc_stride) {
   for (int64_t r = 0; r < tile_rows; ++r) {
-    if (d[r] == 0.0f) continue;  // dropped (kept elements are never 0)
-    for (int64_t j = 0; j < w; ++j) acc[r * acc_stride + j] += d[r] * row[j];
+    const float dr = d[r * d_stride];
+    if (dr == 0.0f) continue;  // dropped (kept elements are never 0)
+    for (int64_t j = 0; j < w; ++j) acc[r * acc_stride + j] += dr * row[j];
   }
 }
 
-// acc[r][c:c+V*W] += sum over panel rows i of packed[i][r] * panel[i][c:c+V*W], for kTileRows rows
-// of A and kTileVecs vectors of columns held in registers. acc and panel rows are `stride` floats apart.
+// acc[r][c:c+V*W] += sum over panel rows i of d[r][i] * panel[i][c:c+V*W], for kTileRows rows of
+// A (d_stride floats apart) and kTileVecs vectors of columns held in registers. acc rows are
+// acc_stride floats apart, panel rows `stride`.
 template <class Isa>
-inline void PanelBlock(const float* panel, int64_t rows_in_panel, int64_t stride, const float* packed, float* acc,
-                       int64_t acc_stride) {
+inline void PanelBlock(const float* panel, int64_t rows_in_panel, int64_t stride, const float* d, int64_t d_stride,
+                       float* acc, int64_t acc_stride) {
   constexpr int64_t kRows = Isa::kTileRows;
   constexpr int64_t kVecs = Isa::kTileVecs;
   constexpr int64_t kW = Isa::kWidth;
   typename Isa::Vec sum[kRows][kVecs];
   for (int64_t r = 0; r < kRows; ++r)
     for (int64_t v = 0; v < kVecs; ++v) sum[r][v] = Isa::Load(acc + r * acc_stride + v * kW);
+  const float* d_row[kRows];
+  for (int64_t r = 0; r < kRows; ++r) d_row[r] = d + r * d_stride;
   for (int64_t i = 0; i < rows_in_panel; ++i) {
     typename Isa::Vec bv[kVecs];
     for (int64_t v = 0; v < kVecs; ++v) bv[v] = Isa::Load(panel + i * stride + v * kW);
-    const float* d = packed + i * kRows;
     for (int64_t r = 0; r < kRows; ++r) {
-      const auto dv = Isa::Set(d[r]);
+      const auto dv = Isa::Set(d_row[r][i]);
       for (int64_t v = 0; v < kVecs; ++v) sum[r][v] = Isa::Fma(bv[v], dv, sum[r][v]);
     }
   }
@@ -200,32 +249,35 @@ void MultiplyPanel(const SparseTiles& act, int64_t i0, const float* panel, int64
                    int64_t panel_stride, const bool* finite, float* acc, int64_t acc_stride) {
   constexpr int64_t kRows = Isa::kTileRows;
   constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
-  const float* packed = act.packed + i0 * kRows;
-  const int64_t tile_packed = act.kept_count * kRows;  // distance between tiles in act.packed
+  const float* d = act.values + i0;
+  const int64_t d_stride = act.row_stride;
+  const int64_t tile_d_stride = kRows * d_stride;  // distance between tiles in act.values
   bool all_finite = true;
   for (int64_t i = 0; i < count; ++i) all_finite = all_finite && finite[i];
   if (all_finite) {
     // Column strip outside, tiles inside: the strip stays in L1 for every tile.
     for (int64_t c = 0; c < width; c += kBlock) {
       for (int64_t t = 0; t < act.tiles; ++t) {
-        PanelBlock<Isa>(panel + c, count, panel_stride, packed + t * tile_packed, acc + t * kRows * acc_stride + c,
-                        acc_stride);
+        PanelBlock<Isa>(panel + c, count, panel_stride, d + t * tile_d_stride, d_stride,
+                        acc + t * kRows * acc_stride + c, acc_stride);
       }
     }
     return;
   }
   // Runs of finite rows go through the register blocks; a row with Inf or NaN goes alone.
   for (int64_t t = 0; t < act.tiles; ++t) {
-    const float* tile_d = packed + t * tile_packed;
+    const float* tile_d = d + t * tile_d_stride;
     float* tile_acc = acc + t * kRows * acc_stride;
     for (int64_t start = 0; start < count;) {
       int64_t end = start;
       while (end < count && finite[end]) ++end;
       for (int64_t c = 0; end > start && c < width; c += kBlock) {
-        PanelBlock<Isa>(panel + start * panel_stride + c, end - start, panel_stride, tile_d + start * kRows, tile_acc + c,
-                        acc_stride);
+        PanelBlock<Isa>(panel + start * panel_stride + c, end - start, panel_stride, tile_d + start, d_stride,
+                        tile_acc + c, acc_stride);
       }
-      if (end < count) NonFiniteRow(panel + end * panel_stride, width, tile_d + end * kRows, kRows, tile_acc, acc_stride);
+      if (end < count) {
+        NonFiniteRow(panel + end * panel_stride, width, tile_d + end, d_stride, kRows, tile_acc, acc_stride);
+      }
       start = end + 1;
     }
   }
@@ -305,7 +357,7 @@ void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, i
 
 template <class Isa, typename TW>
 constexpr KernelSet<TW> MakeKernelSet() {
-  return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
+  return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, &Sparsify<Isa, TW>, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
                        &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>};
 }
 

@@ -46,6 +46,20 @@ struct Isa {
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
     return r;
   }
+  static Vec Sub(const Vec& a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] - b.v[i];
+    return r;
+  }
+  static uint32_t Drop(const Vec& diff, const Vec& threshold, Vec* kept) {
+    uint32_t bits = 0;
+    for (int i = 0; i < 8; ++i) {
+      const bool keep = !(__builtin_fabsf(diff.v[i]) <= threshold.v[i]);  // NaN: kept
+      kept->v[i] = keep ? diff.v[i] : 0.0f;
+      bits |= static_cast<uint32_t>(keep) << i;
+    }
+    return bits;
+  }
   static void StoreHalf(uint16_t* p, const Vec& v) {
     for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v.v[i]);
   }

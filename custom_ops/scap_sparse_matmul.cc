@@ -31,9 +31,6 @@ constexpr int64_t kKSplitTasks = 8;
 constexpr int64_t kKSplitMaxRows = 16;
 constexpr int64_t kMinKeptRowsPerTask = 16;
 
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
-
 template <typename T>
 struct Traits;
 template <>
@@ -69,8 +66,8 @@ float ReadFloatAttribute(const OrtApi& api, const OrtKernelInfo* info, const cha
 struct Scratch {
   std::vector<float> d;           // sparsified activations: one row, or one tile of rows
   std::vector<int32_t> kept;      // kept columns: of the row, or of every tile one after another
-  std::vector<float> packed;      // tiles packed for the kernels (SparseTiles)
-  std::vector<uint8_t> seen;
+  std::vector<float> packed;      // D at the kept columns, when some are dropped (SparseTiles)
+  std::vector<uint32_t> seen;    // bitmap of kept columns
   std::vector<float> bias;        // bias as float32
   std::vector<float> partials;    // per-task partial sums of a decoding call
 };
@@ -80,49 +77,78 @@ Scratch& ThreadScratch() {
   return scratch;
 }
 
-// The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), and the ascending
-// union of their kept columns into s.kept.
-template <typename Bits>
-void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float offset, Scratch& s) {
-  s.d.resize(static_cast<size_t>(rows * depth));
-  s.seen.assign(static_cast<size_t>(depth), 0);
-  for (int64_t m = 0; m < rows; ++m) {
-    const Bits* a_row = a + m * depth;
-    float* d_row = s.d.data() + m * depth;
-    for (int64_t k = 0; k < depth; ++k) {
-      const float diff = ToFloat(a_row[k]) - offset;
-      const bool dropped = std::fabs(diff) <= threshold;  // NaN compares false: kept
-      d_row[k] = dropped ? 0.0f : diff;
-      s.seen[static_cast<size_t>(k)] |= static_cast<uint8_t>(!dropped);
-    }
-  }
-  s.kept.clear();
-  for (int64_t k = 0; k < depth; ++k)
-    if (s.seen[static_cast<size_t>(k)]) s.kept.push_back(static_cast<int32_t>(k));
-}
-
-// The drop rule on rows [0, rows) of A, packed into tiles of tile_rows rows (see SparseTiles).
-template <typename Bits>
-SparseTiles SparsifyTiles(const Bits* a, int64_t rows, int64_t depth, float threshold, float offset,
-                          int64_t tile_rows, Scratch& s) {
-  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
-  Sparsify(a, rows, depth, threshold, offset, s);
-  const int64_t kept = static_cast<int64_t>(s.kept.size());
-  s.packed.assign(static_cast<size_t>(tiles * kept * tile_rows), 0.0f);
-  for (int64_t m = 0; m < rows; ++m) {
-    float* tile = s.packed.data() + (m / tile_rows) * kept * tile_rows + m % tile_rows;
-    const float* d_row = s.d.data() + m * depth;
-    for (int64_t i = 0; i < kept; ++i) tile[i * tile_rows] = d_row[s.kept[static_cast<size_t>(i)]];
-  }
-  return SparseTiles{rows, tile_rows, tiles, s.kept.data(), kept, s.packed.data()};
-}
-
 template <typename Bits>
 const KernelSet<Bits>& Kernels();
 template <>
 const KernelSet<float>& Kernels<float>() { return SelectKernels().f32; }
 template <>
 const KernelSet<uint16_t>& Kernels<uint16_t>() { return SelectKernels().f16; }
+
+// The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), and the ascending
+// union of their kept columns into s.kept.
+template <typename Bits>
+void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float offset, Scratch& s) {
+  s.d.resize(static_cast<size_t>(rows * depth));
+  s.seen.resize(static_cast<size_t>(SeenWords(depth)));
+  s.kept.resize(static_cast<size_t>(depth));
+  const int64_t kept =
+      Kernels<Bits>().sparsify(a, rows, depth, threshold, offset, s.d.data(), s.seen.data(), s.kept.data());
+  s.kept.resize(static_cast<size_t>(kept));
+}
+
+// Runs tasks [0, count) in onnxruntime's intra-op thread pool, or inline when there is one.
+void RunTasks(Ort::KernelContext& context, void (*task)(void*, size_t), int64_t count, void* job) {
+  if (count == 1) {
+    task(job, 0);
+  } else {
+    context.ParallelFor(task, static_cast<size_t>(count), 0, job);
+  }
+}
+
+// Rows of D to gather at the kept columns (see SparseTiles), a tile of rows per task.
+struct GatherJob {
+  const float* d;  // [rows, depth]
+  int64_t rows, depth, tile_rows;
+  const int32_t* kept;
+  int64_t kept_count;
+  float* values;  // [rows, kept_count]
+};
+
+void RunGatherTask(void* data, size_t index) {
+  const auto& job = *static_cast<const GatherJob*>(data);
+  const int64_t row_end = std::min(job.rows, (static_cast<int64_t>(index) + 1) * job.tile_rows);
+  for (int64_t m = static_cast<int64_t>(index) * job.tile_rows; m < row_end; ++m) {
+    const float* d_row = job.d + m * job.depth;
+    float* out = job.values + m * job.kept_count;
+    for (int64_t i = 0; i < job.kept_count; ++i) out[i] = d_row[job.kept[i]];
+  }
+}
+
+// The drop rule on rows [0, rows) of A, in tiles of tile_rows rows (see SparseTiles). When the rows
+// keep every column between them (usual for tall A) the kernels read D in place; otherwise the
+// kept columns are gathered, a tile per task.
+template <typename Bits>
+SparseTiles SparsifyTiles(Ort::KernelContext& context, const Bits* a, int64_t rows, int64_t depth, float threshold,
+                          float offset, int64_t tile_rows, Scratch& s) {
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t padded_rows = tiles * tile_rows;
+  Sparsify(a, rows, depth, threshold, offset, s);
+  const int64_t kept = static_cast<int64_t>(s.kept.size());
+  if (kept == depth) {
+    s.d.resize(static_cast<size_t>(padded_rows * depth));
+    std::fill(s.d.begin() + rows * depth, s.d.end(), 0.0f);
+    return SparseTiles{rows, tile_rows, tiles, s.kept.data(), kept, s.d.data(), depth};
+  }
+  s.packed.resize(static_cast<size_t>(padded_rows * kept));
+  std::fill(s.packed.begin() + rows * kept, s.packed.end(), 0.0f);
+  GatherJob job{s.d.data(), rows, depth, tile_rows, s.kept.data(), kept, s.packed.data()};
+  if (rows * kept >= kMinWorkForThreads) {
+    RunTasks(context, &RunGatherTask, tiles, &job);
+  } else {
+    for (int64_t t = 0; t < tiles; ++t) RunGatherTask(&job, static_cast<size_t>(t));
+  }
+  return SparseTiles{rows, tile_rows, tiles, s.kept.data(), kept, s.packed.data(), kept};
+}
 
 // One call's work, split into tasks for the thread pool.
 template <typename Bits>
@@ -180,15 +206,6 @@ void RunColumnTask(void* data, size_t index) {
   const int64_t block = job.kernels->tile_columns;
   work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUpTo(n1 - n0, block))));
   job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
-}
-
-// Runs tasks [0, count) in onnxruntime's intra-op thread pool, or inline when there is one.
-void RunTasks(Ort::KernelContext& context, void (*task)(void*, size_t), int64_t count, void* job) {
-  if (count == 1) {
-    task(job, 0);
-  } else {
-    context.ParallelFor(task, static_cast<size_t>(count), 0, job);
-  }
 }
 
 // Column blocks numerous enough to balance the pool's threads (the thread count is not known
@@ -294,7 +311,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   // Several rows: passes bound the scratch memory; each pass reads the kept rows of B once.
   for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
     const int64_t pass_rows = std::min(rows - row0, kMaxRowsPerPass);
-    Job<Bits> job{&kernels, {}, SparsifyTiles(a_data + row0 * depth, pass_rows, depth, threshold_, offset_,
+    Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, threshold_, offset_,
                                               kernels.tile_rows, scratch),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
     const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
