@@ -160,7 +160,7 @@ struct Job {
   int64_t n;
   const float* bias;
   Bits* y;
-  int64_t per_task;      // kept rows per task (split over K) or columns per task (split over N)
+  int64_t tasks;         // the split: of the kept rows (over K) or of the columns (over N)
   float* partials;       // split over K: one partial sum per task
   int64_t part_stride;   // floats between two tasks' partial sums
 };
@@ -175,23 +175,27 @@ int64_t KSplitTasks(int64_t kept, int64_t work) {
   return std::max<int64_t>(1, std::min({kKSplitTasks, by_rows, by_work}));
 }
 
-// Task `index` of a split of [0, count) into runs of per_task: [first, second).
-std::pair<int64_t, int64_t> TaskRange(size_t index, int64_t per_task, int64_t count) {
-  const int64_t begin = std::min(static_cast<int64_t>(index) * per_task, count);
-  return {begin, std::min(begin + per_task, count)};
+// Task `index` of `tasks` near-equal runs of [0, count), cut at multiples of `unit`. Every run of
+// consecutive tasks gets its share of the work: onnxruntime hands each thread a contiguous batch of
+// tasks, and with a short last task one thread would get a full extra task (up to 12% of a call
+// measured at 2 threads).
+std::pair<int64_t, int64_t> TaskRange(size_t index, int64_t tasks, int64_t count, int64_t unit = 1) {
+  const int64_t units = (count + unit - 1) / unit;
+  const int64_t i = static_cast<int64_t>(index);
+  return {std::min(i * units / tasks * unit, count), std::min((i + 1) * units / tasks * unit, count)};
 }
 
 template <typename Bits>
 void RunRowTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
-  const auto [i0, i1] = TaskRange(index, job.per_task, job.row.kept_count);
+  const auto [i0, i1] = TaskRange(index, job.tasks, job.row.kept_count);
   job.kernels->row_partial(job.row, job.b, job.n, i0, i1, job.partials + index * job.part_stride);
 }
 
 template <typename Bits>
 void RunTilesPartialTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
-  const auto [i0, i1] = TaskRange(index, job.per_task, job.tiles.kept_count);
+  const auto [i0, i1] = TaskRange(index, job.tasks, job.tiles.kept_count);
   thread_local std::vector<float> work;  // per pool thread: the panel
   const int64_t width = RoundUpTo(job.n, job.kernels->tile_columns);
   work.resize(static_cast<size_t>(PanelRowsForWidth(width) * PanelStride(width)));
@@ -201,18 +205,18 @@ void RunTilesPartialTask(void* data, size_t index) {
 template <typename Bits>
 void RunColumnTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
-  const auto [n0, n1] = TaskRange(index, job.per_task, job.n);
-  thread_local std::vector<float> work;  // per pool thread: panel and accumulators
   const int64_t block = job.kernels->tile_columns;
+  const auto [n0, n1] = TaskRange(index, job.tasks, job.n, block);
+  thread_local std::vector<float> work;  // per pool thread: panel and accumulators
   work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUpTo(n1 - n0, block))));
   job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
 }
 
-// Column blocks numerous enough to balance the pool's threads (the thread count is not known
-// here), narrow enough for the panel to stay in L2; whole register blocks.
-int64_t ColumnsPerTask(int64_t n, int64_t block) {
-  const int64_t columns = std::min((n + kTargetTasks - 1) / kTargetTasks, kMaxColumnsPerTask);
-  return (columns + block - 1) / block * block;
+// Column tasks numerous enough to balance the pool's threads (the thread count is not known
+// here), narrow enough for the panel to stay in L2, of whole register blocks.
+int64_t ColumnTasks(int64_t n, int64_t block) {
+  const int64_t blocks = (n + block - 1) / block;
+  return std::min(blocks, std::max(kTargetTasks, (n + kMaxColumnsPerTask - 1) / kMaxColumnsPerTask));
 }
 
 }  // namespace
@@ -303,7 +307,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     const int64_t tasks = KSplitTasks(kept, kept * n);
     scratch.partials.resize(static_cast<size_t>(tasks * n));
     Job<Bits> job{&kernels, {scratch.d.data(), scratch.kept.data(), kept}, {}, b_data, n, bias_f32, y_data,
-                  (kept + tasks - 1) / tasks, scratch.partials.data(), n};
+                  tasks, scratch.partials.data(), n};
     RunTasks(context, &RunRowTask<Bits>, tasks, &job);
     kernels.reduce(job.partials, tasks, n, n, bias_f32, y_data);
     return;
@@ -320,7 +324,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       const int64_t kept = job.tiles.kept_count;
       const int64_t tasks = KSplitTasks(kept, pass_rows * kept * n);
       const int64_t width = RoundUpTo(n, kernels.tile_columns);
-      job.per_task = (kept + tasks - 1) / tasks;
+      job.tasks = tasks;
       job.part_stride = job.tiles.tiles * job.tiles.tile_rows * width;
       scratch.partials.resize(static_cast<size_t>(tasks * job.part_stride));
       job.partials = scratch.partials.data();
@@ -329,8 +333,8 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
         kernels.reduce(job.partials + m * width, tasks, job.part_stride, n, bias_f32, job.y + m * n);
       }
     } else {
-      job.per_task = threaded ? ColumnsPerTask(n, kernels.tile_columns) : n;
-      RunTasks(context, &RunColumnTask<Bits>, (n + job.per_task - 1) / job.per_task, &job);
+      job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
+      RunTasks(context, &RunColumnTask<Bits>, job.tasks, &job);
     }
   }
 }
