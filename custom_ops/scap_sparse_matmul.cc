@@ -21,7 +21,7 @@ namespace {
 constexpr int64_t kMinWorkForThreads = 1 << 16;
 constexpr int64_t kMaxColumnsPerTask = 1024;
 constexpr int64_t kTargetTasks = 16;
-// Rows of A per pass of the several-rows path: bounds the packed activations kept in scratch.
+// Rows of A per pass of the several-rows path: bounds the sparsified activations kept in scratch.
 constexpr int64_t kMaxRowsPerPass = 128;
 // Short A (decoding included) splits the kept rows of B into this many tasks, whose partial sums
 // are added at the end: enough to balance a pool of a few threads, few enough that the partial

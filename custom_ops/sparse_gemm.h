@@ -1,8 +1,9 @@
 // Numeric core of ScapSparseMatMul, free of ONNX Runtime types.
 //
-// The kernels multiply already-sparsified activations by B, visiting only the rows of B whose
-// activations survived the drop rule. One row of A (decoding) splits the kept rows of B over
-// tasks, each adding into a partial sum; several rows split the output columns over tasks.
+// The kernels apply the drop rule (vectorised, see KernelSet::sparsify) and multiply the sparsified
+// activations by B, visiting only the rows of B whose activations survived. One row of A
+// (decoding) splits the kept rows of B over tasks, each adding into a partial sum; several rows
+// split the output columns over tasks.
 #pragma once
 
 #include <cstddef>
