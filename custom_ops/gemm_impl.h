@@ -295,8 +295,6 @@ void CopyPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64
   }
 }
 
-inline int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
 // Several rows of A over the column block [n0, n1) (the split for tall A, compute-bound): copy
 // kPanelRows kept rows of B's block into a float32 panel, multiply every tile of A by it, repeat
 // over K. Work space: the panel, then float32 accumulators for all rows.
@@ -322,7 +320,7 @@ void TileColumns(const SparseTiles& act, const TW* b, int64_t n, const float* bi
 
 // Several rows of A over kept rows [i0, i1) and all columns (the split for short A, bound by
 // memory): whole rows of B stream into the panel, a few at a time. partial: every row of A,
-// RoundUp(n, block) floats apart; work: PartialWorkFloats.
+// RoundUp(n, block) floats apart; work: PanelRowsForWidth(that width) rows of PanelStride(that width).
 template <class Isa, typename TW>
 void TilesPartial(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* work,
                   float* partial) {

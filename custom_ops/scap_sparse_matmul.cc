@@ -165,8 +165,6 @@ struct Job {
   int64_t part_stride;   // floats between two tasks' partial sums
 };
 
-int64_t RoundUpTo(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
 // Tasks for a split over K: enough to balance a pool of a few threads, each with enough work to
 // outweigh its dispatch and its partial sum (small layers of small models run in few tasks).
 int64_t KSplitTasks(int64_t kept, int64_t work) {
@@ -197,7 +195,7 @@ void RunTilesPartialTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
   const auto [i0, i1] = TaskRange(index, job.tasks, job.tiles.kept_count);
   thread_local std::vector<float> work;  // per pool thread: the panel
-  const int64_t width = RoundUpTo(job.n, job.kernels->tile_columns);
+  const int64_t width = RoundUp(job.n, job.kernels->tile_columns);
   work.resize(static_cast<size_t>(PanelRowsForWidth(width) * PanelStride(width)));
   job.kernels->tiles_partial(job.tiles, job.b, job.n, i0, i1, work.data(), job.partials + index * job.part_stride);
 }
@@ -208,7 +206,7 @@ void RunColumnTask(void* data, size_t index) {
   const int64_t block = job.kernels->tile_columns;
   const auto [n0, n1] = TaskRange(index, job.tasks, job.n, block);
   thread_local std::vector<float> work;  // per pool thread: panel and accumulators
-  work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUpTo(n1 - n0, block))));
+  work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUp(n1 - n0, block))));
   job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
 }
 
@@ -318,12 +316,11 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, threshold_, offset_,
                                               kernels.tile_rows, scratch),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
-    const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
     if (pass_rows <= kKSplitMaxRows) {
       // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
       const int64_t kept = job.tiles.kept_count;
       const int64_t tasks = KSplitTasks(kept, pass_rows * kept * n);
-      const int64_t width = RoundUpTo(n, kernels.tile_columns);
+      const int64_t width = RoundUp(n, kernels.tile_columns);
       job.tasks = tasks;
       job.part_stride = job.tiles.tiles * job.tiles.tile_rows * width;
       scratch.partials.resize(static_cast<size_t>(tasks * job.part_stride));
@@ -333,6 +330,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
         kernels.reduce(job.partials + m * width, tasks, job.part_stride, n, bias_f32, job.y + m * n);
       }
     } else {
+      const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
       job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
       RunTasks(context, &RunColumnTask<Bits>, job.tasks, &job);
     }

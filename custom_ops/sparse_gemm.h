@@ -46,6 +46,9 @@ inline int64_t TileWorkFloats(int64_t tiles, int64_t tile_rows, int64_t columns)
   return kPanelRows * PanelStride(columns) + tiles * tile_rows * columns;
 }
 
+// x rounded up to a multiple of `to`.
+inline int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 // 32-bit words of the kept-column bitmap that `sparsify` works in.
 inline int64_t SeenWords(int64_t depth) { return (depth + 31) / 32; }
 
