@@ -62,8 +62,8 @@ def rewrite(
     progress = progress or NullProgress()
     if sparsity is not None:
         parse_spec(sparsity)  # fail early on a bad SPEC
-    if data is not None and not isinstance(data, (str, Path)) and not list(data):
-        data = None
+    if data is not None and not isinstance(data, (str, Path)):
+        data = list(data) or None  # a list of files; an empty one means no data
     if stats is None and data is None:
         raise ScapError("rewrite needs --stats STATS.json or --data DATA to calibrate")
     if stats is not None and data is not None:
