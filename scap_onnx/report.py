@@ -11,7 +11,7 @@ milliseconds, sparsities fractions in [0, 1]:
                        ``batch_size``, ``max_tokens``; ``tokens`` and ``batches`` actually evaluated
 ``environment``        ``cpu_model``, ``isa`` (notable CPU flags), ``kernel_isa`` (the op library's
                        kernel family on this CPU), ``cores_logical``, ``cores_physical``,
-                       ``memory_bytes``, ``threads``, ``spinning``, ``provider``, ``onnxruntime``,
+                       ``memory_bytes``, ``threads``, ``thread_pool``, ``spinning``, ``provider``, ``onnxruntime``,
                        ``numpy``, ``python``, ``platform``, ``scap_onnx``, ``library`` (path),
                        ``load_average`` / ``load_average_end`` (1/5/15-min, start and end of the run:
                        a loaded machine makes timings noisy)
@@ -33,7 +33,10 @@ milliseconds, sparsities fractions in [0, 1]:
                        weight bytes skipped), ``weighted_sparse_targets`` (share of the rewritten
                        MatMuls' bytes skipped), ``fc_bytes``, ``fc_bytes_sparse_targets``,
                        ``ideal_fc_speedup`` (= fc_bytes / (fc_bytes - skipped bytes))
-``latency``            ``threads``, ``provider``, ``spinning``; ``decode`` (decoders with a KV cache:
+``latency``            ``threads``, ``provider``, ``thread_pool`` (``shared``: one onnxruntime
+                       intra-op pool for both sessions; ``separate``: one each, with
+                       ``thread_pool_note`` when shared was asked for but impossible), ``spinning``;
+                       ``decode`` (decoders with a KV cache:
                        one new token after ``kv_len`` cached tokens), ``prefill`` (``tokens`` prompt
                        tokens, no cache) or ``batch`` (other models: one batch, ``shapes``), each
                        with ``dense_ms`` / ``sparse_ms`` {``median``, ``p10``, ``p90``, ``mean``,
@@ -69,8 +72,14 @@ def environment_line(env: dict) -> str:
     isa = ", ".join(env.get("isa") or []) or "?"
     return (f"{env.get('cpu_model')} ({env.get('cores_logical')} logical cores; ISA {isa}; kernel "
             f"{env.get('kernel_isa')}), {env.get('threads')} threads, onnxruntime {env.get('onnxruntime')}, "
-            f"{env.get('provider')}, spinning {'on' if env.get('spinning') else 'off'}, load average "
+            f"{env.get('provider')}, {_pool(env)}, load average "
             f"{_load(env.get('load_average'))} -> {_load(env.get('load_average_end'))}")
+
+
+def _pool(env: dict) -> str:
+    if env.get("thread_pool") == "shared":
+        return "one thread pool shared by both sessions (spinning)"
+    return f"a thread pool per session, spinning {'on' if env.get('spinning') else 'off'}"
 
 
 def _load(v) -> str:
@@ -134,8 +143,9 @@ def markdown(report: dict) -> str:
     if lat:
         first = next((lat[k] for k in ("decode", "prefill", "batch") if k in lat), None)
         if first:
+            pool = "one thread pool" if lat.get("thread_pool") == "shared" else "a thread pool each"
             lines.append(f"\nLatency: {first['warmup']} warm-up + {first['repeats']} timed rounds, dense and sparse "
-                         "alternating in one process; speedup = ratio of medians.")
+                         f"alternating in one process on {pool}; speedup = ratio of medians.")
     if sp and sp.get("roles"):
         lines += ["", "| role | targets | target | measured mean | min | max |", "|---|---:|---:|---:|---:|---:|"]
         for role, r in sp["roles"].items():

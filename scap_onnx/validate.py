@@ -36,7 +36,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -59,6 +59,9 @@ _DECODE_TOKENS = 8
 
 
 # ----------------------------------------------------------------------------- options
+THREAD_POOLS = ("shared", "separate")
+
+
 @dataclass
 class ValidateOptions:
     """What validate measures and how (the CLI options, one to one)."""
@@ -79,7 +82,10 @@ class ValidateOptions:
     repeats: int = 20
     prefill_repeats: int = 5
     prefill: bool = True
-    spinning: bool = False  # onnxruntime intra-op thread spinning (off: fair when sessions alternate)
+    # Latency: "shared" runs dense and sparse on one onnxruntime intra-op pool (spinning, as a single
+    # session runs by default); "separate" gives each session its own pool, spinning or not.
+    thread_pool: str = "shared"
+    spinning: bool = False  # separate pools only: their workers spin (off: they would steal each other's cores)
     targets: dict[str, float] | None = None  # role -> target sparsity, for the report only
 
     def check(self) -> None:
@@ -99,6 +105,8 @@ class ValidateOptions:
             raise ScapError("--skip-tokens must be at least 0")
         if not (0.0 <= self.phase < 1.0):
             raise ScapError("--phase must be in [0, 1)")
+        if self.thread_pool not in THREAD_POOLS:
+            raise ScapError(f"--thread-pool must be one of {', '.join(THREAD_POOLS)}, got {self.thread_pool!r}")
         if not (self.accuracy or self.latency):
             raise ScapError("nothing to do: both accuracy and latency are switched off")
 
@@ -349,16 +357,21 @@ def fc_weight_bytes(model: onnx.ModelProto) -> int:
 
 
 # ----------------------------------------------------------------------------- sessions
-def session_options(threads: int, spinning: bool, library: bool):
+def session_options(threads: int, spinning: bool, library: bool, shared_pool: bool = False):
+    """Options for a timed or compared session; ``shared_pool``: run on the process-wide pool,
+    whose size and spinning onnxruntime fixed when it made it."""
     import onnxruntime as ort
 
     from .capture import default_options
 
-    opts = default_options(threads)
-    opts.inter_op_num_threads = 1
+    opts = default_options(None if shared_pool else threads)
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if shared_pool:
+        opts.use_per_session_threads = False
+    else:
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if library:
         from .library import session_options as with_library
 
@@ -746,20 +759,35 @@ def _decoder_feeds(pair: ModelPair, ids: np.ndarray, past_len: int, past: dict[s
     return feeds
 
 
-def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: list[np.ndarray] | None = None,
-                    progress: Progress | None = None) -> dict:
-    """Decode step and prefill (decoders with KV cache) or one batch (others), interleaved."""
-    progress = progress or NullProgress()
-    threads = opts.threads or default_threads()
-    provider = provider_name(opts.provider)
-    sessions = {
-        "dense": _session_from_path(pair.dense_path, session_options(threads, opts.spinning, False), provider),
-        "sparse": _session_from_path(pair.sparse_path, session_options(threads, opts.spinning, True), provider),
-    }
-    out: dict = {"threads": threads, "provider": provider, "spinning": opts.spinning}
+def _latency_plan(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: list[np.ndarray] | None) -> dict:
+    """What to time, from the data: token ids for a decoder with a KV cache, else one batch of feeds."""
     if pair.kind == "causal-lm" and pair.past:
+        ids, tiled = _token_stream(ds, opts.kv_len + _DECODE_TOKENS, tokens_seen)
+        return {"ids": ids, "tiled": tiled}
+    for feeds, n_tok in _batches(ds):
+        return {"feeds": feeds, "tokens": n_tok}
+    raise ScapError("no batch to time")  # _batches raises first; kept for the type checker
+
+
+def _time_plan(pair: ModelPair, plan: dict, opts: ValidateOptions, threads: int, provider: str, shared: bool,
+               progress: Progress | None = None) -> dict:
+    """Decode step and prefill (decoders with KV cache) or one batch (others), dense and sparse
+    interleaved. ``shared``: both sessions on onnxruntime's process-wide pool (a fresh process only)."""
+    import onnxruntime as ort
+
+    progress = progress or NullProgress()
+    if shared:
+        ort.set_global_thread_pool_sizes(threads, 1)
+    spinning = True if shared else opts.spinning  # onnxruntime's shared pool spins (its default)
+    sessions = {
+        "dense": _session_from_path(pair.dense_path, session_options(threads, spinning, False, shared), provider),
+        "sparse": _session_from_path(pair.sparse_path, session_options(threads, spinning, True, shared), provider),
+    }
+    out: dict = {"threads": threads, "provider": provider, "thread_pool": "shared" if shared else "separate",
+                 "spinning": spinning}
+    if "ids" in plan:
         L = opts.kv_len
-        ids, tiled = _token_stream(ds, L + _DECODE_TOKENS, tokens_seen)
+        ids = plan["ids"]
         prompt = ids[None, :L]
         prefill_feeds = _decoder_feeds(pair, prompt, 0, None)
         decode_feeds = {}
@@ -785,7 +813,7 @@ def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: lis
         task.close()
         out["decode"] = _compare(times, 1, opts.warmup)
         out["decode"]["kv_len"] = L
-        out["decode"]["tokens_tiled"] = tiled
+        out["decode"]["tokens_tiled"] = plan["tiled"]
         del decode_feeds
         if opts.prefill:
             task = progress.task(f"latency: prefill {L} tokens (1+{opts.prefill_repeats} rounds)", None)
@@ -794,22 +822,54 @@ def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: lis
             task.close()
             out["prefill"] = _compare(times, L, 1)
     else:
-        feeds = None
-        n_tok = 0
-        for feeds, n_tok in _batches(ds):
-            break
         if pair.kind == "causal-lm":  # no KV cache: a decode step is a whole forward pass
             out["note"] = "the model has no past key/value inputs: no decode step; one batch timed instead"
         names = {i.name for i in sessions["dense"].get_inputs()}
-        feeds = {k: v for k, v in feeds.items() if k in names}
+        feeds = {k: v for k, v in plan["feeds"].items() if k in names}
         task = progress.task(f"latency: one batch ({opts.warmup}+{opts.repeats} rounds)", None)
         times = interleaved({n: (lambda s=s: s.run(None, feeds)) for n, s in sessions.items()},
                             opts.warmup, opts.repeats)
         task.close()
-        out["batch"] = _compare(times, n_tok, opts.warmup)
+        out["batch"] = _compare(times, plan["tokens"], opts.warmup)
         out["batch"]["shapes"] = {k: list(v.shape) for k, v in feeds.items()}
     del sessions
     return out
+
+
+def _in_fresh_process(fn: Callable, *args):
+    """fn(*args) in a new Python process (spawned, so nothing of this one's onnxruntime state is
+    inherited); its ScapError comes back as is."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    except BrokenProcessPool:
+        raise ScapError("the latency process died (out of memory, or a crash in onnxruntime or the op library)") \
+            from None
+
+
+def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: list[np.ndarray] | None = None,
+                    progress: Progress | None = None) -> dict:
+    """Decode step and prefill (decoders with KV cache) or one batch (others), interleaved.
+
+    With the shared thread pool (the default) the timing runs in a fresh process: onnxruntime makes
+    its process-wide pool once and then refuses sessions with pools of their own, which would break
+    the caller's later sessions.
+    """
+    progress = progress or NullProgress()
+    threads = opts.threads or default_threads()
+    provider = provider_name(opts.provider)
+    plan = _latency_plan(pair, ds, opts, tokens_seen)
+    if opts.thread_pool != "shared":
+        return _time_plan(pair, plan, opts, threads, provider, False, progress)
+    task = progress.task("latency: dense and sparse on one thread pool (in a separate process)", None)
+    try:
+        return _in_fresh_process(_time_plan, replace(pair, sparse_proto=None), plan, opts, threads, provider, True)
+    finally:
+        task.close()
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -824,7 +884,8 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path, options: V
     provider = provider_name(opts.provider)
     threads = opts.threads or default_threads()
     ds = open_eval_data(pair, data, opts)
-    env = environment(threads, provider, opts.spinning)
+    env = environment(threads, provider, opts.thread_pool == "shared" or opts.spinning)
+    env["thread_pool"] = opts.thread_pool
     report: dict = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -851,6 +912,8 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path, options: V
         report["sparsity"] = sp
     if opts.latency:
         report["latency"] = measure_latency(pair, ds, opts, seen, progress)
+        for key in ("thread_pool", "spinning"):  # what the timing really ran on
+            report["environment"][key] = report["latency"][key]
     report["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
@@ -915,7 +978,8 @@ def validate_command(
     prefill_repeats: int = typer.Option(5, "--prefill-repeats", help="Timed rounds of the prefill."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
     provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full onnxruntime provider name."),
-    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="onnxruntime thread spinning (off by default: fairer when two sessions alternate on few cores)."),
+    thread_pool: str = typer.Option("shared", "--thread-pool", help="Latency: 'shared' (dense and sparse sessions on one onnxruntime thread pool that spins, like one session with onnxruntime's defaults) or 'separate' (a pool each)."),
+    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="With --thread-pool separate: the pools' threads spin (off by default: two spinning pools steal each other's cores)."),
     accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Measure accuracy and sparsity."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC the model was rewritten for (shown next to the measured sparsity)."),
@@ -929,7 +993,7 @@ def validate_command(
                            sampling=sampling, phase=phase,
                            batch_size=batch_size, threads=threads, provider=provider, accuracy=accuracy,
                            latency=latency, kv_len=kv_len, warmup=warmup, repeats=repeats,
-                           prefill_repeats=prefill_repeats, spinning=spinning, targets=targets_from_spec(sparsity))
+                           prefill_repeats=prefill_repeats, thread_pool=thread_pool, spinning=spinning, targets=targets_from_spec(sparsity))
     report_path = report or default_report_path(sparse)
     progress = make_progress(quiet)
     try:

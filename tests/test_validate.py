@@ -84,6 +84,7 @@ def test_validate_cli_smollm2_report(smollm2, smol_sparse, texts, tmp_path):
     env = rep["environment"]
     assert env["threads"] == 2 and env["provider"] == "CPUExecutionProvider" and env["onnxruntime"]
     assert env["cpu_model"] and isinstance(env["isa"], list) and env["kernel_isa"] in ("avx512", "avx2", "portable")
+    assert lat["thread_pool"] == env["thread_pool"] == "shared" and lat["spinning"]  # a fresh process: one pool
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| perplexity |" in md and "| up |" in md
     for png in ("report_latency.png", "report_sparsity.png"):
@@ -204,6 +205,25 @@ def test_validate_npz_decoder_latency_and_sparsity(random_llama, llama_pair, tmp
     assert dec["kv_len"] == 100 and not dec["tokens_tiled"] and dec["sparse_tokens_per_s"] > 0
 
 
+@needs_library
+def test_latency_thread_pools(random_llama, llama_pair):
+    """The shared pool is made in a separate process, so the caller's own sessions keep their pools;
+    --thread-pool separate times in this process with a pool per session."""
+    import onnxruntime as ort
+
+    dense, sparse = llama_pair
+    for pool in ("shared", "separate"):
+        opts = ValidateOptions(accuracy=False, threads=1, repeats=2, warmup=0, prefill_repeats=1, kv_len=8,
+                               thread_pool=pool)
+        rep = validate(dense, sparse, random_llama / "eval.npz", opts)
+        assert rep["latency"]["thread_pool"] == rep["environment"]["thread_pool"] == pool
+        assert rep["latency"]["spinning"] is (pool == "shared")
+        assert rep["latency"]["decode"]["dense_ms"]["n"] == 2 and rep["latency"]["decode"]["sparse_tokens_per_s"] > 0
+        own = ort.SessionOptions()
+        own.intra_op_num_threads = 1
+        assert ort.InferenceSession(str(dense), own, providers=["CPUExecutionProvider"]).get_inputs()
+
+
 def test_interleaved_alternates_order():
     calls = []
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=4)
@@ -250,6 +270,7 @@ def test_bad_input_exits_2(random_llama, llama_pair, random_llama_other, smollm2
     npz = random_llama / "eval.npz"
     assert "no ScapSparseMatMul nodes" in _bad(dense, dense, "--data", npz)
     assert "give the original dense model first" in _bad(sparse, sparse, "--data", npz)
+    assert "--thread-pool must be one of shared, separate" in _bad(dense, sparse, "--data", npz, "--thread-pool", "mine")
     assert "weight" in _bad(random_llama_other / "model.onnx", sparse, "--data", npz)  # same shapes, other weights
     assert "do not match" in _bad(smollm2, sparse, "--data", npz)  # another architecture
     empty = tmp_path / "empty.txt"
