@@ -836,21 +836,6 @@ def _time_plan(pair: ModelPair, plan: dict, opts: ValidateOptions, threads: int,
     return out
 
 
-def _in_fresh_process(fn: Callable, *args):
-    """fn(*args) in a new Python process (spawned, so nothing of this one's onnxruntime state is
-    inherited); its ScapError comes back as is."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args).result()
-    except BrokenProcessPool:
-        raise ScapError("the latency process died (out of memory, or a crash in onnxruntime or the op library)") \
-            from None
-
-
 def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: list[np.ndarray] | None = None,
                     progress: Progress | None = None) -> dict:
     """Decode step and prefill (decoders with KV cache) or one batch (others), interleaved.
@@ -865,9 +850,11 @@ def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: lis
     plan = _latency_plan(pair, ds, opts, tokens_seen)
     if opts.thread_pool != "shared":
         return _time_plan(pair, plan, opts, threads, provider, False, progress)
+    from .timing_process import run_in_fresh_process
+
     task = progress.task("latency: dense and sparse on one thread pool (in a separate process)", None)
     try:
-        return _in_fresh_process(_time_plan, replace(pair, sparse_proto=None), plan, opts, threads, provider, True)
+        return run_in_fresh_process((replace(pair, sparse_proto=None), plan, opts, threads, provider, True))
     finally:
         task.close()
 

@@ -224,6 +224,29 @@ def test_latency_thread_pools(random_llama, llama_pair):
         assert ort.InferenceSession(str(dense), own, providers=["CPUExecutionProvider"]).get_inputs()
 
 
+@needs_library
+def test_latency_from_a_script_without_main_guard(random_llama, llama_pair, tmp_path):
+    """The timing process must not re-run the caller's script (as multiprocessing's spawn would)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    dense, sparse = llama_pair
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "from scap_onnx.validate import ValidateOptions, validate\n"
+        "print('script body ran')\n"
+        f"opts = ValidateOptions(accuracy=False, threads=1, repeats=1, warmup=0, prefill_repeats=1, kv_len=8)\n"
+        f"rep = validate({str(dense)!r}, {str(sparse)!r}, {str(random_llama / 'eval.npz')!r}, opts)\n"
+        "print('pool', rep['latency']['thread_pool'])\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("script body ran") == 1 and "pool shared" in p.stdout
+
+
 def test_interleaved_alternates_order():
     calls = []
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=4)
