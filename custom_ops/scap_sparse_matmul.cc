@@ -22,7 +22,9 @@ constexpr int64_t kMinWorkForThreads = 1 << 16;
 constexpr int64_t kMaxColumnsPerTask = 1024;
 constexpr int64_t kTargetTasks = 16;
 // Rows of A per pass of the several-rows path: bounds the sparsified activations kept in scratch.
-constexpr int64_t kMaxRowsPerPass = 128;
+// Each pass copies B's panels once, so longer passes spread that copy over more rows (SmolLM2's
+// 256-token prefill: 0.72x of onnxruntime's MatMul with 128 rows, 0.82x with 256).
+constexpr int64_t kMaxRowsPerPass = 256;
 // Short A (decoding included) splits the kept rows of B into this many tasks, whose partial sums
 // are added at the end: enough to balance a pool of a few threads, few enough that the partial
 // sums stay cheap. Taller A splits the columns instead: the work is then bound by compute and

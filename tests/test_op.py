@@ -55,7 +55,7 @@ CASES = [
     ((2, 3, 4, 7), 17),  # rank 4, 24 rows
     ((33, 300), 1000),  # 33 rows (32 + 1: a pass or tile boundary), threaded
     ((70, 1), 33),  # K = 1, 70 rows
-    ((3, 50, 17), 33),  # 150 rows: more than one pass (of 32 or 128 rows)
+    ((3, 100, 17), 33),  # 300 rows: more than one pass (of 256 rows)
     ((5, 40), 3000),  # several rows, threaded over many column blocks
     ((3, 1, 1, 300), 1),  # rank 4, N = 1
     ((0, 17), 7),  # no rows
@@ -232,7 +232,7 @@ def test_matches_reference(dtype, with_bias, threshold, offset, threads, shape, 
         check_case(dtype, with_bias, threshold, offset, threads, shape, n, special)
 
 
-HEIGHTS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257]
+HEIGHTS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257]
 
 
 @pytest.mark.parametrize("k, n", [(17, 33), (300, 70)], ids=["17x33", "300x70"])
