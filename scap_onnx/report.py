@@ -34,8 +34,8 @@ milliseconds, sparsities fractions in [0, 1]:
                        MatMuls' bytes skipped), ``fc_bytes``, ``fc_bytes_sparse_targets``,
                        ``ideal_fc_speedup`` (= fc_bytes / (fc_bytes - skipped bytes))
 ``latency``            ``threads``, ``provider``, ``thread_pool`` (``shared``: one onnxruntime
-                       intra-op pool for both sessions; ``separate``: one each, with
-                       ``thread_pool_note`` when shared was asked for but impossible), ``spinning``;
+                       intra-op pool for both sessions, in a child process; ``separate``: one
+                       each), ``spinning``;
                        ``decode`` (decoders with a KV cache:
                        one new token after ``kv_len`` cached tokens), ``prefill`` (``tokens`` prompt
                        tokens, no cache) or ``batch`` (other models: one batch, ``shapes``), each

@@ -1,4 +1,4 @@
-"""Runs validate's latency timing in a process of its own: ``python -m scap_onnx.timing_process IN OUT``.
+"""Runs validate's latency timing in a process of its own (``main(IN, OUT)`` in a new Python).
 
 onnxruntime makes its process-wide (shared) thread pool once, and then refuses sessions that want a
 pool of their own; timing dense and sparse on that shared pool therefore needs a fresh process, so
@@ -20,20 +20,26 @@ from pathlib import Path
 from .errors import ScapError
 
 
+_CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); "
+          "from scap_onnx.timing_process import main; main(sys.argv[2], sys.argv[3])")
+
+
 def run_in_fresh_process(args: tuple) -> dict:
     """validate._time_plan(*args) in a new Python process; its ScapError is raised here."""
     with tempfile.TemporaryDirectory(prefix="scap-timing-") as tmp:
         src, dst = Path(tmp) / "in.pkl", Path(tmp) / "out.pkl"
         src.write_bytes(pickle.dumps(args))
         env = dict(os.environ)
-        # The child must import this very scap_onnx, however the caller found it.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent.parent), *sys.path] if p)
-        proc = subprocess.run([sys.executable, "-m", "scap_onnx.timing_process", str(src), str(dst)], env=env,
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the caller's dependencies
+        # This very scap_onnx first, ahead of any other copy in the current folder.
+        root = str(Path(__file__).resolve().parent.parent)
+        proc = subprocess.run([sys.executable, "-c", _CHILD, root, str(src), str(dst)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if not dst.exists():
+        try:
+            out = pickle.loads(dst.read_bytes())
+        except Exception:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ScapError(f"the latency process failed (exit code {proc.returncode}): {last}")
-        out = pickle.loads(dst.read_bytes())
+            raise ScapError(f"the latency process failed (exit code {proc.returncode}): {last}") from None
     if "error" in out:
         raise ScapError(out["error"])
     return out["result"]
@@ -49,6 +55,3 @@ def main(src: str, dst: str) -> None:
         out = {"error": str(e)}
     Path(dst).write_bytes(pickle.dumps(out))
 
-
-if __name__ == "__main__":
-    main(*sys.argv[1:3])

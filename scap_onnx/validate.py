@@ -18,7 +18,10 @@ and weighted by weight size: the share of all FC weight bytes (MatMuls with a co
 lm_head included) that the kernels skip, with the speedup that share would give if decoding
 were nothing but reading FC weights (``ideal_fc_speedup``).
 
-Latency: both models in one process, in sessions with the same options; a warm-up, then
+Latency: both models in one process, in sessions with the same options: by default on one
+onnxruntime intra-op pool that spins, as a single session runs with onnxruntime's defaults, in a
+child process of its own (see :mod:`scap_onnx.timing_process`); with ``--thread-pool separate``
+in this process, a pool per session. A warm-up, then
 ``repeats`` rounds that run dense and sparse alternately (order swapped every round); medians,
 p10/p90 and the median of the per-round ratios. Decoders with past key/values: the decode step
 (one new token over a KV cache of ``kv_len`` tokens, the cache each model computed itself from
@@ -107,6 +110,8 @@ class ValidateOptions:
             raise ScapError("--phase must be in [0, 1)")
         if self.thread_pool not in THREAD_POOLS:
             raise ScapError(f"--thread-pool must be one of {', '.join(THREAD_POOLS)}, got {self.thread_pool!r}")
+        if self.spinning and self.thread_pool == "shared":
+            raise ScapError("--spinning applies to --thread-pool separate only (the shared pool always spins)")
         if not (self.accuracy or self.latency):
             raise ScapError("nothing to do: both accuracy and latency are switched off")
 
@@ -871,8 +876,8 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path, options: V
     provider = provider_name(opts.provider)
     threads = opts.threads or default_threads()
     ds = open_eval_data(pair, data, opts)
-    env = environment(threads, provider, opts.thread_pool == "shared" or opts.spinning)
-    env["thread_pool"] = opts.thread_pool
+    env = environment(threads, provider, opts.spinning)
+    env["thread_pool"] = "separate"  # the accuracy sessions; latency below records its own
     report: dict = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -222,6 +223,23 @@ def test_latency_thread_pools(random_llama, llama_pair):
         own = ort.SessionOptions()
         own.intra_op_num_threads = 1
         assert ort.InferenceSession(str(dense), own, providers=["CPUExecutionProvider"]).get_inputs()
+    # Accuracy only: the environment names the pools the accuracy sessions had.
+    rep = validate(dense, sparse, random_llama / "eval.npz", ValidateOptions(latency=False, max_tokens=64, seq_len=32))
+    assert rep["environment"]["thread_pool"] == "separate" and rep["environment"]["spinning"] is False
+
+
+def test_timing_process_errors_are_one_line():
+    from scap_onnx.errors import ScapError
+    from scap_onnx.timing_process import run_in_fresh_process
+    from scap_onnx.validate import ModelPair
+
+    missing = ModelPair(Path("/nonexistent/dense.onnx"), Path("/nonexistent/sparse.onnx"), [], [], "generic", {}, [], 0)
+    with pytest.raises(ScapError, match="cannot load dense.onnx") as e:
+        run_in_fresh_process((missing, {"feeds": {}, "tokens": 0}, ValidateOptions(), 1, "CPUExecutionProvider", True))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ScapError, match=r"the latency process failed \(exit code 1\): TypeError") as e:
+        run_in_fresh_process(("not the arguments",))
+    assert "\n" not in str(e.value)
 
 
 @needs_library
@@ -234,6 +252,10 @@ def test_latency_from_a_script_without_main_guard(random_llama, llama_pair, tmp_
     from conftest import REPO
 
     dense, sparse = llama_pair
+    # Run from a folder that holds another, broken scap_onnx: the timing process must not pick it up.
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "scap_onnx").mkdir(parents=True)
+    (elsewhere / "scap_onnx" / "__init__.py").write_text("raise ImportError('the wrong scap_onnx')\n")
     script = tmp_path / "user_script.py"
     script.write_text(
         "from scap_onnx.validate import ValidateOptions, validate\n"
@@ -242,7 +264,10 @@ def test_latency_from_a_script_without_main_guard(random_llama, llama_pair, tmp_
         f"rep = validate({str(dense)!r}, {str(sparse)!r}, {str(random_llama / 'eval.npz')!r}, opts)\n"
         "print('pool', rep['latency']['thread_pool'])\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    if env.get("SCAP_ONNX_LIBRARY"):  # a library given relative to this folder stays found
+        env["SCAP_ONNX_LIBRARY"] = str(Path(env["SCAP_ONNX_LIBRARY"]).resolve())
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=elsewhere)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("script body ran") == 1 and "pool shared" in p.stdout
 
@@ -294,6 +319,7 @@ def test_bad_input_exits_2(random_llama, llama_pair, random_llama_other, smollm2
     assert "no ScapSparseMatMul nodes" in _bad(dense, dense, "--data", npz)
     assert "give the original dense model first" in _bad(sparse, sparse, "--data", npz)
     assert "--thread-pool must be one of shared, separate" in _bad(dense, sparse, "--data", npz, "--thread-pool", "mine")
+    assert "--spinning applies to --thread-pool separate only" in _bad(dense, sparse, "--data", npz, "--spinning")
     assert "weight" in _bad(random_llama_other / "model.onnx", sparse, "--data", npz)  # same shapes, other weights
     assert "do not match" in _bad(smollm2, sparse, "--data", npz)  # another architecture
     empty = tmp_path / "empty.txt"
