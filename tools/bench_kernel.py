@@ -149,45 +149,38 @@ def run_grid(args: argparse.Namespace) -> dict:
         for shape in args.shapes:
             k, n = (int(x) for x in shape.split("x"))
             # Every M reads weights from memory, as a model's layers do (tall A too: onnxruntime's
-            # MatMul gains more than the op from weights that sit in cache). Sessions are shared by
-            # the M of each group.
-            for group in ([m for m in args.m if m <= 8], [m for m in args.m if m > 8]):
-                if not group:
-                    continue
-
-                def copies_of(itemsize: int) -> int:
-                    return copies_for(k * n * itemsize, cache)
-
-                dense_copies = copies_of(4)
-                dense = session(build_model("dense", k, n, dense_copies, np.float32), threads, sparse=False)
-                sparse_sessions = {}
-                for dname in args.dtypes:
-                    copies = copies_of(np.dtype(dname).itemsize)
-                    model = build_model("sparse", k, n, copies, np.dtype(dname).type)
-                    sparse_sessions[dname] = (session(model, threads, sparse=True), copies)
-                for m, sparsity in ((m, s) for m in group for s in args.sparsity):
-                    a32 = sparse_input(m, k, sparsity, np.float32, rng)
-                    dense_runner = Runner(dense, {"A": a32})
-                    for dname, (sess, copies) in sparse_sessions.items():
-                        a = a32.astype(np.dtype(dname))
-                        sparse_runner = Runner(sess, {"A": a})
-                        dense_t, sparse_t = [], []
-                        for _ in range(args.repeats):  # interleaved
-                            dense_t.append(dense_runner.time() / dense_copies)
-                            sparse_t.append(sparse_runner.time() / copies)
-                        d_med, s_med = statistics.median(dense_t), statistics.median(sparse_t)
-                        kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
-                        kept_bytes = kept_rows * n * np.dtype(dname).itemsize
-                        kept_bw = kept_bytes / s_med / 1e9
-                        row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, copies=copies,
-                                   dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
-                                   kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
-                        results.append(row)
-                        print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.1f}  "
-                              f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
-                              f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
-                              flush=True)
-                del dense, sparse_sessions
+            # MatMul gains more than the op from weights that sit in cache). One session per dtype
+            # serves every M.
+            dense_copies = copies_for(k * n * 4, cache)
+            dense = session(build_model("dense", k, n, dense_copies, np.float32), threads, sparse=False)
+            sparse_sessions = {}
+            for dname in args.dtypes:
+                copies = copies_for(k * n * np.dtype(dname).itemsize, cache)
+                model = build_model("sparse", k, n, copies, np.dtype(dname).type)
+                sparse_sessions[dname] = (session(model, threads, sparse=True), copies)
+            for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
+                a32 = sparse_input(m, k, sparsity, np.float32, rng)
+                dense_runner = Runner(dense, {"A": a32})
+                for dname, (sess, copies) in sparse_sessions.items():
+                    a = a32.astype(np.dtype(dname))
+                    sparse_runner = Runner(sess, {"A": a})
+                    dense_t, sparse_t = [], []
+                    for _ in range(args.repeats):  # interleaved
+                        dense_t.append(dense_runner.time() / dense_copies)
+                        sparse_t.append(sparse_runner.time() / copies)
+                    d_med, s_med = statistics.median(dense_t), statistics.median(sparse_t)
+                    kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
+                    kept_bytes = kept_rows * n * np.dtype(dname).itemsize
+                    kept_bw = kept_bytes / s_med / 1e9
+                    row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, copies=copies,
+                               dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
+                               kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
+                    results.append(row)
+                    print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.1f}  "
+                          f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
+                          f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
+                          flush=True)
+            del dense, sparse_sessions
     return dict(
         machine=dict(cpu=cpu_name(), cores=os.cpu_count(), last_level_cache_bytes=cache,
                      onnxruntime=ort.__version__, library=scap_onnx.get_library_path(),
