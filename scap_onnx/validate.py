@@ -769,9 +769,8 @@ def _latency_plan(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: list[
     if pair.kind == "causal-lm" and pair.past:
         ids, tiled = _token_stream(ds, opts.kv_len + _DECODE_TOKENS, tokens_seen)
         return {"ids": ids, "tiled": tiled}
-    for feeds, n_tok in _batches(ds):
-        return {"feeds": feeds, "tokens": n_tok}
-    raise ScapError("no batch to time")  # _batches raises first; kept for the type checker
+    feeds, n_tok = next(_batches(ds))  # the first batch (_batches raises ScapError when there is none)
+    return {"feeds": feeds, "tokens": n_tok}
 
 
 def _time_plan(pair: ModelPair, plan: dict, opts: ValidateOptions, threads: int, provider: str, shared: bool,
