@@ -118,22 +118,26 @@ int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, float threshold, floa
 }
 
 // One row of A (decoding): acc[0:n] += sum over kept[i0:i1] of d[k] * B[k, :], streaming the
-// kept rows of B eight at a time. (Measured on a 2-core Xeon: software prefetching of the next rows
-// and groups of 1 or 4 rows were no faster; the loop runs at the machine's streaming read rate.)
+// kept rows of B eight at a time. The eight come from eight lanes, equal slices of the range, so
+// that each lane walks forward through nearby rows (SmolLM2's down_proj, 1536x576 at 55%: 9% faster
+// than eight consecutive kept rows). (Measured on a 2-core Xeon: software prefetching of the next
+// rows and groups of 1 or 4 rows were no faster; the loop runs at the machine's read rate.)
 template <class Isa, typename TW>
 void AccumulateOneRow(const SparseRow& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* acc) {
   const float* d = act.values;
   const int32_t* kept = act.kept;
-  int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) {
+  const int64_t lanes = (i1 - i0) / 8;
+  for (int64_t t = 0; t < lanes; ++t) {
     const TW* rows[8];
     float dk[8];
     for (int r = 0; r < 8; ++r) {
-      rows[r] = b + static_cast<int64_t>(kept[i + r]) * n;
-      dk[r] = d[kept[i + r]];
+      const int64_t k = kept[i0 + r * lanes + t];
+      rows[r] = b + k * n;
+      dk[r] = d[k];
     }
     Axpy8<Isa>(acc, n, rows, dk);
   }
+  int64_t i = i0 + 8 * lanes;
   for (; i + 4 <= i1; i += 4) {
     const int64_t k0 = kept[i], k1 = kept[i + 1], k2 = kept[i + 2], k3 = kept[i + 3];
     Axpy4<Isa>(acc, n, b + k0 * n, b + k1 * n, b + k2 * n, b + k3 * n, d[k0], d[k1], d[k2], d[k3]);
