@@ -138,6 +138,12 @@ class PassResult:
     seconds: float
 
 
+def _as_kn(weight: np.ndarray, target) -> np.ndarray:
+    """A target's weight as float32 [K, N] (a Gemm with transB stores it [N, K])."""
+    w = weight.astype(np.float32, copy=False)
+    return np.ascontiguousarray(w.T) if target.trans_b else w
+
+
 def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, options, providers) -> PassResult:
     capture = Capture(source, {s.input: _ELEM[s.dtype] for s in sites}, sparsify, options, providers)
     hists = {s.input: Histogram() for s in sites}
@@ -225,7 +231,7 @@ def calibrate(
             site_sparsity[s.input] = shared_sparsity([spec.sparsity(t.role) for t in s.targets])
         def weights_of(site: Site) -> list[np.ndarray]:
             # read when needed, one site at a time: never all weights in Python at once
-            return [source.weight(t.weight).astype(np.float32, copy=False) for t in site.targets]
+            return [_as_kn(source.weight(t.weight), t) for t in site.targets]
 
         sparsify = None
         result: PassResult | None = None

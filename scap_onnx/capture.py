@@ -36,7 +36,9 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
     """The model proto without external data. Raises ScapError when the file is not an ONNX model."""
     p = Path(path)
     if not p.is_file():
-        raise ScapError(f"model {p} does not exist")
+        from .fileio import missing_model_message
+
+        raise ScapError(missing_model_message(p))
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception:

@@ -88,6 +88,8 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 
 
 def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads) -> dict:
+    if tokens < 1:
+        fail(f"--tokens must be at least 1, got {tokens}")
     return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
                 passes=passes, sample_rows=sample_rows, threads=threads)
 
@@ -129,7 +131,7 @@ def calibrate(
 ):
     """Collect activation statistics and choose offsets and thresholds; write stats.json."""
     from .calibrate import calibrate as run
-    from .fileio import same_file
+    from .fileio import check_output_file, same_file
     from .spec import parse_spec
 
     spec = parse_spec(sparsity)
@@ -137,6 +139,7 @@ def calibrate(
         fail("calibrate needs --data DATA (a text file or an .npz of feeds)")
     if same_file(output, model):
         fail(f"output {output} would overwrite the input model")
+    check_output_file(output)
     progress = _progress(quiet)
     try:
         stats = run(model, data, sparsity=spec, targets=targets, progress=progress,
@@ -174,12 +177,16 @@ def rewrite(
 ):
     """Replace target MatMuls by ScapSparseMatMul with calibrated thresholds and offsets."""
     from .api import rewrite as run
+    from .fileio import check_output_file
     from .spec import parse_spec
 
     if sparsity is not None:
         parse_spec(sparsity)
     if output is None:
         output = model.with_name(model.stem + "_scap.onnx")
+    for path in (output, save_stats):
+        if path is not None:
+            check_output_file(path)
     kwargs = {}
     data = data or None
     if data is not None:
@@ -261,7 +268,7 @@ def inspect(
             if "threshold" in r:
                 line += f"   [{r['sparsity']:.3f} {r['offset']:+.4g}({r['offset_kind']}) {r['threshold']:.4g}]"
             typer.echo(line)
-        typer.echo("(#N: input tensor; * shared by several targets, which share threshold and offset)")
+        typer.echo("(#N: input tensor; * shared by several targets: one offset, and one threshold where their roles have one sparsity)")
     if rewritten:
         typer.echo(f"{len(rewritten)} ScapSparseMatMul nodes already in the model")
 

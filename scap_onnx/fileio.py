@@ -8,11 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import ScapError
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in dest's folder; on success it replaces ``dest`` in one rename."""
     dest = Path(dest)
+    check_output_file(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
     os.close(fd)
@@ -29,6 +32,22 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
 def atomic_write_text(dest: str | Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def check_output_file(dest: str | Path) -> None:
+    """ScapError when an output path names a folder: checked up front, before long work."""
+    if Path(dest).is_dir():
+        raise ScapError(f"output {dest} is a folder: give a file name (e.g. {Path(dest) / 'out'}...)")
+
+
+def missing_model_message(path: str | Path) -> str:
+    """Why a model path cannot be read as a file (a folder gets a hint to the model inside it)."""
+    p = Path(path)
+    if p.is_dir():
+        inside = sorted(p.glob("*.onnx"))
+        hint = f": give the model file, e.g. {inside[0]}" if inside else " with no .onnx file in it"
+        return f"model {p} is a folder{hint}"
+    return f"model {p} does not exist"
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -36,6 +36,10 @@ def scap_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    """Element type of an initializer, also through the Transpose the rewriter puts on a Gemm's B."""
+    for n in model.graph.node:
+        if n.op_type == "Transpose" and n.output[0] == name:
+            name = n.input[0]
     for t in model.graph.initializer:
         if t.name == name:
             return t.data_type

@@ -1,4 +1,4 @@
-"""Rewrite: target MatMuls (+ a following constant-bias Add) -> ScapSparseMatMul.
+"""Rewrite: target MatMuls (+ a following constant-bias Add) and Gemms -> ScapSparseMatMul.
 
 An onnx_ir in-place pass (:class:`ScapRewritePass`) over a model loaded lazily (external data
 stays memory-mapped; weights are read only to fold biases):
@@ -6,7 +6,9 @@ stays memory-mapped; weights are read only to fold biases):
     Y = X @ B (+ b)   ->   ScapSparseMatMul(X, B, b + offset * colsum(B)), threshold, offset
 
 The folded bias makes the new node compute the original function wherever nothing is dropped
-(shared/DESIGN.md). Node names are those of the original MatMuls; outputs keep their names, types
+(shared/DESIGN.md). A Gemm's C is its bias; a Gemm with transB reads its [N, K] weight through a
+Transpose node, which onnxruntime folds into a constant when it loads the model, so the file keeps
+the original weight. Node names are those of the original MatMuls; outputs keep their names, types
 and shapes (the Add's output when a bias Add was fused). :func:`save_model` writes atomically,
 with external data when the input had it or the model is too large for one protobuf.
 """
@@ -24,7 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from .errors import ScapError
-from .fileio import same_file
+from .fileio import check_output_file, missing_model_message, same_file
 from .op import DOMAIN, OP_TYPE, OPSET_VERSION
 from .stats import TargetPlan
 from .targets import GraphView, find_all_targets
@@ -62,39 +64,36 @@ class ScapRewritePass(ir.passes.InPlacePass):
             t = targets[name]
             mm = nodes[name]
             a_val = mm.inputs[0]
-            b_val = graph.initializers.get(t.weight, mm.inputs[1])
+            weight_val = graph.initializers.get(t.weight, mm.inputs[1])
+            new_nodes = []
+            b_val = _transposed(weight_val, t, used_names, new_nodes) if t.trans_b else weight_val
             old_nodes = [mm]
             old_out = mm.outputs[0]
             bias_val = None
-            if t.bias is not None:
+            if t.bias is not None and t.op == "Gemm":
+                bias_val = graph.initializers.get(t.bias, mm.inputs[2])
+            elif t.bias is not None:
                 add = nodes[t.bias_add]
                 old_nodes.append(add)
                 old_out = add.outputs[0]
                 bias_val = graph.initializers.get(t.bias)
                 if bias_val is None:  # a Constant node output: keep the Add's own input
                     bias_val = next(v for v in add.inputs if v is not mm.outputs[0])
-            if offset != 0.0:
-                b = b_val.const_value.numpy()
-                folded = np.float64(offset) * b.sum(axis=0, dtype=np.float64)
-                if bias_val is not None:
-                    folded = folded + bias_val.const_value.numpy().astype(np.float64)
-                bname = _unique(f"{t.weight}/scap_bias", used_names)
-                bias_val = ir.Value(name=bname, const_value=ir.tensor(folded.astype(b.dtype), name=bname))
-                bias_val.type = ir.TensorType(ir.DataType.from_numpy(b.dtype))
-                bias_val.shape = ir.Shape([b.shape[1]])
-                graph.register_initializer(bias_val)
+            if offset != 0.0 or not _is_vector(bias_val, t.n):
+                bias_val = _folded_bias(graph, t, offset, weight_val, bias_val, used_names)
             inputs = [a_val, b_val] + ([bias_val] if bias_val is not None else [])
-            fused = f"; fused bias Add {t.bias_add!r}" if t.bias is not None else ""
+            fused = f"; fused bias Add {t.bias_add!r}" if t.bias_add is not None else ""
             new = ir.Node(
                 DOMAIN, OP_TYPE, inputs,
                 attributes=[ir.AttrFloat32("threshold", float(threshold)), ir.AttrFloat32("offset", float(offset))],
                 name=mm.name or None, num_outputs=1,
-                doc_string=f"scap-onnx: rewritten from MatMul {name!r}{fused}",
+                doc_string=f"scap-onnx: rewritten from {t.op} {name!r}{fused}",
             )
+            new_nodes.append(new)
             out = new.outputs[0]
             if old_out.type is None:
                 out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
-            ir.convenience.replace_nodes_and_values(graph, mm, old_nodes, [new], [old_out], [out])
+            ir.convenience.replace_nodes_and_values(graph, mm, old_nodes, new_nodes, [old_out], [out])
             self.rewritten.append(name)
         # Drop original biases that were folded and that nothing reads any more.
         for nm in {targets[n].bias for n in self.rewritten if targets[n].bias}:
@@ -104,6 +103,51 @@ class ScapRewritePass(ir.passes.InPlacePass):
         if self.rewritten:
             model.opset_imports[DOMAIN] = OPSET_VERSION
         return ir.passes.PassResult(model, modified=bool(self.rewritten))
+
+
+def _transposed(b_val: ir.Value, t, used_names: set[str], new_nodes: list[ir.Node]) -> ir.Value:
+    """B as [K, N] for a Gemm with transB: a Transpose node (onnxruntime folds it at load time)."""
+    name = _unique(f"{t.weight}/scap_transposed", used_names)
+    node = ir.Node("", "Transpose", [b_val], attributes=[ir.AttrInt64s("perm", [1, 0])],
+                   name=name, num_outputs=1)
+    out = node.outputs[0]
+    out.name = name
+    out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
+    out.shape = ir.Shape([t.k, t.n])
+    new_nodes.append(node)
+    return out
+
+
+def _const_array(val: ir.Value) -> np.ndarray:
+    """The value of an initializer, or of a Constant node's output."""
+    if val.const_value is not None:
+        return val.const_value.numpy()
+    producer = val.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].value.numpy()
+    raise ScapError(f"{val.name!r} is not a constant")
+
+
+def _is_vector(bias_val: ir.Value | None, n: int) -> bool:
+    """Whether a bias can go to the op as it is: absent, or of shape [N] (a Gemm's C may be [1, N])."""
+    return bias_val is None or _const_array(bias_val).shape == (n,)
+
+
+def _folded_bias(graph: ir.Graph, t, offset: float, weight_val: ir.Value, bias_val: ir.Value | None,
+                 used_names: set[str]) -> ir.Value:
+    """A new [N] initializer: bias + offset * (column sums of B as [K, N])."""
+    folded = np.zeros(t.n, np.float64)
+    if offset != 0.0:
+        folded += np.float64(offset) * _const_array(weight_val).sum(axis=1 if t.trans_b else 0, dtype=np.float64)
+    if bias_val is not None:
+        folded += _const_array(bias_val).astype(np.float64).reshape(t.n)
+    dtype = np.dtype(t.dtype)
+    name = _unique(f"{t.weight}/scap_bias", used_names)
+    val = ir.Value(name=name, const_value=ir.tensor(folded.astype(dtype), name=name))
+    val.type = ir.TensorType(ir.DataType.from_numpy(dtype))
+    val.shape = ir.Shape([t.n])
+    graph.register_initializer(val)
+    return val
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -119,7 +163,7 @@ def load_model(path: str | Path) -> ir.Model:
     """onnx_ir model, external data left on disk (memory-mapped). ScapError if not ONNX."""
     p = Path(path)
     if not p.is_file():
-        raise ScapError(f"model {p} does not exist")
+        raise ScapError(missing_model_message(p))
     try:
         return ir.load(str(p))
     except Exception:
@@ -151,6 +195,7 @@ def save_model(model: ir.Model, output: str | Path, *, external: bool | None = N
     Returns the external data file written, if any.
     """
     output = Path(output)
+    check_output_file(output)
     if external is None:
         external = _uses_external_data(model) or _initializer_bytes(model) > EXTERNAL_DATA_BYTES
     for p in inputs_to_keep or []:

@@ -1,7 +1,9 @@
 """SPEC: target sparsity for every target (``0.5``) or per role (``up=0.35,gate=0.35,down=0.55``).
 
 A per-role SPEC names the roles to sparsify; targets of other roles stay dense. ``*=0.3`` (or
-``all=0.3``) sets every role not named otherwise.
+``all=0.3``) sets every role not named otherwise. A fused projection takes the value of its parts
+when the SPEC does not name it: ``gate_up`` (Phi-3) that of gate and up, ``qkv`` that of q, k and v
+(their mean if they differ), so a Llama SPEC means the same on a model with fused projections.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from dataclasses import dataclass, field
 
 from .errors import ScapError
 from .targets import ROLES
+
+#: Fused roles and the roles they fuse.
+FUSED_ROLES = {"gate_up": ("gate", "up"), "qkv": ("q", "k", "v")}
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,12 @@ class Spec:
 
     def sparsity(self, role: str) -> float | None:
         """Target sparsity of a role, or None when the SPEC leaves it dense."""
-        return self.roles.get(role, self.default)
+        if role in self.roles:
+            return self.roles[role]
+        parts = [self.roles[r] for r in FUSED_ROLES.get(role, ()) if r in self.roles]
+        if parts:
+            return sum(parts) / len(parts)
+        return self.default
 
     def __str__(self) -> str:
         if not self.roles and self.default is not None:

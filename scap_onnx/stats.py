@@ -142,19 +142,21 @@ class Stats:
     def plan(self, spec: Spec | str | float | None = None) -> dict[str, TargetPlan]:
         """Per target name: threshold and offset for ``spec`` (None: the calibration SPEC's values).
 
-        Only targets whose role the SPEC names are in the plan; targets sharing an input share
-        threshold and offset.
+        Only targets whose role the SPEC names are in the plan. Targets sharing an input share the
+        offset; they share the threshold too unless the SPEC gives their roles different sparsities
+        (Phi-2's q/k/v and fc1 read one input): each then gets its own quantile.
         """
         out: dict[str, TargetPlan] = {}
         if spec is None:
+            cal = parse_spec(self.calibration["spec"]) if self.calibration.get("spec") else None
             for s in self.sites:
                 if s.sparsity is None:
                     continue
-                cal = parse_spec(self.calibration["spec"]) if self.calibration.get("spec") else None
                 for t in s.targets:
-                    if cal is not None and cal.sparsity(t["role"]) is None:
-                        continue
-                    out[t["name"]] = TargetPlan(t["name"], t["role"], s.input, s.threshold, s.offset, s.sparsity, s.offset_kind)
+                    wanted = cal.sparsity(t["role"]) if cal is not None else s.sparsity
+                    if wanted is not None:
+                        out[t["name"]] = self._target_plan(s, t, wanted, s.threshold, s.offset, s.sparsity,
+                                                           s.offset_kind)
             return out
         spec = parse_spec(spec)
         for s in self.sites:
@@ -164,10 +166,16 @@ class Stats:
             kind, m = s.choose_offset(sp)
             tau = s.histogram.threshold(sp, m)
             for t in s.targets:
-                if spec.sparsity(t["role"]) is None:
-                    continue
-                out[t["name"]] = TargetPlan(t["name"], t["role"], s.input, tau, m, sp, kind)
+                wanted = spec.sparsity(t["role"])
+                if wanted is not None:
+                    out[t["name"]] = self._target_plan(s, t, wanted, tau, m, sp, kind)
         return out
+
+    @staticmethod
+    def _target_plan(site: SiteStats, target: dict, wanted: float, site_tau: float, offset: float,
+                     site_sparsity: float, kind: str) -> TargetPlan:
+        tau = site_tau if wanted == site_sparsity else site.histogram.threshold(wanted, offset)
+        return TargetPlan(target["name"], target["role"], site.input, tau, offset, wanted, kind)
 
     # -- identity
     def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:

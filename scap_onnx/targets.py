@@ -1,7 +1,9 @@
 """Target MatMuls: which MatMuls SCAP can sparsify, their roles, layers and shared inputs.
 
-A target is a MatMul whose B is a constant 2-D float initializer (float32 or float16). Its role
-(q, k, v, o, qkv, gate, up, gate_up, down, lm_head, other) and layer index come from the names
+A target is a MatMul whose B is a constant 2-D float initializer (float32 or float16), or a Gemm
+that computes the same (alpha 1, A not transposed; B [K, N] or, with transB, [N, K]; its C, a
+constant of N elements, is the bias), as optimum exports GPT-2's Conv1D and OPT's fc1/fc2. Its role
+(q, k, v, o, qkv, gate, up, gate_up, down, lm_head, router, other) and layer index come from the names
 that exporters (optimum / torch.onnx, transformers module paths) give nodes and weights, e.g.
 ``/model/layers.3/mlp/down_proj/MatMul`` or ``model.layers.3.mlp.down_proj.weight``. A MatMul
 followed by an Add of a constant 1-D bias of length N carries that bias (fused at rewrite time).
@@ -18,16 +20,19 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
 import onnx
 
 from .errors import ScapError
 
 #: Roles in a stable order (also the order `inspect` prints them).
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "other")
-#: Roles left out unless --targets asks for them.
-DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head"})
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "router", "other")
+#: Roles left out unless --targets asks for them: the output head, and MoE routers (a dropped
+#: input could change the experts chosen, for a saving of K x experts weights).
+DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head", "router"})
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+_GEMM_ATTRS = ("alpha", "beta", "transA", "transB")
 
 
 @dataclass(frozen=True)
@@ -36,16 +41,18 @@ class Target:
 
     name: str  # node name (or its output name when the node has none): the target's id
     input: str  # A: the activation input, the tensor SCAP sparsifies
-    weight: str  # B: the constant [K, N] initializer (through Identity nodes)
-    output: str  # MatMul output
+    weight: str  # B: the constant initializer (through Identity nodes): [K, N], or [N, K] if trans_b
+    output: str  # MatMul / Gemm output
     role: str
     layer: int | None
     k: int
     n: int
     dtype: str  # "float32" | "float16"
-    bias: str | None = None  # constant [N] initializer added right after the MatMul
-    bias_add: str | None = None  # name of that Add node
+    bias: str | None = None  # constant [N] initializer added right after the MatMul, or Gemm's C
+    bias_add: str | None = None  # name of that Add node (None for Gemm's C)
     bias_output: str | None = None  # output of that Add node
+    op: str = "MatMul"  # "MatMul" | "Gemm"
+    trans_b: bool = False  # Gemm with transB = 1: the weight is stored [N, K]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +90,10 @@ class _Node:
     domain: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    attrs: tuple[tuple[str, float], ...] = ()  # Gemm's alpha, beta, transA, transB when set
+
+    def attr(self, name: str, default: float) -> float:
+        return dict(self.attrs).get(name, default)
 
 
 @dataclass
@@ -107,7 +118,9 @@ class GraphView:
                 for a in n.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         inits[n.output[0]] = (tuple(int(d) for d in a.t.dims), a.t.data_type)
-        nodes = [_Node(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in g.node]
+        nodes = [_Node(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output),
+                       tuple((a.name, a.f if a.type == onnx.AttributeProto.FLOAT else a.i)
+                             for a in n.attribute if a.name in _GEMM_ATTRS)) for n in g.node]
         return cls(nodes, inits, {o.name for o in g.output})._with_aliases()
 
     @classmethod
@@ -131,6 +144,7 @@ class GraphView:
                     n.domain,
                     tuple(v.name if v is not None else "" for v in n.inputs),
                     tuple(v.name for v in n.outputs),
+                    tuple((k, a.value) for k, a in n.attributes.items() if k in _GEMM_ATTRS),
                 )
             )
         return cls(nodes, inits, {o.name for o in g.outputs})._with_aliases()
@@ -187,6 +201,8 @@ def role_of(name: str) -> str | None:
         in_attn = any(_ATTN.search(x) for x in ctx)
         if c in _FIXED:
             return _FIXED[c]
+        if c in ("gate", "router", "shared_expert_gate"):
+            return "router"  # MoE routers: Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate
         if c in ("q", "k", "v", "o") and in_attn:
             return c
         if c in ("wo", "c_proj"):
@@ -230,36 +246,70 @@ def _classify(names: Sequence[str]) -> tuple[str, int | None]:
 
 
 # ----------------------------------------------------------------------------- finding targets
+def _gemm_as_matmul(view: GraphView, n: _Node) -> tuple[str, str, bool, str | None] | None:
+    """(A, B, transB, C) of a Gemm that is A @ B (+ C) with a constant C of N elements; else None."""
+    if n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or len(n.inputs) not in (2, 3):
+        return None
+    c = n.inputs[2] if len(n.inputs) == 3 and n.inputs[2] else None
+    if c is not None:
+        const = view.constant(c)
+        if const is None or n.attr("beta", 1.0) != 1.0:
+            return None
+        c = const
+    return n.inputs[0], n.inputs[1], bool(n.attr("transB", 0)), c
+
+
+def _following_bias(view: GraphView, consumers: dict[str, list[_Node]], out: str, n_cols: int, dtype: int):
+    """(bias, Add node, Add output) when the only reader of ``out`` adds a constant [N] bias."""
+    users = consumers.get(out, [])
+    if len(users) != 1 or out in view.graph_outputs:
+        return None, None, None
+    u = users[0]
+    if u.op_type != "Add" or u.domain not in ("", "ai.onnx") or len(u.inputs) != 2:
+        return None, None, None
+    other = u.inputs[1] if u.inputs[0] == out else u.inputs[0]
+    const = view.constant(other) if other != out else None
+    if const is None:
+        return None, None, None
+    bdims, btype = view.initializers[const]
+    if tuple(bdims) != (n_cols,) or btype != dtype:
+        return None, None, None
+    return const, u.name or u.outputs[0], u.outputs[0]
+
+
 def find_all_targets(view: GraphView) -> list[Target]:
-    """Every MatMul with a constant 2-D float B, in graph order, lm_head included."""
+    """Every MatMul (or equivalent Gemm) with a constant 2-D float B, in graph order, lm_head included."""
     consumers: dict[str, list[_Node]] = {}
     for n in view.nodes:
         for i in n.inputs:
             if i:
                 consumers.setdefault(i, []).append(n)
     targets = []
-    for idx, n in enumerate(view.nodes):
-        if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2:
+    for n in view.nodes:
+        if n.domain not in ("", "ai.onnx"):
             continue
-        a, b_in = n.inputs
+        if n.op_type == "MatMul" and len(n.inputs) == 2:
+            (a, b_in), trans_b, c = n.inputs, False, None
+        elif n.op_type == "Gemm" and (gemm := _gemm_as_matmul(view, n)) is not None:
+            a, b_in, trans_b, c = gemm
+        else:
+            continue
         b = view.constant(b_in)
         if b is None or view.constant(a) is not None:
             continue
         dims, dtype = view.initializers[b]
         if len(dims) != 2 or dtype not in _FLOAT_TYPES:
             continue
+        k, n_cols = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
         out = n.outputs[0]
-        bias = bias_add = bias_output = None
-        users = consumers.get(out, [])
-        if len(users) == 1 and out not in view.graph_outputs:
-            u = users[0]
-            if u.op_type == "Add" and u.domain in ("", "ai.onnx") and len(u.inputs) == 2:
-                other = u.inputs[1] if u.inputs[0] == out else u.inputs[0]
-                const = view.constant(other) if other != out else None
-                if const is not None:
-                    bdims, btype = view.initializers[const]
-                    if tuple(bdims) == (dims[1],) and btype == dtype:
-                        bias, bias_add, bias_output = const, u.name or u.outputs[0], u.outputs[0]
+        if n.op_type == "Gemm":
+            if c is not None:
+                cdims, ctype = view.initializers[c]
+                if int(np.prod(cdims)) != n_cols or cdims[-1:] != (n_cols,) or ctype != dtype:
+                    continue  # a C that broadcasts over rows too is not a bias
+            bias, bias_add, bias_output = c, None, None
+        else:
+            bias, bias_add, bias_output = _following_bias(view, consumers, out, n_cols, dtype)
         role, layer = _classify([n.name, out, b])
         targets.append(
             Target(
@@ -269,12 +319,14 @@ def find_all_targets(view: GraphView) -> list[Target]:
                 output=out,
                 role=role,
                 layer=layer,
-                k=int(dims[0]),
-                n=int(dims[1]),
+                k=int(k),
+                n=int(n_cols),
                 dtype=_FLOAT_TYPES[dtype],
                 bias=bias,
                 bias_add=bias_add,
                 bias_output=bias_output,
+                op=n.op_type,
+                trans_b=trans_b,
             )
         )
     return targets
@@ -307,6 +359,22 @@ def group_sites(targets: Iterable[Target]) -> list[Site]:
     return [Site(inp, tuple(ts)) for inp, ts in groups.items()]
 
 
+_QUANTIZED_OPS = ("MatMulInteger", "MatMulNBits", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
+def _why_no_targets(view: GraphView) -> str:
+    """A hint for models whose MatMuls scap-onnx cannot see: quantized ones, or ones in subgraphs."""
+    ops = [n.op_type for n in view.nodes]
+    quantized = sorted({op for op in ops if op in _QUANTIZED_OPS})
+    if quantized:
+        return f"; it is already quantized ({', '.join(quantized)}): export or load the float model instead"
+    control = sorted({op for op in ops if op in ("If", "Loop", "Scan")})
+    if control:
+        return (f"; MatMuls inside {'/'.join(control)} subgraphs are not searched (a merged decoder?): "
+                "use the decoder exported without merging (optimum's model.onnx)")
+    return ""
+
+
 def find_targets(model, patterns: str | Sequence[str] | None = None, *, require: bool = True) -> list[Target]:
     """Targets of a model (onnx.ModelProto, onnx_ir.Model or GraphView), filtered by ``patterns``.
 
@@ -322,6 +390,7 @@ def find_targets(model, patterns: str | Sequence[str] | None = None, *, require:
     chosen = select_targets(all_targets, patterns)
     if require and not chosen:
         if not all_targets:
-            raise ScapError("the model has no target MatMuls (a MatMul whose B is a constant 2-D float initializer)")
+            raise ScapError("the model has no target MatMuls (a MatMul or Gemm whose B is a constant 2-D float "
+                            "initializer)" + _why_no_targets(view))
         raise ScapError(f"--targets {patterns!r} matches none of the model's {len(all_targets)} target MatMuls")
     return chosen

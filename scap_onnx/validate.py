@@ -292,13 +292,14 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     by_name = {t.name: t for t in fc}
     d_inits = {t.name: t for t in dp.graph.initializer}
     s_inits = {t.name: t for t in sp.graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in sp.graph.node if n.op_type == "Transpose"}
     scap = []
     for n in snodes:
         t = by_name.get(n.name)
-        w = n.input[1]
+        w = transposed.get(n.input[1], n.input[1]) if t is not None and t.trans_b else n.input[1]
         if t is None or t.weight != w:
-            raise ScapError(f"models do not match: sparse node {n.name!r} has no MatMul of that name with "
-                            f"weight {w!r} in {dense.name}")
+            raise ScapError(f"models do not match: sparse node {n.name!r} has no MatMul or Gemm of that name "
+                            f"with weight {w!r} in {dense.name}")
         a, b = d_inits.get(w), s_inits.get(w)
         if a is not None and b is not None:
             if tuple(a.dims) != tuple(b.dims) or a.data_type != b.data_type or \
@@ -977,6 +978,7 @@ def validate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ):
     """Compare SPARSE with DENSE: accuracy (perplexity, agreement, KL or embedding cosine), measured sparsity, decode / prefill / batch latency (interleaved); JSON, markdown and PNG reports."""
+    from .fileio import check_output_file
     from .progress import make_progress
     from .report import write_report
 
@@ -986,6 +988,7 @@ def validate_command(
                            latency=latency, kv_len=kv_len, warmup=warmup, repeats=repeats,
                            prefill_repeats=prefill_repeats, thread_pool=thread_pool, spinning=spinning, targets=targets_from_spec(sparsity))
     report_path = report or default_report_path(sparse)
+    check_output_file(report_path)
     progress = make_progress(quiet)
     try:
         rep = validate(dense, sparse, data, opts, progress=progress)

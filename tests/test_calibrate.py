@@ -77,6 +77,19 @@ def test_retarget_from_histograms(dec_stats):
            {t["name"]: (s.threshold, s.offset) for s in st.sites for t in s.targets}
 
 
+def test_roles_sharing_an_input_get_their_own_sparsity(dec_stats):
+    st = dec_stats[3]
+    plan = st.plan("q=0.3,k=0.6,v=0.6")  # q/k/v read one input
+    site = [s for s in st.sites if s.roles == ["q", "k", "v"]][0]
+    by_role = {plan[t["name"]].role: plan[t["name"]] for t in site.targets}
+    assert by_role["q"].offset == by_role["k"].offset == by_role["v"].offset  # one centre
+    assert by_role["k"].threshold == by_role["v"].threshold
+    for role, want in (("q", 0.3), ("k", 0.6)):
+        p = by_role[role]
+        assert p.sparsity == want
+        assert site.histogram.mass_within(p.offset, p.threshold)[0] == pytest.approx(want, abs=2e-3)
+
+
 def test_stats_roundtrip_and_model_identity(tiny, dec_stats, tmp_path):
     st = dec_stats[1]
     st.save(tmp_path / "s.json")

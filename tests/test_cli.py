@@ -142,3 +142,32 @@ def test_other_bad_input(tiny, dec_stats, tmp_path):
     _bad("calibrate", tiny["decoder"], "-o", tmp_path / "s.json", match="--data")
     _bad("calibrate", tiny["decoder"], "--data", tmp_path / "nope.txt", "-o", tmp_path / "s.json", match="does not exist")
     _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", tiny["decoder"], match="overwrite")
+
+
+def test_folders_where_files_are_expected(tiny, dec_stats, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    _bad("calibrate", tiny["decoder"], "--data", tiny["calib"], "-o", folder, match="is a folder")
+    _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", folder, match="is a folder")
+    _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", tmp_path / "x.onnx", "--save-stats", folder,
+         match="is a folder")
+    assert not (tmp_path / "x.onnx").exists()  # checked before anything is written
+    _bad("inspect", tiny["decoder"].parent, match="give the model file")
+
+
+def test_zero_tokens(tiny, tmp_path):
+    _bad("calibrate", tiny["decoder"], "--data", tiny["calib"], "--tokens", "0", "-o", tmp_path / "s.json",
+         match="--tokens")
+
+
+def test_quantized_model_is_named_as_such(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.int8), "W")
+    node = helper.make_node("MatMulInteger", ["X", "W"], ["Y"], name="/model/layers.0/mlp/up_proj/MatMulInteger")
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("X", TensorProto.INT8, [1, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [1, 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "q.onnx")
+    _bad("inspect", tmp_path / "q.onnx", match="already quantized (MatMulInteger)")

@@ -17,6 +17,14 @@ def test_per_role_leaves_other_roles_dense():
     assert parse_spec(str(s)) == s
 
 
+def test_fused_roles_take_the_value_of_their_parts():
+    s = parse_spec("up=0.35,gate=0.35,down=0.55,q=0.3,k=0.4,v=0.5")
+    assert s.sparsity("gate_up") == 0.35  # Phi-3's fused gate_up_proj
+    assert s.sparsity("qkv") == pytest.approx(0.4)  # their mean when they differ
+    assert parse_spec("gate_up=0.2,up=0.35").sparsity("gate_up") == 0.2  # named: its own value
+    assert parse_spec("down=0.5").sparsity("gate_up") is None
+
+
 def test_default_with_star():
     s = parse_spec("down=0.6,*=0.3")
     assert s.sparsity("down") == 0.6 and s.sparsity("q") == 0.3

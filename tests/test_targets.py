@@ -43,11 +43,17 @@ NAMES = {
     "/model/layers.0/mlp/fc2/MatMul": ("down", 0),
     "/model/layers.0/self_attn/qkv_proj/MatMul": ("qkv", 0),
     "/model/layers.0/mlp/gate_up_proj/MatMul": ("gate_up", 0),
-    # Mixtral experts (the router 'gate' is not a gate projection)
+    # Mixtral experts; the router 'gate' is not a gate projection (Qwen-MoE calls it mlp.gate)
     "/model/layers.1/block_sparse_moe/experts.3/w1/MatMul": ("gate", 1),
     "/model/layers.1/block_sparse_moe/experts.3/w3/MatMul": ("up", 1),
     "/model/layers.1/block_sparse_moe/experts.3/w2/MatMul": ("down", 1),
-    "/model/layers.1/block_sparse_moe/gate/MatMul": ("other", 1),
+    "/model/layers.1/block_sparse_moe/gate/MatMul": ("router", 1),
+    "/model/layers.2/mlp/gate/MatMul": ("router", 2),
+    "/model/layers.2/mlp/shared_expert_gate/MatMul": ("router", 2),
+    # GPT-2 Conv1D and OPT, as optimum exports them: Gemm
+    "/transformer/h.0/attn/c_attn/Gemm": ("qkv", 0),
+    "/transformer/h.0/mlp/c_proj/Gemm": ("down", 0),
+    "/decoder/layers.1/fc1/Gemm": ("up", 1),
     # T5
     "/encoder/block.0/layer.0/SelfAttention/q/MatMul": ("q", 0),
     "/encoder/block.0/layer.0/SelfAttention/o/MatMul": ("o", 0),
