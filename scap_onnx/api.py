@@ -79,9 +79,11 @@ def rewrite(
     stats.check_model(fp, model)
     plan = stats.plan(sparsity)
     ir_model = load_model(model)
-    if targets is not None:
-        chosen = {t.name for t in select_targets(find_all_targets(GraphView.from_ir(ir_model)), targets)}
-        plan = {k: v for k, v in plan.items() if k in chosen}
+    # --targets, else the calibration's selection (stats of older versions may hold targets that are
+    # excluded by default now, such as MoE routers)
+    selection = targets if targets is not None else stats.calibration.get("targets")
+    chosen = {t.name for t in select_targets(find_all_targets(GraphView.from_ir(ir_model)), selection)}
+    plan = {k: v for k, v in plan.items() if k in chosen}
     if not plan:
         raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
     task = progress.task("rewrite", len(plan))
@@ -108,7 +110,7 @@ def _external_files(ir_model) -> list[Path]:
 
 
 def inspect(model: str | Path, targets: str | None = None) -> list[Target]:
-    """Target MatMuls of a model (``targets`` patterns as in --targets; all but lm_head by default)."""
+    """Target MatMuls of a model (``targets`` patterns as in --targets; all but lm_head and routers by default)."""
     proto = load_proto(model)
     return find_targets(proto, targets)
 

@@ -138,6 +138,19 @@ class PassResult:
     seconds: float
 
 
+def _sparsify_entries(site: SiteStats, spec: Spec) -> list[tuple[str, float, float, int, list[str]]]:
+    """How the next pass sparsifies a decided site: (input, threshold, offset, elem type, consumers),
+    one entry per threshold its targets get (targets sharing the input may ask for different
+    sparsities, and then read differently sparsified copies, as in the rewritten model)."""
+    by_threshold: dict[float, list[str]] = {}
+    for t in site.targets:
+        wanted = spec.sparsity(t["role"])
+        if wanted is not None:
+            tau = site.threshold_for(wanted, site.offset, site.sparsity, site.threshold)
+            by_threshold.setdefault(tau, []).append(t["name"])
+    return [(site.input, tau, site.offset, _ELEM[site.dtype], names) for tau, names in by_threshold.items()]
+
+
 def _as_kn(weight: np.ndarray, target) -> np.ndarray:
     """A target's weight as float32 [K, N] (a Gemm with transB stores it [N, K])."""
     w = weight.astype(np.float32, copy=False)
@@ -256,11 +269,8 @@ def calibrate(
                 "thresholds": {k: v.threshold for k, v in decided.items() if v.sparsity is not None},
             })
             if not last:
-                sparsify = {
-                    st.input: (st.threshold, st.offset, _ELEM[st.dtype], [t["name"] for t in st.targets
-                                                                          if spec.sparsity(t["role"]) is not None])
-                    for st in decided.values() if st.sparsity is not None
-                }
+                sparsify = [entry for st in decided.values() if st.sparsity is not None
+                            for entry in _sparsify_entries(st, spec)]
         assert result is not None
         stats = Stats(
             model={"path": str(Path(model).resolve()), "fingerprint": source.fingerprint,

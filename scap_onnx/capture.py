@@ -263,13 +263,16 @@ def sparsify_nodes(x: str, consumers_out: str, threshold: float, offset: float, 
 def build_capture_model(
     base: onnx.ModelProto,
     capture: Mapping[str, int],
-    sparsify: Mapping[str, tuple[float, float, int, list[str]]] | None = None,
+    sparsify: Iterable[tuple[str, float, float, int, list[str]]] | Mapping | None = None,
 ) -> onnx.ModelProto:
     """A weight-free copy of ``base`` whose outputs are the tensors in ``capture`` (name -> elem type).
 
-    ``sparsify``: input name -> (threshold, offset, elem type, consumer node names): those
-    consumers read the sparsified tensor instead (upstream-aware calibration).
+    ``sparsify``: (input name, threshold, offset, elem type, consumer node names) entries, or a
+    mapping input name -> (threshold, offset, elem type, consumers): those consumers read the
+    sparsified tensor instead (upstream-aware calibration).
     """
+    if isinstance(sparsify, Mapping):
+        sparsify = [(name, *entry) for name, entry in sparsify.items()]
     model = onnx.ModelProto()
     model.ir_version = base.ir_version
     model.opset_import.extend(base.opset_import)
@@ -283,7 +286,7 @@ def build_capture_model(
     extra_inits = []
     rewired: dict[str, dict[str, str]] = {}  # consumer node name -> {old input: new input}
     pre_nodes: dict[str, list[onnx.NodeProto]] = {}  # insert before first consumer
-    for k, (name, (thr, off, dtype, consumers)) in enumerate((sparsify or {}).items()):
+    for k, (name, thr, off, dtype, consumers) in enumerate(sparsify or []):
         new = f"{_SPARSIFY_PREFIX}{k}/out"
         ns, inits = sparsify_nodes(name, new, thr, off, dtype, str(k))
         extra_inits += inits

@@ -76,7 +76,7 @@ def _stop(progress) -> None:
 # Options shared by calibrate and rewrite --data.
 DataOpt = typer.Option(None, "--data", "-d", help="Calibration data: a text file (.txt, .jsonl with a 'text' field) or an .npz of input feeds. Repeat it for several text files: their windows are mixed, --tokens split evenly between them.")
 TokenizerOpt = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside the model).")
-TargetsOpt = typer.Option(None, "--targets", help="Comma-separated patterns on node name, weight name or role (e.g. 'down,*mlp*', '!*layers.0/*'); default: every target but lm_head.")
+TargetsOpt = typer.Option(None, "--targets", help="Comma-separated patterns on node name, weight name or role (e.g. 'down,*mlp*', '!*layers.0/*'); default: every target but lm_head and MoE routers.")
 TokensOpt = typer.Option(16384, "--tokens", help="Calibration tokens to read (windows of --seq-len).")
 SeqLenOpt = typer.Option(256, "--seq-len", help="Tokens per calibration window.")
 BatchOpt = typer.Option(1, "--batch-size", help="Windows per onnxruntime run.")
@@ -88,8 +88,6 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 
 
 def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads) -> dict:
-    if tokens < 1:
-        fail(f"--tokens must be at least 1, got {tokens}")
     return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
                 passes=passes, sample_rows=sample_rows, threads=threads)
 
@@ -200,7 +198,7 @@ def rewrite(
     if save_stats is not None:
         result.stats.save(save_stats)
     extra = f" (+ {result.external_data.name})" if result.external_data else ""
-    typer.echo(f"rewrote {len(result.rewritten)} MatMuls -> {output}{extra}")
+    typer.echo(f"rewrote {len(result.rewritten)} targets -> {output}{extra}")
     for line in _summary_lines(result.stats, result.plan):
         typer.echo(line)
 

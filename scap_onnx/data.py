@@ -427,6 +427,8 @@ def open_data(
     """Check the data argument and make a DataSource for ``model``. Raises ScapError on bad input.
 
     Several text files (a list) give a MixedSource: ``max_tokens`` split evenly between them."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ScapError(f"--tokens must be at least 1, got {max_tokens}")
     if not isinstance(data, (str, Path)):
         paths = list(data)
         if not paths:

@@ -37,7 +37,7 @@ def atomic_write_text(dest: str | Path, text: str) -> None:
 def check_output_file(dest: str | Path) -> None:
     """ScapError when an output path names a folder: checked up front, before long work."""
     if Path(dest).is_dir():
-        raise ScapError(f"output {dest} is a folder: give a file name (e.g. {Path(dest) / 'out'}...)")
+        raise ScapError(f"output {dest} is a folder: give a file name inside it")
 
 
 def missing_model_message(path: str | Path) -> str:

@@ -119,12 +119,14 @@ def _transposed(b_val: ir.Value, t, used_names: set[str], new_nodes: list[ir.Nod
 
 
 def _const_array(val: ir.Value) -> np.ndarray:
-    """The value of an initializer, or of a Constant node's output."""
+    """The value of an initializer, or of a Constant node's output, also through Identity nodes."""
     if val.const_value is not None:
         return val.const_value.numpy()
     producer = val.producer()
     if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
         return producer.attributes["value"].value.numpy()
+    if producer is not None and producer.op_type == "Identity" and producer.inputs[0] is not None:
+        return _const_array(producer.inputs[0])
     raise ScapError(f"{val.name!r} is not a constant")
 
 

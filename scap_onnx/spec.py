@@ -29,9 +29,10 @@ class Spec:
         """Target sparsity of a role, or None when the SPEC leaves it dense."""
         if role in self.roles:
             return self.roles[role]
-        parts = [self.roles[r] for r in FUSED_ROLES.get(role, ()) if r in self.roles]
-        if parts:
-            return sum(parts) / len(parts)
+        parts = FUSED_ROLES.get(role, ())
+        if any(r in self.roles for r in parts):
+            values = [v for v in (self.roles.get(r, self.default) for r in parts) if v is not None]
+            return values[0] if max(values) == min(values) else sum(values) / len(values)
         return self.default
 
     def __str__(self) -> str:

@@ -62,6 +62,13 @@ class SiteStats:
     def k(self) -> int:
         return int(self.targets[0]["k"])
 
+    def threshold_for(self, sparsity: float, offset: float, site_sparsity: float, site_threshold: float) -> float:
+        """A target's threshold at ``sparsity``: the site's own when the site was decided for it (to
+        float formatting: SPECs are stored with 6 digits), else the quantile of the site's histogram."""
+        if abs(sparsity - site_sparsity) <= 1e-6:
+            return site_threshold
+        return self.histogram.threshold(sparsity, offset)
+
     def sparsity_for(self, spec: Spec) -> float | None:
         """The site's sparsity under ``spec``: mean over its targets that the SPEC names."""
         vals = [spec.sparsity(t["role"]) for t in self.targets]
@@ -174,8 +181,9 @@ class Stats:
     @staticmethod
     def _target_plan(site: SiteStats, target: dict, wanted: float, site_tau: float, offset: float,
                      site_sparsity: float, kind: str) -> TargetPlan:
-        tau = site_tau if wanted == site_sparsity else site.histogram.threshold(wanted, offset)
-        return TargetPlan(target["name"], target["role"], site.input, tau, offset, wanted, kind)
+        tau = site.threshold_for(wanted, offset, site_sparsity, site_tau)
+        sparsity = site_sparsity if abs(wanted - site_sparsity) <= 1e-6 else wanted
+        return TargetPlan(target["name"], target["role"], site.input, tau, offset, sparsity, kind)
 
     # -- identity
     def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:

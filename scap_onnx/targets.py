@@ -335,7 +335,7 @@ def find_all_targets(view: GraphView) -> list[Target]:
 def select_targets(targets: Iterable[Target], patterns: str | Sequence[str] | None = None) -> list[Target]:
     """Targets chosen by ``--targets``: comma-separated glob patterns on the node name, the weight
     name or the role (``down``, ``*mlp*``, ``/model/layers.1?/*``); ``!PATTERN`` excludes.
-    Without patterns: every target except lm_head."""
+    Without patterns: every target except lm_head and MoE routers."""
     targets = list(targets)
     if patterns is None or (isinstance(patterns, str) and not patterns.strip()):
         return [t for t in targets if t.role not in DEFAULT_EXCLUDED_ROLES]
@@ -359,7 +359,8 @@ def group_sites(targets: Iterable[Target]) -> list[Site]:
     return [Site(inp, tuple(ts)) for inp, ts in groups.items()]
 
 
-_QUANTIZED_OPS = ("MatMulInteger", "MatMulNBits", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+_QUANTIZED_OPS = ("MatMulInteger", "MatMulNBits", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                  "DequantizeLinear", "GatherBlockQuantized")
 
 
 def _why_no_targets(view: GraphView) -> str:

@@ -90,6 +90,24 @@ def test_roles_sharing_an_input_get_their_own_sparsity(dec_stats):
         assert site.histogram.mass_within(p.offset, p.threshold)[0] == pytest.approx(want, abs=2e-3)
 
 
+def test_next_pass_sparsifies_each_role_at_its_threshold(dec_stats):
+    from scap_onnx.calibrate import _sparsify_entries
+    from scap_onnx.spec import parse_spec
+
+    site = [s for s in dec_stats[3].sites if s.roles == ["q", "k", "v"]][0]
+    names = {t["role"]: t["name"] for t in site.targets}
+    entries = _sparsify_entries(site, parse_spec("q=0.3,k=0.5,v=0.5,*=0.5"))
+    assert sorted(sorted(e[4]) for e in entries) == sorted([[names["q"]], sorted([names["k"], names["v"]])])
+    assert {e[0] for e in entries} == {site.input} and len({e[1] for e in entries}) == 2
+    same = _sparsify_entries(site, parse_spec("0.5"))
+    assert len(same) == 1 and same[0][1] == site.threshold
+
+
+def test_stored_spec_rounding_keeps_the_site_threshold(dec_stats):
+    site = dec_stats[3].sites[0]
+    assert site.threshold_for(site.sparsity + 1e-9, site.offset, site.sparsity, site.threshold) == site.threshold
+
+
 def test_stats_roundtrip_and_model_identity(tiny, dec_stats, tmp_path):
     st = dec_stats[1]
     st.save(tmp_path / "s.json")

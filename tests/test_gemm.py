@@ -140,6 +140,28 @@ def test_calibrate_rewrite_and_validate_pairing(gemm_model, tmp_path):
     assert {(s["name"], s["k"], s["n"]) for s in pair.scap} == {(C_FC, 16, 24), (FC2, 24, 16), (OUT_PROJ, 16, 8)}
 
 
+def test_bias_through_identity_of_a_constant(tmp_path):
+    w = numpy_helper.from_array(np.random.default_rng(4).standard_normal((16, 8)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(np.arange(8, dtype=np.float32), "b")
+    nodes = [
+        helper.make_node("Constant", [], ["bc"], value=bias),
+        helper.make_node("Identity", ["bc"], ["bi"]),
+        helper.make_node("MatMul", ["X", "W"], ["M"], name="/model/layers.0/mlp/up_proj/MatMul"),
+        helper.make_node("Add", ["M", "bi"], ["Y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "b", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    src, out = tmp_path / "m.onnx", tmp_path / "s.onnx"
+    onnx.save(model, src)
+    feeds = _feeds()
+    for offset in (0.0, 0.25):
+        _rewrite(src, out, {"/model/layers.0/mlp/up_proj/MatMul": (0.0, offset)})
+        for got in _sparse_runs(out, feeds, tmp_path):
+            assert _rel(got[0], _run(src, feeds, library=False)[0]) < 1e-5
+
+
 # ----------------------------------------------------------------------------- real exports
 @pytest.mark.parametrize("family, gemm_roles", [("gpt2", {"qkv", "o", "up", "down"}), ("opt", {"up", "down"})])
 def test_real_exports_through_the_cli(family, gemm_roles, tmp_path):

@@ -23,6 +23,8 @@ def test_fused_roles_take_the_value_of_their_parts():
     assert s.sparsity("qkv") == pytest.approx(0.4)  # their mean when they differ
     assert parse_spec("gate_up=0.2,up=0.35").sparsity("gate_up") == 0.2  # named: its own value
     assert parse_spec("down=0.5").sparsity("gate_up") is None
+    assert parse_spec("*=0.3,up=0.6").sparsity("gate_up") == pytest.approx(0.45)  # gate takes the default
+    assert parse_spec("q=0.35,k=0.35,v=0.35").sparsity("qkv") == 0.35  # exact when equal
 
 
 def test_default_with_star():
