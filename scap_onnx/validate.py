@@ -292,11 +292,11 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     by_name = {t.name: t for t in fc}
     d_inits = {t.name: t for t in dp.graph.initializer}
     s_inits = {t.name: t for t in sp.graph.initializer}
-    transposed = {n.output[0]: n.input[0] for n in sp.graph.node if n.op_type == "Transpose"}
+    producers = {n.output[0]: n for n in sp.graph.node if n.op_type in ("Identity", "Transpose") and n.input}
     scap = []
     for n in snodes:
         t = by_name.get(n.name)
-        w = transposed.get(n.input[1], n.input[1]) if t is not None and t.trans_b else n.input[1]
+        w = _weight_source(producers, n.input[1], t)
         if t is None or t.weight != w:
             raise ScapError(f"models do not match: sparse node {n.name!r} has no MatMul or Gemm of that name "
                             f"with weight {w!r} in {dense.name}")
@@ -326,6 +326,19 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     past = _past_map(names, outputs) if kind == "causal-lm" else {}
     del dp
     return ModelPair(dense, sparse, inputs, outputs, kind, past, scap, fc_bytes, sp)
+
+
+def _weight_source(producers: dict[str, onnx.NodeProto], name: str, target) -> str:
+    """The dense weight a sparse node's B reads: through Identity nodes (``producers``: output ->
+    Identity or Transpose node), and through the Transpose the rewriter puts on a transB weight."""
+    for _ in range(8):
+        p = producers.get(name)
+        if target is None or name == target.weight or p is None:
+            break
+        if p.op_type == "Transpose" and not target.trans_b:
+            break
+        name = p.input[0]
+    return name
 
 
 _ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,

@@ -162,6 +162,32 @@ def test_bias_through_identity_of_a_constant(tmp_path):
             assert _rel(got[0], _run(src, feeds, library=False)[0]) < 1e-5
 
 
+def test_weights_through_identity_pair_up_in_validate(tmp_path):
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W"),  # [N, K]
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "V")]
+    nodes = [
+        helper.make_node("Identity", ["W"], ["W_alias"]),  # exporters deduplicate tied weights this way
+        helper.make_node("Identity", ["V"], ["V_alias"]),
+        helper.make_node("Gemm", ["X", "W_alias"], ["H"], name="/decoder/layers.0/fc1/Gemm", transB=1),
+        helper.make_node("MatMul", ["H", "V_alias"], ["Y"], name="/decoder/layers.0/fc2/MatMul"),
+    ]
+    graph = helper.make_graph(nodes, "i", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["n", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    src, out = tmp_path / "m.onnx", tmp_path / "s.onnx"
+    onnx.save(model, src)
+    plan = {"/decoder/layers.0/fc1/Gemm": (0.5, 0.1), "/decoder/layers.0/fc2/MatMul": (0.2, 0.0)}
+    _rewrite(src, out, plan)
+    pair = open_pair(src, out)
+    assert {(s["name"], s["weight"]) for s in pair.scap} == {(name, w) for name, w in zip(plan, ("W", "V"))}
+    feeds = _feeds()
+    ref = ReferenceEvaluator(str(out), new_ops=[reference_op()]).run(None, feeds)
+    for got in _sparse_runs(out, feeds, tmp_path):
+        assert _rel(got[0], ref[0]) < 1e-5
+
+
 # ----------------------------------------------------------------------------- real exports
 @pytest.mark.parametrize("family, gemm_roles", [("gpt2", {"qkv", "o", "up", "down"}), ("opt", {"up", "down"})])
 def test_real_exports_through_the_cli(family, gemm_roles, tmp_path):
