@@ -176,7 +176,7 @@ def run_grid(args: argparse.Namespace) -> dict:
                                dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
                                kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
                     results.append(row)
-                    print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.1f}  "
+                    print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.2f}  "
                           f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
                           f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
                           flush=True)
@@ -196,7 +196,7 @@ def markdown_table(report: dict) -> str:
     lines = ["| K x N | M | weights | threads | sparsity | dense ms | sparse ms | speedup | kept GB/s | share of read BW |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.1f} | "
+        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.2f} | "
                      f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['kept_gbps']:.1f} | "
                      f"{r['bandwidth_share']:.0%} |")
     return "\n".join(lines)
