@@ -34,8 +34,8 @@ from .data import DataSource, MixedSource, open_data
 from .errors import ScapError
 from .histogram import Histogram, robust_scale
 from .progress import NullProgress, Progress
-from .spec import Spec, parse_spec
-from .stats import CANDIDATE_ORDER, SiteStats, Stats, shared_sparsity
+from .spec import Spec, parse_spec, shared_sparsity
+from .stats import CANDIDATE_ORDER, SiteStats, Stats
 from .targets import Site, find_targets, group_sites
 
 #: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).

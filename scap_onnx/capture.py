@@ -263,16 +263,13 @@ def sparsify_nodes(x: str, consumers_out: str, threshold: float, offset: float, 
 def build_capture_model(
     base: onnx.ModelProto,
     capture: Mapping[str, int],
-    sparsify: Iterable[tuple[str, float, float, int, list[str]]] | Mapping | None = None,
+    sparsify: Iterable[tuple[str, float, float, int, list[str]]] | None = None,
 ) -> onnx.ModelProto:
     """A weight-free copy of ``base`` whose outputs are the tensors in ``capture`` (name -> elem type).
 
-    ``sparsify``: (input name, threshold, offset, elem type, consumer node names) entries, or a
-    mapping input name -> (threshold, offset, elem type, consumers): those consumers read the
-    sparsified tensor instead (upstream-aware calibration).
+    ``sparsify``: (input name, threshold, offset, elem type, consumer node names) entries: those
+    consumers read the sparsified tensor instead (upstream-aware calibration).
     """
-    if isinstance(sparsify, Mapping):
-        sparsify = [(name, *entry) for name, entry in sparsify.items()]
     model = onnx.ModelProto()
     model.ir_version = base.ir_version
     model.opset_import.extend(base.opset_import)

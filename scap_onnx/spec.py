@@ -18,6 +18,14 @@ from .targets import ROLES
 FUSED_ROLES = {"gate_up": ("gate", "up"), "qkv": ("q", "k", "v")}
 
 
+def shared_sparsity(values: list) -> float | None:
+    """One sparsity for several (None: left dense) values: their mean, exact when they are equal."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return vals[0] if max(vals) == min(vals) else sum(vals) / len(vals)
+
+
 @dataclass(frozen=True)
 class Spec:
     """Parsed SPEC: ``default`` applies to roles absent from ``roles`` (None: those stay dense)."""
@@ -31,8 +39,7 @@ class Spec:
             return self.roles[role]
         parts = FUSED_ROLES.get(role, ())
         if any(r in self.roles for r in parts):
-            values = [v for v in (self.roles.get(r, self.default) for r in parts) if v is not None]
-            return values[0] if max(values) == min(values) else sum(values) / len(values)
+            return shared_sparsity([self.roles.get(r, self.default) for r in parts])
         return self.default
 
     def __str__(self) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ScapError
 from .fileio import atomic_write_text
 from .histogram import Histogram
-from .spec import Spec, parse_spec
+from .spec import Spec, parse_spec, shared_sparsity
 
 FORMAT = "scap-onnx-stats"
 VERSION = 1
@@ -28,12 +28,9 @@ VERSION = 1
 CANDIDATE_ORDER = ("zero", "median", "mode", "kde")
 
 
-def shared_sparsity(values: list) -> float | None:
-    """Sparsity of an input shared by targets with these (non-None) targets: their mean (exact when equal)."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    return vals[0] if max(vals) == min(vals) else float(np.mean(vals))
+def same_sparsity(a: float, b: float) -> bool:
+    """Equal up to how SPECs are stored in stats files (6 significant digits)."""
+    return abs(a - b) <= 1e-6
 
 
 @dataclass
@@ -64,8 +61,8 @@ class SiteStats:
 
     def threshold_for(self, sparsity: float, offset: float, site_sparsity: float, site_threshold: float) -> float:
         """A target's threshold at ``sparsity``: the site's own when the site was decided for it (to
-        float formatting: SPECs are stored with 6 digits), else the quantile of the site's histogram."""
-        if abs(sparsity - site_sparsity) <= 1e-6:
+        float formatting), else the quantile of the site's histogram."""
+        if same_sparsity(sparsity, site_sparsity):
             return site_threshold
         return self.histogram.threshold(sparsity, offset)
 
@@ -182,7 +179,7 @@ class Stats:
     def _target_plan(site: SiteStats, target: dict, wanted: float, site_tau: float, offset: float,
                      site_sparsity: float, kind: str) -> TargetPlan:
         tau = site.threshold_for(wanted, offset, site_sparsity, site_tau)
-        sparsity = site_sparsity if abs(wanted - site_sparsity) <= 1e-6 else wanted
+        sparsity = site_sparsity if same_sparsity(wanted, site_sparsity) else wanted
         return TargetPlan(target["name"], target["role"], site.input, tau, offset, sparsity, kind)
 
     # -- identity

@@ -94,7 +94,7 @@ def test_sparse_numerics_match_the_contract(tiny, stats, tmp_path, key):
     got = _reference(out, feeds)
     src = ModelSource(tiny[key])
     st = stats[key]
-    cfg = {s.input: (s.threshold, s.offset, 1, [t["name"] for t in s.targets]) for s in st.sites}
+    cfg = [(s.input, s.threshold, s.offset, 1, [t["name"] for t in s.targets]) for s in st.sites]
     out_name = src.proto.graph.output[0].name
     sess = src.session(build_capture_model(src.proto, {out_name: 1}, cfg))
     want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
