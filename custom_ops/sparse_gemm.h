@@ -92,6 +92,25 @@ struct GemmKernels {
 // The fastest kernels this CPU runs, chosen once at run time.
 const GemmKernels& SelectKernels();
 
+// Several rows of A with float32 weights on CPUs with AMX-BF16 (gemm_amx.cc): the activations are
+// split once per pass into bfloat16 parts, then column ranges multiply as the `tiles` kernels do.
+struct AmxGemm {
+  // uint16_t elements of the split activations of `act`.
+  int64_t (*parts_elements)(const SparseTiles& act);
+  // Splits rows [m0, m1) of act (multiples of split_rows) into parts; false if a value is Inf or
+  // NaN, which the split cannot carry (use the float32 kernels then).
+  bool (*split)(const SparseTiles& act, int64_t m0, int64_t m1, uint16_t* parts);
+  // Y[:, n0:n1] = D @ B[:, n0:n1] (+ bias[n0:n1]), n0 a multiple of tile_columns; false, with
+  // nothing written, if B's kept rows hold Inf or NaN in those columns.
+  bool (*tiles)(const SparseTiles& act, const uint16_t* parts, const float* b, int64_t n, const float* bias, float* y,
+                int64_t n0, int64_t n1);
+  int64_t split_rows;
+  int64_t tile_columns;
+};
+
+// The AMX kernels when the CPU, the operating system and SCAP_ONNX_ISA allow them, else nullptr.
+const AmxGemm* SelectAmx();
+
 // The portable kernels (also the reference for the vectorised ones in tests of the dispatch).
 const GemmKernels& PortableKernels();
 

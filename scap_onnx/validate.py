@@ -164,9 +164,12 @@ def kernel_isa(flags: set[str]) -> str:
     cap = os.environ.get("SCAP_ONNX_ISA")
     has_avx2 = {"avx2", "fma"} <= flags
     has_avx512 = has_avx2 and {"avx512f", "avx512bw", "avx512vl"} <= flags
-    if (cap in (None, "avx512")) and has_avx512:
+    has_amx = has_avx512 and {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+    if cap in (None, "amx") and has_amx:
+        return "avx512+amx"
+    if (cap in (None, "amx", "avx512")) and has_avx512:
         return "avx512"
-    if (cap in (None, "avx512", "avx2")) and has_avx2:
+    if (cap in (None, "amx", "avx512", "avx2")) and has_avx2:
         return "avx2"
     return "portable"
 

@@ -84,7 +84,7 @@ def test_validate_cli_smollm2_report(smollm2, smol_sparse, texts, tmp_path):
     assert lat["prefill"]["tokens"] == 64
     env = rep["environment"]
     assert env["threads"] == 2 and env["provider"] == "CPUExecutionProvider" and env["onnxruntime"]
-    assert env["cpu_model"] and isinstance(env["isa"], list) and env["kernel_isa"] in ("avx512", "avx2", "portable")
+    assert env["cpu_model"] and isinstance(env["isa"], list) and env["kernel_isa"] in ("avx512+amx", "avx512", "avx2", "portable")
     assert lat["thread_pool"] == env["thread_pool"] == "shared" and lat["spinning"]  # a fresh process: one pool
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| perplexity |" in md and "| up |" in md
