@@ -1,12 +1,15 @@
-// Several rows of A on CPUs with AMX-BF16 (Intel Sapphire Rapids and later), float32 weights.
+// Several rows of A on CPUs with AMX-BF16 (Intel Sapphire Rapids and later), float32 or float16
+// weights (float16: two bfloat16 parts hold its 11-bit significand exactly, so five products).
 //
 // The tile unit multiplies bfloat16 at about 15 times the rate of AVX-512 float32 FMAs. To keep
 // float32 accuracy, every float32 value x is split into three bfloat16 parts, x = x0 + x1 + x2
 // (exact for finite x: each part holds the next 8 bits of the significand), and the six products
 // a_i * b_j with i + j <= 2 are accumulated in float32; the three dropped ones are below 2^-24 of
-// a * b. Measured against float64 on random data (K = 64 to 11008): max error / max |y| about 6e-9,
-// against 2-6e-7 for a float32 FMA loop. Values that are Inf or NaN (or round to Inf) cannot be
-// split: the caller then uses the float32 kernels, which give the contract's exact semantics.
+// a * b (a float64 simulation on random data: 2e-8 of max |y|). What remains is the float32
+// accumulation, as in the FMA kernels: max error / max |y| against float64 is 1.3-1.9e-6 for both
+// at K = 4096 (tests/test_op.py); three products instead of six would add about 4e-6. Values that
+// are Inf or NaN (or round to Inf) cannot be split: the caller then uses the AVX-512 kernels, which
+// give the contract's exact semantics.
 //
 // Compiled with AMX flags in this file only (namespace scap::amx), picked at run time.
 #include <immintrin.h>
@@ -130,11 +133,27 @@ bool SplitRows(const SparseTiles& act, int64_t m0, int64_t m1, uint16_t* parts) 
   return AllZero(probe);
 }
 
+// Parts of B's values: float16 has an 11-bit significand, which two bfloat16 parts hold exactly.
+template <typename TW>
+constexpr int BParts() {
+  return sizeof(TW) == 2 ? 2 : kParts;
+}
+
+inline __m512 LoadB(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 LoadB(__mmask16 mask, const uint16_t* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); }
+
+inline void StoreY(__mmask16 mask, float* p, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void StoreY(__mmask16 mask, uint16_t* p, __m512 v) {
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // Kept rows [c0, c0 + steps * 32) of B's columns [n0, n0 + w) as B tiles: for step s, part p and
 // column tile t, 16 rows (pairs of k) of 16 columns x 2 interleaved bfloat16, the layout the tile
 // multiply reads. Rows past kept_count and columns past w are 0. False if B holds Inf or NaN there.
-bool PackPanel(const SparseTiles& act, const float* b, int64_t n, int64_t c0, int64_t steps, int64_t n0, int64_t w,
+template <typename TW>
+bool PackPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t c0, int64_t steps, int64_t n0, int64_t w,
                int64_t column_tiles, uint16_t* panel) {
+  constexpr int b_parts = BParts<TW>();
   // (e0, o0, e1, o1, ...): even k's part in the low half of the source, odd k's in the high half.
   alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -143,18 +162,18 @@ bool PackPanel(const SparseTiles& act, const float* b, int64_t n, int64_t c0, in
   for (int64_t s = 0; s < steps; ++s) {
     for (int64_t r = 0; r < kTile; ++r) {
       const int64_t i = c0 + s * kStep + 2 * r;
-      const float* even = i < act.kept_count ? b + static_cast<int64_t>(act.kept[i]) * n + n0 : nullptr;
-      const float* odd = i + 1 < act.kept_count ? b + static_cast<int64_t>(act.kept[i + 1]) * n + n0 : nullptr;
+      const TW* even = i < act.kept_count ? b + static_cast<int64_t>(act.kept[i]) * n + n0 : nullptr;
+      const TW* odd = i + 1 < act.kept_count ? b + static_cast<int64_t>(act.kept[i + 1]) * n + n0 : nullptr;
       for (int64_t t = 0; t < column_tiles; ++t) {
         const __mmask16 mask = TailMask(w - t * kTile);
-        const __m512 xe = even != nullptr && mask ? _mm512_maskz_loadu_ps(mask, even + t * kTile) : _mm512_setzero_ps();
-        const __m512 xo = odd != nullptr && mask ? _mm512_maskz_loadu_ps(mask, odd + t * kTile) : _mm512_setzero_ps();
+        const __m512 xe = even != nullptr && mask ? LoadB(mask, even + t * kTile) : _mm512_setzero_ps();
+        const __m512 xo = odd != nullptr && mask ? LoadB(mask, odd + t * kTile) : _mm512_setzero_ps();
         __m256i he[kParts], ho[kParts];
         Split(xe, he, probe);
         Split(xo, ho, probe);
-        for (int p = 0; p < kParts; ++p) {
+        for (int p = 0; p < b_parts; ++p) {
           const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(he[p]), ho[p], 1);
-          uint16_t* tile = panel + ((s * kParts + p) * column_tiles + t) * kTileElems;
+          uint16_t* tile = panel + ((s * b_parts + p) * column_tiles + t) * kTileElems;
           _mm512_storeu_si512(tile + r * kStep, _mm512_permutexvar_epi16(interleave, both));
         }
       }
@@ -164,9 +183,11 @@ bool PackPanel(const SparseTiles& act, const float* b, int64_t n, int64_t c0, in
 }
 
 // acc (32 x 32 float32 block, `acc_stride` floats apart) += row tiles r0, r0 + 1 of A times column
-// tiles t0, t0 + 1 of the panel over `steps` steps from step s0, all six part products.
+// tiles t0, t0 + 1 of the panel (b_parts parts of B) over `steps` steps from step s0: the products
+// of parts a_i * b_j with i + j <= 2.
 void MultiplyBlock(const uint16_t* parts, int64_t row_tiles, int64_t r0, int64_t s0, const uint16_t* panel,
-                   int64_t steps, int64_t column_tiles, int64_t t0, float* acc, int64_t acc_stride, bool first) {
+                   int b_parts, int64_t steps, int64_t column_tiles, int64_t t0, float* acc, int64_t acc_stride,
+                   bool first) {
   const int64_t acc_bytes = acc_stride * 4;
   if (first) {
     _tile_zero(0);
@@ -180,13 +201,13 @@ void MultiplyBlock(const uint16_t* parts, int64_t row_tiles, int64_t r0, int64_t
     _tile_loadd(3, acc + kTile * acc_stride + kTile, acc_bytes);
   }
   for (int64_t s = 0; s < steps; ++s) {
-    const uint16_t* b_step = panel + s * kParts * column_tiles * kTileElems + t0 * kTileElems;
+    const uint16_t* b_step = panel + s * b_parts * column_tiles * kTileElems + t0 * kTileElems;
     // a_i with b_0 .. b_(2 - i): A's part loaded once for the B parts it meets.
     for (int i = 0; i < kParts; ++i) {
       const uint16_t* a_part = parts + ATile(s0 + s, i, r0, row_tiles);
       _tile_loadd(4, a_part, 64);
       _tile_loadd(5, a_part + kTileElems, 64);
-      for (int j = 0; i + j < kParts; ++j) {
+      for (int j = 0; i + j < kParts && j < b_parts; ++j) {
         const uint16_t* b_part = b_step + j * column_tiles * kTileElems;
         _tile_loadd(6, b_part, 64);
         _tile_loadd(7, b_part + kTileElems, 64);
@@ -203,13 +224,15 @@ void MultiplyBlock(const uint16_t* parts, int64_t row_tiles, int64_t r0, int64_t
   _tile_stored(3, acc + kTile * acc_stride + kTile, acc_bytes);
 }
 
-bool TileColumns(const SparseTiles& act, const uint16_t* parts, const float* b, int64_t n, const float* bias,
-                 float* y, int64_t n0, int64_t n1) {
+template <typename TW>
+bool TileColumns(const SparseTiles& act, const uint16_t* parts, const TW* b, int64_t n, const float* bias, TW* y,
+                 int64_t n0, int64_t n1) {
+  constexpr int b_parts = BParts<TW>();
   const int64_t w = n1 - n0, width = RoundUp(w, 2 * kTile), column_tiles = width / kTile;
   const int64_t rows = PaddedRows(act), depth = PaddedDepth(act), row_tiles = rows / kTile;
   thread_local Buffer<uint16_t> panel_buffer;
   thread_local Buffer<float> acc_buffer;
-  uint16_t* panel = panel_buffer.get(kParts * kChunk * width);
+  uint16_t* panel = panel_buffer.get(b_parts * kChunk * width);
   float* acc = acc_buffer.get(rows * width);
   if (panel == nullptr || acc == nullptr) return false;
   if (depth == 0) std::memset(acc, 0, static_cast<size_t>(rows * width) * sizeof(float));  // every element dropped
@@ -221,19 +244,19 @@ bool TileColumns(const SparseTiles& act, const uint16_t* parts, const float* b, 
     // (Prefetching the next chunk's rows of B between blocks was slower.)
     for (int64_t t = 0; t < column_tiles; t += 2) {
       for (int64_t r = 0; r < row_tiles; r += 2) {
-        MultiplyBlock(parts, row_tiles, r, c0 / kStep, panel, steps, column_tiles, t,
+        MultiplyBlock(parts, row_tiles, r, c0 / kStep, panel, b_parts, steps, column_tiles, t,
                       acc + r * kTile * width + t * kTile, width, c0 == 0);
       }
     }
   }
   for (int64_t m = 0; m < act.rows; ++m) {
     const float* src = acc + m * width;
-    float* dst = y + m * n + n0;
+    TW* dst = y + m * n + n0;
     for (int64_t j = 0; j < w; j += 16) {
       const __mmask16 mask = TailMask(w - j);
       __m512 v = _mm512_maskz_loadu_ps(mask, src + j);
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + j));
-      _mm512_mask_storeu_ps(dst + j, mask, v);
+      StoreY(mask, dst + j, v);
     }
   }
   return true;
@@ -255,8 +278,8 @@ bool Available() {
 }  // namespace amx
 
 const AmxGemm* AmxKernelsIfAvailable() {
-  static const AmxGemm kernels{&amx::PartsElements, &amx::SplitRows, &amx::TileColumns, 2 * amx::kTile,
-                               2 * amx::kTile};
+  static const AmxGemm kernels{&amx::PartsElements, &amx::SplitRows, &amx::TileColumns<float>,
+                               &amx::TileColumns<uint16_t>, 2 * amx::kTile, 2 * amx::kTile};
   static const AmxGemm* available = amx::Available() ? &kernels : nullptr;
   return available;
 }

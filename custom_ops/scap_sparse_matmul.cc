@@ -221,28 +221,36 @@ void RunColumnTask(void* data, size_t index) {
   job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
 }
 
-// Tall A with float32 weights through the AMX kernels: the activations are split once, by row
-// blocks, then column ranges multiply; a range whose weights hold Inf or NaN runs the float32
-// kernels instead.
+// Tall A through the AMX kernels: the activations are split once, by row blocks, then column
+// ranges multiply; a range whose weights hold Inf or NaN runs the AVX-512 kernels instead.
+template <typename Bits>
 struct AmxJob {
   const AmxGemm* amx;
-  const Job<float>* job;
+  const Job<Bits>* job;
   const uint16_t* parts;
   char* split_ok;
 };
 
+template <typename Bits>
 void RunAmxSplitTask(void* data, size_t index) {
-  const auto& job = *static_cast<const AmxJob*>(data);
+  const auto& job = *static_cast<const AmxJob<Bits>*>(data);
   const int64_t rows = job.amx->split_rows, m0 = static_cast<int64_t>(index) * rows;
   job.split_ok[index] = job.amx->split(job.job->tiles, m0, m0 + rows, const_cast<uint16_t*>(job.parts));
 }
 
+template <typename Bits>
 void RunAmxColumnTask(void* data, size_t index) {
-  const auto& amx_job = *static_cast<const AmxJob*>(data);
-  const Job<float>& job = *amx_job.job;
+  const auto& amx_job = *static_cast<const AmxJob<Bits>*>(data);
+  const Job<Bits>& job = *amx_job.job;
   const auto [n0, n1] = TaskRange(index, job.tasks, job.n, amx_job.amx->tile_columns);
-  if (!amx_job.amx->tiles(job.tiles, amx_job.parts, job.b, job.n, job.bias, job.y, n0, n1)) {
-    // Inf or NaN in these columns of B: the float32 kernels skip them where A's element is dropped.
+  bool done;
+  if constexpr (std::is_same<Bits, float>::value) {
+    done = amx_job.amx->tiles(job.tiles, amx_job.parts, job.b, job.n, job.bias, job.y, n0, n1);
+  } else {
+    done = amx_job.amx->tiles_f16(job.tiles, amx_job.parts, job.b, job.n, job.bias, job.y, n0, n1);
+  }
+  if (!done) {
+    // Inf or NaN in these columns of B: the AVX-512 kernels skip them where A's element is dropped.
     const int64_t block = job.kernels->tile_columns;
     thread_local std::vector<float> work;
     work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUp(n1 - n0, block))));
@@ -257,40 +265,37 @@ int64_t ColumnTasks(int64_t n, int64_t block) {
   return std::min(blocks, std::max(kTargetTasks, (n + kMaxColumnsPerTask - 1) / kMaxColumnsPerTask));
 }
 
-// Column tasks of the AMX kernels: about 1024 columns wide, because they copy their columns of B
+// Column tasks of the AMX kernels: about 1024 columns or more, because they copy their columns of B
 // row by row and longer runs per row read memory faster (M = 128, K = N = 4096: 256-column tasks
-// 0.82-0.95x of onnxruntime's MatMul, 1024 columns 0.99-1.20x); at least 4 for small N, and a power
-// of two, so that pools of 2, 4 or 8 threads get equal shares.
+// 0.82-0.95x of onnxruntime's MatMul, 1024 columns 0.99-1.20x; N = 11008: 8 tasks 0.97-1.03x, 16
+// tasks 0.88-0.90x); at least 4 for small N, and a power of two, so that pools of 2, 4 or 8
+// threads get equal shares.
 int64_t AmxColumnTasks(int64_t n, int64_t block) {
   const int64_t blocks = (n + block - 1) / block;
-  const int64_t wanted = std::max((n + kAmxColumnsPerTask - 1) / kAmxColumnsPerTask, std::min<int64_t>(4, blocks));
+  const int64_t wanted = std::max(n / kAmxColumnsPerTask, std::min<int64_t>(4, blocks));
   int64_t tasks = 1;
-  while (tasks < wanted) tasks *= 2;
-  return std::min(tasks, blocks);
+  while (tasks * 2 <= wanted) tasks *= 2;
+  return tasks;
 }
 
-// The several-rows pass through the AMX kernels, when they run here; false if they do not (float16
-// weights, no AMX, or Inf or NaN in the activations).
+// The several-rows pass through the AMX kernels, when they run here; false if they do not (no AMX,
+// or Inf or NaN in the activations).
 template <typename Bits>
 bool RunAmx(Ort::KernelContext& context, Job<Bits>& job, Scratch& scratch) {
-  if constexpr (!std::is_same<Bits, float>::value) {
-    return false;
-  } else {
-    const AmxGemm* amx = SelectAmx();
-    if (amx == nullptr) return false;
-    const SparseTiles& act = job.tiles;
-    scratch.parts.resize(static_cast<size_t>(amx->parts_elements(act)));
-    const int64_t blocks = (act.rows + amx->split_rows - 1) / amx->split_rows;
-    scratch.split_ok.assign(static_cast<size_t>(blocks), 0);
-    AmxJob amx_job{amx, &job, scratch.parts.data(), scratch.split_ok.data()};
-    RunTasks(context, &RunAmxSplitTask, blocks, &amx_job);
-    for (char ok : scratch.split_ok) {
-      if (!ok) return false;
-    }
-    job.tasks = AmxColumnTasks(job.n, amx->tile_columns);
-    RunTasks(context, &RunAmxColumnTask, job.tasks, &amx_job);
-    return true;
+  const AmxGemm* amx = SelectAmx();
+  if (amx == nullptr) return false;
+  const SparseTiles& act = job.tiles;
+  scratch.parts.resize(static_cast<size_t>(amx->parts_elements(act)));
+  const int64_t blocks = (act.rows + amx->split_rows - 1) / amx->split_rows;
+  scratch.split_ok.assign(static_cast<size_t>(blocks), 0);
+  AmxJob<Bits> amx_job{amx, &job, scratch.parts.data(), scratch.split_ok.data()};
+  RunTasks(context, &RunAmxSplitTask<Bits>, blocks, &amx_job);
+  for (char ok : scratch.split_ok) {
+    if (!ok) return false;
   }
+  job.tasks = AmxColumnTasks(job.n, amx->tile_columns);
+  RunTasks(context, &RunAmxColumnTask<Bits>, job.tasks, &amx_job);
+  return true;
 }
 
 }  // namespace

@@ -92,8 +92,8 @@ struct GemmKernels {
 // The fastest kernels this CPU runs, chosen once at run time.
 const GemmKernels& SelectKernels();
 
-// Several rows of A with float32 weights on CPUs with AMX-BF16 (gemm_amx.cc): the activations are
-// split once per pass into bfloat16 parts, then column ranges multiply as the `tiles` kernels do.
+// Several rows of A on CPUs with AMX-BF16 (gemm_amx.cc): the activations are split once per pass
+// into bfloat16 parts, then column ranges multiply as the `tiles` kernels do.
 struct AmxGemm {
   // uint16_t elements of the split activations of `act`.
   int64_t (*parts_elements)(const SparseTiles& act);
@@ -104,6 +104,9 @@ struct AmxGemm {
   // nothing written, if B's kept rows hold Inf or NaN in those columns.
   bool (*tiles)(const SparseTiles& act, const uint16_t* parts, const float* b, int64_t n, const float* bias, float* y,
                 int64_t n0, int64_t n1);
+  // The same for float16 weights and output (uint16_t bit patterns).
+  bool (*tiles_f16)(const SparseTiles& act, const uint16_t* parts, const uint16_t* b, int64_t n, const float* bias,
+                    uint16_t* y, int64_t n0, int64_t n1);
   int64_t split_rows;
   int64_t tile_columns;
 };
