@@ -211,14 +211,20 @@ void RunTilesPartialTask(void* data, size_t index) {
   job.kernels->tiles_partial(job.tiles, job.b, job.n, i0, i1, work.data(), job.partials + index * job.part_stride);
 }
 
+// Y[:, n0:n1] through the vector kernels of the several-rows path.
 template <typename Bits>
-void RunColumnTask(void* data, size_t index) {
-  const auto& job = *static_cast<const Job<Bits>*>(data);
+void TileColumns(const Job<Bits>& job, int64_t n0, int64_t n1) {
   const int64_t block = job.kernels->tile_columns;
-  const auto [n0, n1] = TaskRange(index, job.tasks, job.n, block);
   thread_local std::vector<float> work;  // per pool thread: panel and accumulators
   work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUp(n1 - n0, block))));
   job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
+}
+
+template <typename Bits>
+void RunColumnTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const auto [n0, n1] = TaskRange(index, job.tasks, job.n, job.kernels->tile_columns);
+  TileColumns(job, n0, n1);
 }
 
 // Tall A through the AMX kernels: the activations are split once, by row blocks, then column
@@ -227,7 +233,7 @@ template <typename Bits>
 struct AmxJob {
   const AmxGemm* amx;
   const Job<Bits>* job;
-  const uint16_t* parts;
+  uint16_t* parts;
   char* split_ok;
 };
 
@@ -235,7 +241,7 @@ template <typename Bits>
 void RunAmxSplitTask(void* data, size_t index) {
   const auto& job = *static_cast<const AmxJob<Bits>*>(data);
   const int64_t rows = job.amx->split_rows, m0 = static_cast<int64_t>(index) * rows;
-  job.split_ok[index] = job.amx->split(job.job->tiles, m0, m0 + rows, const_cast<uint16_t*>(job.parts));
+  job.split_ok[index] = job.amx->split(job.job->tiles, m0, m0 + rows, job.parts);
 }
 
 template <typename Bits>
@@ -249,13 +255,8 @@ void RunAmxColumnTask(void* data, size_t index) {
   } else {
     done = amx_job.amx->tiles_f16(job.tiles, amx_job.parts, job.b, job.n, job.bias, job.y, n0, n1);
   }
-  if (!done) {
-    // Inf or NaN in these columns of B: the AVX-512 kernels skip them where A's element is dropped.
-    const int64_t block = job.kernels->tile_columns;
-    thread_local std::vector<float> work;
-    work.resize(static_cast<size_t>(TileWorkFloats(job.tiles.tiles, job.tiles.tile_rows, RoundUp(n1 - n0, block))));
-    job.kernels->tiles(job.tiles, job.b, job.n, job.bias, job.y, n0, n1, work.data());
-  }
+  // Inf or NaN in these columns of B: the AVX-512 kernels skip them where A's element is dropped.
+  if (!done) TileColumns(job, n0, n1);
 }
 
 // Column tasks numerous enough to balance the pool's threads (the thread count is not known
