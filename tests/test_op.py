@@ -263,6 +263,21 @@ def test_float32_accuracy_against_float64(rows):
     assert relative_error(y, exact) <= 3e-6
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_values_that_round_to_inf_in_bfloat16(rows):
+    """float32 values above bfloat16's largest (3.39e38) cannot be split into bfloat16 parts: the AMX
+    path must hand them to the float32 kernels, which give the reference's Inf."""
+    rng = np.random.default_rng(_seed("bf16-overflow", rows))
+    a = rng.standard_normal((rows, 64)).astype(np.float32)
+    b = (rng.standard_normal((64, 50)) * 1e-3).astype(np.float32)
+    a[0, 5] = 3.4e38
+    b[7, 9] = 3.395e38
+    (y,) = _cached_session(np.float32, False, 0.5, 0.0, 2).run(None, {"a": a, "b": b})
+    ref = _reference(a, b, None, 0.5, 0.0)
+    assert np.isinf(ref).any()
+    check_close(y, ref, TOL[np.float32], f"rows={rows}")
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_float16_conversions_exact(rows):
     check_float16_exact(rows, 2)
