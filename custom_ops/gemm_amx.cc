@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <cpuid.h>
+#include <cfloat>
 #include <cstdlib>
 #include <cstring>
 
@@ -42,10 +43,13 @@ struct TileConfig {
 };
 
 // Eight tiles of 16 rows x 64 bytes: 0-3 accumulate a 32 x 32 float32 block, 4-5 hold two tiles
-// of A, 6-7 two tiles of B. Released at the end, so the thread's other work carries no AMX state.
+// of A, 6-7 two tiles of B. At the end the thread's previous tile configuration comes back (other
+// AMX code on the pool's threads, such as onnxruntime's int8 GEMM, may configure tiles once per
+// thread), or the tiles are released when there was none.
 class TileScope {
  public:
   TileScope() {
+    _tile_storeconfig(&saved_);
     TileConfig config{};
     config.palette_id = 1;
     for (int t = 0; t < 8; ++t) {
@@ -54,9 +58,18 @@ class TileScope {
     }
     _tile_loadconfig(&config);
   }
-  ~TileScope() { _tile_release(); }
+  ~TileScope() {
+    if (saved_.palette_id != 0) {
+      _tile_loadconfig(&saved_);
+    } else {
+      _tile_release();
+    }
+  }
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  alignas(64) TileConfig saved_{};
 };
 
 inline __m256i ToBf16(__m512 x) {  // round to nearest even
@@ -64,17 +77,20 @@ inline __m256i ToBf16(__m512 x) {  // round to nearest even
 }
 inline __m512 FromBf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
-// The three parts of 16 floats; `probe` stays 0 while every first part is finite.
-inline void Split(__m512 x, __m256i parts[kParts], __m512& probe) {
+// The three parts of 16 floats. `bad` gets the lanes the parts cannot carry: Inf or NaN, values
+// that round to Inf in bfloat16 (above 3.39e38), and subnormals, which the conversion and the
+// tile unit flush to zero.
+inline void Split(__m512 x, __m256i parts[kParts], __mmask16& bad) {
   parts[0] = ToBf16(x);
   const __m512 x0 = FromBf16(parts[0]);
-  probe = _mm512_fmadd_ps(x0, _mm512_setzero_ps(), probe);  // Inf or NaN * 0 is NaN
+  const __m512 magnitude = _mm512_abs_ps(x);
+  bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(x0), _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ) |
+         (_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ) &
+          _mm512_cmp_ps_mask(magnitude, _mm512_setzero_ps(), _CMP_NEQ_OQ));
   const __m512 r1 = _mm512_sub_ps(x, x0);
   parts[1] = ToBf16(r1);
   parts[2] = ToBf16(_mm512_sub_ps(r1, FromBf16(parts[1])));
 }
-
-inline bool AllZero(__m512 probe) { return _mm512_cmp_ps_mask(probe, _mm512_setzero_ps(), _CMP_NEQ_UQ) == 0; }
 
 inline __mmask16 TailMask(int64_t count) {
   if (count <= 0) return 0;
@@ -115,14 +131,14 @@ int64_t PartsElements(const SparseTiles& act) { return kParts * PaddedRows(act) 
 
 bool SplitRows(const SparseTiles& act, int64_t m0, int64_t m1, uint16_t* parts) {
   const int64_t depth = PaddedDepth(act), row_tiles = PaddedRows(act) / kTile;
-  __m512 probe = _mm512_setzero_ps();
+  __mmask16 bad = 0;
   for (int64_t m = m0; m < m1; ++m) {
     const float* src = act.values + m * act.row_stride;
     for (int64_t i = 0; i < depth; i += 16) {
       const int64_t count = m < act.rows ? act.kept_count - i : 0;
       const __m512 x = count > 0 ? _mm512_maskz_loadu_ps(TailMask(count), src + i) : _mm512_setzero_ps();
       __m256i h[kParts];
-      Split(x, h, probe);
+      Split(x, h, bad);
       const int64_t within = (m % kTile) * kStep + i % kStep;
       for (int p = 0; p < kParts; ++p) {
         uint16_t* dst = parts + ATile(i / kStep, p, m / kTile, row_tiles) + within;
@@ -130,7 +146,7 @@ bool SplitRows(const SparseTiles& act, int64_t m0, int64_t m1, uint16_t* parts) 
       }
     }
   }
-  return AllZero(probe);
+  return bad == 0;
 }
 
 // Parts of B's values: float16 has an 11-bit significand, which two bfloat16 parts hold exactly.
@@ -158,7 +174,7 @@ bool PackPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t c0, int64
   alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i interleave = _mm512_load_si512(kInterleave);
-  __m512 probe = _mm512_setzero_ps();
+  __mmask16 bad = 0;
   for (int64_t s = 0; s < steps; ++s) {
     for (int64_t r = 0; r < kTile; ++r) {
       const int64_t i = c0 + s * kStep + 2 * r;
@@ -169,8 +185,8 @@ bool PackPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t c0, int64
         const __m512 xe = even != nullptr && mask ? LoadB(mask, even + t * kTile) : _mm512_setzero_ps();
         const __m512 xo = odd != nullptr && mask ? LoadB(mask, odd + t * kTile) : _mm512_setzero_ps();
         __m256i he[kParts], ho[kParts];
-        Split(xe, he, probe);
-        Split(xo, ho, probe);
+        Split(xe, he, bad);
+        Split(xo, ho, bad);
         for (int p = 0; p < b_parts; ++p) {
           const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(he[p]), ho[p], 1);
           uint16_t* tile = panel + ((s * b_parts + p) * column_tiles + t) * kTileElems;
@@ -179,7 +195,7 @@ bool PackPanel(const SparseTiles& act, const TW* b, int64_t n, int64_t c0, int64
       }
     }
   }
-  return AllZero(probe);
+  return bad == 0;
 }
 
 // acc (32 x 32 float32 block, `acc_stride` floats apart) += row tiles r0, r0 + 1 of A times column
@@ -249,6 +265,12 @@ bool TileColumns(const SparseTiles& act, const uint16_t* parts, const TW* b, int
       }
     }
   }
+  // Finite parts can still give what float32 would not: a rounded-up x0 * w0 overflowing where
+  // x * w does not, or products flushed to zero below FLT_MIN. Outputs that are not finite, or all
+  // below 2^-80 (where flushed products could matter), send the range to the float32 kernels,
+  // which then overwrite it.
+  __mmask16 not_finite = 0;
+  __m512 largest = _mm512_setzero_ps();
   for (int64_t m = 0; m < act.rows; ++m) {
     const float* src = acc + m * width;
     TW* dst = y + m * n + n0;
@@ -256,10 +278,14 @@ bool TileColumns(const SparseTiles& act, const uint16_t* parts, const TW* b, int
       const __mmask16 mask = TailMask(w - j);
       __m512 v = _mm512_maskz_loadu_ps(mask, src + j);
       if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n0 + j));
+      const __m512 magnitude = _mm512_abs_ps(v);
+      not_finite |= _mm512_mask_cmp_ps_mask(mask, magnitude, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);
+      largest = _mm512_max_ps(largest, magnitude);
       StoreY(mask, dst + j, v);
     }
   }
-  return true;
+  const bool tiny = depth > 0 && _mm512_reduce_max_ps(largest) < 0x1p-80f;
+  return not_finite == 0 && !tiny;
 }
 
 // The CPU has AMX-TILE, AMX-BF16 and AVX512-BF16, and the kernel lets this process use tile data.

@@ -411,10 +411,13 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       for (int64_t m = 0; m < pass_rows; ++m) {
         kernels.reduce(job.partials + m * width, tasks, job.part_stride, n, bias_f32, job.y + m * n);
       }
-    } else if (!RunAmx(context, job, scratch)) {
+    } else {
+      // Small passes stay on the calling thread, with the vector kernels.
       const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
-      job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
-      RunTasks(context, &RunColumnTask<Bits>, job.tasks, &job);
+      if (!threaded || !RunAmx(context, job, scratch)) {
+        job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
+        RunTasks(context, &RunColumnTask<Bits>, job.tasks, &job);
+      }
     }
   }
 }

@@ -278,6 +278,43 @@ def test_values_that_round_to_inf_in_bfloat16(rows):
     check_close(y, ref, TOL[np.float32], f"rows={rows}")
 
 
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize(
+    "case", ["product_near_float32_max", "products_below_float32_min", "subnormal_activations"])
+def test_extreme_magnitudes(case, rows):
+    """Finite values at the ends of float32's range give the reference's result: bfloat16 parts
+    would overflow (x0 rounds up) or flush to zero there, so the AMX path must hand them over."""
+    rng = np.random.default_rng(_seed("extreme", case, rows))
+    if case == "product_near_float32_max":  # a * b = 3.4028e38 exactly; a0 * b0 = 2^128 = Inf
+        x = np.float32((2**24 - 1) * 2.0**40)
+        a, b = np.full((rows, 1), x, np.float32), np.full((1, 40), x, np.float32)
+    elif case == "products_below_float32_min":  # every product about 1e-40
+        a = (rng.standard_normal((rows, 64)) * 1e-20).astype(np.float32)
+        b = (rng.standard_normal((64, 40)) * 1e-20).astype(np.float32)
+    else:  # kept subnormal activations against large weights: Y about 1e-9
+        a = np.zeros((rows, 2), np.float32)
+        a[:, 0] = 1e-39
+        b = np.full((2, 40), 1e30, np.float32)
+    (y,) = _cached_session(np.float32, False, 0.0, 0.0, 2).run(None, {"a": a, "b": b})
+    check_close(y, _reference(a, b, None, 0.0, 0.0), TOL[np.float32], f"{case} rows={rows}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_non_finite_weights_in_one_column_range(dtype):
+    """Inf in one column range of a wide B: that range takes the float32 kernels, the others the
+    AMX kernels (where present), and every range matches the reference."""
+    k, n, rows = 96, 3000, 40
+    b = np.array(_weights(k, n, dtype)[0])
+    b[10, 2500] = np.inf
+    a = _activations((rows, k), dtype, 0.5, 0.0, "finite", _seed("range-inf"))
+    a[:, 10] = 0.25  # dropped ...
+    a[::3, 10] = 2.0  # ... except in every third row, whose Y[:, 2500] is Inf
+    (y,) = _cached_session(dtype, False, 0.5, 0.0, 2).run(None, {"a": a, "b": b})
+    ref = _reference(a, b, None, 0.5, 0.0)
+    assert np.isinf(ref[::3, 2500]).all() and np.isfinite(ref[1::3]).all()
+    check_close(y, ref, TOL[dtype], "Inf in one column range")
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_float16_conversions_exact(rows):
     check_float16_exact(rows, 2)
@@ -392,6 +429,33 @@ def test_isa_cap(isa):
     env = {**os.environ, "SCAP_ONNX_ISA": isa}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_amx_kernel_runs_where_the_cpu_has_it():
+    """On a CPU with AMX-BF16 the default build multiplies tall A on the tile unit: its float32
+    sums then differ in the last bits from the AVX-512 kernels' (another order of additions)."""
+    flags = _cpu_flags()
+    need = {"avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16", "avx512_bf16"}
+    if flags is None or not need <= flags:
+        pytest.skip("this CPU lacks AMX-BF16: no tile kernel to check")
+    package_root = str(Path(scap_onnx.__file__).resolve().parents[1])
+    script = (
+        "import sys, hashlib\n"
+        f"sys.path[:0] = [{package_root!r}, {str(Path(__file__).parent)!r}]\n"
+        "import numpy as np, test_op\n"
+        "rng = np.random.default_rng(0)\n"
+        "a = rng.standard_normal((64, 512)).astype(np.float32)\n"
+        "b = rng.standard_normal((512, 256)).astype(np.float32)\n"
+        "(y,) = test_op._cached_session(np.float32, False, 0.5, 0.0, 2).run(None, {'a': a, 'b': b})\n"
+        "print(hashlib.sha256(y.tobytes()).hexdigest())\n"
+    )
+    digests = {}
+    for isa in ("amx", "avx512"):
+        env = {**os.environ, "SCAP_ONNX_ISA": isa}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        digests[isa] = proc.stdout.strip().splitlines()[-1]
+    assert digests["amx"] != digests["avx512"], "the AMX kernel did not run (same result as AVX-512)"
 
 
 # ----------------------------------------------------------------------------- errors
