@@ -78,14 +78,14 @@ inline __m256i ToBf16(__m512 x) {  // round to nearest even
 inline __m512 FromBf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 // The three parts of 16 floats. `bad` gets the lanes the parts cannot carry: Inf or NaN, values
-// that round to Inf in bfloat16 (above 3.39e38), and subnormals, which the conversion and the
-// tile unit flush to zero.
+// that round to Inf in bfloat16 (above 3.39e38), and non-zero values below 2^-100, whose third part
+// (about 2^-16 of the value) would be subnormal, which the conversion and the tile unit flush.
 inline void Split(__m512 x, __m256i parts[kParts], __mmask16& bad) {
   parts[0] = ToBf16(x);
   const __m512 x0 = FromBf16(parts[0]);
   const __m512 magnitude = _mm512_abs_ps(x);
   bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(x0), _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ) |
-         (_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ) &
+         (_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ) &
           _mm512_cmp_ps_mask(magnitude, _mm512_setzero_ps(), _CMP_NEQ_OQ));
   const __m512 r1 = _mm512_sub_ps(x, x0);
   parts[1] = ToBf16(r1);

@@ -280,21 +280,27 @@ def test_values_that_round_to_inf_in_bfloat16(rows):
 
 @pytest.mark.parametrize("rows", [3, 40])
 @pytest.mark.parametrize(
-    "case", ["product_near_float32_max", "products_below_float32_min", "subnormal_activations"])
+    "case", ["product_near_float32_max", "products_below_float32_min", "subnormal_activations",
+             "tiny_activations_huge_weights"])
 def test_extreme_magnitudes(case, rows):
     """Finite values at the ends of float32's range give the reference's result: bfloat16 parts
-    would overflow (x0 rounds up) or flush to zero there, so the AMX path must hand them over."""
+    would overflow (x0 rounds up) or flush to zero there, so the AMX path must hand them over.
+    N = 2048 makes 40 rows enough work for the threaded (AMX) path."""
     rng = np.random.default_rng(_seed("extreme", case, rows))
     if case == "product_near_float32_max":  # a * b = 3.4028e38 exactly; a0 * b0 = 2^128 = Inf
         x = np.float32((2**24 - 1) * 2.0**40)
-        a, b = np.full((rows, 1), x, np.float32), np.full((1, 40), x, np.float32)
+        a, b = np.full((rows, 1), x, np.float32), np.full((1, 2048), x, np.float32)
     elif case == "products_below_float32_min":  # every product about 1e-40
         a = (rng.standard_normal((rows, 64)) * 1e-20).astype(np.float32)
-        b = (rng.standard_normal((64, 40)) * 1e-20).astype(np.float32)
-    else:  # kept subnormal activations against large weights: Y about 1e-9
+        b = (rng.standard_normal((64, 2048)) * 1e-20).astype(np.float32)
+    elif case == "subnormal_activations":  # kept subnormal activations against large weights: Y about 1e-9
         a = np.zeros((rows, 2), np.float32)
         a[:, 0] = 1e-39
-        b = np.full((2, 40), 1e30, np.float32)
+        b = np.full((2, 2048), 1e30, np.float32)
+    else:  # normal activations whose lower bfloat16 parts would be subnormal: Y about 2^-20
+        a = np.zeros((rows, 2), np.float32)
+        a[:, 0] = np.float32(1.337 * 2.0**-120)
+        b = np.full((2, 2048), 2.0**100, np.float32)
     (y,) = _cached_session(np.float32, False, 0.0, 0.0, 2).run(None, {"a": a, "b": b})
     check_close(y, _reference(a, b, None, 0.0, 0.0), TOL[np.float32], f"{case} rows={rows}")
 
