@@ -416,39 +416,45 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "amx"])
-def test_isa_cap(isa):
-    """Every kernel variant the CPU runs, one capped subprocess each (SCAP_ONNX_ISA is read once)."""
+_AVX512 = {"avx512f", "avx512bw", "avx512vl"}
+# The /proc/cpuinfo flags each SCAP_ONNX_ISA cap needs.
+ISA_FLAGS = {"portable": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": _AVX512,
+             "amx": _AVX512 | {"amx_tile", "amx_bf16", "avx512_bf16"}}
+
+
+def _skip_unless_cpu_runs(isa: str, unknown_ok: bool = True) -> None:
+    """Skips when the CPU lacks the cap's flags (or they are unknown, unless unknown_ok)."""
     flags = _cpu_flags()
-    avx512 = {"avx512f", "avx512bw", "avx512vl"}
-    need = {"portable": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": avx512,
-            "amx": avx512 | {"amx_tile", "amx_bf16", "avx512_bf16"}}[isa]
+    need = ISA_FLAGS[isa]
+    if flags is None and not unknown_ok:
+        pytest.skip("no /proc/cpuinfo: cannot tell whether the CPU has AMX-BF16")
     if flags is not None and not need <= flags:
         pytest.skip(f"this CPU lacks {sorted(need - flags)}: the {isa} kernels cannot run here")
+
+
+def _run_capped(isa: str, body: str) -> subprocess.CompletedProcess:
+    """Runs `body` in a subprocess that has imported this file as test_op, with SCAP_ONNX_ISA=isa
+    (the library reads the cap once per process)."""
     package_root = str(Path(scap_onnx.__file__).resolve().parents[1])
-    script = (
-        "import sys\n"
-        f"sys.path[:0] = [{package_root!r}, {str(Path(__file__).parent)!r}]\n"
-        "import test_op\n"
-        "sys.exit(test_op.run_battery())\n"
-    )
+    script = f"import sys\nsys.path[:0] = [{package_root!r}, {str(Path(__file__).parent)!r}]\nimport test_op\n" + body
     env = {**os.environ, "SCAP_ONNX_ISA": isa}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "amx"])
+def test_isa_cap(isa):
+    """Every kernel variant the CPU runs, one capped subprocess each."""
+    _skip_unless_cpu_runs(isa)
+    proc = _run_capped(isa, "sys.exit(test_op.run_battery())\n")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
 
 def test_amx_kernel_runs_where_the_cpu_has_it():
     """On a CPU with AMX-BF16 the default build multiplies tall A on the tile unit: its float32
     sums then differ in the last bits from the AVX-512 kernels' (another order of additions)."""
-    flags = _cpu_flags()
-    need = {"avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16", "avx512_bf16"}
-    if flags is None or not need <= flags:
-        pytest.skip("this CPU lacks AMX-BF16: no tile kernel to check")
-    package_root = str(Path(scap_onnx.__file__).resolve().parents[1])
-    script = (
-        "import sys, hashlib\n"
-        f"sys.path[:0] = [{package_root!r}, {str(Path(__file__).parent)!r}]\n"
-        "import numpy as np, test_op\n"
+    _skip_unless_cpu_runs("amx", unknown_ok=False)
+    body = (
+        "import hashlib, numpy as np\n"
         "rng = np.random.default_rng(0)\n"
         "a = rng.standard_normal((64, 512)).astype(np.float32)\n"
         "b = rng.standard_normal((512, 256)).astype(np.float32)\n"
@@ -457,8 +463,7 @@ def test_amx_kernel_runs_where_the_cpu_has_it():
     )
     digests = {}
     for isa in ("amx", "avx512"):
-        env = {**os.environ, "SCAP_ONNX_ISA": isa}
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        proc = _run_capped(isa, body)
         assert proc.returncode == 0, proc.stderr[-4000:]
         digests[isa] = proc.stdout.strip().splitlines()[-1]
     assert digests["amx"] != digests["avx512"], "the AMX kernel did not run (same result as AVX-512)"
