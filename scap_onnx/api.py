@@ -16,6 +16,8 @@ from .calibrate import calibrate
 from .capture import fingerprint, load_proto
 from .errors import ScapError
 from .fileio import same_file
+from .fuse import fuse_shared_inputs
+from .op import DOMAIN, OP_TYPE
 from .progress import NullProgress, Progress
 from .rewrite import check_model, load_model, rewrite_model, save_model
 from .spec import parse_spec
@@ -38,6 +40,7 @@ class RewriteResult:
     plan: dict[str, TargetPlan]
     stats: Stats
     rewritten: list[str] = field(default_factory=list)
+    nodes: int = 0  # ScapSparseMatMul nodes written: fewer than targets where some were fused
 
 
 def rewrite(
@@ -49,12 +52,14 @@ def rewrite(
     sparsity: str | float | None = None,
     targets: str | None = None,
     check: bool = True,
+    fuse: bool = True,
     progress: Progress | None = None,
     **calibrate_kwargs,
 ) -> RewriteResult:
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
     from calibrating on ``data`` (a file, or a list of text files to mix). ``sparsity`` re-targets
-    (default: the calibration SPEC)."""
+    (default: the calibration SPEC). ``fuse``: targets that drop the same elements of one input
+    (gate and up) become one node (scap_onnx.fuse)."""
     model = Path(model)
     output = Path(output)
     if same_file(model, output):
@@ -88,13 +93,16 @@ def rewrite(
         raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
     task = progress.task("rewrite", len(plan))
     ir_model, names = rewrite_model(ir_model, plan)
+    if fuse:
+        fuse_shared_inputs(ir_model)
+    nodes = sum(1 for n in ir_model.graph if n.op_type == OP_TYPE and n.domain == DOMAIN)
     task.advance(len(names))
     task.close()
     ext = save_model(ir_model, output, inputs_to_keep=[model] + _external_files(ir_model))
     del ir_model
     if check:
         check_model(output)
-    return RewriteResult(output, ext, plan, stats, names)
+    return RewriteResult(output, ext, plan, stats, names, nodes)
 
 
 def _external_files(ir_model) -> list[Path]:

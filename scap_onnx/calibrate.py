@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from onnx import helper
 
 from . import __version__
 from .capture import Capture, ModelSource, default_options

@@ -171,6 +171,8 @@ def rewrite(
     threads: Optional[int] = ThreadsOpt,
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="With --data: also write the stats.json."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run onnx.checker on the result."),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse",
+                              help="One node for targets that drop the same elements of one input (gate and up)."),
     quiet: bool = QuietOpt,
 ):
     """Replace target MatMuls by ScapSparseMatMul with calibrated thresholds and offsets."""
@@ -192,13 +194,14 @@ def rewrite(
     progress = _progress(quiet)
     try:
         result = run(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,
-                     progress=progress, **kwargs)
+                     fuse=fuse, progress=progress, **kwargs)
     finally:
         _stop(progress)
     if save_stats is not None:
         result.stats.save(save_stats)
     extra = f" (+ {result.external_data.name})" if result.external_data else ""
-    typer.echo(f"rewrote {len(result.rewritten)} targets -> {output}{extra}")
+    fused = f" in {result.nodes} nodes" if result.nodes != len(result.rewritten) else ""
+    typer.echo(f"rewrote {len(result.rewritten)} targets{fused} -> {output}{extra}")
     for line in _summary_lines(result.stats, result.plan):
         typer.echo(line)
 
@@ -215,6 +218,7 @@ def inspect(
     """List target MatMuls: role, layer, K, N, bias, and which share an input."""
     from .api import model_fingerprint
     from .capture import load_proto
+    from .fuse import members_of
     from .measure import _attr, scap_nodes
     from .stats import Stats
     from .targets import find_targets, group_sites
@@ -249,7 +253,8 @@ def inspect(
             p = plan[t.name]
             row.update(sparsity=p.sparsity, offset=p.offset, offset_kind=p.offset_kind, threshold=p.threshold)
         rows.append(row)
-    rewritten = [{"name": n.name, "threshold": _attr(n, "threshold"), "offset": _attr(n, "offset")} for n in existing]
+    rewritten = [{"name": n.name, "targets": members_of(n), "threshold": _attr(n, "threshold"),
+                  "offset": _attr(n, "offset")} for n in existing]
     if as_json:
         typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten}, indent=1))
         return
@@ -268,7 +273,8 @@ def inspect(
             typer.echo(line)
         typer.echo("(#N: input tensor; * shared by several targets: one offset, and one threshold where their roles have one sparsity)")
     if rewritten:
-        typer.echo(f"{len(rewritten)} ScapSparseMatMul nodes already in the model")
+        computed = sum(len(r["targets"]) for r in rewritten)
+        typer.echo(f"{len(rewritten)} ScapSparseMatMul nodes already in the model, computing {computed} targets")
 
 
 # Commands of the validation stage (issue 4), defined in their own modules.

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -19,6 +18,7 @@ from onnx import helper, numpy_helper
 from .capture import CAPTURE_PREFIX, ModelSource, build_capture_model, default_options
 from .data import DataSource
 from .errors import ScapError
+from .fuse import members_of
 from .op import DOMAIN, OP_TYPE
 from .progress import NullProgress, Progress
 from .targets import role_of, layer_of
@@ -153,13 +153,14 @@ def measured_sparsity(
                 total[n.name] += x.size
             task.advance(n_tok)
         task.close()
+        # A fused node's targets drop the same elements: each gets the node's sparsity.
         return {
-            n.name: {
-                "role": role_of(n.name) or "other", "layer": layer_of(n.name),
+            name: {
+                "role": role_of(name) or "other", "layer": layer_of(name),
                 "threshold": _attr(n, "threshold"), "offset": _attr(n, "offset"),
                 "sparsity": dropped[n.name] / max(total[n.name], 1),
             }
-            for n in nodes
+            for n in nodes for name in members_of(n)
         }
     finally:
         src.close()

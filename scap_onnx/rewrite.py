@@ -107,7 +107,7 @@ class ScapRewritePass(ir.passes.InPlacePass):
 
 def _transposed(b_val: ir.Value, t, used_names: set[str], new_nodes: list[ir.Node]) -> ir.Value:
     """B as [K, N] for a Gemm with transB: a Transpose node (onnxruntime folds it at load time)."""
-    name = _unique(f"{t.weight}/scap_transposed", used_names)
+    name = unique_name(f"{t.weight}/scap_transposed", used_names)
     node = ir.Node("", "Transpose", [b_val], attributes=[ir.AttrInt64s("perm", [1, 0])],
                    name=name, num_outputs=1)
     out = node.outputs[0]
@@ -144,7 +144,7 @@ def _folded_bias(graph: ir.Graph, t, offset: float, weight_val: ir.Value, bias_v
     if bias_val is not None:
         folded += _const_array(bias_val).astype(np.float64).reshape(t.n)
     dtype = np.dtype(t.dtype)
-    name = _unique(f"{t.weight}/scap_bias", used_names)
+    name = unique_name(f"{t.weight}/scap_bias", used_names)
     val = ir.Value(name=name, const_value=ir.tensor(folded.astype(dtype), name=name))
     val.type = ir.TensorType(ir.DataType.from_numpy(dtype))
     val.shape = ir.Shape([t.n])
@@ -152,7 +152,8 @@ def _folded_bias(graph: ir.Graph, t, offset: float, weight_val: ir.Value, bias_v
     return val
 
 
-def _unique(name: str, used: set[str]) -> str:
+def unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``...: the first not in ``used`` (which then holds it)."""
     cand, i = name, 1
     while cand in used:
         i += 1

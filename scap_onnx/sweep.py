@@ -234,6 +234,7 @@ def sweep(
     """Run the sweep; returns the sweep report (also written to ``out_dir``)."""
     from .capture import load_proto
     from .report import write_report
+    from .fuse import fuse_shared_inputs
     from .rewrite import load_model, rewrite_model, save_model
 
     progress = progress or NullProgress()
@@ -284,6 +285,7 @@ def sweep(
                 sparse_path = out_dir / "models" / f"{name}.onnx"
                 ir_model = load_model(model)
                 ir_model, _ = rewrite_model(ir_model, plan)
+                fuse_shared_inputs(ir_model)
                 save_model(ir_model, sparse_path, inputs_to_keep=[model])
                 del ir_model
                 rep = validate(model, sparse_path, eval_data, vopts, progress=progress, dense_cache=cache)

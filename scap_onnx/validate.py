@@ -50,7 +50,7 @@ from onnx import helper
 
 from . import __version__
 from .errors import ScapError
-from .op import DOMAIN, OP_TYPE
+from .op import OP_TYPE
 from .progress import NullProgress, Progress
 
 REPORT_FORMAT = "scap-onnx-validate"
@@ -267,8 +267,9 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     """
     from .capture import _tensor_head
     from .data import model_inputs
-    from .measure import _attr, scap_nodes
-    from .targets import GraphView, find_all_targets, layer_of, role_of
+    from .fuse import members_of
+    from .measure import scap_nodes
+    from .targets import GraphView, find_all_targets
 
     dense, sparse = Path(dense), Path(sparse)
     dp = _load(dense, "DENSE")
@@ -298,6 +299,10 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     producers = {n.output[0]: n for n in sp.graph.node if n.op_type in ("Identity", "Transpose") and n.input}
     scap = []
     for n in snodes:
+        members = members_of(n)
+        if len(members) > 1:
+            scap += _fused_members(n, members, by_name, s_inits, dense, sparse)
+            continue
         t = by_name.get(n.name)
         w = _weight_source(producers, n.input[1], t)
         if t is None or t.weight != w:
@@ -308,13 +313,7 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
             if tuple(a.dims) != tuple(b.dims) or a.data_type != b.data_type or \
                     _tensor_head(a, dense.parent) != _tensor_head(b, sparse.parent):
                 raise ScapError(f"models do not match: weight {w!r} differs between {dense.name} and {sparse.name}")
-        scap.append({
-            "name": n.name, "input": n.input[0], "weight": w, "k": t.k, "n": t.n,
-            "itemsize": 2 if t.dtype == "float16" else 4,
-            "threshold": _attr(n, "threshold"), "offset": _attr(n, "offset"),
-            "role": t.role if t.role != "other" else (role_of(n.name) or "other"),
-            "layer": t.layer if t.layer is not None else layer_of(n.name),
-        })
+        scap.append(_scap_entry(n, t, n.name))
     inputs = model_inputs(dp)
     names = [i.name for i in inputs]
     outputs = list(d_out)
@@ -329,6 +328,36 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     past = _past_map(names, outputs) if kind == "causal-lm" else {}
     del dp
     return ModelPair(dense, sparse, inputs, outputs, kind, past, scap, fc_bytes, sp)
+
+
+def _scap_entry(node: onnx.NodeProto, t, name: str) -> dict:
+    """What validate needs of one target computed by a ScapSparseMatMul node."""
+    from .measure import _attr
+    from .targets import layer_of, role_of
+
+    return {
+        "name": name, "input": node.input[0], "weight": t.weight, "k": t.k, "n": t.n,
+        "itemsize": 2 if t.dtype == "float16" else 4,
+        "threshold": _attr(node, "threshold"), "offset": _attr(node, "offset"),
+        "role": t.role if t.role != "other" else (role_of(name) or "other"),
+        "layer": t.layer if t.layer is not None else layer_of(name),
+    }
+
+
+def _fused_members(node: onnx.NodeProto, members: list[str], by_name: dict, s_inits: dict,
+                   dense: Path, sparse: Path) -> list[dict]:
+    """The targets of a fused node (scap_onnx.fuse): each a dense target reading the node's input,
+    their weights side by side in the node's B."""
+    ts = [by_name.get(m) for m in members]
+    if any(t is None or t.input != node.input[0] for t in ts):
+        bad = next(m for m, t in zip(members, ts) if t is None or t.input != node.input[0])
+        raise ScapError(f"models do not match: fused sparse node {node.name!r} lists {bad!r}, which is no "
+                        f"MatMul or Gemm reading {node.input[0]!r} in {dense.name}")
+    w = s_inits.get(node.input[1])
+    if w is not None and (tuple(w.dims) != (ts[0].k, sum(t.n for t in ts)) or any(t.k != ts[0].k for t in ts)):
+        raise ScapError(f"models do not match: fused sparse node {node.name!r} in {sparse.name} has weight shape "
+                        f"{list(w.dims)}, not its targets' {ts[0].k} x {sum(t.n for t in ts)}")
+    return [_scap_entry(node, t, m) for m, t in zip(members, ts)]
 
 
 def _weight_source(producers: dict[str, onnx.NodeProto], name: str, target) -> str:

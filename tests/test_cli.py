@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from conftest import run_cli
+from scap_onnx.fuse import members_of
 from scap_onnx.op import OP_TYPE
 
 
@@ -30,12 +31,12 @@ def test_calibrate_writes_stats(dec_stats):
 def test_rewrite_from_stats_and_retarget(tiny, dec_stats, tmp_path):
     out = tmp_path / "a.onnx"
     p = run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", out, check=True)
-    assert "rewrote 6 targets" in p.stdout  # up, gate, down of 2 layers
+    assert "rewrote 6 targets in 4 nodes" in p.stdout  # up + gate (one node) and down, of 2 layers
     onnx.checker.check_model(str(out))
     p = run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "--sparsity", "0.4", "-o", tmp_path / "b.onnx", check=True)
-    assert "rewrote 14 targets" in p.stdout
+    assert "rewrote 14 targets in 8 nodes" in p.stdout  # q/k/v and gate/up fused
     m = onnx.load(str(tmp_path / "b.onnx"))
-    assert sum(n.op_type == OP_TYPE for n in m.graph.node) == 14
+    assert sum(len(members_of(n)) for n in m.graph.node if n.op_type == OP_TYPE) == 14
 
 
 def test_rewrite_with_data_in_one_step(tiny, tmp_path):
@@ -74,7 +75,7 @@ def test_inspect(tiny, dec_stats, tmp_path):
     assert "1 targets" in p.stdout
     run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "-o", tmp_path / "s.onnx", check=True)
     p = run_cli("inspect", tmp_path / "s.onnx", check=True)
-    assert "6 ScapSparseMatMul nodes already in the model" in p.stdout
+    assert "4 ScapSparseMatMul nodes already in the model, computing 6 targets" in p.stdout
 
 
 def test_help_lists_commands():

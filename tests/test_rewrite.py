@@ -15,6 +15,7 @@ from scap_onnx.calibrate import calibrate
 from scap_onnx.capture import ModelSource, build_capture_model
 from scap_onnx.data import feeds_from_ids, model_inputs
 from scap_onnx.errors import ScapError
+from scap_onnx.fuse import members_of
 from scap_onnx.measure import library_available, lower_scap_ops
 from scap_onnx.op import DOMAIN, OP_TYPE
 from scap_onnx.rewrite import load_model, rewrite_model, save_model
@@ -62,12 +63,18 @@ def test_structure(tiny, stats, tmp_path, key):
     onnx.checker.check_model(m)
     scap = [n for n in m.graph.node if n.op_type == OP_TYPE]
     targets = find_targets(onnx.load(str(tiny[key])))
-    assert len(scap) == len(targets) == len(res.rewritten)
-    assert {n.name for n in scap} == {t.name for t in targets}  # names traceable to the MatMuls
+    members = [name for n in scap for name in members_of(n)]
+    assert len(members) == len(targets) == len(res.rewritten)
+    assert set(members) == {t.name for t in targets}  # names traceable to the MatMuls
+    # q/k/v and gate/up read one input at one sparsity: one node each, followed by a Split
+    fused = [n for n in scap if len(members_of(n)) > 1]
+    assert len(fused) == (4 if key == "decoder" else 2)
+    splits = {n.input[0]: n for n in m.graph.node if n.op_type == "Split"}
+    assert all(len(splits[n.output[0]].output) == len(members_of(n)) for n in fused)
     assert all(n.domain == DOMAIN for n in scap)
     assert any(o.domain == DOMAIN and o.version == 1 for o in m.opset_import)
     assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.name in {t.name for t in targets}]
-    if key == "encoder":  # the bias Adds were fused
+    if key == "encoder":  # the bias Adds were folded
         assert all(len(n.input) == 3 for n in scap)
         assert not [n for n in m.graph.node if n.op_type == "Add" and n.name.endswith("/dense/Add")]
     assert [o.name for o in m.graph.output] == [o.name for o in onnx.load(str(tiny[key])).graph.output]
@@ -100,6 +107,40 @@ def test_sparse_numerics_match_the_contract(tiny, stats, tmp_path, key):
     want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
     assert _rel(got, want) < 1e-4
     assert _rel(got, _dense(tiny[key], feeds)) > 1e-3  # and it is sparse
+
+
+@pytest.mark.parametrize("key", ["decoder", "encoder"])
+def test_fusion_keeps_the_outputs(tiny, stats, tmp_path, key):
+    """Fused nodes (one pass over q/k/v's and gate/up's weights side by side) compute what the
+    separate nodes do, in the numpy reference and with the library."""
+    rewrite(tiny[key], tmp_path / "fused.onnx", stats=stats[key])
+    rewrite(tiny[key], tmp_path / "separate.onnx", stats=stats[key], fuse=False)
+    fused, separate = onnx.load(str(tmp_path / "fused.onnx")), onnx.load(str(tmp_path / "separate.onnx"))
+    assert len([n for n in fused.graph.node if n.op_type == OP_TYPE]) < \
+        len([n for n in separate.graph.node if n.op_type == OP_TYPE])
+    assert all(len(members_of(n)) == 1 for n in separate.graph.node if n.op_type == OP_TYPE)
+    # the separate weights are gone: the fused model is no larger
+    assert len(fused.graph.initializer) <= len(separate.graph.initializer)
+    feeds = _feeds(tiny[key])
+    assert _rel(_reference(tmp_path / "fused.onnx", feeds), _reference(tmp_path / "separate.onnx", feeds)) < 1e-6
+    if library_available():
+        from scap_onnx import session_options
+
+        got = {}
+        for name in ("fused", "separate"):
+            sess = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), session_options(),
+                                        providers=["CPUExecutionProvider"])
+            got[name] = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
+        for a, b in zip(got["fused"], got["separate"]):
+            assert _rel(a, b) < 1e-5
+
+
+def test_fusion_needs_one_drop_rule(tiny, stats, tmp_path):
+    """gate and up at different sparsities drop different elements: they stay two nodes."""
+    rewrite(tiny["decoder"], tmp_path / "s.onnx", stats=stats["decoder"], sparsity="gate=0.3,up=0.6")
+    scap = [n for n in onnx.load(str(tmp_path / "s.onnx")).graph.node if n.op_type == OP_TYPE]
+    assert len(scap) == 4 and all(len(members_of(n)) == 1 for n in scap)
+    assert not [n for n in onnx.load(str(tmp_path / "s.onnx")).graph.node if n.op_type == "Split"]
 
 
 def test_lowered_ops_equal_reference(tiny, stats, tmp_path):
@@ -137,6 +178,10 @@ def test_external_data_preserved(tiny, tmp_path):
     assert ext and all({e.key: e.value for e in t.external_data}["location"] == "sparse.onnx.data" for t in ext)
     feeds = _feeds(tiny["decoder_ext"])
     assert np.isfinite(_reference(out, feeds)).all()
+    # the fused weights, concatenated only while saving, went to the data file intact
+    rewrite(tiny["decoder_ext"], tmp_path / "separate.onnx", stats=st, fuse=False)
+    assert any(len(members_of(n)) > 1 for n in m.graph.node if n.op_type == OP_TYPE)
+    assert _rel(_reference(out, feeds), _reference(tmp_path / "separate.onnx", feeds)) < 1e-6
 
 
 def test_large_models_get_external_data(tiny, stats, tmp_path, monkeypatch):
