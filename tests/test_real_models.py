@@ -12,6 +12,7 @@ import pytest
 
 from conftest import SMOL_SPEC, run_cli
 from scap_onnx.data import open_data
+from scap_onnx.fuse import members_of
 from scap_onnx.measure import embedding_agreement, measured_sparsity, summarize_sparsity
 from scap_onnx.op import OP_TYPE
 from scap_onnx.rewrite import load_model, rewrite_model, save_model
@@ -23,7 +24,9 @@ def _data(model, text, tokens, seq_len=128):
 
 
 def _count_scap(path):
-    return sum(n.op_type == OP_TYPE for n in onnx.load(str(path), load_external_data=False).graph.node)
+    """(ScapSparseMatMul nodes, targets they compute): fused nodes compute several."""
+    nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == OP_TYPE]
+    return len(nodes), sum(len(members_of(n)) for n in nodes)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def smol_sparse(smollm2, smol_stats, tmp_path_factory):
 
 def test_smollm2_rewrite_passes_checker_and_reaches_targets(smollm2, smol_sparse, texts):
     onnx.checker.check_model(str(smol_sparse))
-    assert _count_scap(smol_sparse) == 90
+    assert _count_scap(smol_sparse) == (60, 90)  # gate + up fused in each layer
     # calibrated on pydoc, measured on the King James Bible
     per_node = measured_sparsity(smol_sparse, _data(smollm2, texts["kjv"], 512))
     summary = summarize_sparsity(per_node, {"up": 0.35, "gate": 0.35, "down": 0.55})
@@ -76,7 +79,7 @@ def test_smollm2_retarget_all_roles_without_recalibrating(smollm2, smol_stats, t
     out = tmp_path / "s40.onnx"
     p = run_cli("rewrite", smollm2, "--stats", smol_stats, "--sparsity", "0.4", "-o", out, check=True)
     assert "rewrote 210 targets" in p.stdout and "calibrate pass" not in p.stderr
-    assert _count_scap(out) == 210
+    assert _count_scap(out) == (120, 210)  # q + k + v and gate + up fused in each layer
     p = run_cli("inspect", smollm2, "--stats", smol_stats, "--sparsity", "0.4", "--json", check=True)
     rows = json.loads(p.stdout)["targets"]
     assert len(rows) == 210 and {r["sparsity"] for r in rows} == {0.4}
