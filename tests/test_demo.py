@@ -20,7 +20,7 @@ def test_demo_prints_headline_numbers(smollm2, texts, tmp_path):
     assert "calibrating on pydoc.txt" in p.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["demo"]["spec"] == "up=0.35,gate=0.35,down=0.55" and rep["demo"]["rewritten"] == 90
-    assert rep["data"]["path"].endswith("kjv.txt") and rep["accuracy"]["perplexity"]["tokens"] == 255
+    assert rep["data"]["path"].endswith("fortunes.txt") and rep["accuracy"]["perplexity"]["tokens"] == 255
     assert rep["latency"]["decode"]["kv_len"] == 64
     assert {p.name for p in tmp_path.iterdir()} >= {"stats.json", "model_scap.onnx", "report.json", "report.md",
                                                      "report_latency.png", "report_sparsity.png"}
