@@ -19,7 +19,7 @@ from .fileio import same_file
 from .fuse import fuse_shared_inputs
 from .op import DOMAIN, OP_TYPE
 from .progress import NullProgress, Progress
-from .rewrite import check_model, load_model, rewrite_model, save_model
+from .rewrite import check_model, load_model, rewrite_model, save_model, wants_external_data
 from .spec import parse_spec
 from .stats import Stats, TargetPlan
 from .targets import GraphView, Target, find_all_targets, find_targets, group_sites, select_targets
@@ -93,12 +93,14 @@ def rewrite(
         raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
     task = progress.task("rewrite", len(plan))
     ir_model, names = rewrite_model(ir_model, plan)
+    # before fusing, which turns some external weights into computed ones
+    external, sources = wants_external_data(ir_model), _external_files(ir_model)
     if fuse:
         fuse_shared_inputs(ir_model)
     nodes = sum(1 for n in ir_model.graph if n.op_type == OP_TYPE and n.domain == DOMAIN)
     task.advance(len(names))
     task.close()
-    ext = save_model(ir_model, output, inputs_to_keep=[model] + _external_files(ir_model))
+    ext = save_model(ir_model, output, external=external, inputs_to_keep=[model] + sources)
     del ir_model
     if check:
         check_model(output)

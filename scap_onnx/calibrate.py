@@ -36,6 +36,7 @@ from .progress import NullProgress, Progress
 from .spec import Spec, parse_spec, shared_sparsity
 from .stats import CANDIDATE_ORDER, SiteStats, Stats
 from .targets import Site, find_targets, group_sites
+from .token_scale import DEFAULT_ROLES as DEFAULT_TOKEN_ROLES
 
 #: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
 ERROR_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -147,7 +148,8 @@ def _sparsify_entries(site: SiteStats, spec: Spec) -> list[tuple[str, float, flo
         if wanted is not None:
             tau = site.threshold_for(wanted, site.offset, site.sparsity, site.threshold)
             by_threshold.setdefault(tau, []).append(t["name"])
-    return [(site.input, tau, site.offset, _ELEM[site.dtype], names) for tau, names in by_threshold.items()]
+    return [(site.input, tau, site.offset, _ELEM[site.dtype], names, site.token_scaled)
+            for tau, names in by_threshold.items()]
 
 
 def _as_kn(weight: np.ndarray, target) -> np.ndarray:
@@ -156,8 +158,9 @@ def _as_kn(weight: np.ndarray, target) -> np.ndarray:
     return np.ascontiguousarray(w.T) if target.trans_b else w
 
 
-def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, options, providers) -> PassResult:
-    capture = Capture(source, {s.input: _ELEM[s.dtype] for s in sites}, sparsify, options, providers)
+def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, options, providers,
+              token_scaled: set[str]) -> PassResult:
+    capture = Capture(source, {s.input: _ELEM[s.dtype] for s in sites}, sparsify, options, providers, token_scaled)
     hists = {s.input: Histogram() for s in sites}
     res = {s.input: RowReservoir(s.k, sample_rows, seed=i) for i, s in enumerate(sites)}
     t0 = time.perf_counter()
@@ -179,7 +182,8 @@ def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, optio
     return PassResult(hists, {k: r.sample.copy() for k, r in res.items()}, tokens, batches, time.perf_counter() - t0)
 
 
-def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: float | None, grid: list[float]):
+def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: float | None, grid: list[float],
+            token_scaled: bool):
     cands = offset_candidates(hist)
     errs = output_errors(sample, weights, hist, cands, grid) if grid and sample.size else {}
     st = SiteStats(
@@ -191,6 +195,7 @@ def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: 
         error_grid=list(grid),
         errors=errs,
         sparsity=sparsity,
+        token_scaled=token_scaled,
     )
     if sparsity is not None:
         st.offset_kind, st.offset = st.choose_offset(sparsity)
@@ -214,6 +219,7 @@ def calibrate(
     progress: Progress | None = None,
     threads: int | None = None,
     providers: list[str] | None = None,
+    token_scaled_roles: Sequence[str] = DEFAULT_TOKEN_ROLES,
 ) -> Stats:
     """Calibrate ``model`` on ``data`` for ``sparsity`` (a SPEC) and return the statistics.
 
@@ -222,6 +228,9 @@ def calibrate(
 
     ``passes``: 1 calibrates on dense activations; each further pass recalibrates with all
     upstream sites sparsified as the previous pass decided.
+
+    ``token_scaled_roles``: sites read by a target of these roles get thresholds relative to each
+    token's norm (scap_onnx.token_scale; default o and down); () keeps every threshold static.
     """
     spec = parse_spec(sparsity)
     if passes < 1:
@@ -233,6 +242,7 @@ def calibrate(
     with ModelSource(model) as source:
         chosen = find_targets(source.proto, targets)
         sites = group_sites(chosen)
+        scaled = {s.input for s in sites if any(t.role in token_scaled_roles for t in s.targets)}
         if isinstance(data, (DataSource, MixedSource)):
             ds = data
         else:
@@ -251,7 +261,7 @@ def calibrate(
         decided: dict[str, SiteStats] = {}
         for p in range(1, passes + 1):
             result = _run_pass(source, sites, ds, sparsify, sample_rows, progress,
-                               f"calibrate pass {p}/{passes}", default_options(threads), providers)
+                               f"calibrate pass {p}/{passes}", default_options(threads), providers, scaled)
             last = p == passes
             decided = {}
             for s in sites:
@@ -261,7 +271,8 @@ def calibrate(
                 else:
                     grid = [sp] if sp is not None else []
                 w = weights_of(s) if grid else []
-                decided[s.input] = _decide(s, result.histograms[s.input], result.samples[s.input], w, sp, grid)
+                decided[s.input] = _decide(s, result.histograms[s.input], result.samples[s.input], w, sp, grid,
+                                           s.input in scaled)
                 del w
             history.append({
                 "pass": p, "tokens": result.tokens, "seconds": round(result.seconds, 2),
@@ -277,6 +288,7 @@ def calibrate(
             calibration={
                 "spec": str(spec), "data": ds.describe(), "tokens": result.tokens, "batches": result.batches,
                 "passes": passes, "sample_rows": sample_rows, "targets": targets,
+                "token_scaled_roles": list(token_scaled_roles),
                 "seconds": round(time.perf_counter() - started, 2),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "scap_onnx": __version__,

@@ -26,6 +26,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .errors import ScapError
+from .token_scale import default_opset, norm_nodes
 
 CAPTURE_PREFIX = "scap_capture::"
 _SPARSIFY_PREFIX = "scap_sparsify::"
@@ -52,23 +53,25 @@ def _has_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _tensor_head(t: onnx.TensorProto, base_dir: Path, nbytes: int = 64) -> bytes:
-    """The first bytes of a tensor's data (inline or external) without reading the rest."""
+def _tensor_head(t: onnx.TensorProto, base_dir: Path, nbytes: int = 64, start: int = 0) -> bytes:
+    """``nbytes`` bytes of a tensor's data from byte ``start`` (inline or external), without
+    reading the rest."""
     if _has_external(t):
         info = {e.key: e.value for e in t.external_data}
         loc = base_dir / info.get("location", "")
+        length = int(info.get("length", start + nbytes))
         try:
             with open(loc, "rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                return f.read(min(nbytes, int(info.get("length", nbytes))))
+                f.seek(int(info.get("offset", 0)) + start)
+                return f.read(max(0, min(nbytes, length - start)))
         except OSError:
             return b""
     if t.raw_data:
-        return t.raw_data[:nbytes]
+        return t.raw_data[start:start + nbytes]
     for field in ("float_data", "int32_data", "int64_data", "double_data"):
         vals = getattr(t, field)
         if len(vals):
-            return np.asarray(vals[: nbytes // 4]).tobytes()
+            return np.asarray(vals[start // 4: (start + nbytes) // 4]).tobytes()
     return b""
 
 
@@ -245,31 +248,44 @@ def _prune(nodes: list[onnx.NodeProto], wanted: Iterable[str]) -> list[onnx.Node
     return [n for i, n in enumerate(nodes) if i in need]
 
 
-def sparsify_nodes(x: str, consumers_out: str, threshold: float, offset: float, dtype: int, tag: str):
-    """Standard ONNX nodes and initializers computing x' = Where(|x - offset| <= threshold, offset, x)."""
+def sparsify_nodes(x: str, consumers_out: str, threshold: float, offset: float, dtype: int, tag: str,
+                   token_scaled: bool = False, opset: int = 13):
+    """Standard ONNX nodes and initializers computing x' = Where(|x - offset| <= threshold, offset, x),
+    or with ``token_scaled`` Where(|x / n - offset| <= threshold, offset * n, x), n = ||x|| per token
+    (scap_onnx.token_scale): what the rewritten model computes, in terms of the MatMul's input."""
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
     m = numpy_helper.from_array(np.asarray(offset, dtype=np_dtype), f"{_SPARSIFY_PREFIX}{tag}/offset")
     t = numpy_helper.from_array(np.asarray(threshold, dtype=np_dtype), f"{_SPARSIFY_PREFIX}{tag}/threshold")
     p = f"{_SPARSIFY_PREFIX}{tag}/"
-    nodes = [
-        helper.make_node("Sub", [x, m.name], [p + "d"], name=p + "Sub"),
+    nodes, inits, z, fill = [], [m, t], x, m.name
+    if token_scaled:
+        nodes, norm_inits, z, n = norm_nodes(x, dtype, opset, p + "norm/")
+        inits += norm_inits
+        nodes.append(helper.make_node("Mul", [n, m.name], [p + "fill"], name=p + "MulFill"))
+        fill = p + "fill"
+    nodes += [
+        helper.make_node("Sub", [z, m.name], [p + "d"], name=p + "Sub"),
         helper.make_node("Abs", [p + "d"], [p + "a"], name=p + "Abs"),
         helper.make_node("LessOrEqual", [p + "a", t.name], [p + "drop"], name=p + "LessOrEqual"),
-        helper.make_node("Where", [p + "drop", m.name, x], [consumers_out], name=p + "Where"),
+        helper.make_node("Where", [p + "drop", fill, x], [consumers_out], name=p + "Where"),
     ]
-    return nodes, [m, t]
+    return nodes, inits
 
 
 def build_capture_model(
     base: onnx.ModelProto,
     capture: Mapping[str, int],
-    sparsify: Iterable[tuple[str, float, float, int, list[str]]] | None = None,
+    sparsify: Iterable[tuple] | None = None,
+    token_scaled: Iterable[str] = (),
 ) -> onnx.ModelProto:
-    """A weight-free copy of ``base`` whose outputs are the tensors in ``capture`` (name -> elem type).
+    """A weight-free copy of ``base`` whose outputs are the tensors in ``capture`` (name -> elem type);
+    those in ``token_scaled`` divided by their norm per token (scap_onnx.token_scale).
 
-    ``sparsify``: (input name, threshold, offset, elem type, consumer node names) entries: those
-    consumers read the sparsified tensor instead (upstream-aware calibration).
+    ``sparsify``: (input name, threshold, offset, elem type, consumer node names[, token-scaled])
+    entries: those consumers read the sparsified tensor instead (upstream-aware calibration).
     """
+    opset = default_opset(base)
+    token_scaled = set(token_scaled)
     model = onnx.ModelProto()
     model.ir_version = base.ir_version
     model.opset_import.extend(base.opset_import)
@@ -283,9 +299,9 @@ def build_capture_model(
     extra_inits = []
     rewired: dict[str, dict[str, str]] = {}  # consumer node name -> {old input: new input}
     pre_nodes: dict[str, list[onnx.NodeProto]] = {}  # insert before first consumer
-    for k, (name, thr, off, dtype, consumers) in enumerate(sparsify or []):
+    for k, (name, thr, off, dtype, consumers, *scaled) in enumerate(sparsify or []):
         new = f"{_SPARSIFY_PREFIX}{k}/out"
-        ns, inits = sparsify_nodes(name, new, thr, off, dtype, str(k))
+        ns, inits = sparsify_nodes(name, new, thr, off, dtype, str(k), bool(scaled and scaled[0]), opset)
         extra_inits += inits
         for c in consumers:
             rewired.setdefault(c, {})[name] = new
@@ -307,6 +323,10 @@ def build_capture_model(
     outputs = []
     for k, (name, dtype) in enumerate(capture.items()):
         out = f"{CAPTURE_PREFIX}{k}"
+        if name in token_scaled:
+            ns, inits, name, _ = norm_nodes(name, dtype, opset, f"{CAPTURE_PREFIX}norm{k}/")
+            nodes.extend(ns)
+            extra_inits += inits
         nodes.append(helper.make_node("Identity", [name], [out], name=f"{CAPTURE_PREFIX}Identity{k}"))
         outputs.append(helper.make_tensor_value_info(out, dtype, None))
     g.node.extend(_prune(nodes, [o.name for o in outputs]))
@@ -328,9 +348,10 @@ class Capture:
     """An onnxruntime session over a capture model; ``run(feeds)`` returns {tensor name: array}."""
 
     def __init__(self, source: ModelSource, capture: Mapping[str, int], sparsify=None,
-                 options: ort.SessionOptions | None = None, providers: list[str] | None = None):
+                 options: ort.SessionOptions | None = None, providers: list[str] | None = None,
+                 token_scaled: Iterable[str] = ()):
         self.names = list(capture)
-        model = build_capture_model(source.proto, capture, sparsify)
+        model = build_capture_model(source.proto, capture, sparsify, token_scaled)
         self.session = source.session(model, options or default_options(), providers)
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [f"{CAPTURE_PREFIX}{k}" for k in range(len(self.names))]

@@ -85,11 +85,17 @@ PassesOpt = typer.Option(2, "--passes", help="1: calibrate on dense activations;
 SampleRowsOpt = typer.Option(128, "--sample-rows", help="Activation rows kept per input to score offset candidates by output error.")
 ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
+TokenScaledOpt = typer.Option("o,down", "--token-scaled",
+                              help="Roles whose thresholds scale with each token's norm (their inputs are not "
+                                   "normalised), so that the sparsity holds on other texts; 'none': all static.")
 
 
-def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads) -> dict:
+def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
+                      token_scaled) -> dict:
+    from .token_scale import parse_roles
+
     return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
-                passes=passes, sample_rows=sample_rows, threads=threads)
+                passes=passes, sample_rows=sample_rows, threads=threads, token_scaled_roles=parse_roles(token_scaled))
 
 
 def _summary_lines(stats, plan) -> list[str]:
@@ -125,6 +131,7 @@ def calibrate(
     passes: int = PassesOpt,
     sample_rows: int = SampleRowsOpt,
     threads: Optional[int] = ThreadsOpt,
+    token_scaled: str = TokenScaledOpt,
     quiet: bool = QuietOpt,
 ):
     """Collect activation statistics and choose offsets and thresholds; write stats.json."""
@@ -141,7 +148,8 @@ def calibrate(
     progress = _progress(quiet)
     try:
         stats = run(model, data, sparsity=spec, targets=targets, progress=progress,
-                    **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads))
+                    **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
+                                        token_scaled))
     finally:
         _stop(progress)
     stats.save(output)
@@ -169,6 +177,7 @@ def rewrite(
     passes: int = PassesOpt,
     sample_rows: int = SampleRowsOpt,
     threads: Optional[int] = ThreadsOpt,
+    token_scaled: str = TokenScaledOpt,
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="With --data: also write the stats.json."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run onnx.checker on the result."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
@@ -190,7 +199,8 @@ def rewrite(
     kwargs = {}
     data = data or None
     if data is not None:
-        kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads)
+        kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
+                                   token_scaled)
     progress = _progress(quiet)
     try:
         result = run(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,

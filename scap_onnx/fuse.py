@@ -37,7 +37,8 @@ def fuse_shared_inputs(model: ir.Model) -> int:
         key = _fusion_key(node)
         if key is not None:
             groups.setdefault(key, []).append(node)
-    used_names = {v.name for n in graph for v in n.outputs} | set(graph.initializers) | {n.name for n in graph}
+    used_names = ({v.name for n in graph for v in n.outputs} | set(graph.initializers) | {n.name for n in graph}
+                  | {v.name for v in graph.inputs})
     opset = model.opset_imports.get("", 13)
     made = 0
     for members in groups.values():
@@ -55,9 +56,9 @@ def _fusion_key(node: ir.Node) -> tuple | None:
         return None
     a, b = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if a is None or b is None or b.const_value is None or len(b.const_value.shape) != 2:
+    if a is None or b is None or b.const_value is None or len(b.const_value.shape) != 2 or b.is_graph_input():
         return None
-    if bias is not None and (bias.const_value is None or len(bias.const_value.shape) != 1):
+    if bias is not None and (bias.const_value is None or len(bias.const_value.shape) != 1 or bias.is_graph_input()):
         return None
     threshold = node.attributes["threshold"].value
     offset = node.attributes["offset"].value if "offset" in node.attributes else 0.0
@@ -115,7 +116,8 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
     ir.convenience.replace_nodes_and_values(graph, members[0], members, [fused, split],
                                             [m.outputs[0] for m in members], list(split.outputs))
     for v in old_weights:
-        if v is not None and v.name in graph.initializers and not v.uses() and not v.is_graph_output():
+        if v is not None and v.name in graph.initializers and not v.uses() and not v.is_graph_output() \
+                and not v.is_graph_input():
             del graph.initializers[v.name]
 
 

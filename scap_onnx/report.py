@@ -4,7 +4,7 @@ The validate report (``format: "scap-onnx-validate"``, ``version: 1``) has these
 milliseconds, sparsities fractions in [0, 1]:
 
 ``created``            UTC time the run finished (ISO 8601)
-``dense``/``sparse``   ``path``, ``bytes`` (model plus external data); sparse: ``scap_nodes``
+``dense``/``sparse``   ``path``, ``bytes`` (model plus external data); sparse: ``scap_nodes`` (fused nodes count once) and ``scap_targets``
 ``model_kind``         ``causal-lm`` (logits + input_ids), ``encoder`` (input_ids, no logits) or ``generic``
 ``data``               ``path``, ``kind`` (text|npz), ``seq_len``, ``sampling`` (spread|contiguous),
                        ``phase``, ``skip_tokens``, ``tokenizer``,

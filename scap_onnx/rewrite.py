@@ -30,6 +30,7 @@ from .fileio import check_output_file, missing_model_message, same_file
 from .op import DOMAIN, OP_TYPE, OPSET_VERSION
 from .stats import TargetPlan
 from .targets import GraphView, find_all_targets
+from .token_scale import TINY
 
 #: Models whose initializers exceed this are saved with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -43,10 +44,9 @@ class ScapRewritePass(ir.passes.InPlacePass):
     """Replace the planned MatMuls by ScapSparseMatMul. ``plan``: target name -> TargetPlan
     (or a (threshold, offset) pair)."""
 
-    def __init__(self, plan: Mapping[str, TargetPlan | tuple[float, float]]):
+    def __init__(self, plan: Mapping[str, TargetPlan | tuple]):
         super().__init__()
-        self.plan = {k: (v.threshold, v.offset) if isinstance(v, TargetPlan) else (float(v[0]), float(v[1]))
-                     for k, v in plan.items()}
+        self.plan = {k: _plan_entry(v) for k, v in plan.items()}
         self.rewritten: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -58,7 +58,9 @@ class ScapRewritePass(ir.passes.InPlacePass):
         nodes = {_node_key(n): n for n in graph}
         used_names = {v.name for n in graph for v in n.outputs} | set(graph.initializers)
         self.rewritten = []
-        for name, (threshold, offset) in self.plan.items():
+        norms: dict[int, tuple[ir.Value, ir.Value]] = {}  # id of an input -> (x / n, n), token scaling
+        opset = model.opset_imports.get("", 13)
+        for name, (threshold, offset, token_scaled) in self.plan.items():
             if not (np.isfinite(threshold) and threshold >= 0 and np.isfinite(offset)):
                 raise ScapError(f"target {name!r}: invalid threshold {threshold} / offset {offset}")
             t = targets[name]
@@ -79,9 +81,22 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 bias_val = graph.initializers.get(t.bias)
                 if bias_val is None:  # a Constant node output: keep the Add's own input
                     bias_val = next(v for v in add.inputs if v is not mm.outputs[0])
-            if offset != 0.0 or not _is_vector(bias_val, t.n):
-                bias_val = _folded_bias(graph, t, offset, weight_val, bias_val, used_names)
-            inputs = [a_val, b_val] + ([bias_val] if bias_val is not None else [])
+            after = []  # token scaling: Y = op(x / n) * n (+ bias)
+            if token_scaled:
+                if id(a_val) not in norms:
+                    norms[id(a_val)] = _token_norm(graph, a_val, t.dtype, opset, used_names)
+                a_in, norm = norms[id(a_val)]
+                after.append(ir.Node("", "Mul", [None, norm], name=unique_name(f"{name}/scap_token_scale", used_names),
+                                     num_outputs=1))
+                if bias_val is not None:
+                    after.append(ir.Node("", "Add", [None, bias_val], name=unique_name(f"{name}/scap_bias_add",
+                                                                                      used_names), num_outputs=1))
+                bias_val = _folded_bias(graph, t, offset, weight_val, None, used_names) if offset != 0.0 else None
+            else:
+                a_in = a_val
+                if offset != 0.0 or not _is_vector(bias_val, t.n):
+                    bias_val = _folded_bias(graph, t, offset, weight_val, bias_val, used_names)
+            inputs = [a_in, b_val] + ([bias_val] if bias_val is not None else [])
             fused = f"; fused bias Add {t.bias_add!r}" if t.bias_add is not None else ""
             new = ir.Node(
                 DOMAIN, OP_TYPE, inputs,
@@ -91,6 +106,12 @@ class ScapRewritePass(ir.passes.InPlacePass):
             )
             new_nodes.append(new)
             out = new.outputs[0]
+            for node in after:  # each reads the previous output
+                out.name = unique_name(f"{node.name}/input", used_names)
+                out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
+                node.replace_input_with(0, out)
+                new_nodes.append(node)
+                out = node.outputs[0]
             if old_out.type is None:
                 out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
             ir.convenience.replace_nodes_and_values(graph, mm, old_nodes, new_nodes, [old_out], [out])
@@ -103,6 +124,52 @@ class ScapRewritePass(ir.passes.InPlacePass):
         if self.rewritten:
             model.opset_imports[DOMAIN] = OPSET_VERSION
         return ir.passes.PassResult(model, modified=bool(self.rewritten))
+
+
+def _plan_entry(v) -> tuple[float, float, bool]:
+    """(threshold, offset, token_scaled) from a TargetPlan or a (threshold, offset[, token_scaled]) tuple."""
+    if isinstance(v, TargetPlan):
+        return v.threshold, v.offset, v.token_scaled
+    return float(v[0]), float(v[1]), bool(v[2]) if len(v) > 2 else False
+
+
+def _token_norm(graph: ir.Graph, x: ir.Value, dtype: str, opset: int, used_names: set[str]) -> tuple[ir.Value, ir.Value]:
+    """(x / n, n), n = ||x|| over the last axis plus TINY, in float32 (scap_onnx.token_scale), as nodes
+    placed right after x's producer."""
+    p = unique_name(f"{x.name}/scap_token_norm", used_names)
+    nodes: list[ir.Node] = []
+
+    def node(op, inputs, attributes=(), dtype_out="float32"):
+        n = ir.Node("", op, inputs, attributes=list(attributes), name=f"{p}/{op}{len(nodes)}", num_outputs=1)
+        n.outputs[0].name = unique_name(f"{p}/{op}{len(nodes)}_out", used_names)
+        n.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype_out)))
+        nodes.append(n)
+        return n.outputs[0]
+
+    def const(suffix, array):
+        val = ir.Value(name=unique_name(f"{p}/{suffix}", used_names), const_value=ir.tensor(array))
+        val.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        val.shape = ir.Shape(list(array.shape))
+        graph.register_initializer(val)
+        return val
+
+    x32 = x if dtype == "float32" else node("Cast", [x], [ir.AttrInt64("to", ir.DataType.FLOAT)])
+    if opset >= 18:
+        l2 = node("ReduceL2", [x32, const("axes", np.asarray([-1], np.int64))], [ir.AttrInt64("keepdims", 1)])
+    else:
+        l2 = node("ReduceL2", [x32], [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+    n = node("Add", [l2, const("tiny", np.asarray(TINY, np.float32))])
+    z = node("Div", [x32, n])
+    if dtype != "float32":
+        to = ir.AttrInt64("to", ir.DataType.from_numpy(np.dtype(dtype)))
+        z = node("Cast", [z], [to], dtype)
+        n = node("Cast", [n], [to], dtype)
+    producer = x.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    else:
+        graph.insert_before(next(iter(graph)), nodes)
+    return z, n
 
 
 def _transposed(b_val: ir.Value, t, used_names: set[str], new_nodes: list[ir.Node]) -> ir.Value:
@@ -173,6 +240,12 @@ def load_model(path: str | Path) -> ir.Model:
         raise ScapError(f"{p} is not an ONNX model (cannot parse it as ModelProto)") from None
 
 
+def wants_external_data(model: ir.Model) -> bool:
+    """Whether ``model`` should be saved with external data: it had some, or it is too large for one
+    protobuf. Ask before fusing (scap_onnx.fuse): fused weights are computed tensors, not external."""
+    return _uses_external_data(model) or _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+
+
 def _uses_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
@@ -200,7 +273,7 @@ def save_model(model: ir.Model, output: str | Path, *, external: bool | None = N
     output = Path(output)
     check_output_file(output)
     if external is None:
-        external = _uses_external_data(model) or _initializer_bytes(model) > EXTERNAL_DATA_BYTES
+        external = wants_external_data(model)
     for p in inputs_to_keep or []:
         if same_file(p, output) or (external and same_file(p, output.parent / external_data_name(output))):
             raise ScapError(f"output {output} would overwrite the input {p}")
@@ -221,7 +294,7 @@ def save_model(model: ir.Model, output: str | Path, *, external: bool | None = N
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def rewrite_model(model: ir.Model, plan: Mapping[str, TargetPlan | tuple[float, float]]) -> tuple[ir.Model, list[str]]:
+def rewrite_model(model: ir.Model, plan: Mapping[str, TargetPlan | tuple]) -> tuple[ir.Model, list[str]]:
     """Apply the plan in place; returns the model and the names of the rewritten targets."""
     p = ScapRewritePass(plan)
     result = p(model)

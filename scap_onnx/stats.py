@@ -46,6 +46,7 @@ class SiteStats:
     offset: float = 0.0
     offset_kind: str = "zero"
     threshold: float = 0.0
+    token_scaled: bool = False  # histogram, offset and threshold are of x / ||x|| (scap_onnx.token_scale)
 
     @property
     def roles(self) -> list[str]:
@@ -99,6 +100,7 @@ class SiteStats:
             "offset": self.offset,
             "offset_kind": self.offset_kind,
             "threshold": self.threshold,
+            "token_scaled": self.token_scaled,
             "candidates": self.candidates,
             "error_grid": self.error_grid,
             "errors": self.errors,
@@ -120,6 +122,7 @@ class SiteStats:
             offset=float(d.get("offset", 0.0)),
             offset_kind=d.get("offset_kind", "zero"),
             threshold=float(d.get("threshold", 0.0)),
+            token_scaled=bool(d.get("token_scaled", False)),
         )
 
 
@@ -134,6 +137,7 @@ class TargetPlan:
     offset: float
     sparsity: float
     offset_kind: str
+    token_scaled: bool = False  # the drop rule applies to the input divided by its norm per token
 
 
 @dataclass
@@ -180,7 +184,7 @@ class Stats:
                      site_sparsity: float, kind: str) -> TargetPlan:
         tau = site.threshold_for(wanted, offset, site_sparsity, site_tau)
         sparsity = site_sparsity if same_sparsity(wanted, site_sparsity) else wanted
-        return TargetPlan(target["name"], target["role"], site.input, tau, offset, sparsity, kind)
+        return TargetPlan(target["name"], target["role"], site.input, tau, offset, sparsity, kind, site.token_scaled)
 
     # -- identity
     def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:

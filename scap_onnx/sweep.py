@@ -4,10 +4,11 @@
 
 Methods (each at every level s, all targets but lm_head):
 
-``teal``       TEAL-style baseline: zero-centred thresholds (offset 0), the same sparsity s for
-               every role, thresholds from activations of the dense model (one calibration pass).
+``teal``       TEAL-style baseline: zero-centred static thresholds (offset 0), the same sparsity s
+               for every role, from activations of the dense model (one calibration pass).
 ``scap-zero``  SCAP without mode-centering: offset 0, sparsity s for every role, thresholds from
-               upstream-aware calibration (the later passes see upstream targets sparsified).
+               upstream-aware calibration (the later passes see upstream targets sparsified),
+               token-scaled for o and down (scap_onnx.token_scale) as calibrate does by default.
 ``scap-mode``  SCAP with mode-centering: as scap-zero, but each input's centre is the calibrated
                candidate (histogram mode, KDE mode, median or zero) with the least output error.
 ``scap-role``  SCAP per role: mode-centred, with per-role sparsities in the proportions of the
@@ -48,6 +49,7 @@ import numpy as np
 
 from .errors import ScapError
 from .progress import NullProgress, Progress
+from .token_scale import DEFAULT_ROLES as DEFAULT_TOKEN_ROLES
 from .validate import DenseCache, ValidateOptions, _cli, validate
 
 FORMAT = "scap-onnx-sweep"
@@ -99,8 +101,8 @@ def role_spec(stats, level: float) -> dict[str, float]:
     return {r: round(min(MAX_SPARSITY, level * ROLE_PROFILE.get(r, 1.0) * c), 4) for r in nbytes}
 
 
-def plan_for(method: str, level: float, scap_stats, teal_stats) -> tuple[dict[str, tuple[float, float]], str]:
-    """(plan: target -> (threshold, offset), SPEC text) for one sweep point."""
+def plan_for(method: str, level: float, scap_stats, teal_stats) -> tuple[dict[str, tuple], str]:
+    """(plan: target -> (threshold, offset, token-scaled), SPEC text) for one sweep point."""
     from .spec import Spec
 
     if method in ("teal", "scap-zero"):
@@ -109,27 +111,29 @@ def plan_for(method: str, level: float, scap_stats, teal_stats) -> tuple[dict[st
         for s in st.sites:
             tau = float(s.histogram.threshold(level, 0.0))
             for t in s.targets:
-                plan[t["name"]] = (tau, 0.0)
+                plan[t["name"]] = (tau, 0.0, s.token_scaled)
         return plan, f"{level:g} (offset 0)"
     if method == "scap-mode":
         p = scap_stats.plan(level)
-        return {k: (v.threshold, v.offset) for k, v in p.items()}, f"{level:g}"
+        return {k: (v.threshold, v.offset, v.token_scaled) for k, v in p.items()}, f"{level:g}"
     if method == "scap-role":
         roles = role_spec(scap_stats, level)
         spec = Spec(roles=roles)
         p = scap_stats.plan(spec)
-        return {k: (v.threshold, v.offset) for k, v in p.items()}, str(spec)
+        return {k: (v.threshold, v.offset, v.token_scaled) for k, v in p.items()}, str(spec)
     raise ScapError(f"unknown method {method!r}")
 
 
-def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, opts: dict, progress) -> tuple:
-    """Stats from ``path`` when it matches the model and settings, else calibrate and save them."""
+def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, opts: dict, progress,
+                token_roles: tuple[str, ...]) -> tuple:
+    """Stats from ``path`` when it matches the model and settings, else calibrate and save them.
+    ``token_roles``: roles with token-scaled thresholds (none for the TEAL-style baseline)."""
     from .api import model_fingerprint
     from .calibrate import calibrate
     from .stats import Stats
 
     want = {"passes": passes, "spec": f"{level:g}", "tokens": opts["max_tokens"], "seq_len": opts["seq_len"],
-            "data": str(Path(data).resolve())}
+            "data": str(Path(data).resolve()), "token_scaled_roles": list(token_roles)}
     if path.is_file():
         try:
             st = Stats.load(path)
@@ -140,7 +144,8 @@ def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, 
                 return st, True
         except ScapError:
             pass
-    st = calibrate(model, data, sparsity=level, passes=passes, progress=progress, **opts)
+    st = calibrate(model, data, sparsity=level, passes=passes, progress=progress, token_scaled_roles=token_roles,
+                   **opts)
     st.calibration["sweep"] = want
     st.save(path)
     return st, False
@@ -235,7 +240,7 @@ def sweep(
     from .capture import load_proto
     from .report import write_report
     from .fuse import fuse_shared_inputs
-    from .rewrite import load_model, rewrite_model, save_model
+    from .rewrite import load_model, rewrite_model, save_model, wants_external_data
 
     progress = progress or NullProgress()
     log = log or (lambda msg: None)
@@ -262,13 +267,14 @@ def sweep(
     scap_stats = teal_stats = None
     if scap_methods:
         t0 = time.perf_counter()
-        scap_stats, reused = _calibrated(model, data, out_dir / "stats_scap.json", passes, mid, cal_opts, progress)
+        scap_stats, reused = _calibrated(model, data, out_dir / "stats_scap.json", passes, mid, cal_opts, progress,
+                                         DEFAULT_TOKEN_ROLES)
         calibration["scap"] = {"passes": passes, "spec": f"{mid:g}", "tokens": scap_stats.calibration.get("tokens"),
                                "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
         log(f"SCAP statistics: {calibration['scap']}")
     if "teal" in methods:
         t0 = time.perf_counter()
-        teal_stats, reused = _calibrated(model, data, out_dir / "stats_teal.json", 1, mid, cal_opts, progress)
+        teal_stats, reused = _calibrated(model, data, out_dir / "stats_teal.json", 1, mid, cal_opts, progress, ())
         calibration["teal"] = {"passes": 1, "spec": f"{mid:g}", "tokens": teal_stats.calibration.get("tokens"),
                                "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
         log(f"TEAL-style statistics (dense activations): {calibration['teal']}")
@@ -285,8 +291,9 @@ def sweep(
                 sparse_path = out_dir / "models" / f"{name}.onnx"
                 ir_model = load_model(model)
                 ir_model, _ = rewrite_model(ir_model, plan)
+                external = wants_external_data(ir_model)  # before fusing (see api.rewrite)
                 fuse_shared_inputs(ir_model)
-                save_model(ir_model, sparse_path, inputs_to_keep=[model])
+                save_model(ir_model, sparse_path, external=external, inputs_to_keep=[model])
                 del ir_model
                 rep = validate(model, sparse_path, eval_data, vopts, progress=progress, dense_cache=cache)
                 rpath = out_dir / "reports" / f"{name}.json"

@@ -297,11 +297,13 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     d_inits = {t.name: t for t in dp.graph.initializer}
     s_inits = {t.name: t for t in sp.graph.initializer}
     producers = {n.output[0]: n for n in sp.graph.node if n.op_type in ("Identity", "Transpose") and n.input}
+    norm_nodes = {n.output[0]: n for n in sp.graph.node if "/scap_token_norm" in n.name and n.input}
     scap = []
     for n in snodes:
         members = members_of(n)
         if len(members) > 1:
-            scap += _fused_members(n, members, by_name, s_inits, dense, sparse)
+            scap += _fused_members(n, _unscaled_input(norm_nodes, n.input[0]), members, by_name, d_inits, s_inits,
+                                   dense, sparse)
             continue
         t = by_name.get(n.name)
         w = _weight_source(producers, n.input[1], t)
@@ -344,19 +346,46 @@ def _scap_entry(node: onnx.NodeProto, t, name: str) -> dict:
     }
 
 
-def _fused_members(node: onnx.NodeProto, members: list[str], by_name: dict, s_inits: dict,
-                   dense: Path, sparse: Path) -> list[dict]:
-    """The targets of a fused node (scap_onnx.fuse): each a dense target reading the node's input,
-    their weights side by side in the node's B."""
+def _unscaled_input(norm_nodes: dict[str, onnx.NodeProto], name: str) -> str:
+    """The activation a ScapSparseMatMul input comes from: itself, or the x of a token-scaled x / n
+    (the rewriter's nodes named .../scap_token_norm/...)."""
+    for _ in range(4):
+        node = norm_nodes.get(name)
+        if node is None:
+            break
+        name = node.input[0]
+    return name
+
+
+def _fused_members(node: onnx.NodeProto, activation: str, members: list[str], by_name: dict, d_inits: dict,
+                   s_inits: dict, dense: Path, sparse: Path) -> list[dict]:
+    """The targets of a fused node (scap_onnx.fuse): each a dense target reading ``activation``, the
+    node's input (or what it token-scales), whose weight is the node's B from its column offset on
+    (checked on the first row's bytes)."""
+    from .capture import _tensor_head
+
     ts = [by_name.get(m) for m in members]
-    if any(t is None or t.input != node.input[0] for t in ts):
-        bad = next(m for m, t in zip(members, ts) if t is None or t.input != node.input[0])
+    if any(t is None or t.input != activation or t.trans_b for t in ts):
+        bad = next(m for m, t in zip(members, ts) if t is None or t.input != activation or t.trans_b)
         raise ScapError(f"models do not match: fused sparse node {node.name!r} lists {bad!r}, which is no "
-                        f"MatMul or Gemm reading {node.input[0]!r} in {dense.name}")
+                        f"MatMul reading {activation!r} in {dense.name}")
     w = s_inits.get(node.input[1])
-    if w is not None and (tuple(w.dims) != (ts[0].k, sum(t.n for t in ts)) or any(t.k != ts[0].k for t in ts)):
-        raise ScapError(f"models do not match: fused sparse node {node.name!r} in {sparse.name} has weight shape "
-                        f"{list(w.dims)}, not its targets' {ts[0].k} x {sum(t.n for t in ts)}")
+    width = sum(t.n for t in ts)
+    if w is None or tuple(w.dims) != (ts[0].k, width) or any(t.k != ts[0].k for t in ts):
+        shape = list(w.dims) if w is not None else "not an initializer"
+        raise ScapError(f"models do not match: fused sparse node {node.name!r} in {sparse.name} has weight "
+                        f"{shape}, not its targets' {ts[0].k} x {width}")
+    column = 0
+    for m, t in zip(members, ts):
+        a = d_inits.get(t.weight)
+        if a is not None:
+            size = onnx.helper.tensor_dtype_to_np_dtype(a.data_type).itemsize
+            nbytes = min(64, t.n * size)
+            if a.data_type != w.data_type or _tensor_head(a, dense.parent, nbytes) != \
+                    _tensor_head(w, sparse.parent, nbytes, column * size):
+                raise ScapError(f"models do not match: weight {t.weight!r} of {m!r} differs between {dense.name} "
+                                f"and the fused node {node.name!r} of {sparse.name}")
+        column += t.n
     return [_scap_entry(node, t, m) for m, t in zip(members, ts)]
 
 
@@ -913,6 +942,8 @@ def measure_latency(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: lis
 def validate(dense: str | Path, sparse: str | Path, data: str | Path, options: ValidateOptions | None = None,
              *, progress: Progress | None = None, dense_cache: DenseCache | None = None) -> dict:
     """Validate SPARSE against DENSE on DATA; returns the report dict (see scap_onnx.report)."""
+    from .measure import scap_nodes
+
     opts = options or ValidateOptions()
     opts.check()
     progress = progress or NullProgress()
@@ -929,7 +960,7 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path, options: V
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dense": {"path": str(pair.dense_path.resolve()), "bytes": _model_bytes(pair.dense_path)},
         "sparse": {"path": str(pair.sparse_path.resolve()), "bytes": _model_bytes(pair.sparse_path),
-                   "scap_nodes": len(pair.scap)},
+                   "scap_nodes": len(scap_nodes(pair.sparse_proto)), "scap_targets": len(pair.scap)},
         "model_kind": pair.kind,
         "data": {**ds.describe(), "max_tokens": ds.max_tokens},
         "environment": env,

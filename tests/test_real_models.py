@@ -109,7 +109,7 @@ def test_minilm_gelu_offsets_and_cosine(minilm, minilm_stats, texts, tmp_path):
     for s in st.sites:
         tau = s.histogram.threshold(s.sparsity, 0.0)
         for t in s.targets:
-            zero_plan[t["name"]] = (tau, 0.0)
+            zero_plan[t["name"]] = (tau, 0.0, s.token_scaled)
     model, _ = rewrite_model(load_model(minilm), zero_plan)
     zero_out = tmp_path / "zero.onnx"
     save_model(model, zero_out)

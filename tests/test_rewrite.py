@@ -74,17 +74,23 @@ def test_structure(tiny, stats, tmp_path, key):
     assert all(n.domain == DOMAIN for n in scap)
     assert any(o.domain == DOMAIN and o.version == 1 for o in m.opset_import)
     assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.name in {t.name for t in targets}]
-    if key == "encoder":  # the bias Adds were folded
-        assert all(len(n.input) == 3 for n in scap)
+    scaled = [n for n in scap if "/scap_token_norm" in n.input[0]]  # o and down: op(x / n) * n
+    assert {r for n in scaled for r in ("o_proj", "down_proj", "attention/output", "output/dense")
+            if r in n.name} and len(scaled) == 4
+    if key == "encoder":  # the bias Adds were folded, or follow the token scale
+        assert all(len(n.input) == 3 for n in scap if n not in scaled)
+        assert len([n for n in m.graph.node if n.op_type == "Add" and n.name.endswith("/scap_bias_add")]) == 4
         assert not [n for n in m.graph.node if n.op_type == "Add" and n.name.endswith("/dense/Add")]
     assert [o.name for o in m.graph.output] == [o.name for o in onnx.load(str(tiny[key])).graph.output]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+@pytest.mark.parametrize("token_scaled", [False, True])
 @pytest.mark.parametrize("key", ["decoder", "encoder"])
-def test_threshold_zero_keeps_the_function(tiny, stats, tmp_path, key):
-    """Offsets folded into the bias: with threshold 0 the rewritten model is the dense model."""
-    plan = {name: (0.0, p.offset if p.offset else 0.25) for name, p in stats[key].plan().items()}
+def test_threshold_zero_keeps_the_function(tiny, stats, tmp_path, key, token_scaled):
+    """Offsets folded into the bias: with threshold 0 the rewritten model is the dense model, also
+    with every target token-scaled (op(x / n) * n, then the original bias)."""
+    plan = {name: (0.0, p.offset if p.offset else 0.25, token_scaled) for name, p in stats[key].plan().items()}
     model, names = rewrite_model(load_model(tiny[key]), plan)
     save_model(model, tmp_path / "t0.onnx")
     feeds = _feeds(tiny[key])
@@ -101,7 +107,8 @@ def test_sparse_numerics_match_the_contract(tiny, stats, tmp_path, key):
     got = _reference(out, feeds)
     src = ModelSource(tiny[key])
     st = stats[key]
-    cfg = [(s.input, s.threshold, s.offset, 1, [t["name"] for t in s.targets]) for s in st.sites]
+    cfg = [(s.input, s.threshold, s.offset, 1, [t["name"] for t in s.targets], s.token_scaled) for s in st.sites]
+    assert {s.roles[0] for s in st.sites if s.token_scaled} == {"o", "down"}
     out_name = src.proto.graph.output[0].name
     sess = src.session(build_capture_model(src.proto, {out_name: 1}, cfg))
     want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
@@ -214,3 +221,78 @@ def test_spec_selects_roles(tiny, stats, tmp_path):
     scap = [n for n in m.graph.node if n.op_type == OP_TYPE]
     assert len(scap) == 2 and all("down_proj" in n.name for n in scap)
     assert all(p.sparsity == 0.6 for p in res.plan.values())
+
+
+def test_validate_checks_the_weights_of_fused_nodes(tiny, stats, tmp_path):
+    """A fused node's weight must be its targets' weights side by side: a model of the same shape
+    with other weights is refused, as it is with one node per target."""
+    from scap_onnx.validate import open_pair
+    from tiny_models import make_decoder
+
+    other = make_decoder(tmp_path / "other" / "model.onnx", seed=7)
+    rewrite(tiny["decoder"], tmp_path / "s.onnx", stats=stats["decoder"])
+    assert len(open_pair(tiny["decoder"], tmp_path / "s.onnx").scap) == 14
+    with pytest.raises(ScapError, match="differs"):
+        open_pair(other, tmp_path / "s.onnx")
+
+
+def test_fused_model_keeps_external_data_when_every_weight_is_fused(tmp_path):
+    """A model whose only weights are fused still gets a data file: the choice is made before the
+    fused weights, computed while saving, replace the external ones."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), n)
+         for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "mlp.gate_proj.weight"], ["g"], name="/mlp/gate_proj/MatMul"),
+         helper.make_node("MatMul", ["x", "mlp.up_proj.weight"], ["u"], name="/mlp/up_proj/MatMul")],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+        [helper.make_tensor_value_info("g", TensorProto.FLOAT, [None, 64]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, [None, 64])], list(w.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    st = calibrate(src, tmp_path / "calib.npz", sparsity="0.5", passes=1)
+    res = rewrite(src, tmp_path / "s.onnx", stats=st)
+    scap = [n for n in onnx.load(str(tmp_path / "s.onnx"), load_external_data=False).graph.node
+            if n.op_type == OP_TYPE]
+    assert len(scap) == 1 and len(members_of(scap[0])) == 2
+    assert res.external_data == tmp_path / "s.onnx.data" and res.external_data.stat().st_size >= 2 * 32 * 64 * 4
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    ref = ReferenceEvaluator(str(tmp_path / "s.onnx"), new_ops=[reference_op()])
+    g, u = ref.run(None, {"x": x})
+    plan = res.plan["/mlp/gate_proj/MatMul"]
+    d = x - np.float32(plan.offset)
+    d[np.abs(d) <= plan.threshold] = 0
+    np.testing.assert_allclose(g, d @ numpy_helper.to_array(w["mlp.gate_proj.weight"]) +
+                               np.float32(plan.offset) * numpy_helper.to_array(w["mlp.gate_proj.weight"]).sum(0),
+                               rtol=1e-4, atol=1e-4)
+    assert u.shape == (5, 64)
+
+
+def test_token_scaled_inputs_shared_by_fused_targets(tiny, tmp_path):
+    """q/k/v token-scaled: one x / n for the three, one fused node on it, and validate maps the node
+    back to the three MatMuls that read x."""
+    from scap_onnx.validate import open_pair
+
+    st = calibrate(tiny["decoder"], tiny["calib"], sparsity="0.5", max_tokens=512, seq_len=64, passes=2,
+                   token_scaled_roles=("q", "k", "v", "o", "down"))
+    assert {s.roles[0] for s in st.sites if s.token_scaled} == {"q", "o", "down"}
+    rewrite(tiny["decoder"], tmp_path / "s.onnx", stats=st)
+    m = onnx.load(str(tmp_path / "s.onnx"))
+    fused_qkv = [n for n in m.graph.node if n.op_type == OP_TYPE and len(members_of(n)) == 3]
+    assert len(fused_qkv) == 2 and all("/scap_token_norm" in n.input[0] for n in fused_qkv)
+    assert len([n for n in m.graph.node if n.op_type == "ReduceL2"]) == 6  # q/k/v, o, down of 2 layers
+    pair = open_pair(tiny["decoder"], tmp_path / "s.onnx")
+    assert len(pair.scap) == 14
+    feeds = _feeds(tiny["decoder"])
+    got = _reference(tmp_path / "s.onnx", feeds)
+    src = ModelSource(tiny["decoder"])
+    cfg = [(s.input, s.threshold, s.offset, 1, [t["name"] for t in s.targets], s.token_scaled) for s in st.sites]
+    out_name = src.proto.graph.output[0].name
+    sess = src.session(build_capture_model(src.proto, {out_name: 1}, cfg))
+    want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    assert _rel(got, want) < 1e-4

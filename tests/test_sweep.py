@@ -57,14 +57,17 @@ def test_sweep_plans(llama_sweep):
         plan, spec = plan_for(m, 0.4, scap, teal)
         assert set(plan) == names, m
         if m in ("teal", "scap-zero"):
-            assert all(off == 0.0 for _, off in plan.values())
+            assert all(off == 0.0 for _, off, _ in plan.values())
+        # the TEAL-style baseline keeps static thresholds; SCAP's statistics token-scale o and down
+        scaled = {name for name, (_, _, token_scaled) in plan.items() if token_scaled}
+        assert scaled == (set() if m == "teal" else {n for n in names if "o_proj" in n or "down_proj" in n}), m
     # teal thresholds come from the dense-activation statistics, scap-zero's from the upstream-aware ones
     t_plan, _ = plan_for("teal", 0.4, scap, teal)
     z_plan, _ = plan_for("scap-zero", 0.4, scap, teal)
     assert t_plan != z_plan
     # mode-centring picks non-zero centres somewhere
     m_plan, _ = plan_for("scap-mode", 0.4, scap, teal)
-    assert any(off != 0.0 for _, off in m_plan.values())
+    assert any(off != 0.0 for _, off, _ in m_plan.values())
 
 
 def test_role_spec_keeps_byte_weighted_mean(llama_sweep):

@@ -29,6 +29,7 @@ from scap_onnx.measure import library_available, measured_sparsity, perplexity, 
 from scap_onnx.progress import make_progress  # noqa: E402
 from scap_onnx.spec import parse_spec  # noqa: E402
 from scap_onnx.stats import Stats  # noqa: E402
+from scap_onnx.token_scale import parse_roles  # noqa: E402
 
 ROLES7 = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--retarget", nargs="*", default=[], help="SPECs re-targeted from the stats of the last --passes value")
     ap.add_argument("--also-spec", nargs="*", default=[], help="SPECs calibrated directly (with the last --passes value)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    ap.add_argument("--token-scaled", default=None,
+                    help="roles with thresholds relative to each token's norm (default o,down; 'none')")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scap-measure"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -98,7 +101,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if stats is None:
             stats = calibrate(args.model, args.calib, sparsity=spec_text, max_tokens=args.tokens, seq_len=args.seq_len,
-                              passes=passes, sampling=args.sampling, progress=progress, threads=args.threads)
+                              passes=passes, sampling=args.sampling, progress=progress, threads=args.threads,
+                              token_scaled_roles=parse_roles(args.token_scaled))
             stats.save(args.workdir / f"stats_p{passes}_{spec_text.replace(',', '_').replace('=', '')}.json")
         cal_s = time.perf_counter() - t0
         sparse = args.workdir / "sparse.onnx"
