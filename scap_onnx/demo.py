@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ScapError
+from .token_scale import DEFAULT_ROLES as TOKEN_ROLES
 from .validate import ValidateOptions, _cli, targets_from_spec, validate
 
 DEFAULT_SPEC = "up=0.35,gate=0.35,down=0.55"
@@ -46,7 +47,8 @@ def _reusable_stats(path: Path, model: Path, data: Path, spec: str, tokens: int,
     except ScapError:
         return None
     cal = st.calibration
-    want = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes, "data": str(data.resolve())}
+    want = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes, "data": str(data.resolve()),
+            "token_scaled_roles": list(TOKEN_ROLES)}
     if st.model.get("fingerprint") != model_fingerprint(model) or cal.get("demo") != want:
         return None
     return st
@@ -100,7 +102,7 @@ def run_demo(
         stats = calibrate(model, cal_data, sparsity=spec, max_tokens=tokens, seq_len=seq_len, passes=passes,
                           threads=threads, progress=progress)
         stats.calibration["demo"] = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes,
-                                     "data": str(cal_data.resolve())}
+                                     "data": str(cal_data.resolve()), "token_scaled_roles": list(TOKEN_ROLES)}
         stats.save(stats_path)
     else:
         log(f"[2/4] reusing calibration statistics {stats_path}")
