@@ -50,15 +50,17 @@ def test_smollm2_rewrite_passes_checker_and_reaches_targets(smollm2, smol_sparse
 
 
 def test_smollm2_threshold_zero_reproduces_dense_logits(smollm2, smol_stats, texts, tmp_path):
-    """Calibrated offsets with threshold 0: the folded biases give back the dense logits."""
+    """Calibrated offsets with threshold 0: the folded biases (and the token scaling of o and down)
+    give back the dense logits."""
     import onnxruntime as ort
 
     from scap_onnx.capture import ModelSource
     from scap_onnx.measure import _options
 
     st = Stats.load(smol_stats)
-    plan = {name: (0.0, p.offset) for name, p in st.plan("0.5").items()}
-    assert len(plan) == 210 and sum(off != 0 for _, off in plan.values()) >= 30
+    plan = {name: (0.0, p.offset, p.token_scaled) for name, p in st.plan("0.5").items()}
+    assert len(plan) == 210 and sum(off != 0 for _, off, _ in plan.values()) >= 30
+    assert sum(scaled for _, _, scaled in plan.values()) == 60  # o and down of 30 layers
     model, names = rewrite_model(load_model(smollm2), plan)
     out = tmp_path / "t0.onnx"
     save_model(model, out)

@@ -59,7 +59,7 @@ def main() -> None:
             tau0 = s.histogram.threshold(s.sparsity, 0.0)
             for t in s.targets:
                 if t["name"] in plan:
-                    zero[t["name"]] = (tau0, 0.0)
+                    zero[t["name"]] = (tau0, 0.0, s.token_scaled)
             offsets.setdefault("/".join(s.roles), []).append({"layer": s.layer, "offset": round(s.offset, 5),
                                                               "kind": s.offset_kind, "threshold": round(s.threshold, 5)})
         res = {"spec": spec, "offsets": offsets}
