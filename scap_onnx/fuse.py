@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .op import DOMAIN, OP_TYPE
-from .rewrite import unique_name
+from .rewrite import new_initializer, unique_name
 
 #: Node metadata key of a fused node: a JSON list of the target names it computes, in Split order.
 MEMBERS_KEY = "scap_onnx.fused_targets"
@@ -85,12 +85,8 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
         np_dtype = dtype.numpy()
         parts = [m.inputs[2].const_value.numpy().astype(np_dtype) if len(m.inputs) > 2 and m.inputs[2] is not None
                  else np.zeros(w, np_dtype) for m, w in zip(members, widths)]
-        b_name = unique_name(members[0].inputs[1].name + "/scap_fused_bias", used_names)
-        b_val = ir.Value(name=b_name, const_value=ir.tensor(np.concatenate(parts), name=b_name))
-        b_val.type = ir.TensorType(dtype)
-        b_val.shape = ir.Shape([sum(widths)])
-        graph.register_initializer(b_val)
-        inputs.append(b_val)
+        inputs.append(new_initializer(graph, unique_name(members[0].inputs[1].name + "/scap_fused_bias", used_names),
+                                      np.concatenate(parts)))
     names = [m.name or m.outputs[0].name for m in members]
     fused = ir.Node(DOMAIN, OP_TYPE, inputs, attributes=list(members[0].attributes.values()),
                     name=unique_name(" + ".join(names), used_names), num_outputs=1,
@@ -100,11 +96,7 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
     fused.outputs[0].type = members[0].outputs[0].type
     split_name = unique_name(fused.name + "/split", used_names)
     if opset >= 13:
-        sizes = ir.Value(name=unique_name(split_name + "/sizes", used_names),
-                         const_value=ir.tensor(np.array(widths, np.int64)))
-        sizes.type = ir.TensorType(ir.DataType.INT64)
-        sizes.shape = ir.Shape([len(widths)])
-        graph.register_initializer(sizes)
+        sizes = new_initializer(graph, unique_name(split_name + "/sizes", used_names), np.array(widths, np.int64))
         split = ir.Node("", "Split", [fused.outputs[0], sizes], attributes=[ir.AttrInt64("axis", -1)],
                         name=split_name, num_outputs=len(members))
     else:

@@ -30,7 +30,7 @@ from .fileio import check_output_file, missing_model_message, same_file
 from .op import DOMAIN, OP_TYPE, OPSET_VERSION
 from .stats import TargetPlan
 from .targets import GraphView, find_all_targets
-from .token_scale import TINY
+from .token_scale import NORM_TAG, TINY
 
 #: Models whose initializers exceed this are saved with external data (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -42,7 +42,7 @@ def _node_key(node: ir.Node) -> str:
 
 class ScapRewritePass(ir.passes.InPlacePass):
     """Replace the planned MatMuls by ScapSparseMatMul. ``plan``: target name -> TargetPlan
-    (or a (threshold, offset) pair)."""
+    (or a (threshold, offset[, token_scaled]) tuple)."""
 
     def __init__(self, plan: Mapping[str, TargetPlan | tuple]):
         super().__init__()
@@ -81,21 +81,17 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 bias_val = graph.initializers.get(t.bias)
                 if bias_val is None:  # a Constant node output: keep the Add's own input
                     bias_val = next(v for v in add.inputs if v is not mm.outputs[0])
-            after = []  # token scaling: Y = op(x / n) * n (+ bias)
+            a_in, after = a_val, []  # token scaling: Y = op(x / n) * n (+ the original bias), `after` the op
             if token_scaled:
                 if id(a_val) not in norms:
                     norms[id(a_val)] = _token_norm(graph, a_val, t.dtype, opset, used_names)
                 a_in, norm = norms[id(a_val)]
-                after.append(ir.Node("", "Mul", [None, norm], name=unique_name(f"{name}/scap_token_scale", used_names),
-                                     num_outputs=1))
+                after = [("Mul", "scap_token_scale", norm)]
                 if bias_val is not None:
-                    after.append(ir.Node("", "Add", [None, bias_val], name=unique_name(f"{name}/scap_bias_add",
-                                                                                      used_names), num_outputs=1))
+                    after.append(("Add", "scap_bias_add", bias_val))
                 bias_val = _folded_bias(graph, t, offset, weight_val, None, used_names) if offset != 0.0 else None
-            else:
-                a_in = a_val
-                if offset != 0.0 or not _is_vector(bias_val, t.n):
-                    bias_val = _folded_bias(graph, t, offset, weight_val, bias_val, used_names)
+            elif offset != 0.0 or not _is_vector(bias_val, t.n):
+                bias_val = _folded_bias(graph, t, offset, weight_val, bias_val, used_names)
             inputs = [a_in, b_val] + ([bias_val] if bias_val is not None else [])
             fused = f"; fused bias Add {t.bias_add!r}" if t.bias_add is not None else ""
             new = ir.Node(
@@ -106,10 +102,11 @@ class ScapRewritePass(ir.passes.InPlacePass):
             )
             new_nodes.append(new)
             out = new.outputs[0]
-            for node in after:  # each reads the previous output
-                out.name = unique_name(f"{node.name}/input", used_names)
+            for op, suffix, operand in after:  # each reads the previous output
+                node_name = unique_name(f"{name}/{suffix}", used_names)
+                out.name = unique_name(f"{node_name}/input", used_names)
                 out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
-                node.replace_input_with(0, out)
+                node = ir.Node("", op, [out, operand], name=node_name, num_outputs=1)
                 new_nodes.append(node)
                 out = node.outputs[0]
             if old_out.type is None:
@@ -136,7 +133,7 @@ def _plan_entry(v) -> tuple[float, float, bool]:
 def _token_norm(graph: ir.Graph, x: ir.Value, dtype: str, opset: int, used_names: set[str]) -> tuple[ir.Value, ir.Value]:
     """(x / n, n), n = ||x|| over the last axis plus TINY, in float32 (scap_onnx.token_scale), as nodes
     placed right after x's producer."""
-    p = unique_name(f"{x.name}/scap_token_norm", used_names)
+    p = unique_name(f"{x.name}{NORM_TAG}", used_names)
     nodes: list[ir.Node] = []
 
     def node(op, inputs, attributes=(), dtype_out="float32"):
@@ -147,11 +144,7 @@ def _token_norm(graph: ir.Graph, x: ir.Value, dtype: str, opset: int, used_names
         return n.outputs[0]
 
     def const(suffix, array):
-        val = ir.Value(name=unique_name(f"{p}/{suffix}", used_names), const_value=ir.tensor(array))
-        val.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        val.shape = ir.Shape(list(array.shape))
-        graph.register_initializer(val)
-        return val
+        return new_initializer(graph, unique_name(f"{p}/{suffix}", used_names), array)
 
     x32 = x if dtype == "float32" else node("Cast", [x], [ir.AttrInt64("to", ir.DataType.FLOAT)])
     if opset >= 18:
@@ -210,11 +203,14 @@ def _folded_bias(graph: ir.Graph, t, offset: float, weight_val: ir.Value, bias_v
         folded += np.float64(offset) * _const_array(weight_val).sum(axis=1 if t.trans_b else 0, dtype=np.float64)
     if bias_val is not None:
         folded += _const_array(bias_val).astype(np.float64).reshape(t.n)
-    dtype = np.dtype(t.dtype)
-    name = unique_name(f"{t.weight}/scap_bias", used_names)
-    val = ir.Value(name=name, const_value=ir.tensor(folded.astype(dtype), name=name))
-    val.type = ir.TensorType(ir.DataType.from_numpy(dtype))
-    val.shape = ir.Shape([t.n])
+    return new_initializer(graph, unique_name(f"{t.weight}/scap_bias", used_names), folded.astype(np.dtype(t.dtype)))
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """``array`` registered in ``graph`` as the initializer ``name`` (already unique), typed and shaped."""
+    val = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    val.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    val.shape = ir.Shape(list(array.shape))
     graph.register_initializer(val)
     return val
 

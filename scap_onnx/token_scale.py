@@ -29,6 +29,8 @@ UNNORMALISED_ROLES = ("o", "down")
 DEFAULT_ROLES: tuple[str, ...] = UNNORMALISED_ROLES
 #: Added to the norm: a token of zeros divides by this instead of by 0.
 TINY = 1e-30
+#: In the names of the rewriter's norm nodes (x.name + NORM_TAG + ...), by which validate finds x.
+NORM_TAG = "/scap_token_norm"
 
 
 def parse_roles(value: str | None) -> tuple[str, ...]:

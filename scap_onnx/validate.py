@@ -270,6 +270,7 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     from .fuse import members_of
     from .measure import scap_nodes
     from .targets import GraphView, find_all_targets
+    from .token_scale import NORM_TAG
 
     dense, sparse = Path(dense), Path(sparse)
     dp = _load(dense, "DENSE")
@@ -297,7 +298,7 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
     d_inits = {t.name: t for t in dp.graph.initializer}
     s_inits = {t.name: t for t in sp.graph.initializer}
     producers = {n.output[0]: n for n in sp.graph.node if n.op_type in ("Identity", "Transpose") and n.input}
-    norm_nodes = {n.output[0]: n for n in sp.graph.node if "/scap_token_norm" in n.name and n.input}
+    norm_nodes = {n.output[0]: n for n in sp.graph.node if NORM_TAG in n.name and n.input}
     scap = []
     for n in snodes:
         members = members_of(n)
@@ -348,7 +349,7 @@ def _scap_entry(node: onnx.NodeProto, t, name: str) -> dict:
 
 def _unscaled_input(norm_nodes: dict[str, onnx.NodeProto], name: str) -> str:
     """The activation a ScapSparseMatMul input comes from: itself, or the x of a token-scaled x / n
-    (the rewriter's nodes named .../scap_token_norm/...)."""
+    (the rewriter's nodes, named with token_scale.NORM_TAG)."""
     for _ in range(4):
         node = norm_nodes.get(name)
         if node is None:
