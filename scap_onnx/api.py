@@ -12,23 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .calibrate import calibrate
-from .capture import fingerprint, load_proto
+from .calibration.calibrator import calibrate
+from .calibration.spec import parse_spec
+from .calibration.stats import Stats, TargetPlan
 from .errors import ScapError
-from .fileio import same_file
-from .fuse import fuse_shared_inputs
-from .op import DOMAIN, OP_TYPE
+from .graph.fileio import same_file
+from .graph.model_io import fingerprint, load_proto
+from .graph.targets import Target, find_all_targets, find_targets, group_sites, select_targets
+from .graph.view import GraphView
+from .passes.pipeline import rewrite_file
 from .progress import NullProgress, Progress
-from .rewrite import check_model, load_model, rewrite_model, save_model, wants_external_data
-from .spec import parse_spec
-from .stats import Stats, TargetPlan
-from .targets import GraphView, Target, find_all_targets, find_targets, group_sites, select_targets
 
 __all__ = ["calibrate", "rewrite", "inspect", "model_fingerprint", "RewriteResult", "Stats", "ScapError"]
 
 
 def model_fingerprint(model: str | Path) -> str:
-    """The identity stats files record (see capture.fingerprint)."""
+    """The identity stats files record (see scap_onnx.graph.model_io.fingerprint)."""
     proto = load_proto(model)
     return fingerprint(proto, Path(model).resolve().parent)
 
@@ -59,7 +58,7 @@ def rewrite(
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
     from calibrating on ``data`` (a file, or a list of text files to mix). ``sparsity`` re-targets
     (default: the calibration SPEC). ``fuse``: targets that drop the same elements of one input
-    (gate and up) become one node (scap_onnx.fuse)."""
+    (gate and up) become one node (scap_onnx.passes.fuse)."""
     model = Path(model)
     output = Path(output)
     if same_file(model, output):
@@ -83,40 +82,18 @@ def rewrite(
         fp = model_fingerprint(model)
     stats.check_model(fp, model)
     plan = stats.plan(sparsity)
-    ir_model = load_model(model)
     # --targets, else the calibration's selection (stats of older versions may hold targets that are
     # excluded by default now, such as MoE routers)
     selection = targets if targets is not None else stats.calibration.get("targets")
-    chosen = {t.name for t in select_targets(find_all_targets(GraphView.from_ir(ir_model)), selection)}
+    chosen = {t.name for t in select_targets(find_all_targets(GraphView.from_proto(load_proto(model))), selection)}
     plan = {k: v for k, v in plan.items() if k in chosen}
     if not plan:
         raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
     task = progress.task("rewrite", len(plan))
-    ir_model, names = rewrite_model(ir_model, plan)
-    # before fusing, which turns some external weights into computed ones
-    external, sources = wants_external_data(ir_model), _external_files(ir_model)
-    if fuse:
-        fuse_shared_inputs(ir_model)
-    nodes = sum(1 for n in ir_model.graph if n.op_type == OP_TYPE and n.domain == DOMAIN)
-    task.advance(len(names))
+    done = rewrite_file(model, output, plan, fuse=fuse, check=check)
+    task.advance(len(done.rewritten))
     task.close()
-    ext = save_model(ir_model, output, external=external, inputs_to_keep=[model] + sources)
-    del ir_model
-    if check:
-        check_model(output)
-    return RewriteResult(output, ext, plan, stats, names, nodes)
-
-
-def _external_files(ir_model) -> list[Path]:
-    """Files the model's external tensors live in (the rewrite must not overwrite them)."""
-    import onnx_ir as ir
-
-    files = set()
-    for v in ir_model.graph.initializers.values():
-        t = v.const_value
-        if isinstance(t, ir.ExternalTensor):
-            files.add(Path(t.path))
-    return sorted(files)
+    return RewriteResult(done.output, done.external_data, plan, stats, done.rewritten, done.nodes)
 
 
 def inspect(model: str | Path, targets: str | None = None) -> list[Target]:

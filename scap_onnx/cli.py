@@ -1,8 +1,11 @@
-"""The ``scap-onnx`` command line (typer): calibrate, rewrite, inspect.
+"""The ``scap-onnx`` command line (typer): calibrate, rewrite, inspect, validate, sweep, demo.
 
 Bad input exits with code 2 and a one-line reason on stderr; long work shows progress on stderr;
-outputs are written atomically; the input model is never modified. More commands (validate,
-sweep, demo) register on the same ``app``.
+outputs are written atomically; the input model is never modified.
+
+This is the only module that imports typer, so every command's options live here, each command a
+thin layer over the library (scap_onnx.api, scap_onnx.evaluation, scap_onnx.experiments): that is
+why it is longer than the other modules.
 """
 
 from __future__ import annotations
@@ -11,12 +14,25 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from . import api
+from .calibration.spec import parse_roles, parse_spec
+from .calibration.stats import Stats
 from .errors import ScapError
+from .evaluation.options import ValidateOptions
+from .evaluation.report import write_report
+from .evaluation.validate import default_report_path, targets_from_spec, validate
+from .experiments import demo, sweep
+from .graph.fileio import check_output_file, same_file
+from .graph.model_io import load_proto
+from .graph.targets import find_targets, group_sites
+from .op.contract import node_attribute, scap_nodes, targets_of
+from .progress import make_progress
 
 app = typer.Typer(
     name="scap-onnx",
@@ -61,12 +77,6 @@ def handle_errors(fn):
     return wrapper
 
 
-def _progress(quiet: bool):
-    from .progress import make_progress
-
-    return make_progress(quiet)
-
-
 def _stop(progress) -> None:
     stop = getattr(progress, "stop", None)
     if stop:
@@ -92,8 +102,6 @@ TokenScaledOpt = typer.Option("o,down", "--token-scaled",
 
 def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                       token_scaled) -> dict:
-    from .token_scale import parse_roles
-
     return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
                 passes=passes, sample_rows=sample_rows, threads=threads, token_scaled_roles=parse_roles(token_scaled))
 
@@ -135,19 +143,15 @@ def calibrate(
     quiet: bool = QuietOpt,
 ):
     """Collect activation statistics and choose offsets and thresholds; write stats.json."""
-    from .calibrate import calibrate as run
-    from .fileio import check_output_file, same_file
-    from .spec import parse_spec
-
     spec = parse_spec(sparsity)
     if not data:
         fail("calibrate needs --data DATA (a text file or an .npz of feeds)")
     if same_file(output, model):
         fail(f"output {output} would overwrite the input model")
     check_output_file(output)
-    progress = _progress(quiet)
+    progress = make_progress(quiet)
     try:
-        stats = run(model, data, sparsity=spec, targets=targets, progress=progress,
+        stats = api.calibrate(model, data, sparsity=spec, targets=targets, progress=progress,
                     **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                                         token_scaled))
     finally:
@@ -185,10 +189,6 @@ def rewrite(
     quiet: bool = QuietOpt,
 ):
     """Replace target MatMuls by ScapSparseMatMul with calibrated thresholds and offsets."""
-    from .api import rewrite as run
-    from .fileio import check_output_file
-    from .spec import parse_spec
-
     if sparsity is not None:
         parse_spec(sparsity)
     if output is None:
@@ -201,9 +201,9 @@ def rewrite(
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                                    token_scaled)
-    progress = _progress(quiet)
+    progress = make_progress(quiet)
     try:
-        result = run(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,
+        result = api.rewrite(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,
                      fuse=fuse, progress=progress, **kwargs)
     finally:
         _stop(progress)
@@ -226,13 +226,6 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """List target MatMuls: role, layer, K, N, bias, and which share an input."""
-    from .api import model_fingerprint
-    from .capture import load_proto
-    from .fuse import members_of
-    from .measure import _attr, scap_nodes
-    from .stats import Stats
-    from .targets import find_targets, group_sites
-
     proto = load_proto(model)
     existing = scap_nodes(proto)
     try:
@@ -246,7 +239,7 @@ def inspect(
     if stats is not None:
         st = Stats.load(stats)
         del proto
-        st.check_model(model_fingerprint(model), model)
+        st.check_model(api.model_fingerprint(model), model)
         plan = st.plan(sparsity)
     sites = group_sites(found)
     site_of = {}
@@ -263,8 +256,8 @@ def inspect(
             p = plan[t.name]
             row.update(sparsity=p.sparsity, offset=p.offset, offset_kind=p.offset_kind, threshold=p.threshold)
         rows.append(row)
-    rewritten = [{"name": n.name, "targets": members_of(n), "threshold": _attr(n, "threshold"),
-                  "offset": _attr(n, "offset")} for n in existing]
+    rewritten = [{"name": n.name, "targets": targets_of(n) or [n.name], "threshold": node_attribute(n, "threshold"),
+                  "offset": node_attribute(n, "offset")} for n in existing]
     if as_json:
         typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten}, indent=1))
         return
@@ -287,14 +280,121 @@ def inspect(
         typer.echo(f"{len(rewritten)} ScapSparseMatMul nodes already in the model, computing {computed} targets")
 
 
-# Commands of the validation stage (issue 4), defined in their own modules.
-from .validate import validate_command  # noqa: E402
-from .sweep import sweep_command  # noqa: E402
-from .demo import demo_command  # noqa: E402
+@app.command("validate")
+@handle_errors
+def validate_command(
+    dense: Path = typer.Argument(..., help="The original (dense) ONNX model."),
+    sparse: Path = typer.Argument(..., help="The rewritten model with ScapSparseMatMul nodes."),
+    data: Path = typer.Option(..., "--data", "-d", help="Held-out data: a text file (.txt, .jsonl) or an .npz of input feeds."),
+    report: Optional[Path] = typer.Option(None, "--report", "-r", help="Report JSON (default: SPARSE.report.json beside SPARSE); .md and .png files are written beside it."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside DENSE)."),
+    tokens: int = typer.Option(4096, "--tokens", help="Evaluation tokens (windows of --seq-len)."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per evaluation window."),
+    sampling: str = typer.Option("spread", "--sampling", help="Text windows: 'spread' (evenly across the whole file) or 'contiguous' (from its start)."),
+    phase: float = typer.Option(0.0, "--phase", help="Spread sampling: shift of the window places in [0, 1); 0.5 gives windows disjoint from a calibration at 0 (held out from the same file)."),
+    skip_tokens: int = typer.Option(0, "--skip-tokens", help="Skip this many tokens first (implies contiguous windows)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per onnxruntime run."),
+    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed rounds (dense and sparse once each per round)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed rounds first."),
+    prefill_repeats: int = typer.Option(5, "--prefill-repeats", help="Timed rounds of the prefill."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full onnxruntime provider name."),
+    thread_pool: str = typer.Option("shared", "--thread-pool", help="Latency: 'shared' (dense and sparse sessions on one onnxruntime thread pool that spins, like one session with onnxruntime's defaults) or 'separate' (a pool each)."),
+    spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="With --thread-pool separate: the pools' threads spin (off by default: two spinning pools steal each other's cores)."),
+    accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Measure accuracy and sparsity."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC the model was rewritten for (shown next to the measured sparsity)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Compare SPARSE with DENSE: accuracy (perplexity, agreement, KL or embedding cosine), measured sparsity, decode / prefill / batch latency (interleaved); JSON, markdown and PNG reports."""
+    opts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=tokens, skip_tokens=skip_tokens,
+                           sampling=sampling, phase=phase,
+                           batch_size=batch_size, threads=threads, provider=provider, accuracy=accuracy,
+                           latency=latency, kv_len=kv_len, warmup=warmup, repeats=repeats,
+                           prefill_repeats=prefill_repeats, thread_pool=thread_pool, spinning=spinning, targets=targets_from_spec(sparsity))
+    report_path = report or default_report_path(sparse)
+    check_output_file(report_path)
+    progress = make_progress(quiet)
+    try:
+        rep = validate(dense, sparse, data, opts, progress=progress)
+    finally:
+        _stop(progress)
+    files = write_report(rep, report_path)
+    typer.echo(files["markdown_text"])
+    typer.echo(f"report: {files['json']} (+ {files['markdown'].name}"
+               + "".join(f", {p.name}" for p in files["plots"]) + ")")
 
-app.command("validate")(validate_command)
-app.command("sweep")(sweep_command)
-app.command("demo")(demo_command)
+
+@app.command("sweep")
+@handle_errors
+def sweep_command(
+    model: Path = typer.Argument(..., help="The dense ONNX model (never modified)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Calibration data: a text file or an .npz of feeds."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: windows of --data half-way between the calibration windows)."),
+    output: Path = typer.Option(Path("scap-sweep"), "--output", "-o", help="Output folder (sweep.json, sweep.md, pareto.png, reports/)."),
+    levels: str = typer.Option(",".join(f"{v:g}" for v in sweep.DEFAULT_LEVELS), "--levels", help="Comma-separated sparsity levels."),
+    methods: str = typer.Option(",".join(sweep.METHODS), "--methods", help=f"Comma-separated methods: {', '.join(sweep.METHODS)}."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside MODEL)."),
+    tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration and evaluation window."),
+    passes: int = typer.Option(2, "--passes", help="Calibration passes of the SCAP statistics (1: dense activations)."),
+    eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Evaluation tokens per point."),
+    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    repeats: int = typer.Option(10, "--repeats", help="Timed rounds per point."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds per point."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full name."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the speedup of every point."),
+    keep_models: bool = typer.Option(False, "--keep-models", help="Keep the rewritten models in OUTPUT/models."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """Calibrate once, rewrite at several sparsity levels (TEAL-style baseline and SCAP variants), validate each, draw the quality / sparsity / speed Pareto chart."""
+    vopts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=eval_tokens, threads=threads,
+                            provider=provider, kv_len=kv_len, repeats=repeats, warmup=warmup, prefill=False,
+                            latency=latency)
+    vopts.check()
+    progress = make_progress(quiet)
+    try:
+        res = sweep.sweep(model, data, output, eval_data=eval_data, levels=levels, methods=methods, tokenizer=tokenizer,
+                    tokens=tokens, seq_len=seq_len, passes=passes, validate_options=vopts, keep_models=keep_models,
+                    progress=progress, log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    finally:
+        _stop(progress)
+    typer.echo(sweep.sweep_markdown(res))
+    typer.echo(f"sweep: {output / 'sweep.json'} (+ sweep.md, pareto.png, reports/)")
+
+
+@app.command("demo")
+@handle_errors
+def demo_command(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: ~/.cache/scap-onnx/demo)."),
+    sparsity: str = typer.Option(demo.DEFAULT_SPEC, "--sparsity", "-s", help="SPEC to rewrite at."),
+    tokens: int = typer.Option(16384, "--tokens", help="Calibration tokens (Python documentation)."),
+    eval_text: str = typer.Option("fortunes", "--eval-text",
+                                  help="fortunes or kjv (other texts than the calibration's) or pydoc (its held-out part)."),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Evaluation tokens."),
+    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed decode rounds (dense and sparse interleaved)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate again even if matching statistics exist."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+):
+    """The embedded default end to end: prepare SmolLM2-135M, calibrate, rewrite (up=0.35,gate=0.35,down=0.55), validate; prints perplexity, decode tokens/s and speedup."""
+    t0 = time.perf_counter()
+    progress = make_progress(quiet)
+    try:
+        res = demo.run_demo(output, sparsity=sparsity, tokens=tokens, eval_text=eval_text, eval_tokens=eval_tokens,
+                       kv_len=kv_len, repeats=repeats, threads=threads, recalibrate=recalibrate, progress=progress,
+                       log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
+    finally:
+        _stop(progress)
+    typer.echo(res["files"]["markdown_text"])
+    for line in demo.summary_lines(res["report"]):
+        typer.echo(line)
+    files = res["files"]
+    typer.echo(f"report: {files['json']} (+ {files['markdown'].name}" + "".join(f", {p.name}" for p in files["plots"])
+               + f"); sparse model: {res['sparse']}; {time.perf_counter() - t0:.0f}s in all")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ import tiny_models  # noqa: E402
 
 def reference_op() -> type[OpRun]:
     """ScapSparseMatMul for onnx.reference.ReferenceEvaluator(new_ops=[...])."""
-    from scap_onnx.reference import ScapSparseMatMulOpRun
+    from scap_onnx.op.reference import ScapSparseMatMulOpRun
 
     return ScapSparseMatMulOpRun
 

@@ -44,7 +44,7 @@ def _build(family: str, seed: int, tmp: Path) -> Path:
     import torch
     import transformers
 
-    from scap_onnx.data import feeds_from_ids, model_inputs
+    from scap_onnx.calibration.data import feeds_from_ids, model_inputs
 
     torch.manual_seed(seed)
     config_class, kwargs = CONFIGS[family]

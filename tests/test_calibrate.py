@@ -5,12 +5,12 @@ import onnx
 import pytest
 
 from scap_onnx.api import model_fingerprint, rewrite
-from scap_onnx.calibrate import RowReservoir, calibrate, offset_candidates, output_errors
-from scap_onnx.data import open_data
+from scap_onnx.calibration.calibrator import RowReservoir, calibrate, offset_candidates, output_errors
+from scap_onnx.calibration.data import open_data
 from scap_onnx.errors import ScapError
-from scap_onnx.histogram import Histogram
-from scap_onnx.measure import measured_sparsity, summarize_sparsity
-from scap_onnx.stats import Stats
+from scap_onnx.calibration.histogram import Histogram
+from scap_onnx.evaluation.sparsity import measure_sparsity, role_summary
+from scap_onnx.calibration.stats import Stats
 
 
 def _data(tiny, model, text="calib", tokens=2048, seq_len=64, skip=0):
@@ -40,7 +40,7 @@ def test_layer_by_layer_calibration_is_exact_on_its_data(tiny, dec_stats, tmp_pa
     sparsified, so the rewritten model drops exactly the target fraction on the calibration data."""
     out = tmp_path / "sparse.onnx"
     rewrite(tiny["decoder"], out, stats=dec_stats[3])
-    per_node = measured_sparsity(out, _data(tiny, tiny["decoder"]), use_library=False)
+    per_node = measure_sparsity(out, _data(tiny, tiny["decoder"]), use_library=False)
     assert len(per_node) == 14
     for name, v in per_node.items():
         assert abs(v["sparsity"] - 0.5) < 0.01, (name, v)
@@ -50,17 +50,17 @@ def test_dense_calibration_drifts_downstream(tiny, dec_stats, tmp_path):
     """passes=1 calibrates on dense activations: layer 0 is exact, later layers need not be."""
     out = tmp_path / "sparse1.onnx"
     rewrite(tiny["decoder"], out, stats=dec_stats[1])
-    per_node = measured_sparsity(out, _data(tiny, tiny["decoder"]), use_library=False)
+    per_node = measure_sparsity(out, _data(tiny, tiny["decoder"]), use_library=False)
     first = [v["sparsity"] for k, v in per_node.items() if "layers.0/self_attn/q_proj" in k]
     assert abs(first[0] - 0.5) < 0.01
-    summary = summarize_sparsity(per_node, {r: 0.5 for r in ("q", "k", "v", "o", "gate", "up", "down")})
+    summary = role_summary(per_node, {r: 0.5 for r in ("q", "k", "v", "o", "gate", "up", "down")})
     assert set(summary) == {"q", "k", "v", "o", "gate", "up", "down"}
 
 
 def test_held_out_sparsity_close(tiny, dec_stats, tmp_path):
     out = tmp_path / "sparse.onnx"
     rewrite(tiny["decoder"], out, stats=dec_stats[3])
-    per_node = measured_sparsity(out, _data(tiny, tiny["decoder"], text="eval"), use_library=False)
+    per_node = measure_sparsity(out, _data(tiny, tiny["decoder"], text="eval"), use_library=False)
     assert max(abs(v["sparsity"] - 0.5) for v in per_node.values()) < 0.06
 
 
@@ -91,16 +91,16 @@ def test_roles_sharing_an_input_get_their_own_sparsity(dec_stats):
 
 
 def test_next_pass_sparsifies_each_role_at_its_threshold(dec_stats):
-    from scap_onnx.calibrate import _sparsify_entries
-    from scap_onnx.spec import parse_spec
+    from scap_onnx.calibration.calibrator import upstream_entries
+    from scap_onnx.calibration.spec import parse_spec
 
     site = [s for s in dec_stats[3].sites if s.roles == ["q", "k", "v"]][0]
     names = {t["role"]: t["name"] for t in site.targets}
-    entries = _sparsify_entries(site, parse_spec("q=0.3,k=0.5,v=0.5,*=0.5"))
-    assert sorted(sorted(e[4]) for e in entries) == sorted([[names["q"]], sorted([names["k"], names["v"]])])
-    assert {e[0] for e in entries} == {site.input} and len({e[1] for e in entries}) == 2
-    same = _sparsify_entries(site, parse_spec("0.5"))
-    assert len(same) == 1 and same[0][1] == site.threshold
+    entries = upstream_entries(site, parse_spec("q=0.3,k=0.5,v=0.5,*=0.5"))
+    assert sorted(sorted(e.consumers) for e in entries) == sorted([[names["q"]], sorted([names["k"], names["v"]])])
+    assert {e.input for e in entries} == {site.input} and len({e.sparsification.threshold for e in entries}) == 2
+    same = upstream_entries(site, parse_spec("0.5"))
+    assert len(same) == 1 and same[0].sparsification.threshold == site.threshold
 
 
 def test_stored_spec_rounding_keeps_the_site_threshold(dec_stats):
@@ -147,7 +147,7 @@ def test_external_data_model(tiny):
 
 
 def test_npz_calibration(tiny, tmp_path):
-    from scap_onnx.data import feeds_from_ids, model_inputs
+    from scap_onnx.calibration.data import feeds_from_ids, model_inputs
 
     proto = onnx.load(str(tiny["decoder"]))
     ids = np.random.default_rng(0).integers(3, 50, (8, 32))

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from conftest import run_cli
-from scap_onnx.fuse import members_of
-from scap_onnx.op import OP_TYPE
+from scap_onnx.op.contract import targets_of
+from scap_onnx.op.contract import OP_TYPE
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_rewrite_from_stats_and_retarget(tiny, dec_stats, tmp_path):
     p = run_cli("rewrite", tiny["decoder"], "--stats", dec_stats, "--sparsity", "0.4", "-o", tmp_path / "b.onnx", check=True)
     assert "rewrote 14 targets in 8 nodes" in p.stdout  # q/k/v and gate/up fused
     m = onnx.load(str(tmp_path / "b.onnx"))
-    assert sum(len(members_of(n)) for n in m.graph.node if n.op_type == OP_TYPE) == 14
+    assert sum(len(targets_of(n)) for n in m.graph.node if n.op_type == OP_TYPE) == 14
 
 
 def test_rewrite_with_data_in_one_step(tiny, tmp_path):

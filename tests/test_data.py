@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 import pytest
 
-from scap_onnx.data import feeds_from_ids, model_inputs, open_data
+from scap_onnx.calibration.data import feeds_from_ids, model_inputs, open_data
 from scap_onnx.errors import ScapError
 
 

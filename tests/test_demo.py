@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from scap_onnx.measure import library_available
+from scap_onnx.op.session import library_available
 
 
 @pytest.mark.skipif(not library_available(), reason="ScapSparseMatMul library not built")
@@ -25,12 +25,14 @@ def test_demo_prints_headline_numbers(smollm2, texts, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"stats.json", "model_scap.onnx", "report.json", "report.md",
                                                      "report_latency.png", "report_sparsity.png"}
     # a second run reuses the statistics only for the same model, text and settings
-    from scap_onnx.demo import _reusable_stats
+    from scap_onnx.experiments.cached import reusable_stats
 
     stats = tmp_path / "stats.json"
-    assert _reusable_stats(stats, smollm2, texts["pydoc"], rep["demo"]["spec"], 512, 256, 2) is not None
-    assert _reusable_stats(stats, smollm2, texts["pydoc"], rep["demo"]["spec"], 1024, 256, 2) is None
-    assert _reusable_stats(stats, smollm2, texts["kjv"], rep["demo"]["spec"], 512, 256, 2) is None
+    want = {"spec": rep["demo"]["spec"], "tokens": 512, "seq_len": 256, "passes": 2,
+            "data": str(texts["pydoc"].resolve()), "token_scaled_roles": ["o", "down"]}
+    assert reusable_stats(stats, smollm2, "demo", want) is not None
+    assert reusable_stats(stats, smollm2, "demo", {**want, "tokens": 1024}) is None
+    assert reusable_stats(stats, smollm2, "demo", {**want, "data": str(texts["kjv"].resolve())}) is None
 
 
 def test_demo_bad_input(tmp_path):

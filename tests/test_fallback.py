@@ -1,4 +1,4 @@
-"""The onnxruntime-extensions fallback (scap_onnx.fallback) against the numpy reference."""
+"""The onnxruntime-extensions fallback (scap_onnx.op.fallback) against the numpy reference."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("onnxruntime_extensions")
 
-from scap_onnx.fallback import FALLBACK_DOMAIN, fallback_session, to_fallback_model  # noqa: E402
-from scap_onnx.op import DOMAIN, make_node, opset_import  # noqa: E402
-from scap_onnx.reference import scap_sparse_matmul  # noqa: E402
+from scap_onnx.op.fallback import FALLBACK_DOMAIN, fallback_session, to_fallback_model  # noqa: E402
+from scap_onnx.op.contract import DOMAIN, make_node, opset_import  # noqa: E402
+from scap_onnx.op.reference import scap_sparse_matmul  # noqa: E402
 
 K, H, N = 17, 33, 7
 T1, O1 = 0.5, 0.25  # first node: threshold, offset

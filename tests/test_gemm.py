@@ -10,13 +10,15 @@ from onnx.reference import ReferenceEvaluator
 
 from conftest import reference_op
 from scap_onnx.api import rewrite
-from scap_onnx.calibrate import calibrate
-from scap_onnx.fuse import members_of
-from scap_onnx.measure import library_available, lower_scap_ops
-from scap_onnx.op import DOMAIN, OP_TYPE
-from scap_onnx.rewrite import load_model, rewrite_model, save_model
-from scap_onnx.targets import find_targets
-from scap_onnx.validate import open_pair
+from scap_onnx.calibration.calibrator import calibrate
+from scap_onnx.op.contract import targets_of
+from scap_onnx.op.lowering import lower_model
+from scap_onnx.op.session import library_available
+from scap_onnx.op.contract import DOMAIN, OP_TYPE
+from scap_onnx.graph.model_io import load_model, save_model
+from scap_onnx.passes.sparsify import rewrite_model
+from scap_onnx.graph.targets import find_targets
+from scap_onnx.evaluation.pairing import open_pair
 
 C_FC = "/transformer/h.0/mlp/c_fc/Gemm"  # transB 0, C [N]
 FC2 = "/decoder/layers.0/fc2/Gemm"  # transB 1, C [1, N]
@@ -70,7 +72,7 @@ def _run(path, feeds, library):
 def _sparse_runs(path, feeds, tmp_path):
     """Outputs of a rewritten model lowered to standard ops, and with the op library when it is built."""
     lowered = tmp_path / "lowered.onnx"
-    onnx.save(lower_scap_ops(onnx.load(str(path))), str(lowered))
+    onnx.save(lower_model(onnx.load(str(path))), str(lowered))
     return [_run(lowered, feeds, library=False)] + ([_run(path, feeds, library=True)] if library_available() else [])
 
 
@@ -205,7 +207,7 @@ def test_real_exports_through_the_cli(family, gemm_roles, tmp_path):
     run_cli("calibrate", model, "--data", folder / "calib.npz", "-s", "0.5", "-o", stats, check=True)
     run_cli("rewrite", model, "--stats", stats, "-o", sparse, check=True)
     run_cli("rewrite", model, "--stats", stats, "-s", "0", "-o", zero, check=True)
-    assert sum(len(members_of(n)) for n in onnx.load(str(sparse)).graph.node if n.op_type == OP_TYPE) == len(targets)
+    assert sum(len(targets_of(n)) for n in onnx.load(str(sparse)).graph.node if n.op_type == OP_TYPE) == len(targets)
 
     # Threshold 0 with the calibrated offsets: the dense logits (the folded C and offsets are exact).
     feeds = {k: v[:1] for k, v in np.load(folder / "eval.npz").items()}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from scap_onnx.histogram import Histogram, bin_counts
+from scap_onnx.calibration.histogram import Histogram, bin_counts
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The compiled ScapSparseMatMul op in real onnxruntime sessions, against the numpy reference.
 
-The reference (scap_onnx.reference.scap_sparse_matmul) is the oracle: no expected output is written
+The reference (scap_onnx.op.reference.scap_sparse_matmul) is the oracle: no expected output is written
 down here. The shapes cover every path of the CPU kernel:
 
 - one row of A (decode): kept rows of B split over tasks, threaded from rows*kept*N >= 65536;
@@ -35,8 +35,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import scap_onnx
-from scap_onnx.op import DOMAIN, OP_TYPE, make_node, opset_import
-from scap_onnx.reference import scap_sparse_matmul
+from scap_onnx.op.contract import DOMAIN, OP_TYPE, make_node, opset_import
+from scap_onnx.op.reference import scap_sparse_matmul
 
 TOL = {np.float32: 1e-5, np.float16: 3e-3}
 DTYPES = [np.float32, np.float16]

@@ -11,12 +11,14 @@ import onnx
 import pytest
 
 from conftest import SMOL_SPEC, run_cli
-from scap_onnx.data import open_data
-from scap_onnx.fuse import members_of
-from scap_onnx.measure import embedding_agreement, measured_sparsity, summarize_sparsity
-from scap_onnx.op import OP_TYPE
-from scap_onnx.rewrite import load_model, rewrite_model, save_model
-from scap_onnx.stats import Stats
+from scap_onnx.calibration.data import open_data
+from scap_onnx.calibration.stats import Stats
+from scap_onnx.evaluation.options import ValidateOptions
+from scap_onnx.evaluation.sparsity import measure_sparsity, role_summary
+from scap_onnx.evaluation.validate import validate
+from scap_onnx.graph.model_io import load_model, save_model
+from scap_onnx.op.contract import OP_TYPE, targets_of
+from scap_onnx.passes.sparsify import rewrite_model
 
 
 def _data(model, text, tokens, seq_len=128):
@@ -26,7 +28,7 @@ def _data(model, text, tokens, seq_len=128):
 def _count_scap(path):
     """(ScapSparseMatMul nodes, targets they compute): fused nodes compute several."""
     nodes = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == OP_TYPE]
-    return len(nodes), sum(len(members_of(n)) for n in nodes)
+    return len(nodes), sum(len(targets_of(n)) for n in nodes)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,8 @@ def test_smollm2_rewrite_passes_checker_and_reaches_targets(smollm2, smol_sparse
     onnx.checker.check_model(str(smol_sparse))
     assert _count_scap(smol_sparse) == (60, 90)  # gate + up fused in each layer
     # calibrated on pydoc, measured on the King James Bible
-    per_node = measured_sparsity(smol_sparse, _data(smollm2, texts["kjv"], 512))
-    summary = summarize_sparsity(per_node, {"up": 0.35, "gate": 0.35, "down": 0.55})
+    per_node = measure_sparsity(smol_sparse, _data(smollm2, texts["kjv"], 512))
+    summary = role_summary(per_node, {"up": 0.35, "gate": 0.35, "down": 0.55})
     assert set(summary) == {"up", "gate", "down"} and all(v["targets"] == 30 for v in summary.values())
     for role, v in summary.items():
         assert abs(v["mean_error"]) < 0.05, (role, v)
@@ -54,8 +56,8 @@ def test_smollm2_threshold_zero_reproduces_dense_logits(smollm2, smol_stats, tex
     give back the dense logits."""
     import onnxruntime as ort
 
-    from scap_onnx.capture import ModelSource
-    from scap_onnx.measure import _options
+    from scap_onnx.graph.model_io import ModelSource
+    from scap_onnx.op.session import open_session
 
     st = Stats.load(smol_stats)
     plan = {name: (0.0, p.offset, p.token_scaled) for name, p in st.plan("0.5").items()}
@@ -70,7 +72,7 @@ def test_smollm2_threshold_zero_reproduces_dense_logits(smollm2, smol_stats, tex
     with ModelSource(out) as src:
         proto = onnx.ModelProto()
         proto.CopyFrom(src.proto)
-        sess = src.session(proto, _options(proto, None, None))  # the op library when built
+        sess = open_session(proto, data_dir=src.data_dir)  # the op library when built
         sparse = sess.run(["logits"], feeds)[0]
     rel = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)
     assert rel < 1e-4, rel
@@ -115,8 +117,8 @@ def test_minilm_gelu_offsets_and_cosine(minilm, minilm_stats, texts, tmp_path):
     model, _ = rewrite_model(load_model(minilm), zero_plan)
     zero_out = tmp_path / "zero.onnx"
     save_model(model, zero_out)
-    data = _data(minilm, texts["kjv"], 2048)
-    cos_mode = embedding_agreement(minilm, mode_out, data)["cosine_mean"]
-    cos_zero = embedding_agreement(minilm, zero_out, data)["cosine_mean"]
+    opts = ValidateOptions(max_tokens=2048, seq_len=128, latency=False)
+    cos_mode = validate(minilm, mode_out, texts["kjv"], opts)["accuracy"]["embedding"]["cosine_mean"]
+    cos_zero = validate(minilm, zero_out, texts["kjv"], opts)["accuracy"]["embedding"]["cosine_mean"]
     print(f"MiniLM 50% all roles: cosine mode-centred {cos_mode:.4f} vs offset 0 {cos_zero:.4f}")
     assert cos_mode > cos_zero

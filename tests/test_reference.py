@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from scap_onnx.op import make_node, opset_import
-from scap_onnx.reference import ScapSparseMatMulOpRun, check_attributes, scap_sparse_matmul, sparsify
+from scap_onnx.op.contract import make_node, opset_import
+from scap_onnx.op.reference import ScapSparseMatMulOpRun, check_attributes, scap_sparse_matmul, sparsify
 
 
 def loop_reference(a, b, bias, threshold, offset):

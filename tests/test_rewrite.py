@@ -9,17 +9,19 @@ from onnx.reference import ReferenceEvaluator
 from conftest import reference_op
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
-from scap_onnx import rewrite as rw
 from scap_onnx.api import rewrite
-from scap_onnx.calibrate import calibrate
-from scap_onnx.capture import ModelSource, build_capture_model
-from scap_onnx.data import feeds_from_ids, model_inputs
+from scap_onnx.calibration.calibrator import calibrate
+from scap_onnx.calibration.capture import Upstream, build_capture_model
+from scap_onnx.graph import model_io
+from scap_onnx.graph.model_io import ModelSource
+from scap_onnx.calibration.data import feeds_from_ids, model_inputs
 from scap_onnx.errors import ScapError
-from scap_onnx.fuse import members_of
-from scap_onnx.measure import library_available, lower_scap_ops
-from scap_onnx.op import DOMAIN, OP_TYPE
-from scap_onnx.rewrite import load_model, rewrite_model, save_model
-from scap_onnx.targets import find_targets
+from scap_onnx.op.lowering import lower_model
+from scap_onnx.op.session import library_available, open_session
+from scap_onnx.op.contract import DOMAIN, OP_TYPE, Sparsification, targets_of
+from scap_onnx.graph.model_io import load_model, save_model
+from scap_onnx.passes.sparsify import rewrite_model
+from scap_onnx.graph.targets import find_targets
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +65,14 @@ def test_structure(tiny, stats, tmp_path, key):
     onnx.checker.check_model(m)
     scap = [n for n in m.graph.node if n.op_type == OP_TYPE]
     targets = find_targets(onnx.load(str(tiny[key])))
-    members = [name for n in scap for name in members_of(n)]
+    members = [name for n in scap for name in targets_of(n)]
     assert len(members) == len(targets) == len(res.rewritten)
     assert set(members) == {t.name for t in targets}  # names traceable to the MatMuls
     # q/k/v and gate/up read one input at one sparsity: one node each, followed by a Split
-    fused = [n for n in scap if len(members_of(n)) > 1]
+    fused = [n for n in scap if len(targets_of(n)) > 1]
     assert len(fused) == (4 if key == "decoder" else 2)
     splits = {n.input[0]: n for n in m.graph.node if n.op_type == "Split"}
-    assert all(len(splits[n.output[0]].output) == len(members_of(n)) for n in fused)
+    assert all(len(splits[n.output[0]].output) == len(targets_of(n)) for n in fused)
     assert all(n.domain == DOMAIN for n in scap)
     assert any(o.domain == DOMAIN and o.version == 1 for o in m.opset_import)
     assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.name in {t.name for t in targets}]
@@ -107,10 +109,11 @@ def test_sparse_numerics_match_the_contract(tiny, stats, tmp_path, key):
     got = _reference(out, feeds)
     src = ModelSource(tiny[key])
     st = stats[key]
-    cfg = [(s.input, s.threshold, s.offset, 1, [t["name"] for t in s.targets], s.token_scaled) for s in st.sites]
+    cfg = [Upstream(s.input, Sparsification(s.threshold, s.offset, s.token_scaled), 1, [t["name"] for t in s.targets])
+           for s in st.sites]
     assert {s.roles[0] for s in st.sites if s.token_scaled} == {"o", "down"}
     out_name = src.proto.graph.output[0].name
-    sess = src.session(build_capture_model(src.proto, {out_name: 1}, cfg))
+    sess = open_session(build_capture_model(src.proto, {out_name: 1}, cfg), data_dir=src.data_dir)
     want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
     assert _rel(got, want) < 1e-4
     assert _rel(got, _dense(tiny[key], feeds)) > 1e-3  # and it is sparse
@@ -125,7 +128,7 @@ def test_fusion_keeps_the_outputs(tiny, stats, tmp_path, key):
     fused, separate = onnx.load(str(tmp_path / "fused.onnx")), onnx.load(str(tmp_path / "separate.onnx"))
     assert len([n for n in fused.graph.node if n.op_type == OP_TYPE]) < \
         len([n for n in separate.graph.node if n.op_type == OP_TYPE])
-    assert all(len(members_of(n)) == 1 for n in separate.graph.node if n.op_type == OP_TYPE)
+    assert all(len(targets_of(n)) == 1 for n in separate.graph.node if n.op_type == OP_TYPE)
     # the separate weights are gone: the fused model is no larger
     assert len(fused.graph.initializer) <= len(separate.graph.initializer)
     feeds = _feeds(tiny[key])
@@ -146,14 +149,14 @@ def test_fusion_needs_one_drop_rule(tiny, stats, tmp_path):
     """gate and up at different sparsities drop different elements: they stay two nodes."""
     rewrite(tiny["decoder"], tmp_path / "s.onnx", stats=stats["decoder"], sparsity="gate=0.3,up=0.6")
     scap = [n for n in onnx.load(str(tmp_path / "s.onnx")).graph.node if n.op_type == OP_TYPE]
-    assert len(scap) == 4 and all(len(members_of(n)) == 1 for n in scap)
+    assert len(scap) == 4 and all(len(targets_of(n)) == 1 for n in scap)
     assert not [n for n in onnx.load(str(tmp_path / "s.onnx")).graph.node if n.op_type == "Split"]
 
 
 def test_lowered_ops_equal_reference(tiny, stats, tmp_path):
     out = tmp_path / "sparse.onnx"
     rewrite(tiny["encoder"], out, stats=stats["encoder"])
-    m = lower_scap_ops(onnx.load(str(out)))
+    m = lower_model(onnx.load(str(out)))
     feeds = _feeds(tiny["encoder"])
     low = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert _rel(low, _reference(out, feeds)) < 1e-5
@@ -187,12 +190,12 @@ def test_external_data_preserved(tiny, tmp_path):
     assert np.isfinite(_reference(out, feeds)).all()
     # the fused weights, concatenated only while saving, went to the data file intact
     rewrite(tiny["decoder_ext"], tmp_path / "separate.onnx", stats=st, fuse=False)
-    assert any(len(members_of(n)) > 1 for n in m.graph.node if n.op_type == OP_TYPE)
+    assert any(len(targets_of(n)) > 1 for n in m.graph.node if n.op_type == OP_TYPE)
     assert _rel(_reference(out, feeds), _reference(tmp_path / "separate.onnx", feeds)) < 1e-6
 
 
 def test_large_models_get_external_data(tiny, stats, tmp_path, monkeypatch):
-    monkeypatch.setattr(rw, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_BYTES", 1000)
     res = rewrite(tiny["decoder"], tmp_path / "big.onnx", stats=stats["decoder"])
     assert res.external_data is not None and res.external_data.exists()
 
@@ -226,7 +229,7 @@ def test_spec_selects_roles(tiny, stats, tmp_path):
 def test_validate_checks_the_weights_of_fused_nodes(tiny, stats, tmp_path):
     """A fused node's weight must be its targets' weights side by side: a model of the same shape
     with other weights is refused, as it is with one node per target."""
-    from scap_onnx.validate import open_pair
+    from scap_onnx.evaluation.pairing import open_pair
     from tiny_models import make_decoder
 
     other = make_decoder(tmp_path / "other" / "model.onnx", seed=7)
@@ -259,7 +262,7 @@ def test_fused_model_keeps_external_data_when_every_weight_is_fused(tmp_path):
     res = rewrite(src, tmp_path / "s.onnx", stats=st)
     scap = [n for n in onnx.load(str(tmp_path / "s.onnx"), load_external_data=False).graph.node
             if n.op_type == OP_TYPE]
-    assert len(scap) == 1 and len(members_of(scap[0])) == 2
+    assert len(scap) == 1 and len(targets_of(scap[0])) == 2
     assert res.external_data == tmp_path / "s.onnx.data" and res.external_data.stat().st_size >= 2 * 32 * 64 * 4
     x = rng.standard_normal((5, 32)).astype(np.float32)
     ref = ReferenceEvaluator(str(tmp_path / "s.onnx"), new_ops=[reference_op()])
@@ -276,14 +279,14 @@ def test_fused_model_keeps_external_data_when_every_weight_is_fused(tmp_path):
 def test_token_scaled_inputs_shared_by_fused_targets(tiny, tmp_path):
     """q/k/v token-scaled: one x / n for the three, one fused node on it, and validate maps the node
     back to the three MatMuls that read x."""
-    from scap_onnx.validate import open_pair
+    from scap_onnx.evaluation.pairing import open_pair
 
     st = calibrate(tiny["decoder"], tiny["calib"], sparsity="0.5", max_tokens=512, seq_len=64, passes=2,
                    token_scaled_roles=("q", "k", "v", "o", "down"))
     assert {s.roles[0] for s in st.sites if s.token_scaled} == {"q", "o", "down"}
     rewrite(tiny["decoder"], tmp_path / "s.onnx", stats=st)
     m = onnx.load(str(tmp_path / "s.onnx"))
-    fused_qkv = [n for n in m.graph.node if n.op_type == OP_TYPE and len(members_of(n)) == 3]
+    fused_qkv = [n for n in m.graph.node if n.op_type == OP_TYPE and len(targets_of(n)) == 3]
     assert len(fused_qkv) == 2 and all("/scap_token_norm" in n.input[0] for n in fused_qkv)
     assert len([n for n in m.graph.node if n.op_type == "ReduceL2"]) == 6  # q/k/v, o, down of 2 layers
     pair = open_pair(tiny["decoder"], tmp_path / "s.onnx")
@@ -291,8 +294,9 @@ def test_token_scaled_inputs_shared_by_fused_targets(tiny, tmp_path):
     feeds = _feeds(tiny["decoder"])
     got = _reference(tmp_path / "s.onnx", feeds)
     src = ModelSource(tiny["decoder"])
-    cfg = [(s.input, s.threshold, s.offset, 1, [t["name"] for t in s.targets], s.token_scaled) for s in st.sites]
+    cfg = [Upstream(s.input, Sparsification(s.threshold, s.offset, s.token_scaled), 1, [t["name"] for t in s.targets])
+           for s in st.sites]
     out_name = src.proto.graph.output[0].name
-    sess = src.session(build_capture_model(src.proto, {out_name: 1}, cfg))
+    sess = open_session(build_capture_model(src.proto, {out_name: 1}, cfg), data_dir=src.data_dir)
     want = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
     assert _rel(got, want) < 1e-4

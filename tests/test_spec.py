@@ -1,7 +1,7 @@
 import pytest
 
 from scap_onnx.errors import ScapError
-from scap_onnx.spec import parse_spec
+from scap_onnx.calibration.spec import parse_spec
 
 
 def test_single_number_applies_to_every_role():

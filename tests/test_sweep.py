@@ -10,9 +10,9 @@ import pytest
 
 from conftest import run_cli
 from random_llama import tiny_llama
-from scap_onnx.measure import library_available
-from scap_onnx.stats import Stats
-from scap_onnx.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec
+from scap_onnx.op.session import library_available
+from scap_onnx.calibration.stats import Stats
+from scap_onnx.experiments.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec
 
 
 @pytest.fixture(scope="module")

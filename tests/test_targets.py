@@ -3,7 +3,7 @@ import onnx_ir as ir
 import pytest
 
 from scap_onnx.errors import ScapError
-from scap_onnx.targets import GraphView, find_all_targets, find_targets, group_sites, layer_of, role_of, select_targets
+from scap_onnx.graph.targets import GraphView, find_all_targets, find_targets, group_sites, layer_of, role_of, select_targets
 
 # Names as optimum / torch.onnx exports and transformers module paths give them, per family.
 NAMES = {

@@ -17,8 +17,11 @@ import onnx
 import pytest
 
 from conftest import SMOL_SPEC, run_cli
-from scap_onnx.measure import library_available
-from scap_onnx.validate import ValidateOptions, interleaved, open_pair, validate
+from scap_onnx.op.session import library_available
+from scap_onnx.evaluation.latency import interleaved
+from scap_onnx.evaluation.options import ValidateOptions
+from scap_onnx.evaluation.pairing import open_pair
+from scap_onnx.evaluation.validate import validate
 
 from random_llama import tiny_llama
 
@@ -133,8 +136,8 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
     the two perplexities differ by 1.2%)."""
     import onnxruntime as ort
 
-    from scap_onnx.data import open_data
-    from scap_onnx.validate import session_options
+    from scap_onnx.calibration.data import open_data
+    from scap_onnx.op.session import session_options
 
     seq, n = 48, 2
     rep = validate(smollm2, smol_sparse, texts["kjv"], ValidateOptions(seq_len=seq, max_tokens=n * seq,
@@ -146,8 +149,8 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
                    max_tokens=n * seq)
     windows = [f["input_ids"][0] for f, _ in ds.batches()]
     assert len(windows) == n
-    dense = ort.InferenceSession(str(smollm2), session_options(2, False, False), providers=["CPUExecutionProvider"])
-    sparse = ort.InferenceSession(str(smol_sparse), session_options(2, False, True), providers=["CPUExecutionProvider"])
+    dense = ort.InferenceSession(str(smollm2), session_options(2, spinning=False), providers=["CPUExecutionProvider"])
+    sparse = ort.InferenceSession(str(smol_sparse), session_options(2, spinning=False, library=True), providers=["CPUExecutionProvider"])
 
     def ppl_of(fn, sess):
         return math.exp(sum(fn(sess, w) for w in windows) / (n * (seq - 1)))
@@ -158,13 +161,13 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
 
 
 def test_measured_sparsity_matches_measure_module(smollm2, smol_sparse, texts):
-    """validate's per-node sparsity (A captured from the sparse run) equals scap_onnx.measure's."""
-    from scap_onnx.data import open_data
-    from scap_onnx.measure import measured_sparsity
+    """validate's per-node sparsity (A captured beside the dense comparison) equals measure_sparsity's on the sparse model alone."""
+    from scap_onnx.calibration.data import open_data
+    from scap_onnx.evaluation.sparsity import measure_sparsity
 
     rep = validate(smollm2, smol_sparse, texts["kjv"], ValidateOptions(seq_len=64, max_tokens=128, latency=False))
     ds = open_data(texts["kjv"], onnx.load(str(smollm2), load_external_data=False), smollm2, seq_len=64, max_tokens=128)
-    other = measured_sparsity(smol_sparse, ds)
+    other = measure_sparsity(smol_sparse, ds)
     mine = rep["sparsity"]["nodes"]
     assert set(mine) == set(other)
     for name, v in other.items():
@@ -230,15 +233,17 @@ def test_latency_thread_pools(random_llama, llama_pair):
 
 def test_timing_process_errors_are_one_line():
     from scap_onnx.errors import ScapError
-    from scap_onnx.timing_process import run_in_fresh_process
-    from scap_onnx.validate import ModelPair
+    from scap_onnx.evaluation.fresh_process import run_in_fresh_process
+    from scap_onnx.evaluation.latency import TimingJob
+    from scap_onnx.evaluation.pairing import ModelPair
 
     missing = ModelPair(Path("/nonexistent/dense.onnx"), Path("/nonexistent/sparse.onnx"), [], [], "generic", {}, [], 0)
+    job = TimingJob(missing, {"feeds": {}, "tokens": 0}, ValidateOptions(), 1, "CPUExecutionProvider", True)
     with pytest.raises(ScapError, match="cannot load dense.onnx") as e:
-        run_in_fresh_process((missing, {"feeds": {}, "tokens": 0}, ValidateOptions(), 1, "CPUExecutionProvider", True))
+        run_in_fresh_process("scap_onnx.evaluation.latency:time_job", job, "latency")
     assert "\n" not in str(e.value)
-    with pytest.raises(ScapError, match=r"the latency process failed \(exit code 1\): TypeError") as e:
-        run_in_fresh_process(("not the arguments",))
+    with pytest.raises(ScapError, match=r"the latency process failed \(exit code 1\): AttributeError") as e:
+        run_in_fresh_process("scap_onnx.evaluation.latency:time_job", ("not the arguments",), "latency")
     assert "\n" not in str(e.value)
 
 
@@ -258,7 +263,8 @@ def test_latency_from_a_script_without_main_guard(random_llama, llama_pair, tmp_
     (elsewhere / "scap_onnx" / "__init__.py").write_text("raise ImportError('the wrong scap_onnx')\n")
     script = tmp_path / "user_script.py"
     script.write_text(
-        "from scap_onnx.validate import ValidateOptions, validate\n"
+        "from scap_onnx.evaluation.options import ValidateOptions\n"
+        "from scap_onnx.evaluation.validate import validate\n"
         "print('script body ran')\n"
         f"opts = ValidateOptions(accuracy=False, threads=1, repeats=1, warmup=0, prefill_repeats=1, kv_len=8)\n"
         f"rep = validate({str(dense)!r}, {str(sparse)!r}, {str(random_llama / 'eval.npz')!r}, opts)\n"

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import scap_onnx  # noqa: E402
-from scap_onnx.op import make_node, opset_import  # noqa: E402
+from scap_onnx.op.contract import make_node, opset_import  # noqa: E402
 
 DEFAULT_SHAPES = ["4096x4096", "4096x11008", "11008x4096", "2048x5632"]
 THRESHOLD = 1.0  # inputs are built so that exactly the requested share of |A - 0| is <= 1

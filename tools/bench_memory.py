@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scap_onnx.op import make_node, opset_import  # noqa: E402
+from scap_onnx.op.contract import make_node, opset_import  # noqa: E402
 
 K = N = 4096
 

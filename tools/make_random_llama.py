@@ -92,7 +92,7 @@ def _build(tmp: Path, layers, hidden, intermediate, heads, kv_heads, vocab, seed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scap_onnx.data import feeds_from_ids, model_inputs
+    from scap_onnx.calibration.data import feeds_from_ids, model_inputs
 
     torch.manual_seed(seed)
     config = LlamaConfig(

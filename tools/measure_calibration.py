@@ -22,14 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scap_onnx.api import rewrite  # noqa: E402
-from scap_onnx.calibrate import calibrate  # noqa: E402
-from scap_onnx.capture import load_proto  # noqa: E402
-from scap_onnx.data import open_data  # noqa: E402
-from scap_onnx.measure import library_available, measured_sparsity, perplexity, summarize_sparsity  # noqa: E402
+from scap_onnx.calibration.calibrator import calibrate  # noqa: E402
+from scap_onnx.graph.model_io import load_proto  # noqa: E402
+from scap_onnx.calibration.data import open_data  # noqa: E402
+from scap_onnx.evaluation.accuracy import model_perplexity as perplexity  # noqa: E402
+from scap_onnx.evaluation.sparsity import measure_sparsity, role_summary  # noqa: E402
+from scap_onnx.op.session import library_available  # noqa: E402
 from scap_onnx.progress import make_progress  # noqa: E402
-from scap_onnx.spec import parse_spec  # noqa: E402
-from scap_onnx.stats import Stats  # noqa: E402
-from scap_onnx.token_scale import parse_roles  # noqa: E402
+from scap_onnx.calibration.spec import parse_spec  # noqa: E402
+from scap_onnx.calibration.stats import Stats  # noqa: E402
+from scap_onnx.calibration.spec import parse_roles  # noqa: E402
 
 ROLES7 = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -42,8 +44,8 @@ def role_targets(spec_text: str) -> dict[str, float]:
 def evaluate(model: Path, sparse: Path, spec_text: str, evals: dict, progress, threads: int | None = None) -> dict:
     out = {}
     for name, ds in evals.items():
-        per_node = measured_sparsity(sparse, ds, progress=progress, threads=threads)
-        summ = summarize_sparsity(per_node, role_targets(spec_text))
+        per_node = measure_sparsity(sparse, ds, progress=progress, threads=threads)
+        summ = role_summary(per_node, role_targets(spec_text))
         ppl = perplexity(sparse, ds, progress=progress, threads=threads)
         worst = max((abs(v["worst_error"]) for v in summ.values() if "worst_error" in v), default=0.0)
         worst_mean = max((abs(v["mean_error"]) for v in summ.values() if "mean_error" in v), default=0.0)

@@ -20,12 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scap_onnx.calibrate import calibrate  # noqa: E402
-from scap_onnx.capture import load_proto  # noqa: E402
-from scap_onnx.data import open_data  # noqa: E402
-from scap_onnx.measure import embedding_agreement, measured_sparsity, summarize_sparsity  # noqa: E402
+from scap_onnx.calibration.calibrator import calibrate  # noqa: E402
+from scap_onnx.graph.model_io import load_proto  # noqa: E402
+from scap_onnx.calibration.data import open_data  # noqa: E402
+from scap_onnx.evaluation.options import ValidateOptions  # noqa: E402
+from scap_onnx.evaluation.sparsity import measure_sparsity, role_summary  # noqa: E402
+from scap_onnx.evaluation.validate import validate  # noqa: E402
 from scap_onnx.progress import make_progress  # noqa: E402
-from scap_onnx.rewrite import load_model, rewrite_model, save_model  # noqa: E402
+from scap_onnx.graph.model_io import load_model, save_model  # noqa: E402
+from scap_onnx.passes.sparsify import rewrite_model  # noqa: E402
 
 
 def main() -> None:
@@ -68,8 +71,8 @@ def main() -> None:
             out = work / f"{label}.onnx"
             save_model(model, out)
             del model
-            agree = embedding_agreement(args.model, out, data)
-            summ = summarize_sparsity(measured_sparsity(out, data))
+            agree = validate(args.model, out, data, ValidateOptions(latency=False))["accuracy"]["embedding"]
+            summ = role_summary(measure_sparsity(out, data))
             res[label] = {"cosine_mean": agree["cosine_mean"], "cosine_min": agree["cosine_min"],
                           "measured": {r: round(v["mean"], 4) for r, v in summ.items()}}
         report["runs"].append(res)

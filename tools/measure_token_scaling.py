@@ -28,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scap_onnx.capture import Capture, ModelSource  # noqa: E402
-from scap_onnx.data import open_data  # noqa: E402
-from scap_onnx.targets import find_targets, group_sites  # noqa: E402
+from scap_onnx.calibration.capture import Capture  # noqa: E402
+from scap_onnx.graph.model_io import ModelSource  # noqa: E402
+from scap_onnx.calibration.data import open_data  # noqa: E402
+from scap_onnx.graph.targets import find_targets, group_sites  # noqa: E402
 
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 
@@ -42,11 +43,11 @@ def token_scaled(x: np.ndarray) -> np.ndarray:
 def capture_inputs(model: Path, text: Path, tokens: int, seq_len: int, threads: int | None):
     """Every target input over ``tokens`` tokens of ``text`` ({input name: [tokens, K] float32}),
     with the roles and layer of the targets that read each."""
-    from scap_onnx.capture import default_options
+    from scap_onnx.op.session import session_options
 
     with ModelSource(model) as src:
         sites = group_sites(find_targets(src.proto))
-        cap = Capture(src, {s.input: _FLOAT for s in sites}, None, default_options(threads))
+        cap = Capture(src, {s.input: _FLOAT for s in sites}, None, session_options(threads))
         ds = open_data(text, src.proto, model, seq_len=seq_len, max_tokens=tokens)
         rows: dict[str, list[np.ndarray]] = {s.input: [] for s in sites}
         for feeds, _ in ds.batches():

@@ -27,16 +27,18 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
-from .capture import Capture, ModelSource, default_options
+from .. import __version__
+from ..errors import ScapError
+from ..graph.model_io import ModelSource
+from ..graph.targets import Site, find_targets, group_sites
+from ..op.contract import Sparsification
+from ..op.session import session_options
+from ..progress import NullProgress, Progress
+from .capture import Capture, Upstream
 from .data import DataSource, MixedSource, open_data
-from .errors import ScapError
 from .histogram import Histogram, robust_scale
-from .progress import NullProgress, Progress
-from .spec import Spec, parse_spec, shared_sparsity
+from .spec import DEFAULT_TOKEN_SCALED_ROLES, Spec, parse_spec, shared_sparsity
 from .stats import CANDIDATE_ORDER, SiteStats, Stats
-from .targets import Site, find_targets, group_sites
-from .token_scale import DEFAULT_ROLES as DEFAULT_TOKEN_ROLES
 
 #: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
 ERROR_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -138,9 +140,8 @@ class PassResult:
     seconds: float
 
 
-def _sparsify_entries(site: SiteStats, spec: Spec) -> list[tuple[str, float, float, int, list[str]]]:
-    """How the next pass sparsifies a decided site: (input, threshold, offset, elem type, consumers),
-    one entry per threshold its targets get (targets sharing the input may ask for different
+def upstream_entries(site: SiteStats, spec: Spec) -> list[Upstream]:
+    """How the next pass sparsifies a decided site: one entry per threshold its targets get (targets sharing the input may ask for different
     sparsities, and then read differently sparsified copies, as in the rewritten model)."""
     by_threshold: dict[float, list[str]] = {}
     for t in site.targets:
@@ -148,7 +149,7 @@ def _sparsify_entries(site: SiteStats, spec: Spec) -> list[tuple[str, float, flo
         if wanted is not None:
             tau = site.threshold_for(wanted, site.offset, site.sparsity, site.threshold)
             by_threshold.setdefault(tau, []).append(t["name"])
-    return [(site.input, tau, site.offset, _ELEM[site.dtype], names, site.token_scaled)
+    return [Upstream(site.input, Sparsification(tau, site.offset, site.token_scaled), _ELEM[site.dtype], names)
             for tau, names in by_threshold.items()]
 
 
@@ -219,7 +220,7 @@ def calibrate(
     progress: Progress | None = None,
     threads: int | None = None,
     providers: list[str] | None = None,
-    token_scaled_roles: Sequence[str] = DEFAULT_TOKEN_ROLES,
+    token_scaled_roles: Sequence[str] = DEFAULT_TOKEN_SCALED_ROLES,
 ) -> Stats:
     """Calibrate ``model`` on ``data`` for ``sparsity`` (a SPEC) and return the statistics.
 
@@ -230,7 +231,7 @@ def calibrate(
     upstream sites sparsified as the previous pass decided.
 
     ``token_scaled_roles``: sites read by a target of these roles get thresholds relative to each
-    token's norm (scap_onnx.token_scale; default o and down); () keeps every threshold static.
+    token's norm (scap_onnx.op.token_norm; default o and down); () keeps every threshold static.
     """
     spec = parse_spec(sparsity)
     if passes < 1:
@@ -261,7 +262,7 @@ def calibrate(
         decided: dict[str, SiteStats] = {}
         for p in range(1, passes + 1):
             result = _run_pass(source, sites, ds, sparsify, sample_rows, progress,
-                               f"calibrate pass {p}/{passes}", default_options(threads), providers, scaled)
+                               f"calibrate pass {p}/{passes}", session_options(threads), providers, scaled)
             last = p == passes
             decided = {}
             for s in sites:
@@ -280,7 +281,7 @@ def calibrate(
             })
             if not last:
                 sparsify = [entry for st in decided.values() if st.sparsity is not None
-                            for entry in _sparsify_entries(st, spec)]
+                            for entry in upstream_entries(st, spec)]
         assert result is not None
         stats = Stats(
             model={"path": str(Path(model).resolve()), "fingerprint": source.fingerprint,

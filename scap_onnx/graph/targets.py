@@ -17,13 +17,14 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
 
-from .errors import ScapError
+from ..errors import ScapError
+from .view import GraphView, Node
 
 #: Roles in a stable order (also the order `inspect` prints them).
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", "router", "other")
@@ -32,7 +33,6 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", 
 DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head", "router"})
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
-_GEMM_ATTRS = ("alpha", "beta", "transA", "transB")
 
 
 @dataclass(frozen=True)
@@ -80,88 +80,6 @@ class Site:
     @property
     def dtype(self) -> str:
         return self.targets[0].dtype
-
-
-# ----------------------------------------------------------------------------- graph adapters
-@dataclass(frozen=True)
-class _Node:
-    name: str
-    op_type: str
-    domain: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    attrs: tuple[tuple[str, float], ...] = ()  # Gemm's alpha, beta, transA, transB when set
-
-    def attr(self, name: str, default: float) -> float:
-        return dict(self.attrs).get(name, default)
-
-
-@dataclass
-class GraphView:
-    """The little of a graph target finding needs: nodes, constant initializers, graph outputs."""
-
-    nodes: list[_Node]
-    initializers: dict[str, tuple[tuple[int, ...], int]]  # name -> (dims, onnx elem type)
-    graph_outputs: set[str]
-    aliases: dict[str, str] = field(default_factory=dict)  # Identity output -> constant it copies
-
-    @classmethod
-    def from_proto(cls, model: onnx.ModelProto) -> "GraphView":
-        g = model.graph
-        graph_inputs = {i.name for i in g.input}
-        inits = {
-            t.name: (tuple(int(d) for d in t.dims), t.data_type) for t in g.initializer if t.name not in graph_inputs
-        }
-        # Constant nodes with a tensor value are constants too (some exporters fold weights into them).
-        for n in g.node:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-                for a in n.attribute:
-                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        inits[n.output[0]] = (tuple(int(d) for d in a.t.dims), a.t.data_type)
-        nodes = [_Node(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output),
-                       tuple((a.name, a.f if a.type == onnx.AttributeProto.FLOAT else a.i)
-                             for a in n.attribute if a.name in _GEMM_ATTRS)) for n in g.node]
-        return cls(nodes, inits, {o.name for o in g.output})._with_aliases()
-
-    @classmethod
-    def from_ir(cls, model) -> "GraphView":
-        g = model.graph
-        inits: dict[str, tuple[tuple[int, ...], int]] = {}
-        for name, v in g.initializers.items():
-            if v.is_graph_input() or v.const_value is None:
-                continue
-            inits[name] = (tuple(int(d) for d in v.const_value.shape), int(v.const_value.dtype))
-        nodes = []
-        for n in g:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and "value" in n.attributes:
-                t = n.attributes["value"].value
-                if hasattr(t, "shape") and hasattr(t, "dtype"):
-                    inits[n.outputs[0].name] = (tuple(int(d) for d in t.shape), int(t.dtype))
-            nodes.append(
-                _Node(
-                    n.name or "",
-                    n.op_type,
-                    n.domain,
-                    tuple(v.name if v is not None else "" for v in n.inputs),
-                    tuple(v.name for v in n.outputs),
-                    tuple((k, a.value) for k, a in n.attributes.items() if k in _GEMM_ATTRS),
-                )
-            )
-        return cls(nodes, inits, {o.name for o in g.outputs})._with_aliases()
-
-    def _with_aliases(self) -> "GraphView":
-        """Identity of a constant is that constant (exporters deduplicate equal weights this way)."""
-        for n in self.nodes:
-            if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.inputs and n.outputs:
-                src = self.aliases.get(n.inputs[0], n.inputs[0])
-                if src in self.initializers:
-                    self.aliases[n.outputs[0]] = src
-        return self
-
-    def constant(self, name: str) -> str | None:
-        """The initializer (or Constant output) a value name is, through Identity nodes; None if not constant."""
-        name = self.aliases.get(name, name)
-        return name if name in self.initializers else None
 
 
 # ----------------------------------------------------------------------------- roles and layers
@@ -246,7 +164,7 @@ def _classify(names: Sequence[str]) -> tuple[str, int | None]:
 
 
 # ----------------------------------------------------------------------------- finding targets
-def _gemm_as_matmul(view: GraphView, n: _Node) -> tuple[str, str, bool, str | None] | None:
+def _gemm_as_matmul(view: GraphView, n: Node) -> tuple[str, str, bool, str | None] | None:
     """(A, B, transB, C) of a Gemm that is A @ B (+ C) with a constant C of N elements; else None."""
     if n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or len(n.inputs) not in (2, 3):
         return None
@@ -259,7 +177,7 @@ def _gemm_as_matmul(view: GraphView, n: _Node) -> tuple[str, str, bool, str | No
     return n.inputs[0], n.inputs[1], bool(n.attr("transB", 0)), c
 
 
-def _following_bias(view: GraphView, consumers: dict[str, list[_Node]], out: str, n_cols: int, dtype: int):
+def _following_bias(view: GraphView, consumers: dict[str, list[Node]], out: str, n_cols: int, dtype: int):
     """(bias, Add node, Add output) when the only reader of ``out`` adds a constant [N] bias."""
     users = consumers.get(out, [])
     if len(users) != 1 or out in view.graph_outputs:
@@ -279,7 +197,7 @@ def _following_bias(view: GraphView, consumers: dict[str, list[_Node]], out: str
 
 def find_all_targets(view: GraphView) -> list[Target]:
     """Every MatMul (or equivalent Gemm) with a constant 2-D float B, in graph order, lm_head included."""
-    consumers: dict[str, list[_Node]] = {}
+    consumers: dict[str, list[Node]] = {}
     for n in view.nodes:
         for i in n.inputs:
             if i:

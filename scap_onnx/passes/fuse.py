@@ -10,22 +10,25 @@ kept row of all the weights in one pass:
 (SmolLM2's decode step with gate and up fused: 4-19% shorter than with them apart, in four
 interleaved runs; docs/results.md.) The fused weight is concatenated only when the model is
 saved (an onnx_ir LazyTensor), so no copy of the model's weights is held in memory. The fused node
-lists its members, the original target names, in its metadata (:data:`MEMBERS_KEY`), so that
-validate and measure report each target as before.
+lists its members, the original target names, in its metadata (scap_onnx.op.contract.TARGETS_KEY),
+so that validate and measure report each target as before.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 
-from .op import DOMAIN, OP_TYPE
-from .rewrite import new_initializer, unique_name
+from ..graph.builder import new_initializer, unique_name, used_names as names_in
+from ..op import contract
+from ..op.contract import DOMAIN, OP_TYPE
 
-#: Node metadata key of a fused node: a JSON list of the target names it computes, in Split order.
-MEMBERS_KEY = "scap_onnx.fused_targets"
+
+class FusePass(ir.passes.InPlacePass):
+    """:func:`fuse_shared_inputs` as an onnx_ir pass."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, modified=fuse_shared_inputs(model) > 0)
 
 
 def fuse_shared_inputs(model: ir.Model) -> int:
@@ -37,8 +40,7 @@ def fuse_shared_inputs(model: ir.Model) -> int:
         key = _fusion_key(node)
         if key is not None:
             groups.setdefault(key, []).append(node)
-    used_names = ({v.name for n in graph for v in n.outputs} | set(graph.initializers) | {n.name for n in graph}
-                  | {v.name for v in graph.inputs})
+    used_names = names_in(graph)
     opset = model.opset_imports.get("", 13)
     made = 0
     for members in groups.values():
@@ -52,7 +54,7 @@ def _fusion_key(node: ir.Node) -> tuple | None:
     """Nodes with equal keys drop the same elements of the same input: one id of A, threshold,
     offset and weight type. None for nodes that cannot take part (B not an initializer, e.g. the
     Transpose the rewriter puts on a Gemm's transB weight, or a bias that is not one)."""
-    if node.domain != DOMAIN or node.op_type != OP_TYPE or MEMBERS_KEY in node.metadata_props:
+    if not contract.is_scap_node(node) or len(contract.targets_of(node)) != 1:
         return None
     a, b = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -87,11 +89,12 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
                  else np.zeros(w, np_dtype) for m, w in zip(members, widths)]
         inputs.append(new_initializer(graph, unique_name(members[0].inputs[1].name + "/scap_fused_bias", used_names),
                                       np.concatenate(parts)))
-    names = [m.name or m.outputs[0].name for m in members]
+    names = [t for m in members for t in contract.targets_of(m)]
     fused = ir.Node(DOMAIN, OP_TYPE, inputs, attributes=list(members[0].attributes.values()),
                     name=unique_name(" + ".join(names), used_names), num_outputs=1,
                     doc_string="scap-onnx: " + " + ".join(names) + " over one sparsified input")
-    fused.metadata_props[MEMBERS_KEY] = json.dumps(names)
+    contract.record(fused, targets=names, source_input=contract.source_input_of(members[0]),
+                    norm_nodes=[n for m in members for n in contract.norm_nodes_of(m)])
     fused.outputs[0].name = unique_name(members[0].outputs[0].name + "/scap_fused", used_names)
     fused.outputs[0].type = members[0].outputs[0].type
     split_name = unique_name(fused.name + "/split", used_names)
@@ -111,12 +114,3 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
         if v is not None and v.name in graph.initializers and not v.uses() and not v.is_graph_output() \
                 and not v.is_graph_input():
             del graph.initializers[v.name]
-
-
-def members_of(node) -> list[str]:
-    """The target names a ScapSparseMatMul node (onnx.NodeProto) computes: its own name, or the
-    members a fused node lists."""
-    for entry in node.metadata_props:
-        if entry.key == MEMBERS_KEY:
-            return list(json.loads(entry.value))
-    return [node.name]

@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .fileio import atomic_path, atomic_write_text
+from ..graph.fileio import atomic_path, atomic_write_text
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -158,7 +158,7 @@ def _ms(s: dict) -> str:
     return f"{s['median']:.2f} [{s['p10']:.2f}-{s['p90']:.2f}]"
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -167,7 +167,7 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return path
@@ -178,7 +178,7 @@ def plot_latency(report: dict, path: Path) -> Path | None:
     parts = [(k, lat[k]) for k in ("decode", "prefill", "batch") if k in lat]
     if not parts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(parts), figsize=(3.6 * len(parts), 3.4), squeeze=False)
     for ax, (name, d) in zip(axes[0], parts):
         meds = [d["dense_ms"]["median"], d["sparse_ms"]["median"]]
@@ -193,7 +193,7 @@ def plot_latency(report: dict, path: Path) -> Path | None:
     fig.suptitle(f"{Path(report['sparse']['path']).name}: {env.get('threads')} threads, {env.get('provider')}",
                  fontsize=9)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -202,7 +202,7 @@ def plot_sparsity(report: dict, path: Path) -> Path | None:
     sp = report.get("sparsity")
     if not sp or not sp.get("nodes"):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     by_role: dict[str, list[tuple[int, float]]] = {}
     for i, n in enumerate(sp["nodes"].values()):
@@ -222,7 +222,7 @@ def plot_sparsity(report: dict, path: Path) -> Path | None:
     ax.set_title(f"measured sparsity per layer (dashed: targets); FC bytes skipped {100 * sp['weighted']:.1f}%",
                  fontsize=9)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 

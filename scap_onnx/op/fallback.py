@@ -39,8 +39,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from .op import DOMAIN, OP_TYPE
-from .reference import check_attributes, scap_sparse_matmul
+from ..graph.view import declared_elem_types
+from .contract import DOMAIN, OP_TYPE, check_attributes
+from .reference import scap_sparse_matmul
 
 FALLBACK_DOMAIN = "ai.onnx.contrib"  # onnxruntime_extensions.default_opset_domain()
 FALLBACK_OP_TYPE = OP_TYPE  # inputs A, B
@@ -92,20 +93,9 @@ def _register_ops() -> None:
         _registered = True
 
 
-def _declared_types(graph: onnx.GraphProto) -> dict[str, int]:
-    """Element types the graph declares: inputs, outputs, value_info, initializers."""
-    types: dict[str, int] = {}
-    for info in [*graph.input, *graph.output, *graph.value_info]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-            types[info.name] = info.type.tensor_type.elem_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
 def _convert_graph(graph: onnx.GraphProto, default_opset: int) -> int:
     """Replace the ScapSparseMatMul nodes of graph (and its subgraphs) in place; return how many."""
-    types = _declared_types(graph)
+    types = declared_elem_types(graph)
     names = {o for node in graph.node for o in node.output} | set(types)
     counter = [0]
 

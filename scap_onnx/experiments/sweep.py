@@ -43,14 +43,21 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from .errors import ScapError
-from .progress import NullProgress, Progress
-from .token_scale import DEFAULT_ROLES as DEFAULT_TOKEN_ROLES
-from .validate import DenseCache, ValidateOptions, _cli, validate
+from ..calibration.calibrator import calibrate
+from ..calibration.spec import DEFAULT_TOKEN_SCALED_ROLES, Spec
+from ..errors import ScapError
+from ..evaluation.accuracy import DenseCache
+from ..evaluation.options import ValidateOptions
+from ..evaluation.report import environment_line, pyplot, save_figure, write_report
+from ..evaluation.validate import validate
+from ..graph.fileio import atomic_write_text
+from ..graph.model_io import load_proto
+from ..passes.pipeline import rewrite_file
+from ..progress import NullProgress, Progress
+from .cached import reusable_stats
 
 FORMAT = "scap-onnx-sweep"
 VERSION = 1
@@ -103,8 +110,6 @@ def role_spec(stats, level: float) -> dict[str, float]:
 
 def plan_for(method: str, level: float, scap_stats, teal_stats) -> tuple[dict[str, tuple], str]:
     """(plan: target -> (threshold, offset, token-scaled), SPEC text) for one sweep point."""
-    from .spec import Spec
-
     if method in ("teal", "scap-zero"):
         st = teal_stats if method == "teal" else scap_stats
         plan = {}
@@ -128,22 +133,11 @@ def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, 
                 token_roles: tuple[str, ...]) -> tuple:
     """Stats from ``path`` when it matches the model and settings, else calibrate and save them.
     ``token_roles``: roles with token-scaled thresholds (none for the TEAL-style baseline)."""
-    from .api import model_fingerprint
-    from .calibrate import calibrate
-    from .stats import Stats
-
     want = {"passes": passes, "spec": f"{level:g}", "tokens": opts["max_tokens"], "seq_len": opts["seq_len"],
             "data": str(Path(data).resolve()), "token_scaled_roles": list(token_roles)}
-    if path.is_file():
-        try:
-            st = Stats.load(path)
-            cal = st.calibration
-            same = (st.model.get("fingerprint") == model_fingerprint(model) and cal.get("passes") == passes
-                    and cal.get("spec") == want["spec"] and cal.get("sweep") == want)
-            if same:
-                return st, True
-        except ScapError:
-            pass
+    st = reusable_stats(path, model, "sweep", want)
+    if st is not None:
+        return st, True
     st = calibrate(model, data, sparsity=level, passes=passes, progress=progress, token_scaled_roles=token_roles,
                    **opts)
     st.calibration["sweep"] = want
@@ -237,11 +231,6 @@ def sweep(
     log=None,
 ) -> dict:
     """Run the sweep; returns the sweep report (also written to ``out_dir``)."""
-    from .capture import load_proto
-    from .report import write_report
-    from .fuse import fuse_shared_inputs
-    from .rewrite import load_model, rewrite_model, save_model, wants_external_data
-
     progress = progress or NullProgress()
     log = log or (lambda msg: None)
     started = time.perf_counter()
@@ -268,7 +257,7 @@ def sweep(
     if scap_methods:
         t0 = time.perf_counter()
         scap_stats, reused = _calibrated(model, data, out_dir / "stats_scap.json", passes, mid, cal_opts, progress,
-                                         DEFAULT_TOKEN_ROLES)
+                                         DEFAULT_TOKEN_SCALED_ROLES)
         calibration["scap"] = {"passes": passes, "spec": f"{mid:g}", "tokens": scap_stats.calibration.get("tokens"),
                                "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
         log(f"SCAP statistics: {calibration['scap']}")
@@ -289,12 +278,7 @@ def sweep(
                 plan, spec = plan_for(method, lv, scap_stats, teal_stats)
                 name = f"{method}_{lv:g}"
                 sparse_path = out_dir / "models" / f"{name}.onnx"
-                ir_model = load_model(model)
-                ir_model, _ = rewrite_model(ir_model, plan)
-                external = wants_external_data(ir_model)  # before fusing (see api.rewrite)
-                fuse_shared_inputs(ir_model)
-                save_model(ir_model, sparse_path, external=external, inputs_to_keep=[model])
-                del ir_model
+                rewrite_file(model, sparse_path, plan, check=False)
                 rep = validate(model, sparse_path, eval_data, vopts, progress=progress, dense_cache=cache)
                 rpath = out_dir / "reports" / f"{name}.json"
                 write_report(rep, rpath)
@@ -357,8 +341,6 @@ def sweep_markdown(res: dict) -> str:
     lines = [f"#### Sweep: {Path(res['model']).parent.name}/{Path(res['model']).name}", ""]
     env = res.get("environment") or {}
     if env:
-        from .report import environment_line
-
         lines.append(f"Machine: {environment_line(env)}.")
     cal = res.get("calibration", {})
     cal_txt = "; ".join(f"{k}: {v.get('tokens')} tokens, {v.get('passes')} pass(es)" for k, v in cal.items())
@@ -401,9 +383,7 @@ def sweep_markdown(res: dict) -> str:
 
 
 def plot_pareto(res: dict, path: Path) -> Path:
-    from .report import _plt, _save
-
-    plt = _plt()
+    plt = pyplot()
     rows = res["rows"]
     qname = next((r.get("quality_name") for r in rows if r.get("quality_name")), "quality change")
     kind = next((r.get("latency_kind") for r in rows if r.get("latency_kind")), "decode")
@@ -434,62 +414,14 @@ def plot_pareto(res: dict, path: Path) -> Path:
     fig.suptitle(f"{Path(res['model']).parent.name}: quality vs sparsity vs speed "
                  f"({env.get('threads')} threads, {env.get('provider')})", fontsize=10)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
 
 def write_sweep(res: dict, out_dir: Path) -> dict:
-    from .fileio import atomic_write_text
-
     atomic_write_text(out_dir / "sweep.json", json.dumps(res, indent=1) + "\n")
     md = sweep_markdown(res)
     atomic_write_text(out_dir / "sweep.md", md)
     png = plot_pareto(res, out_dir / "pareto.png") if res["rows"] else None
     return {"json": out_dir / "sweep.json", "markdown": out_dir / "sweep.md", "markdown_text": md, "plot": png}
-
-
-# ----------------------------------------------------------------------------- command line
-import typer  # noqa: E402
-
-
-@_cli
-def sweep_command(
-    model: Path = typer.Argument(..., help="The dense ONNX model (never modified)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Calibration data: a text file or an .npz of feeds."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: windows of --data half-way between the calibration windows)."),
-    output: Path = typer.Option(Path("scap-sweep"), "--output", "-o", help="Output folder (sweep.json, sweep.md, pareto.png, reports/)."),
-    levels: str = typer.Option(",".join(f"{v:g}" for v in DEFAULT_LEVELS), "--levels", help="Comma-separated sparsity levels."),
-    methods: str = typer.Option(",".join(METHODS), "--methods", help=f"Comma-separated methods: {', '.join(METHODS)}."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside MODEL)."),
-    tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration and evaluation window."),
-    passes: int = typer.Option(2, "--passes", help="Calibration passes of the SCAP statistics (1: dense activations)."),
-    eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Evaluation tokens per point."),
-    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed rounds per point."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds per point."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
-    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full name."),
-    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the speedup of every point."),
-    keep_models: bool = typer.Option(False, "--keep-models", help="Keep the rewritten models in OUTPUT/models."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-):
-    """Calibrate once, rewrite at several sparsity levels (TEAL-style baseline and SCAP variants), validate each, draw the quality / sparsity / speed Pareto chart."""
-    from .progress import make_progress
-
-    vopts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=eval_tokens, threads=threads,
-                            provider=provider, kv_len=kv_len, repeats=repeats, warmup=warmup, prefill=False,
-                            latency=latency)
-    vopts.check()
-    progress = make_progress(quiet)
-    try:
-        res = sweep(model, data, output, eval_data=eval_data, levels=levels, methods=methods, tokenizer=tokenizer,
-                    tokens=tokens, seq_len=seq_len, passes=passes, validate_options=vopts, keep_models=keep_models,
-                    progress=progress, log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
-    finally:
-        stop = getattr(progress, "stop", None)
-        if stop:
-            stop()
-    typer.echo(sweep_markdown(res))
-    typer.echo(f"sweep: {output / 'sweep.json'} (+ sweep.md, pareto.png, reports/)")

@@ -11,8 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import ScapError
-from .targets import ROLES
+from ..errors import ScapError
+from ..graph.targets import ROLES
+
+#: Roles whose inputs are not the output of a normalisation in pre-norm (Llama, GPT-2) and
+#: post-norm (BERT) transformers: the attention output (o) and the MLP's hidden activation (down).
+#: The default of calibrate's ``token_scaled_roles`` (``--token-scaled``; ``none`` for SCAP's static
+#: rule everywhere): with it, thresholds calibrated on one text hold on others (docs/calibration.md;
+#: the rule itself: scap_onnx.op.token_norm).
+DEFAULT_TOKEN_SCALED_ROLES: tuple[str, ...] = ("o", "down")
 
 #: Fused roles and the roles they fuse.
 FUSED_ROLES = {"gate_up": ("gate", "up"), "qkv": ("q", "k", "v")}
@@ -97,3 +104,11 @@ def parse_spec(text: str | float | Spec) -> Spec:
     if not roles and default is None:
         raise ScapError(f"sparsity SPEC {text!r} names no role")
     return Spec(default=default, roles=roles)
+
+
+def parse_roles(value: str | None) -> tuple[str, ...]:
+    """``"o,down"`` -> ("o", "down"); ``"none"`` or "" -> () (static thresholds); None -> the default."""
+    if value is None:
+        return DEFAULT_TOKEN_SCALED_ROLES
+    roles = tuple(r.strip() for r in value.split(",") if r.strip())
+    return () if roles in (("none",), ()) else roles

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ScapError
+from ..errors import ScapError
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ScapError
-from .fileio import atomic_write_text
+from ..errors import ScapError
+from ..graph.fileio import atomic_write_text
 from .histogram import Histogram
 from .spec import Spec, parse_spec, shared_sparsity
 
@@ -46,7 +46,7 @@ class SiteStats:
     offset: float = 0.0
     offset_kind: str = "zero"
     threshold: float = 0.0
-    token_scaled: bool = False  # histogram, offset and threshold are of x / ||x|| (scap_onnx.token_scale)
+    token_scaled: bool = False  # histogram, offset and threshold are of x / ||x|| (scap_onnx.op.token_norm)
 
     @property
     def roles(self) -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import ScapError
+from ..errors import ScapError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 _CHUNK_CHARS = 64 * 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import sys
@@ -50,6 +51,12 @@ def get_library_path() -> str:
     )
 
 
+def register_library(options: ort.SessionOptions) -> ort.SessionOptions:
+    """Register the op library with ``options`` (FileNotFoundError when it was not built)."""
+    options.register_custom_ops_library(get_library_path())
+    return options
+
+
 def session_options(
     options: ort.SessionOptions | None = None, *, intra_op_threads: int | None = None
 ) -> ort.SessionOptions:
@@ -57,5 +64,20 @@ def session_options(
     options = options or ort.SessionOptions()
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
-    options.register_custom_ops_library(get_library_path())
-    return options
+    return register_library(options)
+
+
+def kernel_isa() -> str | None:
+    """The kernel family the library runs in this process ("amx", "avx512", "avx2", "neon" or
+    "portable"), as the library itself chose it (SCAP_ONNX_ISA caps it); None without a library."""
+    try:
+        lib = ctypes.CDLL(get_library_path())
+    except (FileNotFoundError, OSError):
+        return None
+    try:
+        fn = lib.ScapOnnxKernelIsa
+    except AttributeError:  # a library older than the function
+        return None
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = []
+    return fn().decode()

@@ -6,20 +6,10 @@ Y = D_kept @ B (+ bias). Arithmetic in float32 whatever T is, the result cast ba
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from .op import DOMAIN, OP_TYPE
-
-
-def check_attributes(threshold: float, offset: float) -> None:
-    """Raise ValueError for attributes the op rejects."""
-    if math.isnan(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if math.isnan(offset):
-        raise ValueError("offset must not be NaN")
+from .contract import DOMAIN, OP_TYPE, check_attributes
 
 
 def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0) -> np.ndarray:

@@ -20,38 +20,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
-from .errors import ScapError
-from .token_scale import DEFAULT_ROLES as TOKEN_ROLES
-from .validate import ValidateOptions, _cli, targets_from_spec, validate
+from .. import api
+from ..calibration.calibrator import calibrate
+from ..calibration.spec import DEFAULT_TOKEN_SCALED_ROLES as TOKEN_ROLES, parse_spec
+from ..errors import ScapError
+from ..evaluation.options import ValidateOptions
+from ..evaluation.report import write_report
+from ..evaluation.validate import targets_from_spec, validate
+from ..prepare import cache_dir, prepare_smollm2, prepare_texts
+from .cached import reusable_stats
 
 DEFAULT_SPEC = "up=0.35,gate=0.35,down=0.55"
 EVAL_TEXTS = ("fortunes", "kjv", "pydoc")
 
 
 def default_output() -> Path:
-    from .prepare import cache_dir
-
     return cache_dir() / "demo"
-
-
-def _reusable_stats(path: Path, model: Path, data: Path, spec: str, tokens: int, seq_len: int, passes: int):
-    from .api import model_fingerprint
-    from .stats import Stats
-
-    if not path.is_file():
-        return None
-    try:
-        st = Stats.load(path)
-    except ScapError:
-        return None
-    cal = st.calibration
-    want = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes, "data": str(data.resolve()),
-            "token_scaled_roles": list(TOKEN_ROLES)}
-    if st.model.get("fingerprint") != model_fingerprint(model) or cal.get("demo") != want:
-        return None
-    return st
 
 
 def run_demo(
@@ -71,12 +56,6 @@ def run_demo(
     log=print,
 ) -> dict:
     """Run the demo; returns {"report": dict, "files": {...}, "seconds": {...}}."""
-    from .api import rewrite
-    from .calibrate import calibrate
-    from .prepare import prepare_smollm2, prepare_texts
-    from .report import write_report
-    from .spec import parse_spec
-
     spec = str(parse_spec(sparsity))
     if eval_text not in EVAL_TEXTS:
         raise ScapError(f"--eval-text must be one of {', '.join(EVAL_TEXTS)}, got {eval_text!r}")
@@ -96,13 +75,14 @@ def run_demo(
     t0 = time.perf_counter()
     stats_path = output / "stats.json"
     cal_data = texts["pydoc"]
-    stats = None if recalibrate else _reusable_stats(stats_path, model, cal_data, spec, tokens, seq_len, passes)
+    want = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes, "data": str(cal_data.resolve()),
+            "token_scaled_roles": list(TOKEN_ROLES)}
+    stats = None if recalibrate else reusable_stats(stats_path, model, "demo", want)
     if stats is None:
         log(f"[2/4] calibrating on {cal_data.name} ({tokens} tokens, {passes} passes, SPEC {spec}) ...")
         stats = calibrate(model, cal_data, sparsity=spec, max_tokens=tokens, seq_len=seq_len, passes=passes,
                           threads=threads, progress=progress)
-        stats.calibration["demo"] = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes,
-                                     "data": str(cal_data.resolve()), "token_scaled_roles": list(TOKEN_ROLES)}
+        stats.calibration["demo"] = want
         stats.save(stats_path)
     else:
         log(f"[2/4] reusing calibration statistics {stats_path}")
@@ -111,7 +91,7 @@ def run_demo(
     t0 = time.perf_counter()
     sparse = output / "model_scap.onnx"
     log(f"[3/4] rewriting -> {sparse}")
-    result = rewrite(model, sparse, stats=stats, sparsity=spec, check=False)
+    result = api.rewrite(model, sparse, stats=stats, sparsity=spec, check=False)
     times["rewrite"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
@@ -144,41 +124,3 @@ def summary_lines(rep: dict) -> list[str]:
     if sp:
         lines.append(f"sparsity     {100 * sp['weighted']:.1f}% of FC weight bytes skipped (measured)")
     return lines
-
-
-import typer  # noqa: E402
-
-
-@_cli
-def demo_command(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: ~/.cache/scap-onnx/demo)."),
-    sparsity: str = typer.Option(DEFAULT_SPEC, "--sparsity", "-s", help="SPEC to rewrite at."),
-    tokens: int = typer.Option(16384, "--tokens", help="Calibration tokens (Python documentation)."),
-    eval_text: str = typer.Option("fortunes", "--eval-text",
-                                  help="fortunes or kjv (other texts than the calibration's) or pydoc (its held-out part)."),
-    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Evaluation tokens."),
-    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
-    repeats: int = typer.Option(20, "--repeats", help="Timed decode rounds (dense and sparse interleaved)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
-    recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate again even if matching statistics exist."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-):
-    """The embedded default end to end: prepare SmolLM2-135M, calibrate, rewrite (up=0.35,gate=0.35,down=0.55), validate; prints perplexity, decode tokens/s and speedup."""
-    from .progress import make_progress
-
-    t0 = time.perf_counter()
-    progress = make_progress(quiet)
-    try:
-        res = run_demo(output, sparsity=sparsity, tokens=tokens, eval_text=eval_text, eval_tokens=eval_tokens,
-                       kv_len=kv_len, repeats=repeats, threads=threads, recalibrate=recalibrate, progress=progress,
-                       log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
-    finally:
-        stop = getattr(progress, "stop", None)
-        if stop:
-            stop()
-    typer.echo(res["files"]["markdown_text"])
-    for line in summary_lines(res["report"]):
-        typer.echo(line)
-    files = res["files"]
-    typer.echo(f"report: {files['json']} (+ {files['markdown'].name}" + "".join(f", {p.name}" for p in files["plots"])
-               + f"); sparse model: {res['sparse']}; {time.perf_counter() - t0:.0f}s in all")

@@ -1,0 +1,185 @@
+"""Rewrite: target MatMuls (+ a following constant-bias Add) and Gemms -> ScapSparseMatMul.
+
+An onnx_ir in-place pass (:class:`ScapRewritePass`) over a model loaded lazily (external data
+stays memory-mapped; weights are read only to fold biases):
+
+    Y = X @ B (+ b)   ->   ScapSparseMatMul(X, B, b + offset * colsum(B)), threshold, offset
+
+The folded bias makes the new node compute the original function wherever nothing is dropped
+(shared/DESIGN.md). A Gemm's C is its bias; a Gemm with transB reads its [N, K] weight through a
+Transpose node, which onnxruntime folds into a constant when it loads the model, so the file keeps
+the original weight. Node names are those of the original MatMuls; outputs keep their names, types
+and shapes (the Add's output when a bias Add was fused). Each new node records in its metadata
+which target it replaces, the activation that target read and the standard nodes that belong to it
+(scap_onnx.op.contract), so that validate pairs it with the dense model without guessing from names.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import ScapError
+from ..graph.builder import IrBuilder, new_initializer, unique_name
+from ..graph.targets import find_all_targets
+from ..graph.view import GraphView
+from ..op import contract
+from ..op.contract import DOMAIN, OP_TYPE, OPSET_VERSION, Sparsification
+from ..op.token_norm import NORM_TAG, token_norm
+
+
+def _node_key(node: ir.Node) -> str:
+    return node.name or node.outputs[0].name
+
+
+class ScapRewritePass(ir.passes.InPlacePass):
+    """Replace the planned MatMuls by ScapSparseMatMul. ``plan``: target name -> a Sparsification,
+    a calibration plan entry (scap_onnx.calibration.stats.TargetPlan) or a (threshold, offset[,
+    token_scaled]) tuple."""
+
+    def __init__(self, plan: Mapping[str, object]):
+        super().__init__()
+        self.plan = {k: Sparsification.of(v) for k, v in plan.items()}
+        self.rewritten: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        view = GraphView.from_ir(model)
+        targets = {t.name: t for t in find_all_targets(view)}
+        missing = [n for n in self.plan if n not in targets]
+        if missing:
+            raise ScapError(f"{len(missing)} planned target(s) are not target MatMuls of this model, e.g. {missing[0]!r}")
+        nodes = {_node_key(n): n for n in graph}
+        used_names = {v.name for n in graph for v in n.outputs} | set(graph.initializers)
+        self.rewritten = []
+        norms: dict[int, tuple[ir.Value, ir.Value, list[str]]] = {}  # id of x -> (x / n, n, node names)
+        opset = model.opset_imports.get("", 13)
+        for name, (threshold, offset, token_scaled) in ((k, (v.threshold, v.offset, v.token_scaled))
+                                                         for k, v in self.plan.items()):
+            if not (np.isfinite(threshold) and threshold >= 0 and np.isfinite(offset)):
+                raise ScapError(f"target {name!r}: invalid threshold {threshold} / offset {offset}")
+            t = targets[name]
+            mm = nodes[name]
+            a_val = mm.inputs[0]
+            weight_val = graph.initializers.get(t.weight, mm.inputs[1])
+            new_nodes = []
+            b_val = _transposed(weight_val, t, used_names, new_nodes) if t.trans_b else weight_val
+            old_nodes = [mm]
+            old_out = mm.outputs[0]
+            bias_val = None
+            if t.bias is not None and t.op == "Gemm":
+                bias_val = graph.initializers.get(t.bias, mm.inputs[2])
+            elif t.bias is not None:
+                add = nodes[t.bias_add]
+                old_nodes.append(add)
+                old_out = add.outputs[0]
+                bias_val = graph.initializers.get(t.bias)
+                if bias_val is None:  # a Constant node output: keep the Add's own input
+                    bias_val = next(v for v in add.inputs if v is not mm.outputs[0])
+            a_in, after, norm_names = a_val, [], []  # token scaling: Y = op(x / n) * n (+ the bias), `after` the op
+            if token_scaled:
+                if id(a_val) not in norms:
+                    norms[id(a_val)] = _token_norm(graph, a_val, t.dtype, opset, used_names)
+                a_in, norm, norm_names = norms[id(a_val)]
+                after = [("Mul", "scap_token_scale", norm)]
+                if bias_val is not None:
+                    after.append(("Add", "scap_bias_add", bias_val))
+                bias_val = _folded_bias(graph, view, t, offset, weight_val, None, used_names) if offset != 0.0 else None
+            elif offset != 0.0 or not _is_vector(graph, view, bias_val, t.n):
+                bias_val = _folded_bias(graph, view, t, offset, weight_val, bias_val, used_names)
+            inputs = [a_in, b_val] + ([bias_val] if bias_val is not None else [])
+            fused = f"; fused bias Add {t.bias_add!r}" if t.bias_add is not None else ""
+            new = ir.Node(
+                DOMAIN, OP_TYPE, inputs,
+                attributes=[ir.AttrFloat32("threshold", float(threshold)), ir.AttrFloat32("offset", float(offset))],
+                name=mm.name or None, num_outputs=1,
+                doc_string=f"scap-onnx: rewritten from {t.op} {name!r}{fused}",
+            )
+            new_nodes.append(new)
+            out = new.outputs[0]
+            after_names = []
+            for op, suffix, operand in after:  # each reads the previous output
+                node_name = unique_name(f"{name}/{suffix}", used_names)
+                out.name = unique_name(f"{node_name}/input", used_names)
+                out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
+                node = ir.Node("", op, [out, operand], name=node_name, num_outputs=1)
+                new_nodes.append(node)
+                after_names.append(node_name)
+                out = node.outputs[0]
+            contract.record(new, targets=[name], source_input=a_val.name, norm_nodes=norm_names + after_names)
+            if old_out.type is None:
+                out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
+            ir.convenience.replace_nodes_and_values(graph, mm, old_nodes, new_nodes, [old_out], [out])
+            self.rewritten.append(name)
+        # Drop original biases that were folded and that nothing reads any more.
+        for nm in {targets[n].bias for n in self.rewritten if targets[n].bias}:
+            v = graph.initializers.get(nm)
+            if v is not None and not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+                del graph.initializers[nm]
+        if self.rewritten:
+            model.opset_imports[DOMAIN] = OPSET_VERSION
+        return ir.passes.PassResult(model, modified=bool(self.rewritten))
+
+
+def _token_norm(graph: ir.Graph, x: ir.Value, dtype: str, opset: int,
+                used_names: set[str]) -> tuple[ir.Value, ir.Value, list[str]]:
+    """(x / n, n, the norm's node names) (scap_onnx.op.token_norm), as nodes placed right after x's producer."""
+    b = IrBuilder(graph, unique_name(f"{x.name}{NORM_TAG}", used_names) + "/", used_names)
+    elem = int(ir.DataType.from_numpy(np.dtype(dtype)))
+    z, n = token_norm(b, x, elem, opset)
+    producer = x.producer()
+    if producer is not None:
+        graph.insert_after(producer, b.nodes)
+    else:
+        graph.insert_before(next(iter(graph)), b.nodes)
+    return z, n, [node.name for node in b.nodes]
+
+
+def _transposed(b_val: ir.Value, t, used_names: set[str], new_nodes: list[ir.Node]) -> ir.Value:
+    """B as [K, N] for a Gemm with transB: a Transpose node (onnxruntime folds it at load time)."""
+    name = unique_name(f"{t.weight}/scap_transposed", used_names)
+    node = ir.Node("", "Transpose", [b_val], attributes=[ir.AttrInt64s("perm", [1, 0])],
+                   name=name, num_outputs=1)
+    out = node.outputs[0]
+    out.name = name
+    out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
+    out.shape = ir.Shape([t.k, t.n])
+    new_nodes.append(node)
+    return out
+
+
+def _const_array(graph: ir.Graph, view: GraphView, val: ir.Value) -> np.ndarray:
+    """The array of the constant ``val`` is (an initializer or a Constant node's output, resolved by
+    scap_onnx.graph.view)."""
+    name = view.constant(val.name)
+    if name is None:
+        raise ScapError(f"{val.name!r} is not a constant")
+    if name in graph.initializers:
+        return graph.initializers[name].const_value.numpy()
+    node = next(n for n in graph if n.op_type == "Constant" and n.outputs[0].name == name)
+    return node.attributes["value"].value.numpy()
+
+
+def _is_vector(graph: ir.Graph, view: GraphView, bias_val: ir.Value | None, n: int) -> bool:
+    """Whether a bias can go to the op as it is: absent, or of shape [N] (a Gemm's C may be [1, N])."""
+    return bias_val is None or _const_array(graph, view, bias_val).shape == (n,)
+
+
+def _folded_bias(graph: ir.Graph, view: GraphView, t, offset: float, weight_val: ir.Value,
+                 bias_val: ir.Value | None, used_names: set[str]) -> ir.Value:
+    """A new [N] initializer: bias + offset * (column sums of B as [K, N])."""
+    folded = np.zeros(t.n, np.float64)
+    if offset != 0.0:
+        folded += np.float64(offset) * _const_array(graph, view, weight_val).sum(axis=1 if t.trans_b else 0, dtype=np.float64)
+    if bias_val is not None:
+        folded += _const_array(graph, view, bias_val).astype(np.float64).reshape(t.n)
+    return new_initializer(graph, unique_name(f"{t.weight}/scap_bias", used_names), folded.astype(np.dtype(t.dtype)))
+
+
+def rewrite_model(model: ir.Model, plan: Mapping[str, object]) -> tuple[ir.Model, list[str]]:
+    """Apply the plan in place; returns the model and the names of the rewritten targets."""
+    p = ScapRewritePass(plan)
+    result = p(model)
+    return result.model, p.rewritten
