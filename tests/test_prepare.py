@@ -1,8 +1,12 @@
-"""Tests of the real prepared models and texts (scap_onnx.prepare).
+"""Tests of the real prepared models and texts (scap_onnx.prepare), of its cache protocol and of
+the package's shape.
 
 The first run builds the artifacts (a few minutes, cached under $SCAP_ONNX_CACHE or
 ~/.cache/scap-onnx); later runs reuse them.
-"""
+
+Over 400 lines: one file for everything scap_onnx.prepare does; its sections (cache layout, the
+build protocol on a temporary cache, the package's shape, SmolLM2, MiniLM, texts, conftest's
+preparation helper) are independent and could become separate files."""
 
 from __future__ import annotations
 
