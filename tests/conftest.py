@@ -1,7 +1,8 @@
 """Shared fixtures: tiny models (built here, fast) and the real prepared models (cached).
 
-Real-model fixtures are session-scoped and run each expensive calibration once; they skip with a
-reason when the prepared models cannot be had (see scap_onnx.prepare).
+Real-model fixtures are session-scoped and run each expensive calibration once. When the prepared
+models cannot be had (see scap_onnx.prepare) they fail under CI (environment variable CI set) and
+skip with the reason elsewhere.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -55,30 +57,41 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- real models
-def _prepared(fn_name: str):
+def under_ci() -> bool:
+    """Whether the tests run under CI (the environment variable CI set, e.g. CI=true)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def prepared(fn_name: str):
+    """The result of ``scap_onnx.prepare.<fn_name>()``.
+
+    When preparation fails (packages missing, export broken, ...) the test fails under CI, so a
+    broken preparation cannot pass CI green; elsewhere it is skipped with the reason.
+    """
     try:
         from scap_onnx import prepare
-    except ImportError as e:  # pragma: no cover - the preparation module is part of the repo
-        pytest.skip(f"scap_onnx.prepare unavailable: {e}")
-    try:
+
         return getattr(prepare, fn_name)()
-    except Exception as e:  # preparation needs packages that may be missing
-        pytest.skip(f"{fn_name}() failed: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - preparation needs packages that may be missing
+        msg = f"{fn_name}() failed: {type(e).__name__}: {e}"
+        if under_ci():
+            pytest.fail(f"{msg}\n(CI is set: a preparation failure fails the run)\n{traceback.format_exc()}")
+        pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")
 def texts() -> dict[str, Path]:
-    return _prepared("prepare_texts")
+    return prepared("prepare_texts")
 
 
 @pytest.fixture(scope="session")
 def smollm2(texts) -> Path:
-    return _prepared("prepare_smollm2") / "model.onnx"
+    return prepared("prepare_smollm2") / "model.onnx"
 
 
 @pytest.fixture(scope="session")
 def minilm(texts) -> Path:
-    return _prepared("prepare_minilm") / "model.onnx"
+    return prepared("prepare_minilm") / "model.onnx"
 
 
 SMOL_SPEC = "up=0.35,gate=0.35,down=0.55"

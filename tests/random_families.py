@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scap_onnx import prepare as _prep
+from scap_onnx.prepare import cache_dir, cached_build, export_onnx, postprocess_onnx, transformers_offline
 
 VOCAB = 256
 #: family -> transformers config class name and its arguments (2 layers, hidden 64).
@@ -26,17 +26,13 @@ REQUIRED = ("model.onnx", "calib.npz", "eval.npz")
 def tiny_family(family: str, seed: int = 0) -> Path:
     """Folder with the exported model and its feeds."""
     name = f"test-{family}-l2-h64-v{VOCAB}-s{seed}"
-    final = _prep.cache_dir() / "models" / name
-    if _prep._is_complete(final, REQUIRED):
-        return final
-    with _prep._locked(name):
-        if not _prep._is_complete(final, REQUIRED):
-            _prep._set_offline()
-            with _prep._build_dir(final) as tmp, _prep._quiet_transformers():
-                out = _build(family, seed, tmp)
-                _prep._write_marker(out, {"model": f"random {family}", "seed": seed})
-                _prep._install(out, final)
-    return final
+
+    def build(tmp: Path) -> tuple[Path, dict]:
+        with transformers_offline():
+            out = _build(family, seed, tmp)
+        return out, {"model": f"random {family}", "seed": seed}
+
+    return cached_build(cache_dir() / "models" / name, REQUIRED, build)
 
 
 def _build(family: str, seed: int, tmp: Path) -> Path:
@@ -56,8 +52,8 @@ def _build(family: str, seed: int, tmp: Path) -> Path:
                 p.normal_(0.0, 0.02)
     out = tmp / "onnx"
     model.save_pretrained(tmp / "hf", safe_serialization=True)
-    _prep._export(tmp / "hf", out, task="text-generation-with-past", label=f"random {family}")
-    _prep._postprocess_onnx(out / "model.onnx", rename_matmul_weights=False)
+    export_onnx(tmp / "hf", out, task="text-generation-with-past", label=f"random {family}")
+    postprocess_onnx(out / "model.onnx", rename_matmul_weights=False)
     inputs = model_inputs(onnx.load(str(out / "model.onnx"), load_external_data=False))
     for fname, rng_seed, windows in (("calib.npz", seed + 1, 16), ("eval.npz", seed + 2, 8)):
         ids = np.random.default_rng(rng_seed).integers(3, VOCAB, size=(windows, 64), dtype=np.int64)

@@ -1,15 +1,19 @@
-"""Tests of the real prepared models and texts (scap_onnx.prepare).
+"""Tests of the real prepared models and texts (scap_onnx.prepare), of its cache protocol and of
+the package's shape.
 
 The first run builds the artifacts (a few minutes, cached under $SCAP_ONNX_CACHE or
 ~/.cache/scap-onnx); later runs reuse them.
-"""
+
+Over 400 lines: one file for everything scap_onnx.prepare does; its sections (cache layout, the
+build protocol on a temporary cache, the package's shape, SmolLM2, MiniLM, texts, conftest's
+preparation helper) are independent and could become separate files."""
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +23,19 @@ import pytest
 from tokenizers import Tokenizer
 
 from scap_onnx.prepare import (
+    PREP_FORMAT,
     cache_dir,
+    cached_build,
+    fortunes_to_prose,
+    is_complete,
     prepare_minilm,
     prepare_smollm2,
     prepare_texts,
-    fortunes_to_prose,
     rst_to_prose,
 )
+from scap_onnx.prepare.cache import file_lock, lock_path
+
+PREPARE_DIR = Path(__file__).resolve().parents[1] / "scap_onnx" / "prepare"
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NUM_LAYERS = 30
@@ -82,12 +92,148 @@ def test_artifacts_live_outside_repo_and_are_marked(texts, smollm2_dir, minilm_d
     assert json.loads((smollm2_dir / ".complete").read_text())["check"]["cached_step"]["ok"]
 
 
-def test_prepare_is_idempotent_and_fast_when_cached(texts, smollm2_dir, minilm_dir):
-    t = time.monotonic()
+def _file_ids(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every file in ``folder``: a rebuild renames a new folder into place,
+    so it changes every inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
+
+
+def test_prepare_does_not_rebuild_when_cached(texts, smollm2_dir, minilm_dir):
+    folders = (smollm2_dir, minilm_dir, texts["kjv"].parent)
+    before = {f: _file_ids(f) for f in folders}
+    assert all(".complete" in ids and len(ids) > 1 for ids in before.values())
     assert prepare_smollm2() == smollm2_dir
     assert prepare_minilm() == minilm_dir
     assert prepare_texts() == texts
-    assert time.monotonic() - t < 5.0
+    assert {f: _file_ids(f) for f in folders} == before
+
+
+# ---- the cache's build protocol (cached_build), on a temporary cache
+
+
+@pytest.fixture
+def tmp_cache(monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv("SCAP_ONNX_CACHE", str(tmp_path / "cache"))
+    return cache_dir()
+
+
+def _writer(calls: list, text: str = "x", subdir: str = "out"):
+    def build(tmp: Path):
+        calls.append(tmp)
+        out = tmp / subdir
+        out.mkdir()
+        (out / "a.txt").write_text(text)
+        return out, {"what": "test", "text": text}
+
+    return build
+
+
+def test_cached_build_builds_once(tmp_cache):
+    final = tmp_cache / "models" / "thing"
+    calls: list[Path] = []
+    assert cached_build(final, ("a.txt",), _writer(calls)) == final
+    assert len(calls) == 1 and calls[0].parent == final.parent
+    assert calls[0].name.startswith(".thing.tmp-")
+    assert (final / "a.txt").read_text() == "x"
+    marker = json.loads((final / ".complete").read_text())
+    assert marker["format"] == PREP_FORMAT and marker["what"] == "test" and "build_seconds" in marker
+    assert is_complete(final, ("a.txt",))
+    ids = _file_ids(final)
+    assert cached_build(final, ("a.txt",), _writer(calls)) == final
+    assert len(calls) == 1 and _file_ids(final) == ids  # not called again, nothing rewritten
+    assert sorted(p.name for p in final.parent.iterdir()) == ["thing"]  # no temporary folders
+
+
+def test_cached_build_rebuilds_when_forced_rejected_or_incomplete(tmp_cache):
+    final = tmp_cache / "thing"
+    calls: list[Path] = []
+    cached_build(final, ("a.txt",), _writer(calls, "1"))
+    cached_build(final, ("a.txt",), _writer(calls, "2"), force=True)
+    assert len(calls) == 2 and (final / "a.txt").read_text() == "2"
+    cached_build(final, ("a.txt",), _writer(calls, "3"), accept=lambda m: m["text"] == "3")
+    assert len(calls) == 3 and (final / "a.txt").read_text() == "3"
+    cached_build(final, ("a.txt",), _writer(calls, "4"), accept=lambda m: m["text"] == "3")
+    assert len(calls) == 3
+    (final / ".complete").write_text(json.dumps({"format": PREP_FORMAT - 1}))  # an older format
+    cached_build(final, ("a.txt",), _writer(calls, "5", subdir="o"))
+    assert len(calls) == 4 and (final / "a.txt").read_text() == "5"
+    assert sorted(p.name for p in final.parent.iterdir() if p.name != ".thing.lock") == ["thing"]
+
+
+def test_cached_build_failure_leaves_nothing(tmp_cache):
+    final = tmp_cache / "thing"
+
+    def broken(tmp: Path):
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("build broke")
+
+    with pytest.raises(RuntimeError, match="build broke"):
+        cached_build(final, ("a.txt",), broken)
+    with pytest.raises(RuntimeError, match="left no .*b.txt"):
+        cached_build(final, ("a.txt", "b.txt"), _writer([]))
+    assert [p.name for p in final.parent.iterdir()] == [".thing.lock"]
+
+
+def test_cached_build_removes_leftovers_of_a_killed_build(tmp_cache):
+    final = tmp_cache / "thing"
+    cached_build(final, ("a.txt",), _writer([]))
+    (final.parent / ".thing.tmp-killed").mkdir()
+    (final.parent / ".thing.old-123").mkdir()
+    cached_build(final, ("a.txt",), _writer([]))  # cached: tidies while nobody builds
+    assert sorted(p.name for p in final.parent.iterdir()) == [".thing.lock", "thing"]
+
+
+def test_file_lock_is_exclusive(tmp_cache):
+    path = lock_path("thing")
+    with file_lock(path) as held:
+        assert held
+        with file_lock(path, wait=False) as again:  # another open of the file: refused
+            assert not again
+    with file_lock(path, wait=False) as held:
+        assert held
+
+
+# ---- the package's shape
+
+
+def _module_level_imports(tree: ast.Module) -> list[tuple[int, str, int]]:
+    """(line, module, level) of the imports outside functions and classes."""
+    out = []
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name, 0) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.lineno, node.module or "", node.level))
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            stack.extend(ast.iter_child_nodes(node))
+        elif isinstance(node, ast.ExceptHandler):
+            stack.extend(node.body)
+    return out
+
+
+#: The modules of scap_onnx.prepare; each imports only modules before it.
+ORDER = ("cache", "export", "models", "prose", "texts", "__init__")
+
+
+def test_prepare_package_is_portable_and_a_leaf():
+    modules = sorted(PREPARE_DIR.glob("*.py"))
+    assert {m.stem for m in modules} == set(ORDER)
+    for m in modules:
+        text = m.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 400, m.name
+        tree = ast.parse(text)
+        for line, name, level in _module_level_imports(tree):
+            top = name.split(".")[0]
+            assert top not in {"fcntl", "msvcrt", "termios", "pwd", "grp", "resource"}, (m.name, line)
+            assert level > 0 or top != "scap_onnx", (m.name, line)  # nothing else from scap_onnx
+            assert level <= 1, (m.name, line)
+            if level == 1:
+                assert name in ORDER[: ORDER.index(m.stem)], (m.name, line, name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("scap_onnx"), (m.name, node.lineno)
 
 
 # ---- SmolLM2
@@ -290,3 +436,33 @@ that wraps, and :ref:`a label <target>`.
     assert paras[-2:] == ["* first item", "* second item"]
     for gone in ("eggs(1)", "eggs(2)", "dropped", "synopsis", "noindex", "eggs(x, y)", "==="):
         assert gone not in out, gone
+
+
+# ---- conftest: a broken preparation must fail CI, not skip
+
+
+def _outcome(call) -> str:
+    """"failed", "skipped", "raised" or "returned": what ``call()`` does to a test."""
+    try:
+        call()
+    except pytest.fail.Exception:
+        return "failed"
+    except pytest.skip.Exception:
+        return "skipped"
+    except BaseException:  # noqa: BLE001 - any other exception errors the test
+        return "raised"
+    return "returned"
+
+
+def test_conftest_preparation_failure_fails_under_ci(monkeypatch):
+    import conftest
+    from scap_onnx import prepare
+
+    def broken() -> None:
+        raise RuntimeError("broken preparation")
+
+    monkeypatch.setattr(prepare, "prepare_texts", broken)
+    monkeypatch.setenv("CI", "true")
+    assert _outcome(lambda: conftest.prepared("prepare_texts")) == "failed"
+    monkeypatch.delenv("CI")
+    assert _outcome(lambda: conftest.prepared("prepare_texts")) == "skipped"

@@ -32,12 +32,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scap_onnx import prepare as _prep  # noqa: E402  (shares the cache, lock and export helpers)
+from scap_onnx.prepare import (  # noqa: E402  (shares the cache, lock and export helpers)
+    cache_dir,
+    cached_build,
+    check_close,
+    export_onnx,
+    log,
+    ort_session,
+    postprocess_onnx,
+    transformers_offline,
+    versions,
+)
 
 REQUIRED = ("model.onnx", "config.json", "calib.npz", "eval.npz", "hf/config.json")
 
@@ -65,24 +74,15 @@ def make_random_llama(
     if hidden % heads or heads % kv_heads:
         raise ValueError("hidden must be a multiple of heads, and heads a multiple of kv-heads")
     name = folder_name(layers, hidden, intermediate, heads, kv_heads, vocab, seed)
-    final = (root or _prep.cache_dir() / "models") / name
-    if not force and _prep._is_complete(final, REQUIRED):
-        return final
-    with _prep._locked(name):
-        if not force and _prep._is_complete(final, REQUIRED):
-            return final
-        t0 = time.monotonic()
-        _prep._set_offline()
-        with _prep._build_dir(final) as tmp, _prep._quiet_transformers():
+    final = (root or cache_dir() / "models") / name
+
+    def build(tmp: Path) -> tuple[Path, dict]:
+        with transformers_offline():
             info = _build(tmp, layers, hidden, intermediate, heads, kv_heads, vocab, seed,
                           calib_windows, eval_windows, window)
-            out = tmp / "onnx"
-            info["build_seconds"] = round(time.monotonic() - t0, 1)
-            _prep._write_marker(out, info)
-            _prep._install(out, final)
-        _prep._log(f"random Llama ready: {final} ({_prep._folder_size(final) / 1e6:.0f} MB, "
-                   f"{time.monotonic() - t0:.0f}s)")
-    return final
+        return tmp / "onnx", info
+
+    return cached_build(final, REQUIRED, build, force=force, label="random Llama")
 
 
 def _build(tmp: Path, layers, hidden, intermediate, heads, kv_heads, vocab, seed,
@@ -100,14 +100,14 @@ def _build(tmp: Path, layers, hidden, intermediate, heads, kv_heads, vocab, seed
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )
-    _prep._log(f"building a random LlamaForCausalLM: {layers} layers, hidden {hidden}, intermediate "
-               f"{intermediate}, {heads}/{kv_heads} heads, vocab {vocab}, seed {seed} ...")
+    log(f"building a random LlamaForCausalLM: {layers} layers, hidden {hidden}, intermediate "
+        f"{intermediate}, {heads}/{kv_heads} heads, vocab {vocab}, seed {seed} ...")
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     out = tmp / "onnx"
     hf = out / "hf"
     model.save_pretrained(hf, safe_serialization=True)
-    _prep._export(hf, out, task="text-generation-with-past", label="random Llama")
-    info = _prep._postprocess_onnx(out / "model.onnx", rename_matmul_weights=True)
+    export_onnx(hf, out, task="text-generation-with-past", label="random Llama")
+    info = postprocess_onnx(out / "model.onnx", rename_matmul_weights=True)
     if not (out / "config.json").is_file():
         (out / "config.json").write_text(config.to_json_string(), encoding="utf-8")
 
@@ -123,8 +123,8 @@ def _build(tmp: Path, layers, hidden, intermediate, heads, kv_heads, vocab, seed
     ids = rng_e.integers(3, vocab, size=(1, 16), dtype=np.int64)
     with torch.no_grad():
         ref = model(torch.from_numpy(ids), use_cache=False).logits.numpy()
-    got = _prep._ort_session(out / "model.onnx").run(["logits"], feeds_from_ids(inputs, ids))[0]
-    check = _prep._close("logits", got, ref, rtol=1e-3)
+    got = ort_session(out / "model.onnx").run(["logits"], feeds_from_ids(inputs, ids))[0]
+    check = check_close("logits", got, ref, rtol=1e-3)
     params = sum(p.numel() for p in model.parameters())
     info.update({
         "model": "random LlamaForCausalLM",
@@ -135,7 +135,7 @@ def _build(tmp: Path, layers, hidden, intermediate, heads, kv_heads, vocab, seed
         "dtype": "float32",
         "feeds": {"calib.npz": [calib_windows, window], "eval.npz": [eval_windows, window]},
         "check": check,
-        "versions": _prep._versions("torch", "transformers", "optimum-onnx", "optimum", "onnx", "onnxruntime"),
+        "versions": versions("torch", "transformers", "optimum-onnx", "optimum", "onnx", "onnxruntime"),
     })
     return info
 
