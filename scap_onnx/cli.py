@@ -3,9 +3,9 @@
 Bad input exits with code 2 and a one-line reason on stderr; long work shows progress on stderr;
 outputs are written atomically; the input model is never modified.
 
-This is the only module that imports typer, so every command's options live here, each command a
-thin layer over the library (scap_onnx.api, scap_onnx.evaluation, scap_onnx.experiments): that is
-why it is longer than the other modules.
+Why this module is long: it is the only module that imports typer, so every command's options
+live here, each command a thin layer over the library (scap_onnx.api, scap_onnx.evaluation,
+scap_onnx.experiments).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .errors import ScapError
 from .evaluation.options import ValidateOptions
 from .evaluation.report import write_report
 from .evaluation.validate import default_report_path, targets_from_spec, validate
-from .experiments import demo, sweep
+from .experiments import demo, sweep, sweep_report
 from .graph.fileio import check_output_file, same_file
 from .graph.model_io import load_proto
 from .graph.targets import find_targets, group_sites
@@ -361,7 +361,7 @@ def sweep_command(
                     progress=progress, log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     finally:
         _stop(progress)
-    typer.echo(sweep.sweep_markdown(res))
+    typer.echo(sweep_report.sweep_markdown(res))
     typer.echo(f"sweep: {output / 'sweep.json'} (+ sweep.md, pareto.png, reports/)")
 
 
