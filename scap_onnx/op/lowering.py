@@ -8,7 +8,7 @@ without the compiled library.
   D @ B (+ bias). A dropped element skips its row of B in the kernels and the reference, so an
   Inf or NaN in that row must not turn into 0 * Inf = NaN: where B is not known to be finite the
   lowering adds the non-finite products separately (counts of kept +Inf / -Inf / NaN products per
-  output, from 0/1 matrices), at the price of four more MatMuls.
+  output, from 0/1 matrices), at the price of five more MatMuls.
 """
 
 from __future__ import annotations
@@ -63,9 +63,10 @@ def _with_nonfinite_rows(b, d, drop, kept, weight, zero, elem_type, np_dtype, ou
     def as_t(flag):
         return b.op("Cast", [flag], to=elem_type)
 
-    pos_inf = b.op("IsInf", [weight], detect_negative=0)
-    neg_inf = b.op("IsInf", [weight], detect_positive=0)
-    nan = b.op("IsNaN", [weight])
+    w32 = weight if elem_type == onnx.TensorProto.FLOAT else b.op("Cast", [weight], to=onnx.TensorProto.FLOAT)
+    pos_inf = b.op("IsInf", [w32], detect_negative=0)  # (onnxruntime's IsInf takes no float16)
+    neg_inf = b.op("IsInf", [w32], detect_positive=0)
+    nan = b.op("IsNaN", [w32])
     finite_b = b.op("Where", [b.op("Or", [b.op("Or", [pos_inf, neg_inf]), nan]), zero, weight])
     y = b.op("MatMul", [kept, finite_b])
     keep = b.op("Not", [drop])
