@@ -1,9 +1,11 @@
-// The library's only export: RegisterCustomOps, called by onnxruntime when a session registers
-// this library. It adds ScapSparseMatMul (float32 and float16) in domain com.scap.
+// The library's exports: RegisterCustomOps, called by onnxruntime when a session registers this
+// library (it adds ScapSparseMatMul, float32 and float16, in domain com.scap), and
+// ScapOnnxKernelIsa, which tells callers (Python, tests) which kernels this process runs.
 #include <mutex>
 #include <vector>
 
 #include "scap_sparse_matmul.h"
+#include "sparse_gemm.h"
 
 #if defined(_WIN32)
 #define SCAP_EXPORT __declspec(dllexport)
@@ -41,3 +43,7 @@ extern "C" SCAP_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   }
   return nullptr;
 }
+
+// "amx", "avx512", "avx2", "neon" or "portable": the kernels chosen for this process (CPU and
+// SCAP_ONNX_ISA, read once). A static string; safe to call before or without any session.
+extern "C" SCAP_EXPORT const char* ScapOnnxKernelIsa(void) { return scap::SelectedIsa(); }

@@ -19,6 +19,7 @@ with NaN and Inf required in the same places.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -441,12 +442,27 @@ def _run_capped(isa: str, body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
+def kernel_isa() -> str:
+    """The kernels the library chose for this process, as its ScapOnnxKernelIsa() reports them."""
+    library = ctypes.CDLL(scap_onnx.get_library_path())
+    library.ScapOnnxKernelIsa.restype = ctypes.c_char_p
+    library.ScapOnnxKernelIsa.argtypes = []
+    return library.ScapOnnxKernelIsa().decode()
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "amx"])
 def test_isa_cap(isa):
-    """Every kernel variant the CPU runs, one capped subprocess each."""
+    """Every kernel variant the CPU runs, one capped subprocess each; the library reports that the
+    cap really chose those kernels."""
     _skip_unless_cpu_runs(isa)
-    proc = _run_capped(isa, "sys.exit(test_op.run_battery())\n")
+    proc = _run_capped(isa, "print('kernel isa:', test_op.kernel_isa())\nsys.exit(test_op.run_battery())\n")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert f"kernel isa: {isa}\n" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_kernel_isa_is_reported():
+    """ScapOnnxKernelIsa names one of the library's kernel families (uncapped: the best the CPU runs)."""
+    assert kernel_isa() in {"amx", "avx512", "avx2", "neon", "portable"}
 
 
 def test_amx_kernel_runs_where_the_cpu_has_it():
