@@ -86,7 +86,7 @@ struct KernelSet {
 struct GemmKernels {
   KernelSet<float> f32;
   KernelSet<uint16_t> f16;
-  const char* isa;  // "avx512", "avx2" or "portable"
+  const char* isa;  // "avx512", "avx2", "neon" or "portable"
 };
 
 // The fastest kernels this CPU runs, chosen once at run time.
@@ -113,6 +113,10 @@ struct AmxGemm {
 
 // The AMX kernels when the CPU, the operating system and SCAP_ONNX_ISA allow them, else nullptr.
 const AmxGemm* SelectAmx();
+
+// The kernels this process runs: "amx" when SelectAmx() gives the tile kernels, else
+// SelectKernels().isa. Exported as ScapOnnxKernelIsa (register.cc).
+const char* SelectedIsa();
 
 // The portable kernels (also the reference for the vectorised ones in tests of the dispatch).
 const GemmKernels& PortableKernels();
