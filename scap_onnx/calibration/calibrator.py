@@ -35,7 +35,7 @@ from ..op.contract import Sparsification
 from ..op.session import session_options
 from ..progress import NullProgress, Progress
 from .capture import Capture, Upstream
-from .data import DataSource, MixedSource, open_data
+from .data import DataReader, open_data
 from .histogram import Histogram, robust_scale
 from .spec import DEFAULT_TOKEN_SCALED_ROLES, Spec, parse_spec, shared_sparsity
 from .stats import CANDIDATE_ORDER, SiteStats, Stats
@@ -206,7 +206,7 @@ def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: 
 
 def calibrate(
     model: str | Path,
-    data: str | Path | Sequence[str | Path] | DataSource | MixedSource,
+    data: str | Path | Sequence[str | Path] | DataReader,
     *,
     sparsity: str | float | Spec = 0.5,
     targets: str | None = None,
@@ -244,7 +244,7 @@ def calibrate(
         chosen = find_targets(source.proto, targets)
         sites = group_sites(chosen)
         scaled = {s.input for s in sites if any(t.role in token_scaled_roles for t in s.targets)}
-        if isinstance(data, (DataSource, MixedSource)):
+        if isinstance(data, DataReader):
             ds = data
         else:
             ds = open_data(data, source.proto, model, tokenizer=tokenizer, seq_len=seq_len,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import onnx
@@ -99,6 +99,26 @@ def feeds_from_ids(inputs: list[InputInfo], ids: np.ndarray) -> dict[str, np.nda
                 f"cannot derive model input {n!r} from text; give --data as an .npz of feeds for every input"
             )
     return feeds
+
+
+@runtime_checkable
+class DataReader(Protocol):
+    """The one protocol of calibration and evaluation data (onnxruntime's CalibrationDataReader, as
+    a re-iterable stream): :class:`DataSource` (one file) and :class:`MixedSource` (several texts)."""
+
+    max_tokens: int | None
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def is_text(self) -> bool: ...
+
+    def batches(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """(feeds by input name, tokens in the batch), one batch at a time, from the start each call."""
+        ...
+
+    def describe(self) -> dict: ...
 
 
 @dataclass

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration.data import DataReader
 from ..calibration.spec import parse_spec
 from ..graph.targets import ROLES
 from ..op.contract import scap_nodes
@@ -52,7 +53,7 @@ REPORT_FORMAT = "scap-onnx-validate"
 REPORT_VERSION = 1
 
 
-def validate(dense: str | Path, sparse: str | Path, data, options: ValidateOptions | None = None,
+def validate(dense: str | Path, sparse: str | Path, data: str | Path | DataReader, options: ValidateOptions | None = None,
              *, progress: Progress | None = None, dense_cache: DenseCache | None = None) -> dict:
     """Validate SPARSE against DENSE on DATA (a file, or a DataSource); returns the report dict (see scap_onnx.evaluation.report)."""
     opts = options or ValidateOptions()
@@ -62,7 +63,7 @@ def validate(dense: str | Path, sparse: str | Path, data, options: ValidateOptio
     pair = open_pair(dense, sparse)
     provider = provider_name(opts.provider)
     threads = opts.threads or default_threads()
-    ds = data if hasattr(data, "batches") else open_eval_data(pair, data, opts)  # a path, or a DataSource
+    ds = data if isinstance(data, DataReader) else open_eval_data(pair, data, opts)
     env = environment(threads, provider, opts.spinning)
     env["thread_pool"] = "separate"  # the accuracy sessions; latency below records its own
     report: dict = {
