@@ -58,4 +58,6 @@ const AmxGemm* SelectAmx() {
 #endif
 }
 
+const char* SelectedIsa() { return SelectAmx() != nullptr ? "amx" : SelectKernels().isa; }
+
 }  // namespace scap

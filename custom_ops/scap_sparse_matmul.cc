@@ -5,8 +5,9 @@
 #include "scap_sparse_matmul.h"
 
 #include <algorithm>
-#include <cmath>
-#include <stdexcept>
+#include <atomic>
+#include <exception>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -39,31 +40,11 @@ struct Traits;
 template <>
 struct Traits<float> {
   using Bits = float;
-  static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 };
 template <>
 struct Traits<Ort::Float16_t> {
   using Bits = uint16_t;
-  static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 };
-
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-float ReadFloatAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name, bool required,
-                         float fallback) {
-  float value = fallback;
-  OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, &value);
-  if (status != nullptr) {
-    api.ReleaseStatus(status);
-    if (required) throw std::invalid_argument(std::string("missing required float attribute '") + name + "'");
-    return fallback;
-  }
-  return value;
-}
 
 // Per-thread scratch, reused across calls so that decoding does not allocate per token.
 struct Scratch {
@@ -101,13 +82,38 @@ void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float
   s.kept.resize(static_cast<size_t>(kept));
 }
 
+// Tasks run by onnxruntime's thread pool must not throw (an exception would cross its C interface
+// or end a pool thread): the first failure is kept here and rethrown on the calling thread.
+struct TaskBatch {
+  void (*task)(void*, size_t);
+  void* job;
+  std::atomic<bool> failed{false};
+  std::mutex mutex;
+  std::exception_ptr error;
+};
+
+void RunCaught(void* data, size_t index) noexcept {
+  auto& batch = *static_cast<TaskBatch*>(data);
+  if (batch.failed.load(std::memory_order_relaxed)) return;
+  try {
+    batch.task(batch.job, index);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(batch.mutex);
+    if (!batch.failed.exchange(true)) batch.error = std::current_exception();
+  }
+}
+
 // Runs tasks [0, count) in onnxruntime's intra-op thread pool, or inline when there is one.
 void RunTasks(Ort::KernelContext& context, void (*task)(void*, size_t), int64_t count, void* job) {
   if (count == 1) {
     task(job, 0);
-  } else {
-    context.ParallelFor(task, static_cast<size_t>(count), 0, job);
+    return;
   }
+  TaskBatch batch;
+  batch.task = task;
+  batch.job = job;
+  context.ParallelFor(&RunCaught, static_cast<size_t>(count), 0, &batch);
+  if (batch.error) std::rethrow_exception(batch.error);
 }
 
 // Rows of D to gather at the kept columns (see SparseTiles), a tile of rows per task.
@@ -302,33 +308,16 @@ bool RunAmx(Ort::KernelContext& context, Job<Bits>& job, Scratch& scratch) {
 }  // namespace
 
 template <typename T>
-ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
-  Ort::ConstKernelInfo kernel_info(info);
-  node_name_ = kernel_info.GetNodeName();
-  const auto fail = [&](const std::string& message) {
-    throw std::invalid_argument(std::string(kOpType) + " node '" + node_name_ + "': " + message);
-  };
-  try {
-    threshold_ = ReadFloatAttribute(api, info, "threshold", /*required=*/true, 0.0f);
-  } catch (const std::invalid_argument& e) {
-    fail(e.what());
-  }
-  offset_ = ReadFloatAttribute(api, info, "offset", /*required=*/false, 0.0f);
-  if (std::isnan(threshold_) || threshold_ < 0.0f)
-    fail("attribute 'threshold' must be >= 0, got " + std::to_string(threshold_));
-  if (std::isnan(offset_)) fail("attribute 'offset' must not be NaN");
-}
+ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info)
+    : api_(api), attributes_(ReadNodeAttributes(api, info)) {}
 
 template <typename T>
 OrtStatusPtr ScapSparseMatMulKernel<T>::ComputeV2(OrtKernelContext* context) noexcept {
   try {
     Compute(context);
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return api_.CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::exception& e) {
-    const std::string message = std::string(kOpType) + " node '" + node_name_ + "': " + e.what();
-    return api_.CreateStatus(ORT_INVALID_ARGUMENT, message.c_str());
+  } catch (...) {
+    return StatusFromCurrentException(api_, attributes_.node_name);
   }
 }
 
@@ -342,25 +331,13 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
 
   const std::vector<int64_t> a_shape = a.GetTensorTypeAndShapeInfo().GetShape();
   const std::vector<int64_t> b_shape = b.GetTensorTypeAndShapeInfo().GetShape();
-  if (b_shape.size() != 2) throw std::invalid_argument("B must be 2-D [K, N], got shape " + ShapeString(b_shape));
-  if (a_shape.empty()) throw std::invalid_argument("A must have rank >= 1, got a scalar");
-  const int64_t depth = b_shape[0], n = b_shape[1];
-  if (a_shape.back() != depth)
-    throw std::invalid_argument("A's last dimension must equal B's first: A " + ShapeString(a_shape) + ", B " +
-                                ShapeString(b_shape));
-  const Bits* bias_data = nullptr;
-  if (bias != nullptr) {
-    const std::vector<int64_t> bias_shape = bias.GetTensorTypeAndShapeInfo().GetShape();
-    if (bias_shape.size() != 1 || bias_shape[0] != n)
-      throw std::invalid_argument("bias must have shape [" + std::to_string(n) + "], got " + ShapeString(bias_shape));
-    bias_data = reinterpret_cast<const Bits*>(bias.GetTensorRawData());
-  }
+  std::vector<int64_t> bias_shape;
+  if (bias != nullptr) bias_shape = bias.GetTensorTypeAndShapeInfo().GetShape();
+  const MatMulShape shape = CheckShapes(a_shape, b_shape, bias != nullptr ? &bias_shape : nullptr);
+  const int64_t rows = shape.rows, depth = shape.depth, n = shape.n;
+  const Bits* bias_data = bias != nullptr ? reinterpret_cast<const Bits*>(bias.GetTensorRawData()) : nullptr;
 
-  std::vector<int64_t> y_shape(a_shape.begin(), a_shape.end() - 1);
-  y_shape.push_back(n);
-  Ort::UnownedValue y = context.GetOutput(0, y_shape);
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < a_shape.size(); ++i) rows *= a_shape[i];
+  Ort::UnownedValue y = context.GetOutput(0, shape.y);
   if (rows == 0 || n == 0) return;
 
   const Bits* a_data = reinterpret_cast<const Bits*>(a.GetTensorRawData());
@@ -382,7 +359,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   const KernelSet<Bits>& kernels = Kernels<Bits>();
   if (rows == 1) {
     // Decoding: each task streams whole kept rows of B into a partial sum.
-    Sparsify(a_data, 1, depth, threshold_, offset_, scratch);
+    Sparsify(a_data, 1, depth, attributes_.threshold, attributes_.offset, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
     const int64_t tasks = KSplitTasks(kept, kept * n);
     scratch.partials.resize(static_cast<size_t>(tasks * n));
@@ -395,7 +372,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   // Several rows: passes bound the scratch memory; each pass reads the kept rows of B once.
   for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
     const int64_t pass_rows = std::min(rows - row0, kMaxRowsPerPass);
-    Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, threshold_, offset_,
+    Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, attributes_.threshold, attributes_.offset,
                                               kernels.tile_rows, scratch),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
     if (pass_rows <= kKSplitMaxRows) {
@@ -420,22 +397,6 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       }
     }
   }
-}
-
-template <typename T>
-OrtStatusPtr ScapSparseMatMulOp<T>::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
-                                                   void** kernel) const noexcept {
-  try {
-    *kernel = new ScapSparseMatMulKernel<T>(api, info);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-  }
-}
-
-template <typename T>
-ONNXTensorElementDataType ScapSparseMatMulOp<T>::GetInputType(size_t) const {
-  return Traits<T>::kType;
 }
 
 template struct ScapSparseMatMulKernel<float>;

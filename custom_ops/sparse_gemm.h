@@ -114,6 +114,10 @@ struct AmxGemm {
 // The AMX kernels when the CPU, the operating system and SCAP_ONNX_ISA allow them, else nullptr.
 const AmxGemm* SelectAmx();
 
+// The kernels this process runs: "amx" when SelectAmx() gives the tile kernels, else
+// SelectKernels().isa. Exported as ScapOnnxKernelIsa (register.cc).
+const char* SelectedIsa();
+
 // The portable kernels (also the reference for the vectorised ones in tests of the dispatch).
 const GemmKernels& PortableKernels();
 

@@ -19,6 +19,7 @@ with NaN and Inf required in the same places.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -441,12 +442,27 @@ def _run_capped(isa: str, body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
+def kernel_isa() -> str:
+    """The kernels the library chose for this process, as its ScapOnnxKernelIsa() reports them."""
+    library = ctypes.CDLL(scap_onnx.get_library_path())
+    library.ScapOnnxKernelIsa.restype = ctypes.c_char_p
+    library.ScapOnnxKernelIsa.argtypes = []
+    return library.ScapOnnxKernelIsa().decode()
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512", "amx"])
 def test_isa_cap(isa):
-    """Every kernel variant the CPU runs, one capped subprocess each."""
+    """Every kernel variant the CPU runs, one capped subprocess each; the library reports that the
+    cap really chose those kernels."""
     _skip_unless_cpu_runs(isa)
-    proc = _run_capped(isa, "sys.exit(test_op.run_battery())\n")
+    proc = _run_capped(isa, "print('kernel isa:', test_op.kernel_isa())\nsys.exit(test_op.run_battery())\n")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert f"kernel isa: {isa}\n" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_kernel_isa_is_reported():
+    """ScapOnnxKernelIsa names one of the library's kernel families (uncapped: the best the CPU runs)."""
+    assert kernel_isa() in {"amx", "avx512", "avx2", "neon", "portable"}
 
 
 def test_amx_kernel_runs_where_the_cpu_has_it():
@@ -548,3 +564,143 @@ def test_session_still_works_after_errors():
     a = _activations((3, 33), np.float32, 0.5, 0.0, "finite", 1)
     (y,) = session.run(None, {"a": a, "b": b})
     check_close(y, _reference(a, b, None, 0.5, 0.0), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "attrs, threshold, offset",
+    [
+        ({"threshold": 0.5, "offset": 2}, 0.5, 2.0),  # INT offset (onnx.helper stores a Python int as INT)
+        ({"threshold": 1, "offset": 0.25}, 1.0, 0.25),  # INT threshold
+        ({"threshold": 1, "offset": -2}, 1.0, -2.0),
+        ({"threshold": 0}, 0.0, 0.0),
+    ],
+    ids=["int_offset", "int_threshold", "both_int", "int_threshold_only"],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_int_attributes_are_numbers(dtype, attrs, threshold, offset):
+    """INT attributes mean their value (an INT offset of 2 was once read as 0)."""
+    name = f"int_attrs_{np.dtype(dtype).name}"
+    b, bias = _weights(33, 17, dtype)
+    session = _session(_model(dtype, attrs=attrs, name=name, with_bias=True))
+    for rows in (1, 5, 40):
+        a = _activations((rows, 33), dtype, threshold, offset, "finite", _seed("int-attrs", rows))
+        (y,) = session.run(None, {"a": a, "b": b, "bias": bias})
+        check_close(y, _reference(a, b, bias, threshold, offset), TOL[dtype], f"{attrs} rows={rows}")
+
+
+@pytest.mark.parametrize(
+    "attrs, words",
+    [
+        ({"threshold": 0.5, "offset": "2"}, ["'offset'", "FLOAT or INT"]),
+        ({"threshold": "0.5"}, ["'threshold'", "FLOAT or INT"]),
+        ({"threshold": [0.5, 0.5]}, ["'threshold'", "FLOAT or INT"]),
+        ({"threshold": 0.5, "offset": [1, 2]}, ["'offset'", "FLOAT or INT"]),
+        ({"threshold": -1}, ["'threshold'", ">= 0"]),
+    ],
+    ids=["string_offset", "string_threshold", "list_threshold", "list_offset", "negative_int_threshold"],
+)
+def test_attributes_of_other_types_are_rejected(attrs, words):
+    """Attributes that are not single numbers are errors naming the node and the attribute, never
+    silently the default."""
+    name = "typed_attrs"
+    message = _expect_ort_error(_model(np.float32, attrs=attrs, name=name),
+                                {"a": np.ones((2, 3), np.float32), "b": np.ones((3, 4), np.float32)}, name)
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_depth_of_2_pow_31_is_rejected(dtype):
+    """Kept indices are 32-bit: K = 2^31 is an error naming the node (here on empty tensors, which need
+    no memory; earlier versions returned an empty Y without a word)."""
+    name = f"huge_k_{np.dtype(dtype).name}"
+    k = 2**31
+    message = _expect_ort_error(_model(dtype, name=name),
+                                {"a": np.ones((0, k), dtype), "b": np.ones((k, 0), dtype)}, name)
+    assert "2^31" in message
+    # K = 2^31 - 1 is allowed.
+    (y,) = _session(_model(dtype)).run(None, {"a": np.ones((0, k - 1), dtype), "b": np.ones((k - 1, 0), dtype)})
+    assert y.shape == (0, 0)
+
+
+def _model_with_shapes(dtype, a_shape, n, with_bias=False):
+    """One node over A with the declared shape a_shape (None: unknown rank) and an initializer B [K, N]."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    k = 16 if a_shape is None else a_shape[-1]
+    b = np.ones((k, n), dtype)
+    inputs = [helper.make_tensor_value_info("a", elem, a_shape)]
+    initializers = [numpy_helper.from_array(b, "b")]
+    if with_bias:
+        initializers.append(numpy_helper.from_array(np.ones(n, dtype), "bias"))
+    node = make_node("a", "b", "y", threshold=0.5, offset=0.0, bias="bias" if with_bias else None, name="shapes")
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", elem, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(
+    "a_shape, n, expected",
+    [
+        (["batch", "seq", 16], 7, ["batch", "seq", 7]),
+        ([3, 16], 5, [3, 5]),
+        ([16], 9, [9]),
+        (["tokens", 16], 4, ["tokens", 4]),
+    ],
+    ids=["symbolic_rank3", "fixed", "rank1", "symbolic_rank2"],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
+def test_output_shape_is_inferred(dtype, a_shape, n, expected):
+    """onnxruntime knows Y's shape [..., N] from A's and B's before running (the op declares it)."""
+    session = _session(_model_with_shapes(dtype, a_shape, n, with_bias=True))
+    (output,) = session.get_outputs()
+    assert output.shape == expected
+    assert output.type == f"tensor({'float' if dtype == np.float32 else 'float16'})"
+
+
+def test_output_shape_of_unknown_rank_stays_unknown():
+    """A of unknown rank gives no inferred shape (not a wrong one), and the node still runs."""
+    session = _session(_model_with_shapes(np.float32, None, 7))
+    assert session.get_outputs()[0].shape in (None, [])
+    a = np.ones((2, 3, 16), np.float32)
+    (y,) = session.run(None, {"a": a})
+    assert y.shape == (2, 3, 7)
+
+
+def test_out_of_memory_in_pool_tasks_is_an_error():
+    """An allocation that fails inside a task of onnxruntime's thread pool becomes an error naming the
+    node, never a crash (the exception once crossed onnxruntime's C interface). A subprocess caps its
+    address space just above what the call needs outside the tasks; the tasks' panels do not fit."""
+    body = """
+import resource, numpy as np, onnxruntime as ort
+import scap_onnx
+def vm_bytes():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmSize:'):
+            return int(line.split()[1]) * 1024
+options = scap_onnx.session_options(intra_op_threads=2)
+options.enable_cpu_mem_arena = False
+model = test_op._model(np.float32, threshold=0.0, name='oom_node')
+session = ort.InferenceSession(model.SerializeToString(), options, providers=['CPUExecutionProvider'])
+rng = np.random.default_rng(0)
+for n in (64, 4096):  # warm up: the pool thread's allocator and buffers exist
+    session.run(None, {'a': rng.standard_normal((2, 64)).astype(np.float32),
+                       'b': rng.standard_normal((64, n)).astype(np.float32)})
+n = 2**18
+a = rng.standard_normal((2, 64)).astype(np.float32)
+b = rng.standard_normal((64, n)).astype(np.float32)
+# Outside the tasks: 4 partial sums (2 rows padded to a register tile) and Y; each task's panel:
+# 8 rows of n floats, which the 4 * n floats of margin cannot hold.
+tile_rows = 8 if test_op.kernel_isa() in ('avx512', 'amx') else 4
+limit = vm_bytes() + (4 * tile_rows + 2 + 4) * n * 4
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+try:
+    session.run(None, {'a': a, 'b': b})
+    print('ran without error')
+except Exception as e:
+    print('error:', type(e).__module__, str(e).replace(chr(10), ' '))
+"""
+    proc = _run_capped(os.environ.get("SCAP_ONNX_ISA", "amx"), body)  # "amx": no cap
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert "error: onnxruntime" in proc.stdout and "oom_node" in proc.stdout and "out of memory" in proc.stdout, \
+        proc.stdout

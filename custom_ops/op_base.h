@@ -1,0 +1,108 @@
+// What every ScapSparseMatMul kernel shares, whichever execution provider runs it (the CPU kernel
+// here, a CUDA kernel beside it): the op's name and schema for ONNX Runtime, the node's attributes
+// read and checked, the checks of the inputs' shapes, Y's shape (at run time and for ONNX Runtime's
+// shape inference), and exceptions turned into an OrtStatus that names the node. Free of kernels.
+//
+//   inputs     A: T [..., K] (rank >= 1, K < 2^31); B: T [K, N]; bias (optional): T [N]
+//   output     Y: T [..., N]
+//   attributes threshold: float >= 0 (required); offset: float (default 0); INT values are taken
+//   T          float32 or float16, accumulated in float32
+//   semantics  D = A - offset; D[i] is dropped iff |D[i]| <= threshold; Y = D_kept @ B (+ bias)
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace scap {
+
+constexpr const char* kDomain = "com.scap";
+constexpr const char* kOpType = "ScapSparseMatMul";
+
+// Kernels index A's kept elements with int32: K must stay below 2^31.
+constexpr int64_t kMaxDepth = 2147483647;
+
+// The oldest ONNX Runtime C API the library calls (onnxruntime 1.17: KernelContext_ParallelFor and
+// custom-op shape inference). register.cc negotiates down to it.
+constexpr uint32_t kOldestOrtApi = 17;
+
+// The ONNX element type of T (float or Ort::Float16_t).
+template <typename T>
+struct ElementType;
+template <>
+struct ElementType<float> {
+  static constexpr ONNXTensorElementDataType kValue = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+};
+template <>
+struct ElementType<Ort::Float16_t> {
+  static constexpr ONNXTensorElementDataType kValue = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+};
+
+// A node's attributes, checked.
+struct NodeAttributes {
+  std::string node_name;
+  float threshold = 0.0f;
+  float offset = 0.0f;
+};
+
+// Reads threshold (required) and offset (default 0), as FLOAT or INT attributes; throws
+// std::invalid_argument naming the node when one is missing, of another type, NaN, or threshold < 0.
+NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info);
+
+// One call's sizes, from the inputs' shapes.
+struct MatMulShape {
+  int64_t rows = 0;   // product of A's leading dimensions
+  int64_t depth = 0;  // K
+  int64_t n = 0;      // N
+  std::vector<int64_t> y;
+};
+
+// Checks A, B and bias (nullptr when absent) against the contract; throws std::invalid_argument
+// saying what is wrong (the caller adds the node's name).
+MatMulShape CheckShapes(const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+                        const std::vector<int64_t>* bias);
+
+// The exception being handled, as an OrtStatus whose message names the node (when node_name is
+// not empty). Call from a catch block only.
+OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name) noexcept;
+
+// ONNX Runtime's shape inference for the node: Y gets A's element type and shape [..., N] when the
+// ranks and dimensions are known (a dimension may be symbolic); otherwise Y is left unknown.
+OrtStatusPtr InferOutputShape(const OrtApi& api, OrtShapeInferContext* context) noexcept;
+
+// The op's schema for ONNX Runtime, one per element type T. TOp (the derived op) adds
+// GetExecutionProviderType; TKernel has TKernel(const OrtApi&, const OrtKernelInfo*) and
+// OrtStatusPtr ComputeV2(OrtKernelContext*) noexcept.
+template <typename TOp, typename TKernel, typename T>
+struct OpSchema : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
+  OpSchema() {
+    // ONNX Runtime keeps one schema per op name: this function serves every T, reading A's type.
+    this->InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* context) -> OrtStatusPtr {
+      return InferOutputShape(Ort::GetApi(), context);
+    };
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
+    try {
+      *kernel = new TKernel(api, info);
+      return nullptr;
+    } catch (...) {
+      return StatusFromCurrentException(api, "");  // the kernel's messages name the node
+    }
+  }
+
+  const char* GetName() const { return kOpType; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ElementType<T>::kValue; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ElementType<T>::kValue; }
+};
+
+}  // namespace scap
