@@ -129,18 +129,19 @@ void TestPlans() {
   for (int bytes : {2, 4}) {
     for (auto kn : {std::pair<int64_t, int64_t>{4096, 11008}, {11008, 4096}, {8192, 28672}, {1, 1}, {0, 5},
                     {300, 17}}) {
-      const GemvPlan g = MakeGemvPlan(kn.first, kn.second, bytes, sm);
+      const GemvPlan g = MakeGemvPlan(kn.first, kn.second, bytes, sm, 8);
       CHECK(g.vec * bytes == 16 && g.width == 32 * g.vec, "vector of 16 bytes");
       CHECK(g.tiles * g.width >= kn.second && (g.tiles - 1) * g.width < std::max<int64_t>(kn.second, 1), "tiles");
       CHECK(g.splits >= 1 && (g.splits == 1 || kn.first / g.splits >= kGemvMinSplitK), "splits %lld",
             (long long)g.splits);
       CHECK(g.splits <= 65535, "grid y limit");
-      // The large layers fill the GPU: at least two blocks per SM.
-      if (kn.first >= 4096) CHECK(g.tiles * g.splits >= 2 * sm, "blocks %lld", (long long)(g.tiles * g.splits));
+      // The large layers fill the GPU with one wave: more than half the resident blocks, no more than all.
+      if (kn.first >= 4096)
+        CHECK(g.tiles * g.splits > 4 * sm && g.tiles * g.splits <= 8 * sm, "blocks %lld", (long long)(g.tiles * g.splits));
     }
     for (int64_t m : {2, 4, 63, 64, 65, 256, 1000}) {
       for (auto kn : {std::pair<int64_t, int64_t>{4096, 11008}, {11008, 4096}, {7, 9}, {0, 3}}) {
-        const GemmPlan g = MakeGemmPlan(m, kn.first, kn.second, bytes, sm);
+        const GemmPlan g = MakeGemmPlan(m, kn.first, kn.second, bytes, sm, 2);
         CHECK(g.mtiles * g.bm >= m && (g.mtiles - 1) * g.bm < m, "row tiles");
         CHECK(g.ntiles * g.bn >= kn.second, "column tiles");
         CHECK(g.splits >= 1 && (g.splits == 1 || kn.first / g.splits >= kGemmMinSplitK), "gemm splits");
@@ -164,7 +165,7 @@ double GemvWalk(int64_t k, int64_t n, int bytes, int sm, float threshold, std::m
   std::vector<float> a(static_cast<size_t>(k)), b(static_cast<size_t>(k * n));
   for (float& x : a) x = normal(rng);
   for (float& x : b) x = normal(rng);
-  const GemvPlan plan = MakeGemvPlan(k, n, bytes, sm);
+  const GemvPlan plan = MakeGemvPlan(k, n, bytes, sm, 8);
   std::vector<float> y(static_cast<size_t>(n), 0.0f);
   std::vector<int> visits(static_cast<size_t>(k * n), 0);
   for (int64_t t = 0; t < plan.tiles; ++t) {
@@ -219,7 +220,7 @@ void GemmWalk(int64_t m, int64_t k, int64_t n, int bytes, float threshold, std::
   std::normal_distribution<float> normal;
   std::vector<float> a(static_cast<size_t>(m * k));
   for (float& x : a) x = normal(rng);
-  const GemmPlan plan = MakeGemmPlan(m, k, n, bytes, 132);
+  const GemmPlan plan = MakeGemmPlan(m, k, n, bytes, 132, 2);
   std::vector<int> visits(static_cast<size_t>(m * k * n), 0);
   for (int64_t mt = 0; mt < plan.mtiles; ++mt) {
     const int64_t m0 = mt * plan.bm;

@@ -467,19 +467,36 @@ struct Launch {
   ScratchLayout layout;
 };
 
-Launch Plan(const Problem& p, int sm_count) {
+// Resident blocks per SM of a kernel (the occupancy calculator), asked once per process.
+template <class Kernel>
+int Residency(Kernel kernel) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
+    cudaGetLastError();  // clear it: the plan then assumes one block
+    blocks = 1;
+  }
+  return blocks;
+}
+
+template <typename T, class Tile>
+Launch PlanTyped(const Problem& p, int sm_count) {
+  static const int gemv_blocks = Residency(GemvKernel<T>);
+  static const int gemm_blocks = Residency(GemmKernel<Tile>);
   Launch l{};
-  const int elem = p.dtype == DType::kFloat16 ? 2 : 4;
   l.gemv = p.m == 1;
   if (l.gemv) {
-    l.gemv_plan = MakeGemvPlan(p.k, p.n, elem, sm_count);
+    l.gemv_plan = MakeGemvPlan(p.k, p.n, sizeof(T), sm_count, gemv_blocks);
     l.layout = MakeScratchLayout(1, p.n, p.k, l.gemv_plan.tiles, l.gemv_plan.splits, 0);
   } else {
-    l.gemm_plan = MakeGemmPlan(p.m, p.k, p.n, elem, sm_count);
+    l.gemm_plan = MakeGemmPlan(p.m, p.k, p.n, sizeof(T), sm_count, gemm_blocks);
     const GemmPlan& g = l.gemm_plan;
     l.layout = MakeScratchLayout(p.m, p.n, p.k, g.mtiles * g.ntiles, g.splits, g.mtiles);
   }
   return l;
+}
+
+Launch Plan(const Problem& p, int sm_count) {
+  return p.dtype == DType::kFloat16 ? PlanTyped<__half, HalfTile>(p, sm_count) : PlanTyped<float, FloatTile>(p, sm_count);
 }
 
 template <typename T, class Tile>

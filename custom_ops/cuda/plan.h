@@ -22,10 +22,6 @@ constexpr int kWarps = kThreads / 32;
 // Elements of K compacted at a time into shared memory (indices, and values for one row of A).
 constexpr int kWindow = 1024;
 
-// Blocks aimed at per SM: the one-row kernel runs about four blocks at once per SM, so two waves;
-// the tiled GEMM runs about two, so one wave.
-constexpr int kGemvBlocksPerSm = 8;
-constexpr int kGemmBlocksPerSm = 2;
 // A split of K over blocks gets at least this many elements of K: each split costs a partial sum
 // of its tile, written and read once.
 constexpr int64_t kGemvMinSplitK = 128;
@@ -82,9 +78,11 @@ SCAP_HD int VecCount(int64_t col, int vec, int64_t n) {
   return static_cast<int>(Max64(0, Min64(vec, n - col)));
 }
 
-// Splits of K that bring the grid near `target_blocks` with at least `min_split` elements of K a split.
-SCAP_HD int64_t ChooseSplits(int64_t k, int64_t tiles, int64_t target_blocks, int64_t min_split) {
-  const int64_t wanted = CeilDiv(target_blocks, tiles);
+// Splits of K that fill the GPU with one wave of resident blocks (`resident`: blocks the GPU runs at
+// once) and no more, so that no second wave runs a few blocks alone; each split keeps at least
+// `min_split` elements of K.
+SCAP_HD int64_t ChooseSplits(int64_t k, int64_t tiles, int64_t resident, int64_t min_split) {
+  const int64_t wanted = resident / tiles;
   const int64_t most = Max64(1, k / min_split);
   return Max64(1, Min64(wanted, most));
 }
@@ -98,12 +96,13 @@ struct GemvPlan {
   int64_t splits;   // splits of K (blocks per tile)
 };
 
-SCAP_HD GemvPlan MakeGemvPlan(int64_t k, int64_t n, int elem_bytes, int sm_count) {
+// blocks_per_sm: resident blocks of the kernel per SM (the occupancy calculator's answer).
+SCAP_HD GemvPlan MakeGemvPlan(int64_t k, int64_t n, int elem_bytes, int sm_count, int blocks_per_sm) {
   GemvPlan plan;
   plan.vec = 16 / elem_bytes;
   plan.width = 32 * plan.vec;
   plan.tiles = Max64(1, CeilDiv(n, plan.width));
-  plan.splits = ChooseSplits(k, plan.tiles, static_cast<int64_t>(sm_count) * kGemvBlocksPerSm, kGemvMinSplitK);
+  plan.splits = ChooseSplits(k, plan.tiles, static_cast<int64_t>(sm_count) * blocks_per_sm, kGemvMinSplitK);
   return plan;
 }
 
@@ -119,7 +118,7 @@ struct GemmPlan {
 constexpr int64_t kGemmHalfBm = 64, kGemmHalfBn = 128, kGemmHalfBk = 64;
 constexpr int64_t kGemmFloatBm = 64, kGemmFloatBn = 64, kGemmFloatBk = 16;
 
-SCAP_HD GemmPlan MakeGemmPlan(int64_t m, int64_t k, int64_t n, int elem_bytes, int sm_count) {
+SCAP_HD GemmPlan MakeGemmPlan(int64_t m, int64_t k, int64_t n, int elem_bytes, int sm_count, int blocks_per_sm) {
   GemmPlan plan;
   const bool half = elem_bytes == 2;
   plan.bm = half ? kGemmHalfBm : kGemmFloatBm;
@@ -127,7 +126,7 @@ SCAP_HD GemmPlan MakeGemmPlan(int64_t m, int64_t k, int64_t n, int elem_bytes, i
   plan.bk = half ? kGemmHalfBk : kGemmFloatBk;
   plan.mtiles = Max64(1, CeilDiv(m, plan.bm));
   plan.ntiles = Max64(1, CeilDiv(n, plan.bn));
-  plan.splits = ChooseSplits(k, plan.mtiles * plan.ntiles, static_cast<int64_t>(sm_count) * kGemmBlocksPerSm,
+  plan.splits = ChooseSplits(k, plan.mtiles * plan.ntiles, static_cast<int64_t>(sm_count) * blocks_per_sm,
                              kGemmMinSplitK);
   return plan;
 }
