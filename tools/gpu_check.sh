@@ -3,7 +3,7 @@
 # and cmake (no network, no onnxruntime): builds custom_ops/cuda (cmake, against cuBLAS when the
 # toolkit has it, else against the program's own dense kernels, which the output says), then runs
 # scap_gpu_check: correctness against a float64 CPU reference, the copy bandwidth, and timings
-# against the baseline. Prints one table per part and writes JSON.
+# against the baseline. Prints one table per part, then the JSON it writes.
 #
 # Usage: bash tools/gpu_check.sh [JSON]     (default: gpu_check.json in the current folder)
 # Environment: SCAP_GPU_BUILD (build folder, default build/gpu_check), JOBS (default: all cores),
@@ -28,4 +28,7 @@ start=$(date +%s)
 cmake "${cmake_args[@]}" | grep -E "scap_gpu_check|CUDA" || true
 cmake --build "$build" -j "$jobs" --target scap_gpu_check
 echo "gpu_check: built in $(( $(date +%s) - start )) s (architectures: ${archs:-default list})"
-"$build/scap_gpu_check" --json "$json"
+status=0
+"$build/scap_gpu_check" --json "$json" || status=$?
+[ -f "$json" ] && { echo "--- $json"; cat "$json"; }
+exit "$status"
