@@ -1,9 +1,14 @@
-// Picks the fastest kernels the running CPU supports, once. SCAP_ONNX_ISA=portable|avx2|avx512|amx
-// caps the choice (tests use it to check every path on one machine).
+// Picks the fastest kernels the running CPU supports, once. SCAP_ONNX_ISA caps the choice (tests use
+// it to check every path on one machine): amx|avx512|avx2|portable on x86-64, neon|portable on ARM64;
+// any other value gives the portable kernels.
 #include <cstdlib>
 #include <cstring>
 
 #include "sparse_gemm.h"
+
+#if defined(SCAP_HAVE_X86_KERNELS)
+#include <cpuid.h>  // the x86 kernels are built by GCC and Clang only (CMakeLists.txt)
+#endif
 
 namespace scap {
 
@@ -14,28 +19,44 @@ const GemmKernels& Avx2Kernels();
 #if defined(SCAP_HAVE_AMX_KERNELS)
 const AmxGemm* AmxKernelsIfAvailable();
 #endif
+#if defined(SCAP_HAVE_NEON_KERNELS)
+const GemmKernels& NeonKernels();
+#endif
 
 namespace {
 
-bool AllowAmx() {
+bool CapIs(const char* isa) {
   const char* cap = std::getenv("SCAP_ONNX_ISA");
-  return cap == nullptr || std::strcmp(cap, "amx") == 0;
+  return cap != nullptr && std::strcmp(cap, isa) == 0;
 }
 
-const GemmKernels& Choose() {
-  const char* cap = std::getenv("SCAP_ONNX_ISA");
-  const bool allow_avx512 = AllowAmx() || std::strcmp(cap, "avx512") == 0;
-  const bool allow_avx2 = allow_avx512 || std::strcmp(cap, "avx2") == 0;
+bool Uncapped() { return std::getenv("SCAP_ONNX_ISA") == nullptr; }
+
 #if defined(SCAP_HAVE_X86_KERNELS)
+bool AllowAmx() { return Uncapped() || CapIs("amx"); }
+
+// F16C (the float16 loads and stores of both x86 kernel sets), which __builtin_cpu_supports does
+// not name in every compiler: CPUID leaf 1, ECX bit 29. CPUs and VMs with AVX2 and FMA but without
+// it exist; the AVX2 kernels would die there with an illegal instruction.
+bool HasF16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && ((ecx >> 29) & 1u) != 0;
+}
+#endif
+
+const GemmKernels& Choose() {
+#if defined(SCAP_HAVE_X86_KERNELS)
+  const bool allow_avx512 = AllowAmx() || CapIs("avx512");
+  const bool allow_avx2 = allow_avx512 || CapIs("avx2");
   __builtin_cpu_init();
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && HasF16c();
   const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
-  // F16C comes with every AVX2 CPU that also has FMA (Haswell and later, Zen and later).
   if (allow_avx512 && has_avx512) return Avx512Kernels();
   if (allow_avx2 && has_avx2) return Avx2Kernels();
-#else
-  (void)allow_avx2;
+#elif defined(SCAP_HAVE_NEON_KERNELS)
+  // Every ARM64 CPU has NEON and its float16 conversions.
+  if (Uncapped() || CapIs("neon")) return NeonKernels();
 #endif
   return PortableKernels();
 }

@@ -14,6 +14,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#endif
+
 #include "sparse_gemm.h"
 
 #ifndef SCAP_KERNEL_NS
@@ -27,6 +31,26 @@ inline float ToFloat(float x) { return x; }
 inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
 
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// |x| by clearing the sign bit (NaN stays NaN), without compiler builtins (MSVC has none).
+inline float Abs(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits &= 0x7fffffffu;
+  std::memcpy(&x, &bits, sizeof bits);
+  return x;
+}
+
+// Index of the lowest set bit of a non-zero word.
+inline int LowestBit(uint32_t bits) {
+#if defined(_MSC_VER) && !defined(__clang__)
+  unsigned long index;
+  _BitScanForward(&index, bits);
+  return static_cast<int>(index);
+#else
+  return __builtin_ctz(bits);
+#endif
+}
 
 // acc[0:w] += d0*b0 + d1*b1 + d2*b2 + d3*b3
 template <class Isa, typename TW>
@@ -103,7 +127,7 @@ int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, float threshold, floa
     }
     for (; j < depth; ++j) {
       const float diff = ToFloat(a_row[j]) - offset;
-      const bool keep = !(__builtin_fabsf(diff) <= threshold);  // NaN compares false: kept
+      const bool keep = !(Abs(diff) <= threshold);  // NaN compares false: kept
       d_row[j] = keep ? diff : 0.0f;
       seen[j >> 5] |= static_cast<uint32_t>(keep) << (j & 31);
     }
@@ -111,7 +135,7 @@ int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, float threshold, floa
   int64_t count = 0;
   for (int64_t w = 0; w < words; ++w) {
     for (uint32_t bits = seen[w]; bits != 0; bits &= bits - 1) {
-      kept[count++] = static_cast<int32_t>(w * 32 + __builtin_ctz(bits));
+      kept[count++] = static_cast<int32_t>(w * 32 + LowestBit(bits));
     }
   }
   return count;

@@ -54,7 +54,7 @@ struct Isa {
   static uint32_t Drop(const Vec& diff, const Vec& threshold, Vec* kept) {
     uint32_t bits = 0;
     for (int i = 0; i < 8; ++i) {
-      const bool keep = !(__builtin_fabsf(diff.v[i]) <= threshold.v[i]);  // NaN: kept
+      const bool keep = !(Abs(diff.v[i]) <= threshold.v[i]);  // NaN: kept
       kept->v[i] = keep ? diff.v[i] : 0.0f;
       bits |= static_cast<uint32_t>(keep) << i;
     }

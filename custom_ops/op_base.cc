@@ -83,6 +83,29 @@ MatMulShape CheckShapes(const std::vector<int64_t>& a, const std::vector<int64_t
   return shape;
 }
 
+namespace {
+
+std::string TypeName(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return "float16";
+    default:
+      return "element type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+}  // namespace
+
+void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementDataType a, ONNXTensorElementDataType b,
+                       ONNXTensorElementDataType bias) {
+  if (a != expected || b != expected || (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED && bias != expected))
+    throw std::invalid_argument("A, B and bias must have one type, float32 or float16: got A " + TypeName(a) +
+                                ", B " + TypeName(b) +
+                                (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? ", bias " + TypeName(bias) : ""));
+}
+
 OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name) noexcept {
   const std::string prefix = node_name.empty() ? "" : std::string(kOpType) + " node '" + node_name + "': ";
   try {

@@ -10,6 +10,10 @@
 //   semantics  D = A - offset; D[i] is dropped iff |D[i]| <= threshold; Y = D_kept @ B (+ bias)
 #pragma once
 
+#if defined(_WIN32) && !defined(_MSC_VER) && !defined(_Return_type_success_)
+// MinGW-w64: onnxruntime's C header uses this SAL annotation on Windows but defines it for MSVC only.
+#define _Return_type_success_(expr)
+#endif
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -65,6 +69,12 @@ struct MatMulShape {
 // saying what is wrong (the caller adds the node's name).
 MatMulShape CheckShapes(const std::vector<int64_t>& a, const std::vector<int64_t>& b,
                         const std::vector<int64_t>* bias);
+
+// Throws std::invalid_argument unless A, B and bias (UNDEFINED when absent) are all of type
+// `expected`. A defence: onnxruntime picks kernels by type (1.17 casts a float16 A beside a float32
+// B and runs the float32 kernel; later releases reject the node), so no kernel reads the wrong type.
+void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementDataType a, ONNXTensorElementDataType b,
+                       ONNXTensorElementDataType bias);
 
 // The exception being handled, as an OrtStatus whose message names the node (when node_name is
 // not empty). Call from a catch block only.

@@ -329,10 +329,17 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   const Ort::ConstValue b = context.GetInput(1);
   const Ort::ConstValue bias = context.GetInputCount() > 2 ? context.GetInput(2) : Ort::ConstValue{nullptr};
 
-  const std::vector<int64_t> a_shape = a.GetTensorTypeAndShapeInfo().GetShape();
-  const std::vector<int64_t> b_shape = b.GetTensorTypeAndShapeInfo().GetShape();
+  const Ort::TensorTypeAndShapeInfo a_info = a.GetTensorTypeAndShapeInfo();
+  const Ort::TensorTypeAndShapeInfo b_info = b.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> a_shape = a_info.GetShape(), b_shape = b_info.GetShape();
   std::vector<int64_t> bias_shape;
-  if (bias != nullptr) bias_shape = bias.GetTensorTypeAndShapeInfo().GetShape();
+  ONNXTensorElementDataType bias_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (bias != nullptr) {
+    const Ort::TensorTypeAndShapeInfo bias_info = bias.GetTensorTypeAndShapeInfo();
+    bias_shape = bias_info.GetShape();
+    bias_type = bias_info.GetElementType();
+  }
+  CheckElementTypes(ElementType<T>::kValue, a_info.GetElementType(), b_info.GetElementType(), bias_type);
   const MatMulShape shape = CheckShapes(a_shape, b_shape, bias != nullptr ? &bias_shape : nullptr);
   const int64_t rows = shape.rows, depth = shape.depth, n = shape.n;
   const Bits* bias_data = bias != nullptr ? reinterpret_cast<const Bits*>(bias.GetTensorRawData()) : nullptr;

@@ -86,7 +86,7 @@ struct KernelSet {
 struct GemmKernels {
   KernelSet<float> f32;
   KernelSet<uint16_t> f16;
-  const char* isa;  // "avx512", "avx2" or "portable"
+  const char* isa;  // "avx512", "avx2", "neon" or "portable"
 };
 
 // The fastest kernels this CPU runs, chosen once at run time.

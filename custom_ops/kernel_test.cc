@@ -1,0 +1,310 @@
+// scap_kernel_test: the kernels of sparse_gemm.h against a float64 reference, without ONNX Runtime,
+// so that cross builds (ARM64 under qemu-user) and CPUs without some feature can check them.
+//
+//   scap_kernel_test [--expect ISA]
+//
+// Tests the portable kernels and the ones SelectKernels() picks (SCAP_ONNX_ISA caps the pick) over
+// odd shapes, thresholds 0 / typical / +inf, offsets, NaN in A, Inf and NaN in B, float32 and
+// float16 weights, each path the op uses (one row split over K, tiles over column ranges, tiles
+// split over K). --expect fails unless the pick is ISA. Exit status 0 when everything matches.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "sparse_gemm.h"
+
+namespace {
+
+using scap::KernelSet;
+using scap::SparseRow;
+using scap::SparseTiles;
+
+int g_failures = 0;
+int g_checks = 0;
+
+float ToFloat(float x) { return x; }
+float ToFloat(uint16_t x) { return scap::HalfToFloat(x); }
+template <typename TW>
+TW FromFloat(float x);
+template <>
+float FromFloat<float>(float x) { return x; }
+template <>
+uint16_t FromFloat<uint16_t>(float x) { return scap::FloatToHalf(x); }
+
+struct Case {
+  int64_t rows, depth, n;
+  float threshold, offset;
+  bool bias, nan_in_a, inf_in_b;
+};
+
+// Y as the contract defines it, in float64: D = A - offset, dropped iff |D| <= threshold (NaN kept),
+// Y = D_kept @ B (+ bias); a dropped element never meets its row of B.
+template <typename TW>
+std::vector<double> Reference(const Case& c, const std::vector<TW>& a, const std::vector<TW>& b,
+                              const std::vector<float>& bias) {
+  std::vector<double> y(static_cast<size_t>(c.rows * c.n), 0.0);
+  for (int64_t m = 0; m < c.rows; ++m) {
+    for (int64_t k = 0; k < c.depth; ++k) {
+      const double d = static_cast<double>(ToFloat(a[m * c.depth + k])) - c.offset;
+      if (std::fabs(d) <= c.threshold) continue;
+      for (int64_t j = 0; j < c.n; ++j) y[m * c.n + j] += d * ToFloat(b[k * c.n + j]);
+    }
+    if (c.bias)
+      for (int64_t j = 0; j < c.n; ++j) y[m * c.n + j] += bias[j];
+  }
+  return y;
+}
+
+// max |y - ref| / max |ref| over finite ref, with NaN and Inf in the same places.
+template <typename TW>
+void Compare(const char* isa, const char* path, const Case& c, const std::vector<TW>& y,
+             const std::vector<double>& ref, double tol) {
+  ++g_checks;
+  double scale = 0.0, worst = 0.0;
+  std::string problem;
+  for (size_t i = 0; i < ref.size(); ++i)
+    if (std::isfinite(ref[i])) scale = std::fmax(scale, std::fabs(ref[i]));
+  if (scale == 0.0) scale = 1.0;
+  for (size_t i = 0; i < ref.size() && problem.empty(); ++i) {
+    // In float16 output, finite float64 values beyond its range are Inf too.
+    const double expected = sizeof(TW) == 2 ? static_cast<double>(scap::HalfToFloat(scap::FloatToHalf(
+                                                  static_cast<float>(ref[i]))))
+                                            : ref[i];
+    const double got = ToFloat(y[i]);
+    if (std::isnan(expected) != std::isnan(got)) {
+      problem = "NaN differs at " + std::to_string(i);
+    } else if (std::isinf(expected) || std::isinf(got)) {
+      if (expected != got) problem = "Inf differs at " + std::to_string(i);
+    } else if (!std::isnan(expected)) {
+      worst = std::fmax(worst, std::fabs(got - ref[i]) / scale);
+    }
+  }
+  if (problem.empty() && worst > tol) problem = "relative error " + std::to_string(worst);
+  if (!problem.empty()) {
+    ++g_failures;
+    if (g_failures <= 20)
+      std::printf("FAIL %s %s %s rows=%lld K=%lld N=%lld threshold=%g offset=%g bias=%d nan=%d inf=%d: %s\n", isa,
+                  path, sizeof(TW) == 2 ? "float16" : "float32", static_cast<long long>(c.rows),
+                  static_cast<long long>(c.depth), static_cast<long long>(c.n), c.threshold, c.offset, c.bias,
+                  c.nan_in_a, c.inf_in_b, problem.c_str());
+  }
+}
+
+// Work space of the several-rows kernels, as the op sizes it.
+template <typename TW>
+std::vector<float> TileWork(const KernelSet<TW>& ks, const SparseTiles& t, int64_t columns) {
+  return std::vector<float>(
+      static_cast<size_t>(scap::TileWorkFloats(t.tiles, t.tile_rows, scap::RoundUp(columns, ks.tile_columns))));
+}
+
+template <typename TW>
+void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt19937& rng, double tol) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  std::vector<TW> a(static_cast<size_t>(c.rows * c.depth)), b(static_cast<size_t>(c.depth * c.n));
+  std::vector<float> bias(static_cast<size_t>(c.n));
+  for (auto& x : a) {
+    const float p = uniform(rng);
+    // Exact zeros, exact offsets (D = 0) and ties |D| == threshold among normal values.
+    float v = normal(rng) + c.offset;
+    if (p < 0.08f) v = 0.0f;
+    else if (p < 0.14f) v = c.offset;
+    else if (p < 0.18f && std::isfinite(c.threshold)) v = c.offset + c.threshold;
+    x = FromFloat<TW>(v);
+  }
+  if (c.nan_in_a && !a.empty()) a[a.size() / 3] = FromFloat<TW>(std::numeric_limits<float>::quiet_NaN());
+  for (auto& x : b) x = FromFloat<TW>(normal(rng) / std::sqrt(static_cast<float>(c.depth)));
+  if (c.inf_in_b && c.depth > 1 && c.n > 1) {
+    b[1 * c.n + 1] = FromFloat<TW>(std::numeric_limits<float>::infinity());
+    b[(c.depth - 1) * c.n] = FromFloat<TW>(std::numeric_limits<float>::quiet_NaN());
+  }
+  for (auto& x : bias) x = normal(rng);
+  // float16 bias values, as the op converts them.
+  if (sizeof(TW) == 2)
+    for (auto& x : bias) x = scap::HalfToFloat(scap::FloatToHalf(x));
+  const float* bias_ptr = c.bias ? bias.data() : nullptr;
+  const std::vector<double> ref = Reference(c, a, b, bias);
+
+  // The drop rule over all rows, as the op runs it.
+  std::vector<float> d(static_cast<size_t>(c.rows * c.depth));
+  std::vector<uint32_t> seen(static_cast<size_t>(scap::SeenWords(c.depth)));
+  std::vector<int32_t> kept(static_cast<size_t>(c.depth));
+  const int64_t kept_count =
+      ks.sparsify(a.data(), c.rows, c.depth, c.threshold, c.offset, d.data(), seen.data(), kept.data());
+  std::vector<TW> y(static_cast<size_t>(c.rows * c.n));
+
+  if (c.rows == 1) {
+    // One row split over K into 1 to 3 tasks' partial sums, then reduced.
+    for (int64_t parts = 1; parts <= 3; ++parts) {
+      std::vector<float> partials(static_cast<size_t>(parts * c.n));
+      const SparseRow row{d.data(), kept.data(), kept_count};
+      for (int64_t p = 0; p < parts; ++p)
+        ks.row_partial(row, b.data(), c.n, p * kept_count / parts, (p + 1) * kept_count / parts,
+                       partials.data() + p * c.n);
+      ks.reduce(partials.data(), parts, c.n, c.n, bias_ptr, y.data());
+      Compare(isa, parts == 1 ? "row" : "row-split", c, y, ref, tol);
+    }
+    return;
+  }
+
+  // Several rows: tiles of tile_rows rows, D gathered at the kept columns (or read in place).
+  const int64_t tile_rows = ks.tile_rows;
+  const int64_t tiles = (c.rows + tile_rows - 1) / tile_rows;
+  std::vector<float> values;
+  int64_t stride;
+  if (kept_count == c.depth) {
+    values = d;
+    stride = c.depth;
+  } else {
+    stride = kept_count;
+    for (int64_t m = 0; m < c.rows; ++m)
+      for (int64_t i = 0; i < kept_count; ++i) values.push_back(d[m * c.depth + kept[i]]);
+  }
+  values.resize(static_cast<size_t>(tiles * tile_rows * stride), 0.0f);
+  const SparseTiles act{c.rows, tile_rows, tiles, kept.data(), kept_count, values.data(), stride};
+
+  // Column ranges at multiples of the register block: the whole width, then two ranges.
+  const int64_t split = scap::RoundUp(c.n / 2, ks.tile_columns);
+  for (int ranges = 1; ranges <= 2; ++ranges) {
+    const int64_t cut = ranges == 1 || split >= c.n ? c.n : split;
+    std::vector<float> work = TileWork(ks, act, cut);
+    ks.tiles(act, b.data(), c.n, bias_ptr, y.data(), 0, cut, work.data());
+    if (cut < c.n) {
+      work = TileWork(ks, act, c.n - cut);
+      ks.tiles(act, b.data(), c.n, bias_ptr, y.data(), cut, c.n, work.data());
+    }
+    Compare(isa, ranges == 1 ? "tiles" : "tiles-2-ranges", c, y, ref, tol);
+  }
+
+  // Split over K (short A): partial sums of every row, then reduced row by row.
+  const int64_t width = scap::RoundUp(c.n, ks.tile_columns);
+  const int64_t part_stride = tiles * tile_rows * width;
+  const int64_t parts = kept_count >= 2 ? 2 : 1;
+  std::vector<float> partials(static_cast<size_t>(parts * part_stride));
+  std::vector<float> panel(static_cast<size_t>(scap::PanelRowsForWidth(width) * scap::PanelStride(width)));
+  for (int64_t p = 0; p < parts; ++p)
+    ks.tiles_partial(act, b.data(), c.n, p * kept_count / parts, (p + 1) * kept_count / parts, panel.data(),
+                     partials.data() + p * part_stride);
+  for (int64_t m = 0; m < c.rows; ++m)
+    ks.reduce(partials.data() + m * width, parts, part_stride, c.n, bias_ptr, y.data() + m * c.n);
+  Compare(isa, "tiles-split-k", c, y, ref, tol);
+}
+
+// float16 conversions exactly: B holds every float16 bit pattern but one and A is 1, so Y is B value
+// for value (NaN as NaN, subnormals included); then D exactly halfway between two float16 values
+// must round to even.
+void CheckFloat16Exact(const char* isa, const KernelSet<uint16_t>& ks) {
+  const int64_t n = 65535;
+  std::vector<uint16_t> b(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) b[j] = static_cast<uint16_t>(j);
+  for (int64_t rows : {1, 3}) {
+    std::vector<uint16_t> a(static_cast<size_t>(rows), scap::FloatToHalf(1.0f));
+    float d[3];
+    uint32_t seen[1];
+    int32_t kept[1];
+    const int64_t kept_count = ks.sparsify(a.data(), rows, 1, 0.0f, 0.0f, d, seen, kept);
+    std::vector<uint16_t> y(static_cast<size_t>(rows * n));
+    if (rows == 1) {
+      std::vector<float> partial(static_cast<size_t>(n));
+      ks.row_partial(SparseRow{d, kept, kept_count}, b.data(), n, 0, kept_count, partial.data());
+      ks.reduce(partial.data(), 1, n, n, nullptr, y.data());
+    } else {
+      std::vector<float> values(static_cast<size_t>(scap::RoundUp(rows, ks.tile_rows)), 0.0f);
+      for (int64_t m = 0; m < rows; ++m) values[m] = d[m];
+      const SparseTiles act{rows, ks.tile_rows, (rows + ks.tile_rows - 1) / ks.tile_rows, kept, kept_count,
+                            values.data(), 1};
+      std::vector<float> work(static_cast<size_t>(
+          scap::TileWorkFloats(act.tiles, act.tile_rows, scap::RoundUp(n, ks.tile_columns))));
+      ks.tiles(act, b.data(), n, nullptr, y.data(), 0, n, work.data());
+    }
+    ++g_checks;
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t j = 0; j < n; ++j) {
+        const uint16_t got = y[m * n + j], want = b[j];
+        // Equal values (0 + -0 sums to +0, as in any float32 accumulation), NaN as NaN.
+        const float g = scap::HalfToFloat(got), w = scap::HalfToFloat(want);
+        if (!(g == w || (std::isnan(g) && std::isnan(w)))) {
+          ++g_failures;
+          std::printf("FAIL %s float16 exact rows=%lld: 0x%04x became 0x%04x\n", isa, static_cast<long long>(rows),
+                      want, got);
+          m = rows;
+          break;
+        }
+      }
+    }
+  }
+  // Ties: D = A + 2^-11 with A in [1, 2) lies halfway between two float16 values.
+  const int64_t n2 = 17;
+  std::vector<uint16_t> ones(static_cast<size_t>(n2), scap::FloatToHalf(1.0f));
+  std::vector<float> partial(static_cast<size_t>(n2));
+  std::vector<uint16_t> y(static_cast<size_t>(n2));
+  ++g_checks;
+  for (int i = 0; i < 1024; ++i) {
+    const uint16_t a = scap::FloatToHalf(1.0f + static_cast<float>(i) / 1024.0f);
+    const float offset = -1.0f / 2048.0f;
+    float d;
+    uint32_t seen;
+    int32_t kept;
+    const int64_t kept_count = ks.sparsify(&a, 1, 1, 0.0f, offset, &d, &seen, &kept);
+    ks.row_partial(SparseRow{&d, &kept, kept_count}, ones.data(), n2, 0, kept_count, partial.data());
+    ks.reduce(partial.data(), 1, n2, n2, nullptr, y.data());
+    const uint16_t want = scap::FloatToHalf(scap::HalfToFloat(a) - offset);
+    for (int64_t j = 0; j < n2; ++j) {
+      if (y[j] != want) {
+        ++g_failures;
+        std::printf("FAIL %s float16 tie %d: got 0x%04x, want 0x%04x\n", isa, i, y[j], want);
+        return;
+      }
+    }
+  }
+}
+
+void CheckKernels(const scap::GemmKernels& kernels) {
+  const char* isa = kernels.isa;
+  std::mt19937 rng(12345);
+  const int64_t rows_list[] = {1, 2, 3, 5, 9, 17, 33};
+  const int64_t depth_list[] = {1, 7, 33, 130};
+  const int64_t n_list[] = {1, 5, 17, 33, 70};
+  const float inf = std::numeric_limits<float>::infinity();
+  const float attrs[][2] = {{0.0f, 0.0f}, {0.5f, 0.25f}, {1.0f, -1.25f}, {inf, 0.5f}};
+  int variant = 0;
+  for (int64_t rows : rows_list)
+    for (int64_t depth : depth_list)
+      for (int64_t n : n_list)
+        for (const auto& attr : attrs) {
+          ++variant;
+          const Case c{rows, depth, n, attr[0], attr[1], variant % 2 == 0, variant % 3 == 0, variant % 5 == 0};
+          RunCase(isa, kernels.f32, c, rng, 1e-5);
+          RunCase(isa, kernels.f16, c, rng, 3e-3);
+        }
+  CheckFloat16Exact(isa, kernels.f16);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* expect = nullptr;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--expect") == 0 && i + 1 < argc) {
+      expect = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--expect ISA]\n", argv[0]);
+      return 2;
+    }
+  }
+  const char* selected = scap::SelectedIsa();
+  std::printf("selected kernels: %s\n", selected);
+  if (expect != nullptr && std::strcmp(expect, selected) != 0) {
+    std::printf("FAIL expected the %s kernels, the dispatch picked %s\n", expect, selected);
+    return 1;
+  }
+  CheckKernels(scap::PortableKernels());
+  if (&scap::SelectKernels() != &scap::PortableKernels()) CheckKernels(scap::SelectKernels());
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
