@@ -73,9 +73,10 @@ void ScapSparseMatMulCudaKernel<T>::Compute(OrtKernelContext* raw_context) {
   const int sm_count = cuda::SmCount(memory.GetDeviceId());
   if (sm_count <= 0) throw std::runtime_error(std::string("CUDA device query: ") + cuda::ErrorString(-sm_count));
   Scratch scratch(api_, raw_context, memory, cuda::ScratchBytes(problem, sm_count));
+  void* stream = context.GetGPUComputeStream();
   const int error = cuda::Enqueue(problem, a.GetTensorRawData(), b.GetTensorRawData(),
                                   bias != nullptr ? bias.GetTensorRawData() : nullptr, y.GetTensorMutableRawData(),
-                                  scratch.data(), sm_count, context.GetGPUComputeStream());
+                                  scratch.data(), cuda::StreamCounters(stream), sm_count, stream);
   if (error != 0) throw std::runtime_error(std::string("CUDA launch: ") + cuda::ErrorString(error));
 }
 

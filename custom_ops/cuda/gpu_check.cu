@@ -3,7 +3,8 @@
 //   1. correctness against a float64 CPU reference: fresh random inputs per case, the output
 //      poisoned (NaN) before each run; thresholds 0, typical (half the activations dropped) and
 //      +inf; NaN in A; odd K and N; M in 1, 4, 64, 256; float16 and float32; each case run twice
-//      and required to give the same bits; one case captured in a CUDA graph;
+//      and required to give the same bits (once with the stream's kept tile counters, once with
+//      counters zeroed in scratch, or replayed from a CUDA graph);
 //   2. the device's copy bandwidth (cudaMemcpy device to device: bytes read + written per second);
 //   3. timings with CUDA events against cuBLAS when built with it (SCAP_HAVE_CUBLAS), else against
 //      a plain dense GEMV of this file (M = 1) and the SCAP kernels at threshold 0 on dense data
@@ -130,8 +131,9 @@ float Quantile(std::vector<float> magnitudes, double fraction) {
 }
 
 // Runs one problem through Enqueue (or a CUDA graph of it) with Y poisoned first; returns Y.
+// counters: the stream's kept counters, or null for counters zeroed in the scratch.
 std::vector<double> RunOnce(const Problem& p, const void* a, const void* b, const void* bias, void* y, void* scratch,
-                            int sm, cudaStream_t stream, bool graph) {
+                            int* counters, int sm, cudaStream_t stream, bool graph) {
   const size_t elem = p.dtype == DType::kFloat16 ? 2 : 4;
   CHECK_CUDA(cudaMemsetAsync(y, 0xff, static_cast<size_t>(p.m * p.n) * elem, stream));  // NaN
   if (graph) {
@@ -139,7 +141,7 @@ std::vector<double> RunOnce(const Problem& p, const void* a, const void* b, cons
     cudaGraph_t g;
     cudaGraphExec_t exec;
     CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    CheckEnqueue(scap::cuda::Enqueue(p, a, b, bias, y, scratch, sm, stream));
+    CheckEnqueue(scap::cuda::Enqueue(p, a, b, bias, y, scratch, counters, sm, stream));
     CHECK_CUDA(cudaStreamEndCapture(stream, &g));
     CHECK_CUDA(cudaGraphInstantiate(&exec, g, 0));
     CHECK_CUDA(cudaGraphLaunch(exec, stream));
@@ -147,7 +149,7 @@ std::vector<double> RunOnce(const Problem& p, const void* a, const void* b, cons
     CHECK_CUDA(cudaGraphExecDestroy(exec));
     CHECK_CUDA(cudaGraphDestroy(g));
   } else {
-    CheckEnqueue(scap::cuda::Enqueue(p, a, b, bias, y, scratch, sm, stream));
+    CheckEnqueue(scap::cuda::Enqueue(p, a, b, bias, y, scratch, counters, sm, stream));
   }
   CHECK_CUDA(cudaStreamSynchronize(stream));
   return Download(y, static_cast<size_t>(p.m * p.n), p.dtype);
@@ -194,8 +196,16 @@ CaseResult RunCase(DType dt, int64_t m, int64_t k, int64_t n, const char* thresh
   Upload(b, dt, db.p);
   if (with_bias) Upload(bias, dt, dbias.p);
   const void* bias_ptr = with_bias ? dbias.p : nullptr;
-  const std::vector<double> y1 = RunOnce(p, da.p, db.p, bias_ptr, dy.p, scratch.p, sm, stream, false);
-  const std::vector<double> y2 = RunOnce(p, da.p, db.p, bias_ptr, dy.p, scratch.p, sm, stream, graph);
+  // The second run takes the other counters (the stream's kept ones, then zeroed scratch ones), or
+  // replays a CUDA graph of the call: both must give the same bits.
+  int* counters = scap::cuda::StreamCounters(stream);
+  if (counters == nullptr) {
+    std::fprintf(stderr, "StreamCounters failed\n");
+    std::exit(2);
+  }
+  const std::vector<double> y1 = RunOnce(p, da.p, db.p, bias_ptr, dy.p, scratch.p, counters, sm, stream, false);
+  const std::vector<double> y2 =
+      RunOnce(p, da.p, db.p, bias_ptr, dy.p, scratch.p, graph ? counters : nullptr, sm, stream, graph);
 
   // Reference over every column of small problems, a sample (with the last) of large ones.
   std::vector<int64_t> columns;
@@ -390,8 +400,9 @@ TimeResult TimeShape(int64_t m, int64_t k, int64_t n, double sparsity, double co
   (void)y32;  // the baselines without cuBLAS use these
   (void)dense_scratch;
 
+  int* counters = scap::cuda::StreamCounters(stream);
   auto scap_call = [&](int i) {
-    CheckEnqueue(scap::cuda::Enqueue(p, a.p, bs[i % copies]->p, bias.p, y.p, scratch.p, sm, stream));
+    CheckEnqueue(scap::cuda::Enqueue(p, a.p, bs[i % copies]->p, bias.p, y.p, scratch.p, counters, sm, stream));
   };
   auto base_call = [&](int i) {
     const void* b = bs[i % copies]->p;
@@ -414,7 +425,7 @@ TimeResult TimeShape(int64_t m, int64_t k, int64_t n, double sparsity, double co
       DenseGemv<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), 256, 0, stream>>>(
           static_cast<const __half*>(a.p), static_cast<const __half*>(b), static_cast<float*>(y32.p), k, n, splits);
     } else {
-      CheckEnqueue(scap::cuda::Enqueue(dense, a.p, b, nullptr, y.p, dense_scratch.p, sm, stream));
+      CheckEnqueue(scap::cuda::Enqueue(dense, a.p, b, nullptr, y.p, dense_scratch.p, counters, sm, stream));
     }
 #endif
   };
