@@ -149,13 +149,12 @@ void TestPlans() {
       }
     }
   }
-  const ScratchLayout s = MakeScratchLayout(64, 4097, 11003, 33, 9, 1);
-  CHECK(s.partials % 256 == 0 && s.flags % 256 == 0, "aligned");
-  CHECK(s.partials >= 33 * sizeof(int) && s.flags >= s.partials + 9 * 64 * 4097 * sizeof(float) &&
-            s.bytes >= s.flags + 11003,
+  const ScratchLayout s = MakeScratchLayout(64, 4097, 33, 9);
+  CHECK(s.partials % 256 == 0 && s.bytes % 256 == 0, "aligned");
+  CHECK(s.partials >= 33 * sizeof(int) && s.bytes >= s.partials + 9 * 64 * 4097 * sizeof(float),
         "regions do not overlap");
-  const ScratchLayout one = MakeScratchLayout(1, 100, 100, 1, 1, 0);
-  CHECK(one.flags == one.partials, "no partial sums without a split");
+  const ScratchLayout one = MakeScratchLayout(1, 100, 1, 1);
+  CHECK(one.bytes == one.partials, "no partial sums without a split");
 }
 
 // The one-row kernel's decomposition, on the host: sums per (tile, split) in warp order, splits
@@ -214,7 +213,7 @@ double GemvWalk(int64_t k, int64_t n, int bytes, int sm, float threshold, std::m
   return scale > 0 ? err / scale : err;
 }
 
-// The several-rows kernels' decomposition: row tiles' union flags, column tiles, splits, windows and
+// The several-rows kernel's decomposition: row tiles' unions of kept elements, column tiles, splits, windows and
 // steps of bk kept rows; every kept (row, k, column) visited once, every dropped one contributes 0.
 void GemmWalk(int64_t m, int64_t k, int64_t n, int bytes, float threshold, std::mt19937& rng) {
   std::normal_distribution<float> normal;

@@ -7,10 +7,10 @@
 // are added in warp order, the splits' partial sums in split order by the last block of the tile
 // to finish: the result does not depend on scheduling.
 //
-// Several rows, UnionKernel then GemmKernel: per tile of 64 rows of A, the union of the rows' kept
-// elements; then a block per (column tile, row tile, split of K) compacts its kept rows of B a
-// window at a time and multiplies in steps of bk kept rows (tensor cores for float16, CUDA cores
-// for float32), the splits added as above.
+// Several rows, GemmKernel: a block per (column tile, row tile, split of K) compacts, a window at a
+// time, the kept rows of B of its row tile (the union of its rows' kept elements) and multiplies in
+// steps of bk kept rows (tensor cores for float16, CUDA cores for float32), the splits added as
+// above.
 //
 // Nothing here allocates or synchronises with the host: the scratch comes from the caller, and so do
 // the tile counters a stream keeps between calls (counters.cc), which spare each call a memset.
@@ -218,23 +218,6 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const T* __restrict__ a, 
 
 // ---- Several rows of A ----
 
-// flags[t * k + i] = 1 iff some row of row tile t (rows [t * bm, (t + 1) * bm)) keeps element i.
-// Block (0, 0) also zeroes the GEMM's tile counters: stream order runs this kernel first.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) UnionKernel(const T* __restrict__ a, int64_t m, int64_t k, int64_t bm,
-                                                        float threshold, float offset, uint8_t* flags, int* counters,
-                                                        int64_t counter_count) {
-  if (blockIdx.x == 0 && blockIdx.y == 0) {
-    for (int64_t i = threadIdx.x; i < counter_count; i += kThreads) counters[i] = 0;
-  }
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= k) return;
-  const int64_t m0 = blockIdx.y * bm, m1 = Min64(m0 + bm, m);
-  bool keep = false;
-  for (int64_t r = m0; r < m1 && !keep; ++r) keep = Kept(ToFloat(a[r * k + i]) - offset, threshold);
-  flags[blockIdx.y * k + i] = keep;
-}
-
 // Where a block's step reads its operands: rows [m0, m0 + bm) of A and columns [n0, n0 + bn) of B,
 // at kept rows list[s0, s0 + bk) of the window starting at w0 (list: window-relative indices).
 template <typename T>
@@ -420,15 +403,15 @@ template <class Tile>
 __global__ void __launch_bounds__(kThreads)
     GemmKernel(const typename Tile::T* __restrict__ a, const typename Tile::T* __restrict__ b,
                const typename Tile::T* __restrict__ bias, typename Tile::T* __restrict__ y, int64_t m, int64_t k,
-               int64_t n, float threshold, float offset, GemmPlan plan, bool vector_ok,
-               const uint8_t* __restrict__ flags, int* counters, float* partials) {
+               int64_t n, float threshold, float offset, GemmPlan plan, bool vector_ok, int* counters,
+               float* partials) {
   using T = typename Tile::T;
   __shared__ int kept_idx[kWindow];
   __shared__ uint32_t masks[kWarps];
   __shared__ typename Tile::Shared sh;
 
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * Tile::kBm, n0 = static_cast<int64_t>(blockIdx.x) * Tile::kBn;
-  const uint8_t* tile_flags = flags + static_cast<int64_t>(blockIdx.y) * k;
+  const int64_t m1 = Min64(m0 + Tile::kBm, m);
   const Range split = SplitRange(k, plan.splits, blockIdx.z);
   typename Tile::Acc acc;
   Tile::Zero(acc);
@@ -439,7 +422,13 @@ __global__ void __launch_bounds__(kThreads)
     int kept = 0;
     for (int r = 0; r < len; r += kThreads) {
       const int i = r + threadIdx.x;
-      kept = AppendRound(i < len && tile_flags[w0 + i], i, 0.0f, kept, kept_idx, nullptr, masks);
+      // Element i is kept for the tile if one of its rows keeps it: most are found in a row or two.
+      bool keep = false;
+      if (i < len) {
+        const T* column = a + w0 + i;
+        for (int64_t row = m0; row < m1 && !keep; ++row) keep = Kept(ToFloat(column[row * k]) - offset, threshold);
+      }
+      kept = AppendRound(keep, i, 0.0f, kept, kept_idx, nullptr, masks);
     }
     StepSource<T> src{a, b, m, k, n, m0, n0, w0, kept_idx, kept, 0, threshold, offset, vector_ok};
     const int steps = static_cast<int>(CeilDiv(kept, Tile::kBk));
@@ -458,7 +447,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // the output tile reuses the operands' shared memory
   Tile::StoreAcc(acc, sh);
   __syncthreads();
-  FinishTile<T>(sh.c, Tile::kLdc, m0, Min64(m0 + Tile::kBm, m), n0, Min64(n0 + Tile::kBn, n), n, blockIdx.z,
+  FinishTile<T>(sh.c, Tile::kLdc, m0, m1, n0, Min64(n0 + Tile::kBn, n), n, blockIdx.z,
                 plan.splits, m, bias, y, partials, counters + static_cast<int64_t>(blockIdx.y) * plan.ntiles + blockIdx.x);
 }
 
@@ -490,11 +479,11 @@ Launch PlanTyped(const Problem& p, int sm_count) {
   l.gemv = p.m == 1;
   if (l.gemv) {
     l.gemv_plan = MakeGemvPlan(p.k, p.n, sizeof(T), sm_count, gemv_blocks);
-    l.layout = MakeScratchLayout(1, p.n, p.k, l.gemv_plan.tiles, l.gemv_plan.splits, 0);
+    l.layout = MakeScratchLayout(1, p.n, l.gemv_plan.tiles, l.gemv_plan.splits);
   } else {
     l.gemm_plan = MakeGemmPlan(p.m, p.k, p.n, sizeof(T), sm_count, gemm_blocks);
     const GemmPlan& g = l.gemm_plan;
-    l.layout = MakeScratchLayout(p.m, p.n, p.k, g.mtiles * g.ntiles, g.splits, g.mtiles);
+    l.layout = MakeScratchLayout(p.m, p.n, g.mtiles * g.ntiles, g.splits);
   }
   return l;
 }
@@ -513,23 +502,20 @@ cudaError_t EnqueueTyped(const Problem& p, const T* a, const T* b, const T* bias
   int* counters = kept_counters ? stream_counters : reinterpret_cast<int*>(scratch + l.layout.counters);
   float* partials = reinterpret_cast<float*>(scratch + l.layout.partials);
   const bool vector_ok = p.n % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  const int64_t splits = l.gemv ? l.gemv_plan.splits : l.gemm_plan.splits;
+  if (splits > 1 && !kept_counters) {
+    const cudaError_t e = cudaMemsetAsync(counters, 0, static_cast<size_t>(tiles) * sizeof(int), stream);
+    if (e != cudaSuccess) return e;
+  }
   if (l.gemv) {
     const GemvPlan& g = l.gemv_plan;
-    if (g.splits > 1 && !kept_counters) {
-      const cudaError_t e = cudaMemsetAsync(counters, 0, static_cast<size_t>(g.tiles) * sizeof(int), stream);
-      if (e != cudaSuccess) return e;
-    }
     GemvKernel<T><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.splits)), kThreads, 0, stream>>>(
         a, b, bias, y, p.k, p.n, p.threshold, p.offset, g, vector_ok, counters, partials);
   } else {
     const GemmPlan& g = l.gemm_plan;
-    uint8_t* flags = reinterpret_cast<uint8_t*>(scratch + l.layout.flags);
-    const dim3 union_grid(static_cast<unsigned>(Max64(1, CeilDiv(p.k, kThreads))), static_cast<unsigned>(g.mtiles));
-    UnionKernel<T><<<union_grid, kThreads, 0, stream>>>(a, p.m, p.k, g.bm, p.threshold, p.offset, flags, counters,
-                                                         g.mtiles * g.ntiles);
     const dim3 grid(static_cast<unsigned>(g.ntiles), static_cast<unsigned>(g.mtiles), static_cast<unsigned>(g.splits));
     GemmKernel<Tile><<<grid, kThreads, 0, stream>>>(a, b, bias, y, p.m, p.k, p.n, p.threshold, p.offset, g,
-                                                    vector_ok, flags, counters, partials);
+                                                    vector_ok, counters, partials);
   }
   return cudaGetLastError();
 }

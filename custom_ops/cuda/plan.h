@@ -132,25 +132,22 @@ SCAP_HD GemmPlan MakeGemmPlan(int64_t m, int64_t k, int64_t n, int elem_bytes, i
 }
 
 // Scratch of one call, in one buffer: a counter per output tile (the last block of a tile to finish
-// sums the splits' partial sums), the partial sums [splits, rows, n] when K is split, and for
-// several rows a kept flag per (row tile, element of K).
+// sums the splits' partial sums; unused when the stream keeps counters), then the partial sums
+// [splits, rows, n] when K is split.
 struct ScratchLayout {
   size_t counters;  // byte offsets
   size_t partials;
-  size_t flags;
   size_t bytes;     // total
 };
 
 SCAP_HD size_t AlignUp(size_t x) { return (x + 255) / 256 * 256; }
 
-SCAP_HD ScratchLayout MakeScratchLayout(int64_t rows, int64_t n, int64_t k, int64_t tiles, int64_t splits,
-                                        int64_t flag_rows) {
+SCAP_HD ScratchLayout MakeScratchLayout(int64_t rows, int64_t n, int64_t tiles, int64_t splits) {
   ScratchLayout layout;
   layout.counters = 0;
   layout.partials = AlignUp(static_cast<size_t>(tiles) * sizeof(int));
   const size_t partial_bytes = splits > 1 ? static_cast<size_t>(splits * rows * n) * sizeof(float) : 0;
-  layout.flags = AlignUp(layout.partials + partial_bytes);
-  layout.bytes = layout.flags + AlignUp(static_cast<size_t>(flag_rows * k));
+  layout.bytes = layout.partials + AlignUp(partial_bytes);
   return layout;
 }
 
