@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "launch.h"
 #include "plan.h"
@@ -45,11 +46,25 @@ __device__ __forceinline__ void Unpack(const uint4& raw, float (&out)[4]) {
   out[3] = __uint_as_float(raw.w);
 }
 
+// Type punning through unions, which nvcc, gcc and clang define (a cast pointer would not be).
+union HalfVector {
+  uint4 raw;
+  __half2 pairs[4];
+  __half e[8];
+};
+union FloatVector {
+  uint4 raw;
+  float e[4];
+};
+template <typename T>
+using Vector = typename std::conditional<std::is_same<T, float>::value, FloatVector, HalfVector>::type;
+
 __device__ __forceinline__ void Unpack(const uint4& raw, float (&out)[8]) {
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  HalfVector v;
+  v.raw = raw;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
+    const float2 f = __half22float2(v.pairs[i]);
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
   }
@@ -61,10 +76,10 @@ template <typename T>
 __device__ __forceinline__ uint4 LoadVector(const T* p, int count, bool vector_ok) {
   constexpr int kVec = 16 / sizeof(T);
   if (vector_ok && count == kVec) return __ldcs(reinterpret_cast<const uint4*>(p));
-  uint4 raw = make_uint4(0, 0, 0, 0);
-  T* e = reinterpret_cast<T*>(&raw);
-  for (int i = 0; i < count; ++i) e[i] = p[i];
-  return raw;
+  Vector<T> v;
+  v.raw = make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < count; ++i) v.e[i] = p[i];
+  return v.raw;
 }
 
 // One compaction round: thread t holds element `element` of the window and whether it is kept.
@@ -453,7 +468,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Host side ----
 
-struct Launch {
+struct CallPlan {
   bool gemv;
   GemvPlan gemv_plan;
   GemmPlan gemm_plan;
@@ -472,10 +487,10 @@ int Residency(Kernel kernel) {
 }
 
 template <typename T, class Tile>
-Launch PlanTyped(const Problem& p, int sm_count) {
+CallPlan PlanTyped(const Problem& p, int sm_count) {
   static const int gemv_blocks = Residency(GemvKernel<T>);
   static const int gemm_blocks = Residency(GemmKernel<Tile>);
-  Launch l{};
+  CallPlan l{};
   l.gemv = p.m == 1;
   if (l.gemv) {
     l.gemv_plan = MakeGemvPlan(p.k, p.n, sizeof(T), sm_count, gemv_blocks);
@@ -488,15 +503,27 @@ Launch PlanTyped(const Problem& p, int sm_count) {
   return l;
 }
 
-Launch Plan(const Problem& p, int sm_count) {
+CallPlan Plan(const Problem& p, int sm_count) {
   return p.dtype == DType::kFloat16 ? PlanTyped<__half, HalfTile>(p, sm_count) : PlanTyped<float, FloatTile>(p, sm_count);
+}
+
+// kernel<<<grid, kThreads, 0, stream>>>(args); the CPU emulator of tests/cuda_emu runs the blocks
+// one after another instead.
+template <typename... Params, typename... Args>
+void Launch(void (*kernel)(Params...), dim3 grid, cudaStream_t stream, Args... args) {
+#if defined(SCAP_CUDA_EMULATION)
+  (void)stream;
+  emu::Launch(grid, dim3(kThreads), kernel, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, kThreads, 0, stream>>>(static_cast<Params>(args)...);
+#endif
 }
 
 template <typename T, class Tile>
 cudaError_t EnqueueTyped(const Problem& p, const T* a, const T* b, const T* bias, T* y, char* scratch,
                          int* stream_counters, int sm_count, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const Launch l = Plan(p, sm_count);
+  const CallPlan l = Plan(p, sm_count);
   const int64_t tiles = l.gemv ? l.gemv_plan.tiles : l.gemm_plan.mtiles * l.gemm_plan.ntiles;
   const bool kept_counters = stream_counters != nullptr && tiles <= kStreamCounters;
   int* counters = kept_counters ? stream_counters : reinterpret_cast<int*>(scratch + l.layout.counters);
@@ -509,13 +536,13 @@ cudaError_t EnqueueTyped(const Problem& p, const T* a, const T* b, const T* bias
   }
   if (l.gemv) {
     const GemvPlan& g = l.gemv_plan;
-    GemvKernel<T><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.splits)), kThreads, 0, stream>>>(
-        a, b, bias, y, p.k, p.n, p.threshold, p.offset, g, vector_ok, counters, partials);
+    Launch(GemvKernel<T>, dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.splits)), stream, a, b, bias, y,
+           p.k, p.n, p.threshold, p.offset, g, vector_ok, counters, partials);
   } else {
     const GemmPlan& g = l.gemm_plan;
     const dim3 grid(static_cast<unsigned>(g.ntiles), static_cast<unsigned>(g.mtiles), static_cast<unsigned>(g.splits));
-    GemmKernel<Tile><<<grid, kThreads, 0, stream>>>(a, b, bias, y, p.m, p.k, p.n, p.threshold, p.offset, g,
-                                                    vector_ok, counters, partials);
+    Launch(GemmKernel<Tile>, grid, stream, a, b, bias, y, p.m, p.k, p.n, p.threshold, p.offset, g, vector_ok,
+           counters, partials);
   }
   return cudaGetLastError();
 }
