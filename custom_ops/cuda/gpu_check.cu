@@ -282,6 +282,7 @@ __global__ void FillKernel(__half* p, size_t count, uint64_t seed) {
   }
 }
 
+#ifndef SCAP_HAVE_CUBLAS
 // The baseline without cuBLAS for one row: a plain dense GEMV, the same 16-byte loads over every
 // row of B, float atomics across the splits of K (y32 zeroed first).
 __global__ void __launch_bounds__(256) DenseGemv(const __half* a, const __half* b, float* y32, int64_t k, int64_t n,
@@ -310,6 +311,7 @@ __global__ void __launch_bounds__(256) DenseGemv(const __half* a, const __half* 
   for (int w = 0; w < 8; ++w) s += warp_sums[w][threadIdx.x];
   if (blockIdx.x * 256 + threadIdx.x < n) atomicAdd(y32 + blockIdx.x * 256 + threadIdx.x, s);
 }
+#endif
 
 struct TimeResult {
   int64_t m, k, n;
