@@ -1,4 +1,4 @@
-// CUDA kernels of ScapSparseMatMul (the contract: custom_ops/scap_sparse_matmul.h), float16 and
+// CUDA kernels of ScapSparseMatMul (the contract: custom_ops/op_base.h), float16 and
 // float32, accumulated in float32. Index arithmetic lives in plan.h, where the host tests reach it.
 //
 // One row of A (decoding), GemvKernel: a block per (column tile, split of K). Each block applies the
