@@ -8,6 +8,9 @@
 
 #include "scap_sparse_matmul.h"
 #include "sparse_gemm.h"
+#if defined(SCAP_WITH_CUDA)
+#include "cuda/cuda_op.h"  // libscap_onnx_ops_cuda: the CUDA kernels beside the CPU ones
+#endif
 
 #if defined(_WIN32)
 #define SCAP_EXPORT __declspec(dllexport)
@@ -57,6 +60,17 @@ extern "C" SCAP_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
     Ort::CustomOpDomain domain{scap::kDomain};
     domain.Add(&op_float);
     domain.Add(&op_float16);
+#if defined(SCAP_WITH_CUDA)
+    // One domain holds both providers' kernels: onnxruntime takes one schema per op name.
+    static scap::ScapSparseMatMulCudaOp<float> cuda_float;
+    static scap::ScapSparseMatMulCudaOp<Ort::Float16_t> cuda_float16;
+    if (version >= scap::kOldestOrtApiCuda) {
+      cuda_float.version = version;
+      cuda_float16.version = version;
+      domain.Add(&cuda_float);
+      domain.Add(&cuda_float16);
+    }
+#endif
     Ort::UnownedSessionOptions(options).Add(domain);
     domains.push_back(std::move(domain));
   } catch (...) {

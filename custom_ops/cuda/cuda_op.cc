@@ -1,0 +1,86 @@
+// ScapSparseMatMul on CUDAExecutionProvider (see cuda_op.h).
+#include "cuda_op.h"
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "launch.h"
+
+namespace scap {
+namespace {
+
+// Device scratch from onnxruntime's allocator for the output's device, handed back when the call
+// returns: onnxruntime's CUDA allocator orders reuse on the compute stream, as for its own kernels.
+class Scratch {
+ public:
+  Scratch(const OrtApi& api, OrtKernelContext* context, const OrtMemoryInfo* memory, size_t bytes) : api_(api) {
+    if (bytes == 0) return;
+    Ort::ThrowOnError(api.KernelContext_GetAllocator(context, memory, &allocator_));
+    Ort::ThrowOnError(api.KernelContext_GetScratchBuffer(context, memory, bytes, &data_));
+    if (data_ == nullptr) throw std::runtime_error("no device scratch of " + std::to_string(bytes) + " bytes");
+  }
+  ~Scratch() {
+    if (data_ != nullptr) allocator_->Free(allocator_, data_);
+    if (allocator_ != nullptr) api_.ReleaseAllocator(allocator_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  void* data() const { return data_; }
+
+ private:
+  const OrtApi& api_;
+  OrtAllocator* allocator_ = nullptr;
+  void* data_ = nullptr;
+};
+
+template <typename T>
+constexpr cuda::DType kDType = std::is_same<T, float>::value ? cuda::DType::kFloat32 : cuda::DType::kFloat16;
+
+}  // namespace
+
+template <typename T>
+ScapSparseMatMulCudaKernel<T>::ScapSparseMatMulCudaKernel(const OrtApi& api, const OrtKernelInfo* info)
+    : api_(api), attributes_(ReadNodeAttributes(api, info)) {}
+
+template <typename T>
+OrtStatusPtr ScapSparseMatMulCudaKernel<T>::ComputeV2(OrtKernelContext* context) noexcept {
+  try {
+    Compute(context);
+    return nullptr;
+  } catch (...) {
+    return StatusFromCurrentException(api_, attributes_.node_name);
+  }
+}
+
+template <typename T>
+void ScapSparseMatMulCudaKernel<T>::Compute(OrtKernelContext* raw_context) {
+  Ort::KernelContext context(raw_context);
+  const Ort::ConstValue a = context.GetInput(0);
+  const Ort::ConstValue b = context.GetInput(1);
+  const Ort::ConstValue bias = context.GetInputCount() > 2 ? context.GetInput(2) : Ort::ConstValue{nullptr};
+  std::vector<int64_t> bias_shape;
+  if (bias != nullptr) bias_shape = bias.GetTensorTypeAndShapeInfo().GetShape();
+  const MatMulShape shape = CheckShapes(a.GetTensorTypeAndShapeInfo().GetShape(),
+                                        b.GetTensorTypeAndShapeInfo().GetShape(),
+                                        bias != nullptr ? &bias_shape : nullptr);
+  Ort::UnownedValue y = context.GetOutput(0, shape.y);
+  if (shape.rows == 0 || shape.n == 0) return;
+
+  const cuda::Problem problem{kDType<T>, shape.rows, shape.depth, shape.n, attributes_.threshold, attributes_.offset};
+  const Ort::ConstMemoryInfo memory = y.GetTensorMemoryInfo();
+  const int sm_count = cuda::SmCount(memory.GetDeviceId());
+  if (sm_count <= 0) throw std::runtime_error(std::string("CUDA device query: ") + cuda::ErrorString(-sm_count));
+  Scratch scratch(api_, raw_context, memory, cuda::ScratchBytes(problem, sm_count));
+  void* stream = context.GetGPUComputeStream();
+  const int error = cuda::Enqueue(problem, a.GetTensorRawData(), b.GetTensorRawData(),
+                                  bias != nullptr ? bias.GetTensorRawData() : nullptr, y.GetTensorMutableRawData(),
+                                  scratch.data(), cuda::StreamCounters(stream), sm_count, stream);
+  if (error != 0) throw std::runtime_error(std::string("CUDA launch: ") + cuda::ErrorString(error));
+}
+
+template struct ScapSparseMatMulCudaKernel<float>;
+template struct ScapSparseMatMulCudaKernel<Ort::Float16_t>;
+
+}  // namespace scap
