@@ -33,8 +33,6 @@ from scap_onnx.op import make_node, opset_import
 from scap_onnx.reference import scap_sparse_matmul
 
 REPO = Path(__file__).resolve().parents[1]
-CUDA_LIBRARY_ENV = "SCAP_ONNX_CUDA_LIBRARY"
-CUDA_LIBRARY_NAME = "libscap_onnx_ops_cuda.so"
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_PTX, FATBIN_ELF = 1, 2
 SASS_ARCHS = {80, 86, 89, 90}
@@ -81,14 +79,13 @@ def nvcc_present() -> bool:
 
 
 def cuda_library() -> Path:
-    """The CUDA library: $SCAP_ONNX_CUDA_LIBRARY, else the one beside the CPU library."""
-    override = os.environ.get(CUDA_LIBRARY_ENV)
-    path = Path(override) if override else Path(scap_onnx.get_library_path()).with_name(CUDA_LIBRARY_NAME)
-    if not path.is_file():
+    """The CUDA library, as scap_onnx finds it ($SCAP_ONNX_CUDA_LIBRARY, else beside the CPU library)."""
+    try:
+        return Path(scap_onnx.get_cuda_library_path())
+    except FileNotFoundError as e:
         if nvcc_present():
-            pytest.fail(f"nvcc is here but {path} is missing: the package build must build it")
-        pytest.skip(f"no nvcc and no {path}: the CUDA library is not built on this machine")
-    return path
+            pytest.fail(f"nvcc is here but {e}: the package build must build it")
+        pytest.skip(f"no nvcc: {e}")
 
 
 def build_and_run(tmp_path, source: str, flags: list[str]) -> None:

@@ -81,7 +81,7 @@ def build_capture_model(
     token_scaled: Iterable[str] = (),
 ) -> onnx.ModelProto:
     """A weight-free copy of ``base`` whose outputs are the tensors in ``capture`` (name -> elem type);
-    those in ``token_scaled`` divided by their norm per token (scap_onnx.token_scale).
+    those in ``token_scaled`` divided by their norm per token (scap_onnx.op.token_norm).
 
     ``sparsify``: :class:`Upstream` entries: their consumers read the sparsified tensor instead.
     """

@@ -45,7 +45,7 @@ milliseconds, sparsities fractions in [0, 1]:
                        ``warmup``, ``repeats``
 ``seconds``            wall time of the whole validation
 
-The sweep report (``format: "scap-onnx-sweep"``) is described in :mod:`scap_onnx.sweep`.
+The sweep report (``format: "scap-onnx-sweep"``) is described in :mod:`scap_onnx.experiments.sweep`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Methods (each at every level s, all targets but lm_head):
                for every role, from activations of the dense model (one calibration pass).
 ``scap-zero``  SCAP without mode-centering: offset 0, sparsity s for every role, thresholds from
                upstream-aware calibration (the later passes see upstream targets sparsified),
-               token-scaled for o and down (scap_onnx.token_scale) as calibrate does by default.
+               token-scaled for o and down (scap_onnx.op.token_norm) as calibrate does by default.
 ``scap-mode``  SCAP with mode-centering: as scap-zero, but each input's centre is the calibrated
                candidate (histogram mode, KDE mode, median or zero) with the least output error.
 ``scap-role``  SCAP per role: mode-centred, with per-role sparsities in the proportions of the

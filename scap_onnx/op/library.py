@@ -51,6 +51,25 @@ def get_library_path() -> str:
     )
 
 
+CUDA_LIBRARY_ENV = "SCAP_ONNX_CUDA_LIBRARY"
+_CUDA_LIBRARY_NAMES = {"linux": "libscap_onnx_ops_cuda.so", "win32": "scap_onnx_ops_cuda.dll"}
+
+
+def get_cuda_library_path() -> str:
+    """Path of the library with the CPU and the CUDA kernels (register it instead of the CPU one
+    with onnxruntime-gpu): $SCAP_ONNX_CUDA_LIBRARY, else the one beside the CPU library.
+
+    Raises FileNotFoundError when it was not built (no nvcc at build time).
+    """
+    override = os.environ.get(CUDA_LIBRARY_ENV)
+    name = _CUDA_LIBRARY_NAMES.get(sys.platform, _CUDA_LIBRARY_NAMES["linux"])
+    path = Path(override) if override else Path(get_library_path()).with_name(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"the CUDA op library {path} was not built (pip install . builds it where nvcc "
+                                f"is found), or point {CUDA_LIBRARY_ENV} at it")
+    return str(path)
+
+
 def register_library(options: ort.SessionOptions) -> ort.SessionOptions:
     """Register the op library with ``options`` (FileNotFoundError when it was not built)."""
     options.register_custom_ops_library(get_library_path())
