@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime_extensions  # noqa: F401 - a test dependency (pyproject's test extra): missing is a failure
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-pytest.importorskip("onnxruntime_extensions")
-
-from scap_onnx.op.fallback import FALLBACK_DOMAIN, fallback_session, to_fallback_model  # noqa: E402
-from scap_onnx.op.contract import DOMAIN, make_node, opset_import  # noqa: E402
-from scap_onnx.op.reference import scap_sparse_matmul  # noqa: E402
+from scap_onnx.op.contract import DOMAIN, make_node, opset_import
+from scap_onnx.op.fallback import FALLBACK_DOMAIN, fallback_session, to_fallback_model
+from scap_onnx.op.reference import scap_sparse_matmul
 
 K, H, N = 17, 33, 7
 T1, O1 = 0.5, 0.25  # first node: threshold, offset
@@ -56,8 +55,12 @@ def _expected(a, dtype):
 
 
 def _check(y, ref, tol):
+    """Same dtype and shape; NaN and Inf at exactly the reference's positions, Inf with its sign; the
+    finite values within tol of the largest."""
     assert y.dtype == ref.dtype and y.shape == ref.shape
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(y), np.isneginf(ref))
     finite = np.isfinite(ref)
     scale = float(np.abs(ref[finite].astype(np.float64)).max(initial=0.0)) or 1.0
     err = float(np.abs(y[finite].astype(np.float64) - ref[finite].astype(np.float64)).max(initial=0.0)) / scale
@@ -75,6 +78,59 @@ def test_fallback_matches_reference(dtype, tol, shape):
     session = fallback_session(_model(dtype))
     (y,) = session.run(None, {"a": a})
     _check(y, _expected(a, dtype), tol)
+
+
+def _specials(dtype):
+    """A (5, K) and B (K, N) with Inf / NaN placed so that every kind of output occurs (threshold 0.5,
+    offset 0.25): |A - 0.25| <= 0.5 drops an element (and skips its row of B)."""
+    rng = np.random.default_rng(21)
+    a = (rng.standard_normal((5, K)) * 2).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    a[:, 0:5] = 0.5  # columns 0-4 of A dropped in every row: rows 0-4 of B are skipped
+    a[:, 5:8] = 2.0  # columns 5-7 kept (positive) in every row
+    b[0, :] = np.inf  # Inf in dropped rows of B: no effect
+    b[1, 2] = -np.inf
+    b[2, 3] = np.nan  # NaN in a dropped row of B: no effect either
+    b[5, 1] = np.inf  # Inf in a kept row of B: column 1 +Inf in every row ...
+    b[6, 4] = -np.inf  # ... column 4 -Inf ...
+    b[7, 5], b[6, 5] = np.inf, -np.inf  # ... and column 5 Inf - Inf = NaN
+    a[1, 9] = np.inf  # Inf in A (kept): row 1 +-Inf by the signs of B[9] (and NaN where Inf meets -Inf)
+    a[2, 10] = -np.inf
+    a[3, 11] = np.inf
+    b[11, 6] = 0.0  # Inf * 0 = NaN in row 3, column 6
+    a[4, 12] = np.nan  # NaN in A: row 4 all NaN
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_inf_in_a_and_b_kept_and_dropped(dtype, with_bias):
+    """NaN and Inf positions and signs equal the numpy reference's exactly, with Inf in A (kept) and in
+    B (in kept and in dropped rows)."""
+    a, b = _specials(dtype)
+    bias = np.random.default_rng(22).standard_normal(N).astype(dtype)
+    feeds = {"a": a, "b": b, **({"bias": bias} if with_bias else {})}
+    (y,) = fallback_session(_single_node_model(with_bias, dtype, threshold=0.5, offset=0.25)).run(None, feeds)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = scap_sparse_matmul(a, b, bias if with_bias else None, threshold=0.5, offset=0.25)
+    # the reference shows what the data were built for (so the comparison covers each kind)
+    assert np.isposinf(ref[0, 1]) and np.isneginf(ref[0, 4]) and np.isnan(ref[:, 5]).all()
+    assert np.isfinite(ref[0, [0, 2, 3, 6]]).all()  # the Inf / NaN in dropped rows of B did nothing
+    assert np.isinf(ref[1:4, [0, 2, 3]]).any() and np.isnan(ref[3, 6]) and np.isnan(ref[4]).all()
+    assert np.isposinf(ref).any() and np.isneginf(ref).any()
+    _check(y, ref, 1e-6 if dtype == np.float32 else 3e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_inf_in_a_dropped_at_infinite_threshold(dtype):
+    """threshold Inf drops +-Inf in A (|Inf - offset| <= Inf) but never NaN; Inf in B then meets only
+    dropped elements."""
+    a, b = _specials(dtype)
+    (y,) = fallback_session(_single_node_model(False, dtype, threshold=np.inf, offset=0.25)).run(None, {"a": a, "b": b})
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = scap_sparse_matmul(a, b, threshold=np.inf, offset=0.25)
+    assert np.isnan(ref[4]).all() and (ref[:4] == 0).all()
+    _check(y, ref, 0.0)
 
 
 def test_fallback_nan_and_inf_propagate():
@@ -148,12 +204,15 @@ def test_bad_attributes_rejected_at_conversion(threshold):
         to_fallback_model(model)
 
 
-def _single_node_model(with_bias):
+def _single_node_model(with_bias, dtype=np.float32, threshold=0.5, offset=0.0):
+    """One node named 'one' whose A, B (and bias) are graph inputs."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     inputs = ["a", "b", "bias"] if with_bias else ["a", "b"]
-    node = helper.make_node("ScapSparseMatMul", inputs, ["y"], domain=DOMAIN, threshold=0.5, offset=0.0, name="one")
+    node = helper.make_node("ScapSparseMatMul", inputs, ["y"], domain=DOMAIN, threshold=threshold, offset=offset,
+                            name="one")
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in inputs],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [node], "g", [helper.make_tensor_value_info(x, elem, None) for x in inputs],
+        [helper.make_tensor_value_info("y", elem, None)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
     model.ir_version = 10

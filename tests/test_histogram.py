@@ -51,11 +51,22 @@ def test_merge_equals_one_pass(data):
 
 
 def test_special_values():
+    """NaN is counted but left out of every fraction; +-0 are one point mass; infinities and 1e30 count
+    as values beyond 2**MAX_EXP. Expected values: numpy's inverted-CDF quantiles of the non-NaN values
+    (the histogram interpolates within a bin, so within a bin's 0.8 % relative width)."""
     x = np.array([0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-40, 1e30, 1.0, -2.5], np.float32)
     h = Histogram().add(x)
     assert h.total == x.size and h.nan == 1 and h.zeros == 2
-    assert h.threshold(0.5, 0.0) >= 0
-    assert np.isfinite(h.quantile(0.5))
+    values = x[~np.isnan(x)]  # 9 values
+    # sparsities chosen so that counting the NaN (10 values) or dropping the infinities (7) moves tau
+    for s, offset in ((0.5, 0.0), (0.55, 0.0), (0.6, 0.0), (0.5, 1.0)):
+        exact = np.quantile(np.abs(values - np.float32(offset)), s, method="inverted_cdf")
+        tau = h.threshold(s, offset)
+        assert exact > 0 and abs(tau - exact) <= 0.01 * exact, (s, offset, tau, exact)
+    assert h.threshold(0.55, 0.0) == pytest.approx(1.0, rel=0.01)  # 5th of 9 |x|: 0, 0, 1e-40, 1e-30, 1
+    assert h.quantile(0.5) == 0.0 == np.quantile(values, 0.5, method="inverted_cdf")  # inside the zeros' mass
+    assert h.quantile(0.7) == pytest.approx(np.quantile(values, 0.7, method="inverted_cdf"), rel=0.01)  # 1.0
+    assert h.mass_within(0.0, 0.0)[0] == pytest.approx(2 / 9)  # the zeros of 9 non-NaN values
 
 
 def test_serialisation_roundtrip(data):
@@ -63,7 +74,7 @@ def test_serialisation_roundtrip(data):
     d = h.to_dict()
     assert len(d["pos"]["counts"]) + len(d["neg"]["counts"]) < 30_000
     assert (Histogram.from_dict(d).counts == h.counts).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown histogram layout 'other'"):
         Histogram.from_dict({**d, "layout": "other"})
 
 
@@ -79,5 +90,7 @@ def test_memory_is_fixed():
 
 
 def test_bad_sparsity():
-    with pytest.raises(ValueError):
-        Histogram().add(np.ones(3, np.float32)).threshold(1.0)
+    h = Histogram().add(np.ones(3, np.float32))
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got " + str(bad)):
+            h.threshold(bad)

@@ -115,22 +115,33 @@ def test_dropped_rows_of_b_are_skipped_even_when_not_finite():
 
 
 @pytest.mark.parametrize(
-    "threshold, offset", [(-0.5, 0.0), (math.nan, 0.0), (-math.inf, 0.0), (0.5, math.nan)]
+    "threshold, offset, message",
+    [(-0.5, 0.0, r"threshold must be >= 0, got -0\.5"), (math.nan, 0.0, "threshold must be >= 0, got nan"),
+     (-math.inf, 0.0, "threshold must be >= 0, got -inf"), (0.5, math.nan, "offset must not be NaN")],
+    ids=["negative", "nan", "minus_inf", "nan_offset"],
 )
-def test_bad_attributes_rejected(threshold, offset):
+def test_bad_attributes_rejected(threshold, offset, message):
     a, b, _ = _data((2, 3), 4, np.float32, seed=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         check_attributes(threshold, offset)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         scap_sparse_matmul(a, b, threshold=threshold, offset=offset)
 
 
 @pytest.mark.parametrize(
-    "a_shape, b_shape", [((2, 3), (3,)), ((2, 3), (3, 4, 1)), ((2, 3), (4, 4)), ((), (3, 4))]
+    "a_shape, b_shape, bias_shape, message",
+    [((2, 3), (3,), None, r"B must be 2-D, got shape \(3,\)"),
+     ((2, 3), (3, 4, 1), None, r"B must be 2-D, got shape \(3, 4, 1\)"),
+     ((2, 3), (4, 4), None, r"A's last dimension must equal B's first \(4\), got shape \(2, 3\)"),
+     ((), (3, 4), None, r"A's last dimension must equal B's first \(3\), got shape \(\)"),
+     ((2, 3), (3, 4), (3,), r"bias must have shape \(4,\), got \(3,\)"),
+     ((2, 3), (3, 4), (1, 4), r"bias must have shape \(4,\), got \(1, 4\)")],
+    ids=["b1d", "b3d", "k_mismatch", "a_scalar", "bias_len", "bias_2d"],
 )
-def test_bad_shapes_rejected(a_shape, b_shape):
-    with pytest.raises(ValueError):
-        scap_sparse_matmul(np.ones(a_shape, np.float32), np.ones(b_shape, np.float32), threshold=0.0)
+def test_bad_shapes_rejected(a_shape, b_shape, bias_shape, message):
+    bias = None if bias_shape is None else np.ones(bias_shape, np.float32)
+    with pytest.raises(ValueError, match=message):
+        scap_sparse_matmul(np.ones(a_shape, np.float32), np.ones(b_shape, np.float32), bias, threshold=0.0)
 
 
 def _op_run():
@@ -196,7 +207,7 @@ def test_reference_evaluator_rejects_missing_threshold():
     kept = [attr for attr in node.attribute if attr.name != "threshold"]
     del node.attribute[:]
     node.attribute.extend(kept)
-    with pytest.raises(Exception, match="threshold"):
+    with pytest.raises(ValueError, match="ScapSparseMatMul requires the 'threshold' attribute"):
         ReferenceEvaluator(model, new_ops=[_op_run()]).run(None, {"a": a, "b": b})
 
 

@@ -17,6 +17,7 @@ import onnx
 import pytest
 
 from conftest import SMOL_SPEC, run_cli
+from scap_onnx.op.library import kernel_isa
 from scap_onnx.op.session import library_available
 from scap_onnx.evaluation.latency import interleaved
 from scap_onnx.evaluation.options import ValidateOptions
@@ -87,12 +88,22 @@ def test_validate_cli_smollm2_report(smollm2, smol_sparse, texts, tmp_path):
     assert lat["prefill"]["tokens"] == 64
     env = rep["environment"]
     assert env["threads"] == 2 and env["provider"] == "CPUExecutionProvider" and env["onnxruntime"]
-    assert env["cpu_model"] and isinstance(env["isa"], list) and env["kernel_isa"] in ("avx512+amx", "avx512", "avx2", "portable")
+    assert env["cpu_model"] and isinstance(env["isa"], list)
+    assert env["kernel_isa"] == kernel_isa()  # what the library reports (test_kernel_isa_names_the_kernels)
     assert lat["thread_pool"] == env["thread_pool"] == "shared" and lat["spinning"]  # a fresh process: one pool
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| perplexity |" in md and "| up |" in md
     for png in ("report_latency.png", "report_sparsity.png"):
         assert (tmp_path / "r" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_library
+@pytest.mark.xfail(strict=True, reason="scap_onnx.op.library.kernel_isa() calls ScapOnnxKernelIsa, which the library "
+                   "built from custom_ops/ does not export (register.cc: RegisterCustomOps is its only export), so it "
+                   "returns None and every report's environment.kernel_isa is null")
+def test_kernel_isa_names_the_kernels():
+    """The library names the kernels it chose (kernel_isa's docstring lists the names)."""
+    assert kernel_isa() in ("amx", "avx512", "avx2", "neon", "portable")
 
 
 def _decode_nll(session, window: np.ndarray) -> float:
@@ -131,9 +142,10 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
     """Dense: token-by-token decoding agrees to 1e-4. Sparse: a plain session over the same windows
     agrees to 1e-5; token-by-token decoding only to a few percent, because hard thresholds make the
     sparse model discontinuous: rounding differences between the one-row and many-row paths flip an
-    element at a threshold now and then, and the flips multiply through the layers (measured:
-    1 flip at layer 13, 80 by layer 15, 3.6% logit difference at the end; over 1016 tokens of KJV
-    the two perplexities differ by 1.2%)."""
+    element at a threshold now and then, and the flips multiply through the layers. Measured with
+    this test's statistics (smol_stats) on an AVX-512 CPU: on these 2 x 47 predictions the two
+    perplexities differ by 1.1% with the AVX2, AVX-512 and AMX kernels and by 2.6% with the portable
+    ones (SCAP_ONNX_ISA=portable); over 1016 tokens of KJV (8 windows of 128) by 2.1%. Hence 4%."""
     import onnxruntime as ort
 
     from scap_onnx.calibration.data import open_data
@@ -157,7 +169,7 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
 
     assert math.isclose(ppl["dense"], ppl_of(_decode_nll, dense), rel_tol=1e-4)
     assert math.isclose(ppl["sparse"], ppl_of(_window_nll, sparse), rel_tol=1e-5)
-    assert math.isclose(ppl["sparse"], ppl_of(_decode_nll, sparse), rel_tol=0.1)
+    assert math.isclose(ppl["sparse"], ppl_of(_decode_nll, sparse), rel_tol=0.04)
 
 
 def test_measured_sparsity_matches_measure_module(smollm2, smol_sparse, texts):
@@ -319,21 +331,40 @@ def _bad(*args):
     return err
 
 
-def test_bad_input_exits_2(random_llama, llama_pair, random_llama_other, smollm2, smol_sparse, texts, tmp_path):
+@pytest.fixture(scope="session")
+def random_llama_one_layer():
+    """Another architecture: the random Llama's shape with one layer (fewer past/present tensors)."""
+    from random_llama import TINY, tool
+
+    return tool().make_random_llama(**{**TINY, "layers": 1}, seed=0)
+
+
+def test_bad_input_exits_2(random_llama, llama_pair, random_llama_other, random_llama_one_layer, tmp_path):
+    """Random-Llama models only (fast; no SmolLM2). Text data reads through a word-level tokenizer
+    (tests/tiny_models.py, ids < the random Llama's vocabulary of 256) given with --tokenizer."""
+    from tiny_models import write_tokenizer
+
     dense, sparse = llama_pair
     npz = random_llama / "eval.npz"
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    write_tokenizer(tok, bert=False)
     assert "no ScapSparseMatMul nodes" in _bad(dense, dense, "--data", npz)
     assert "give the original dense model first" in _bad(sparse, sparse, "--data", npz)
     assert "--thread-pool must be one of shared, separate" in _bad(dense, sparse, "--data", npz, "--thread-pool", "mine")
     assert "--spinning applies to --thread-pool separate only" in _bad(dense, sparse, "--data", npz, "--spinning")
     assert "weight" in _bad(random_llama_other / "model.onnx", sparse, "--data", npz)  # same shapes, other weights
-    assert "do not match" in _bad(smollm2, sparse, "--data", npz)  # another architecture
+    # another architecture
+    assert "do not match: their inputs differ" in _bad(random_llama_one_layer / "model.onnx", sparse, "--data", npz)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert "no evaluation data" in _bad(smollm2, smol_sparse, "--data", empty)
+    assert "no evaluation data: " + f"{empty} holds fewer than 32 tokens" in _bad(dense, sparse, "--data", empty,
+                                                                                 "--tokenizer", tok)
     short = tmp_path / "short.txt"
     short.write_text("In the beginning.\n")
-    assert "no evaluation data" in _bad(smollm2, smol_sparse, "--data", short)
+    assert "no evaluation data: " + f"{short} holds fewer than 32 tokens" in _bad(dense, sparse, "--data", short,
+                                                                                 "--tokenizer", tok)
+    assert "no tokenizer: text data needs the model's tokenizer.json" in _bad(dense, sparse, "--data", short)
     empty_npz = tmp_path / "empty.npz"
     with np.load(npz) as z:
         np.savez(empty_npz, **{k: z[k][:0] for k in z.files})
