@@ -29,8 +29,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import scap_onnx
-from scap_onnx.op import make_node, opset_import
-from scap_onnx.reference import scap_sparse_matmul
+from scap_onnx.op.contract import make_node, opset_import
+from scap_onnx.op.reference import scap_sparse_matmul
 
 REPO = Path(__file__).resolve().parents[1]
 FATBIN_MAGIC = 0xBA55ED50
