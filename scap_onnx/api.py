@@ -15,12 +15,14 @@ from typing import Sequence
 from .calibration.calibrator import calibrate
 from .calibration.spec import parse_spec
 from .calibration.stats import Stats, TargetPlan
+from .calibration.text import find_tokenizer
 from .errors import ScapError
-from .graph.fileio import same_file
+from .graph.fileio import missing_model_message, same_file
 from .graph.model_io import fingerprint, load_proto
 from .graph.targets import Target, find_all_targets, find_targets, group_sites, select_targets
 from .graph.view import GraphView
 from .passes.pipeline import rewrite_file
+from .prepare import prepare_texts
 from .progress import NullProgress, Progress
 
 __all__ = ["calibrate", "rewrite", "inspect", "model_fingerprint", "RewriteResult", "Stats", "ScapError"]
@@ -56,7 +58,8 @@ def rewrite(
     **calibrate_kwargs,
 ) -> RewriteResult:
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
-    from calibrating on ``data`` (a file, or a list of text files to mix). ``sparsity`` re-targets
+    from calibrating on ``data`` (a file, or a list of text files to mix; neither: the built-in
+    corpus, :func:`default_calibration_data`). ``sparsity`` re-targets
     (default: the calibration SPEC). ``fuse``: targets that drop the same elements of one input
     (gate and up) become one node (scap_onnx.passes.fuse)."""
     model = Path(model)
@@ -69,7 +72,7 @@ def rewrite(
     if data is not None and not isinstance(data, (str, Path)):
         data = list(data) or None  # a list of files; an empty one means no data
     if stats is None and data is None:
-        raise ScapError("rewrite needs --stats STATS.json or --data DATA to calibrate")
+        data = default_calibration_data(model, calibrate_kwargs.get("tokenizer"))
     if stats is not None and data is not None:
         raise ScapError("give either --stats or --data, not both")
     if stats is None:
@@ -94,6 +97,28 @@ def rewrite(
     task.advance(len(done.rewritten))
     task.close()
     return RewriteResult(done.output, done.external_data, plan, stats, done.rewritten, done.nodes)
+
+
+#: The built-in calibration corpus of `rewrite MODEL` without --data: CPython's documentation,
+#: modern technical English (scap_onnx.prepare builds it from Debian's python3-doc and caches it).
+DEFAULT_CORPUS = "pydoc"
+
+
+def default_calibration_data(model: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """The text a model is calibrated on when no data is given: the built-in corpus, prepared and
+    cached on first use. ScapError for a model without a tokenizer (it needs --data)."""
+    if not Path(model).is_file():
+        raise ScapError(missing_model_message(model))
+    try:
+        find_tokenizer(model, tokenizer)
+    except ScapError:
+        raise ScapError(f"rewrite needs --stats or --data: {Path(model).name} has no tokenizer.json beside it, so the "
+                        "built-in text corpus cannot feed it; give --data (an .npz of input feeds, or a text file "
+                        "with --tokenizer DIR)") from None
+    try:
+        return prepare_texts()[DEFAULT_CORPUS]
+    except Exception as e:  # preparation needs packages and Debian's archive
+        raise ScapError(f"cannot prepare the built-in calibration corpus ({type(e).__name__}: {e}); give --data") from None
 
 
 def inspect(model: str | Path, targets: str | None = None) -> list[Target]:

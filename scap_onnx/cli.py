@@ -198,6 +198,10 @@ def rewrite(
             check_output_file(path)
     kwargs = {}
     data = data or None
+    if data is None and stats is None:
+        data = api.default_calibration_data(model, tokenizer)
+        typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} ({tokens} tokens, "
+                   f"SPEC {sparsity or '0.5'})", err=True)
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                                    token_scaled)

@@ -132,13 +132,16 @@ def test_missing_tokenizer(tiny, tmp_path):
     _bad("calibrate", tmp_path / "m" / "model.onnx", "--data", tiny["calib"], "-o", tmp_path / "s.json",
          match="no tokenizer")
     _bad("rewrite", tmp_path / "m" / "model.onnx", "--data", tiny["calib"], match="no tokenizer")
+    # without --data a text model calibrates on the built-in corpus; one without a tokenizer cannot
+    _bad("rewrite", tmp_path / "m" / "model.onnx", "-o", tmp_path / "x.onnx",
+         match="needs --stats or --data: model.onnx has no tokenizer.json beside it")
     _bad("calibrate", tmp_path / "m" / "model.onnx", "--data", tiny["calib"], "--tokenizer", tmp_path,
          "-o", tmp_path / "s.json", match="no tokenizer")
     assert not (tmp_path / "s.json").exists()
 
 
 def test_other_bad_input(tiny, dec_stats, tmp_path):
-    _bad("rewrite", tiny["decoder"], "-o", tmp_path / "x.onnx", match="--stats")
+    _bad("rewrite", tmp_path / "missing.onnx", "-o", tmp_path / "x.onnx", match="does not exist")
     _bad("rewrite", tiny["decoder"], "--stats", dec_stats, "--data", tiny["calib"], match="not both")
     _bad("calibrate", tiny["decoder"], "-o", tmp_path / "s.json", match="--data")
     _bad("calibrate", tiny["decoder"], "--data", tmp_path / "nope.txt", "-o", tmp_path / "s.json", match="does not exist")

@@ -122,3 +122,27 @@ def test_minilm_gelu_offsets_and_cosine(minilm, minilm_stats, texts, tmp_path):
     cos_zero = validate(minilm, zero_out, texts["kjv"], opts)["accuracy"]["embedding"]["cosine_mean"]
     print(f"MiniLM 50% all roles: cosine mode-centred {cos_mode:.4f} vs offset 0 {cos_zero:.4f}")
     assert cos_mode > cos_zero
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory):
+    """An empty scap-onnx cache: the built-in corpus must be prepared from the packages."""
+    return tmp_path_factory.mktemp("fresh_cache")
+
+
+@pytest.mark.parametrize("family", ["smollm2", "minilm"])
+def test_rewrite_alone_calibrates_on_the_built_in_corpus(family, request, fresh_cache, tmp_path, monkeypatch):
+    """`scap-onnx rewrite MODEL` with no --stats and no --data (a decoder and an encoder, both
+    optimum exports): one line says what it calibrates on, and the result pairs with its model.
+    (Fewer tokens than the default, to keep the suite short.)"""
+    from scap_onnx.evaluation.pairing import open_pair
+
+    model = request.getfixturevalue(family)
+    monkeypatch.setenv("SCAP_ONNX_CACHE", str(fresh_cache))
+    out = tmp_path / "sparse.onnx"
+    p = run_cli("rewrite", model, "-o", out, "--tokens", 512, "--seq-len", 128, "--passes", 1, check=True)
+    corpus = fresh_cache / "texts" / "pydoc.txt"
+    assert corpus.is_file()
+    line = [x for x in p.stderr.splitlines() if "built-in corpus" in x]
+    assert line == [f"rewrite: no --stats or --data: calibrating on the built-in corpus {corpus} (512 tokens, SPEC 0.5)"]
+    assert "rewrote" in p.stdout and len(open_pair(model, out).scap) > 0
