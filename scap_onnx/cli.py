@@ -95,6 +95,10 @@ PassesOpt = typer.Option(2, "--passes", help="1: calibrate on dense activations;
 SampleRowsOpt = typer.Option(128, "--sample-rows", help="Activation rows kept per input to score offset candidates by output error.")
 ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
+# Options shared by validate, sweep and demo.
+KvLenOpt = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache.")
+TimingThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores).")
+ProviderOpt = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full onnxruntime provider name.")
 TokenScaledOpt = typer.Option("o,down", "--token-scaled",
                               help="Roles whose thresholds scale with each token's norm (their inputs are not "
                                    "normalised), so that the sparsity holds on other texts; 'none': all static.")
@@ -291,25 +295,25 @@ def validate_command(
     sparse: Path = typer.Argument(..., help="The rewritten model with ScapSparseMatMul nodes."),
     data: Path = typer.Option(..., "--data", "-d", help="Held-out data: a text file (.txt, .jsonl) or an .npz of input feeds."),
     report: Optional[Path] = typer.Option(None, "--report", "-r", help="Report JSON (default: SPARSE.report.json beside SPARSE); .md and .png files are written beside it."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside DENSE)."),
+    tokenizer: Optional[Path] = TokenizerOpt,
     tokens: int = typer.Option(4096, "--tokens", help="Evaluation tokens (windows of --seq-len)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per evaluation window."),
     sampling: str = typer.Option("spread", "--sampling", help="Text windows: 'spread' (evenly across the whole file) or 'contiguous' (from its start)."),
     phase: float = typer.Option(0.0, "--phase", help="Spread sampling: shift of the window places in [0, 1); 0.5 gives windows disjoint from a calibration at 0 (held out from the same file)."),
     skip_tokens: int = typer.Option(0, "--skip-tokens", help="Skip this many tokens first (implies contiguous windows)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per onnxruntime run."),
-    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    kv_len: int = KvLenOpt,
     repeats: int = typer.Option(20, "--repeats", help="Timed rounds (dense and sparse once each per round)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed rounds first."),
     prefill_repeats: int = typer.Option(5, "--prefill-repeats", help="Timed rounds of the prefill."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
-    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full onnxruntime provider name."),
+    threads: Optional[int] = TimingThreadsOpt,
+    provider: str = ProviderOpt,
     thread_pool: str = typer.Option("shared", "--thread-pool", help="Latency: 'shared' (dense and sparse sessions on one onnxruntime thread pool that spins, like one session with onnxruntime's defaults) or 'separate' (a pool each)."),
     spinning: bool = typer.Option(False, "--spinning/--no-spinning", help="With --thread-pool separate: the pools' threads spin (off by default: two spinning pools steal each other's cores)."),
     accuracy: bool = typer.Option(True, "--accuracy/--no-accuracy", help="Measure accuracy and sparsity."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure latency."),
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC the model was rewritten for (shown next to the measured sparsity)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: bool = QuietOpt,
 ):
     """Compare SPARSE with DENSE: accuracy (perplexity, agreement, KL or embedding cosine), measured sparsity, decode / prefill / batch latency (interleaved); JSON, markdown and PNG reports."""
     opts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=tokens, skip_tokens=skip_tokens,
@@ -339,19 +343,19 @@ def sweep_command(
     output: Path = typer.Option(Path("scap-sweep"), "--output", "-o", help="Output folder (sweep.json, sweep.md, pareto.png, reports/)."),
     levels: str = typer.Option(",".join(f"{v:g}" for v in sweep.DEFAULT_LEVELS), "--levels", help="Comma-separated sparsity levels."),
     methods: str = typer.Option(",".join(sweep.METHODS), "--methods", help=f"Comma-separated methods: {', '.join(sweep.METHODS)}."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside MODEL)."),
+    tokenizer: Optional[Path] = TokenizerOpt,
     tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration and evaluation window."),
     passes: int = typer.Option(2, "--passes", help="Calibration passes of the SCAP statistics (1: dense activations)."),
     eval_tokens: int = typer.Option(2048, "--eval-tokens", help="Evaluation tokens per point."),
-    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    kv_len: int = KvLenOpt,
     repeats: int = typer.Option(10, "--repeats", help="Timed rounds per point."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed rounds per point."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
-    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full name."),
+    threads: Optional[int] = TimingThreadsOpt,
+    provider: str = ProviderOpt,
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure the speedup of every point."),
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep the rewritten models in OUTPUT/models."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: bool = QuietOpt,
 ):
     """Calibrate once, rewrite at several sparsity levels (TEAL-style baseline and SCAP variants), validate each, draw the quality / sparsity / speed Pareto chart."""
     vopts = ValidateOptions(tokenizer=tokenizer, seq_len=seq_len, max_tokens=eval_tokens, threads=threads,
@@ -378,11 +382,11 @@ def demo_command(
     eval_text: str = typer.Option("fortunes", "--eval-text",
                                   help="fortunes or kjv (other texts than the calibration's) or pydoc (its held-out part)."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Evaluation tokens."),
-    kv_len: int = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache."),
+    kv_len: int = KvLenOpt,
     repeats: int = typer.Option(20, "--repeats", help="Timed decode rounds (dense and sparse interleaved)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores)."),
+    threads: Optional[int] = TimingThreadsOpt,
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate again even if matching statistics exist."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    quiet: bool = QuietOpt,
 ):
     """The embedded default end to end: prepare SmolLM2-135M, calibrate, rewrite (up=0.35,gate=0.35,down=0.55), validate; prints perplexity, decode tokens/s and speedup."""
     t0 = time.perf_counter()
