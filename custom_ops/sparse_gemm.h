@@ -52,9 +52,10 @@ inline int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 // 32-bit words of the kept-column bitmap that `sparsify` works in.
 inline int64_t SeenWords(int64_t depth) { return (depth + 31) / 32; }
 
-// Rows of B per panel when whole rows `width` floats wide are copied: about 512 KiB, in L2.
+// Rows of B per panel when whole rows `width` floats wide are copied: about 256 KiB, so that it and
+// the next panel, prefetched meanwhile, stay in L2.
 inline int64_t PanelRowsForWidth(int64_t width) {
-  const int64_t rows = (int64_t{1} << 17) / (width > 0 ? width : 1);
+  const int64_t rows = (int64_t{1} << 16) / (width > 0 ? width : 1);
   return rows < 8 ? 8 : (rows > kPanelRows ? kPanelRows : rows);
 }
 
@@ -81,6 +82,10 @@ struct KernelSet {
   // PanelStride(that width) floats as work space.
   void (*tiles_partial)(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1, float* work,
                         float* partial);
+  // The same without a panel, multiplying B's rows where they lie (faster for few tiles); where a
+  // kept row of B holds Inf or NaN, partials may hold NaN that tiles_partial would not give.
+  void (*tiles_partial_direct)(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1,
+                               float* partial);
 };
 
 struct GemmKernels {
