@@ -374,23 +374,36 @@ GemmPolicy Policy() {
   return policy;
 }
 
-// Whether onnxruntime's Gemm on the sparsified A (it packs B on every call) beats skipping B's
-// dropped rows, for `rows` rows of A that keep `kept` of the `depth` rows of B between them. The
-// break-even points are measured per kernel family (docs/kernel_benchmarks.md, "Dense fallback").
-bool DenseWins(int64_t rows, int64_t depth, int64_t n, int64_t kept) {
-  (void)n;
-  const char* isa = SelectedIsa();
-  const double kept_share = static_cast<double>(kept) / static_cast<double>(depth);
-  if (std::strcmp(isa, "amx") == 0) return false;  // not measured on a CPU with AMX: the tile kernels stay
-  // Rows of A from which the sparse path loses at any kept share, and below that the kept share
-  // from which it loses.
-  int64_t always_rows = 64;
-  double break_even = 0.8;
-  if (std::strcmp(isa, "portable") == 0) {
-    always_rows = 2;
-    break_even = 0.0;
+// Whether onnxruntime's Gemm on the sparsified A beats skipping B's dropped rows, for `rows` rows of
+// A that keep `kept` of the `depth` rows of B between them. Called through OrtApi::InvokeOp, the Gemm
+// packs B on every call (the dense session's MatMul packs its constant B once), which the break-even
+// points below include. Measured per kernel family with tools/bench_kernel.py and SCAP_ONNX_GEMM=
+// sparse|dense on a Zen 4 EPYC (docs/kernel_benchmarks.md, "Dense fallback"): against the AVX-512 and
+// AVX2 kernels the Gemm lost at every M from 2 to 128 even with every row of B kept (M = 2: 4.7 ms
+// against 2.1-2.8 ms; M = 128: 25.8-27.8 ms against 22.7-25.5 ms, K = N = 4096), so they never hand
+// over; the portable kernels lose to it from a kept share of 0.25-0.65 depending on M. AMX and NEON
+// were not measured: their kernels keep every call.
+struct BreakEven {
+  int64_t rows;       // from this many rows of A ...
+  double kept_share;  // ... the Gemm wins from this share of K kept
+};
+
+constexpr BreakEven kPortableBreakEven[] = {{2, 0.65}, {4, 0.25}, {16, 0.40}, {64, 0.29}};
+
+// The kept share of K from which the Gemm wins for `rows` rows of A; above 1 where it never does.
+double BreakEvenShare(int64_t rows) {
+  static const bool portable = std::strcmp(SelectedIsa(), "portable") == 0;
+  double share = 2.0;
+  if (!portable) return share;
+  for (const BreakEven& point : kPortableBreakEven) {
+    if (rows >= point.rows) share = point.kept_share;
   }
-  return rows >= always_rows || kept_share >= break_even;
+  return share;
+}
+
+// (N is not an input: the points were measured at K = N = 4096 only.)
+bool DenseWins(int64_t rows, int64_t depth, int64_t kept) {
+  return static_cast<double>(kept) >= BreakEvenShare(rows) * static_cast<double>(depth);
 }
 
 }  // namespace
@@ -497,10 +510,11 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     // Several rows that keep most of K between them: onnxruntime's Gemm on the sparsified A, where
     // measured faster.
     const GemmPolicy policy = Policy();
-    if (rows > 1 && gemm_ != nullptr && (policy == GemmPolicy::kChoose || policy == GemmPolicy::kDense)) {
+    if (rows > 1 && gemm_ != nullptr &&
+        (policy == GemmPolicy::kDense || (policy == GemmPolicy::kChoose && BreakEvenShare(rows) <= 1.0))) {
       Sparsify(a_data, rows, depth, attributes_.threshold, attributes_.offset, scratch);
       const int64_t kept = static_cast<int64_t>(scratch.kept.size());
-      if ((policy == GemmPolicy::kDense || DenseWins(rows, depth, n, kept)) &&
+      if ((policy == GemmPolicy::kDense || DenseWins(rows, depth, kept)) &&
           DenseGemm(raw_context, scratch.d.data(), rows, depth, n, b, bias, y_data)) {
         return;
       }
@@ -530,7 +544,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
       const int64_t kept = job.tiles.kept_count;
       const int64_t tasks = KSplitTasks(kept, pass_rows * kept * n);
-      const int64_t width = RoundUp(n, kernels.tile_columns);
+      const int64_t width = PartialStride(n, kernels.tile_columns);
       job.tasks = tasks;
       job.part_stride = job.tiles.tiles * job.tiles.tile_rows * width;
       scratch.partials.resize(static_cast<size_t>(tasks * job.part_stride));
