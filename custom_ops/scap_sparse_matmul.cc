@@ -1,11 +1,13 @@
 // CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs the
 // row-skipping kernels (sparse_gemm.h) as tasks in ONNX Runtime's intra-op thread pool.
-// (onnxruntime's own MatMul through OrtApi::InvokeOp was tried for tall A and measured slower:
-// it repacks B on every call, while the dense session's MatMul packs its constant B once.)
+// Several rows that keep most of K between them go to onnxruntime's own Gemm through
+// OrtApi::InvokeOp instead, where measured faster (DenseWins).
 #include "scap_sparse_matmul.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <type_traits>
@@ -174,7 +176,22 @@ struct Job {
   int64_t tasks;         // the split: of the kept rows (over K) or of the columns (over N)
   float* partials;       // split over K: one partial sum per task
   int64_t part_stride;   // floats between two tasks' partial sums
+  bool direct = false;   // several rows split over K: tiles_partial_direct
 };
+
+// Whether values hold Inf or NaN.
+bool HasNonFinite(const float* values, int64_t count) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(values);
+  uint32_t found = 0;
+  for (int64_t i = 0; i < count; ++i) found |= static_cast<uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+  return found != 0;
+}
+
+bool HasNonFinite(const uint16_t* values, int64_t count) {
+  uint32_t found = 0;
+  for (int64_t i = 0; i < count; ++i) found |= static_cast<uint32_t>((values[i] & 0x7c00u) == 0x7c00u);
+  return found != 0;
+}
 
 // Tasks for a split over K: enough to balance a pool of a few threads, each with enough work to
 // outweigh its dispatch and its partial sum (small layers of small models run in few tasks). A
@@ -211,6 +228,10 @@ template <typename Bits>
 void RunTilesPartialTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
   const auto [i0, i1] = TaskRange(index, job.tasks, job.tiles.kept_count);
+  if (job.direct) {
+    job.kernels->tiles_partial_direct(job.tiles, job.b, job.n, i0, i1, job.partials + index * job.part_stride);
+    return;
+  }
   thread_local std::vector<float> work;  // per pool thread: the panel
   const int64_t width = RoundUp(job.n, job.kernels->tile_columns);
   work.resize(static_cast<size_t>(PanelRowsForWidth(width) * PanelStride(width)));
@@ -305,11 +326,133 @@ bool RunAmx(Ort::KernelContext& context, Job<Bits>& job, Scratch& scratch) {
   return true;
 }
 
+// True if status is OK; releases it otherwise.
+bool Ok(const OrtApi& api, OrtStatus* status) {
+  if (status == nullptr) return true;
+  api.ReleaseStatus(status);
+  return false;
+}
+
+// onnxruntime's CPU Gemm (opset 13, float32) with `inputs` inputs (A, B and optionally C), Y = A @ B
+// (+ C); nullptr if the runtime cannot create it. A standalone node has no schema defaults: every
+// attribute the kernel reads is given.
+OrtOp* CreateGemm(const OrtApi& api, const OrtKernelInfo* info, int inputs) {
+  const int64_t no = 0;
+  const float one = 1.0f;
+  OrtOpAttr* attrs[4] = {nullptr, nullptr, nullptr, nullptr};
+  OrtOp* op = nullptr;
+  if (Ok(api, api.CreateOpAttr("transA", &no, 1, ORT_OP_ATTR_INT, &attrs[0])) &&
+      Ok(api, api.CreateOpAttr("transB", &no, 1, ORT_OP_ATTR_INT, &attrs[1])) &&
+      Ok(api, api.CreateOpAttr("alpha", &one, 1, ORT_OP_ATTR_FLOAT, &attrs[2])) &&
+      Ok(api, api.CreateOpAttr("beta", &one, 1, ORT_OP_ATTR_FLOAT, &attrs[3]))) {
+    const char* names[] = {"T"};
+    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    if (!Ok(api, api.CreateOp(info, "Gemm", "", 13, names, types, 1, attrs, 4, inputs, 1, &op))) op = nullptr;
+  }
+  for (OrtOpAttr* attr : attrs) {
+    if (attr != nullptr) api.ReleaseOpAttr(attr);
+  }
+  return op;
+}
+
+// Which arithmetic several rows of A get: SCAP_ONNX_GEMM=sparse or dense forces one (benchmarks
+// measure the break-even with it), =panels the row-skipping kernels that copy B into panels for few
+// rows too (as before the direct kernel: tests of their tasks); otherwise DenseWins chooses per call.
+enum class GemmPolicy { kChoose, kSparse, kPanels, kDense };
+
+GemmPolicy ReadGemmPolicy() {
+  const char* value = std::getenv("SCAP_ONNX_GEMM");
+  if (value == nullptr) return GemmPolicy::kChoose;
+  if (std::strcmp(value, "sparse") == 0) return GemmPolicy::kSparse;
+  if (std::strcmp(value, "panels") == 0) return GemmPolicy::kPanels;
+  if (std::strcmp(value, "dense") == 0) return GemmPolicy::kDense;
+  return GemmPolicy::kChoose;
+}
+
+GemmPolicy Policy() {
+  static const GemmPolicy policy = ReadGemmPolicy();
+  return policy;
+}
+
+// Whether onnxruntime's Gemm on the sparsified A beats skipping B's dropped rows, for `rows` rows of
+// A that keep `kept` of the `depth` rows of B between them. Called through OrtApi::InvokeOp, the Gemm
+// packs B on every call (the dense session's MatMul packs its constant B once), which the break-even
+// points below include. Measured per kernel family with tools/bench_kernel.py and SCAP_ONNX_GEMM=
+// sparse|dense on a Zen 4 EPYC (docs/kernel_benchmarks.md, "Dense fallback"): against the AVX-512 and
+// AVX2 kernels the Gemm lost at every M from 2 to 128 even with every row of B kept (M = 2: 4.7 ms
+// against 2.1-2.8 ms; M = 128: 25.8-27.8 ms against 22.7-25.5 ms, K = N = 4096), so they never hand
+// over; the portable kernels lose to it from a kept share of 0.25-0.65 depending on M. AMX and NEON
+// were not measured: their kernels keep every call.
+struct BreakEven {
+  int64_t rows;       // from this many rows of A ...
+  double kept_share;  // ... the Gemm wins from this share of K kept
+};
+
+constexpr BreakEven kPortableBreakEven[] = {{2, 0.65}, {4, 0.25}, {16, 0.40}, {64, 0.29}};
+
+// The kept share of K from which the Gemm wins for `rows` rows of A; above 1 where it never does.
+double BreakEvenShare(int64_t rows) {
+  static const bool portable = std::strcmp(SelectedIsa(), "portable") == 0;
+  double share = 2.0;
+  if (!portable) return share;
+  for (const BreakEven& point : kPortableBreakEven) {
+    if (rows >= point.rows) share = point.kept_share;
+  }
+  return share;
+}
+
+// (N is not an input: the points were measured at K = N = 4096 only.)
+bool DenseWins(int64_t rows, int64_t depth, int64_t kept) {
+  return static_cast<double>(kept) >= BreakEvenShare(rows) * static_cast<double>(depth);
+}
+
 }  // namespace
 
 template <typename T>
 ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info)
-    : api_(api), attributes_(ReadNodeAttributes(api, info)) {}
+    : api_(api), attributes_(ReadNodeAttributes(api, info)) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (Ok(api_, api_.CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpu_memory_))) {
+      gemm_ = CreateGemm(api_, info, 2);
+      gemm_bias_ = CreateGemm(api_, info, 3);
+    } else {
+      cpu_memory_ = nullptr;
+    }
+  }
+}
+
+template <typename T>
+ScapSparseMatMulKernel<T>::~ScapSparseMatMulKernel() {
+  if (gemm_ != nullptr) api_.ReleaseOp(gemm_);
+  if (gemm_bias_ != nullptr) api_.ReleaseOp(gemm_bias_);
+  if (cpu_memory_ != nullptr) api_.ReleaseMemoryInfo(cpu_memory_);
+}
+
+template <typename T>
+bool ScapSparseMatMulKernel<T>::DenseGemm(OrtKernelContext* context, const float* d, int64_t rows, int64_t depth,
+                                          int64_t n, const OrtValue* b, const OrtValue* bias, float* y) {
+  OrtOp* op = bias != nullptr ? gemm_bias_ : gemm_;
+  if (op == nullptr) return false;
+  const int64_t a_shape[2] = {rows, depth};
+  const int64_t y_shape[2] = {rows, n};
+  OrtValue* a_value = nullptr;
+  OrtValue* y_value = nullptr;
+  bool done = Ok(api_, api_.CreateTensorWithDataAsOrtValue(cpu_memory_, const_cast<float*>(d),
+                                                          static_cast<size_t>(rows * depth) * sizeof(float), a_shape,
+                                                          2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &a_value)) &&
+              Ok(api_, api_.CreateTensorWithDataAsOrtValue(cpu_memory_, y, static_cast<size_t>(rows * n) * sizeof(float),
+                                                          y_shape, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &y_value));
+  if (done) {
+    const OrtValue* inputs[3] = {a_value, b, bias};
+    done = Ok(api_, api_.InvokeOp(context, op, inputs, bias != nullptr ? 3 : 2, &y_value, 1));
+  }
+  if (a_value != nullptr) api_.ReleaseValue(a_value);
+  if (y_value != nullptr) api_.ReleaseValue(y_value);
+  if (!done) return false;
+  // 0 * Inf or 0 * NaN (a dropped activation against a non-finite weight) leaves NaN in Y; so may
+  // kept values, which the sparse path then reproduces.
+  return !HasNonFinite(y, rows * n);
+}
 
 template <typename T>
 OrtStatusPtr ScapSparseMatMulKernel<T>::ComputeV2(OrtKernelContext* context) noexcept {
@@ -363,6 +506,21 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     }
   }
 
+  if constexpr (std::is_same<Bits, float>::value) {
+    // Several rows that keep most of K between them: onnxruntime's Gemm on the sparsified A, where
+    // measured faster.
+    const GemmPolicy policy = Policy();
+    if (rows > 1 && gemm_ != nullptr &&
+        (policy == GemmPolicy::kDense || (policy == GemmPolicy::kChoose && BreakEvenShare(rows) <= 1.0))) {
+      Sparsify(a_data, rows, depth, attributes_.threshold, attributes_.offset, scratch);
+      const int64_t kept = static_cast<int64_t>(scratch.kept.size());
+      if ((policy == GemmPolicy::kDense || DenseWins(rows, depth, kept)) &&
+          DenseGemm(raw_context, scratch.d.data(), rows, depth, n, b, bias, y_data)) {
+        return;
+      }
+    }
+  }
+
   const KernelSet<Bits>& kernels = Kernels<Bits>();
   if (rows == 1) {
     // Decoding: each task streams whole kept rows of B into a partial sum.
@@ -386,14 +544,21 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
       const int64_t kept = job.tiles.kept_count;
       const int64_t tasks = KSplitTasks(kept, pass_rows * kept * n);
-      const int64_t width = RoundUp(n, kernels.tile_columns);
+      const int64_t width = PartialStride(n, kernels.tile_columns);
       job.tasks = tasks;
       job.part_stride = job.tiles.tiles * job.tiles.tile_rows * width;
       scratch.partials.resize(static_cast<size_t>(tasks * job.part_stride));
       job.partials = scratch.partials.data();
-      RunTasks(context, &RunTilesPartialTask<Bits>, tasks, &job);
-      for (int64_t m = 0; m < pass_rows; ++m) {
-        kernels.reduce(job.partials + m * width, tasks, job.part_stride, n, bias_f32, job.y + m * n);
+      // B's rows multiplied where they lie; if Y comes out with Inf or NaN (maybe 0 * Inf from a
+      // dropped activation), again through panels, which skip those products.
+      const bool panels_only = Policy() == GemmPolicy::kPanels;
+      for (const bool direct : {!panels_only, false}) {
+        job.direct = direct;
+        RunTasks(context, &RunTilesPartialTask<Bits>, tasks, &job);
+        for (int64_t m = 0; m < pass_rows; ++m) {
+          kernels.reduce(job.partials + m * width, tasks, job.part_stride, n, bias_f32, job.y + m * n);
+        }
+        if (!direct || !HasNonFinite(job.y, pass_rows * n)) break;
       }
     } else {
       // Small passes stay on the calling thread, with the vector kernels.

@@ -10,13 +10,26 @@ namespace scap {
 template <typename T>
 struct ScapSparseMatMulKernel {
   ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info);
+  ~ScapSparseMatMulKernel();
+  ScapSparseMatMulKernel(const ScapSparseMatMulKernel&) = delete;
+  ScapSparseMatMulKernel& operator=(const ScapSparseMatMulKernel&) = delete;
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept;
 
  private:
   void Compute(OrtKernelContext* context);
+  // Y = D @ B (+ bias) by onnxruntime's own Gemm on the sparsified rows of A; false (Y unspecified)
+  // when the runtime has no Gemm here or Y came out with Inf or NaN, which a dropped activation's
+  // zero times an Inf or NaN in B may have made.
+  bool DenseGemm(OrtKernelContext* context, const float* d, int64_t rows, int64_t depth, int64_t n,
+                 const OrtValue* b, const OrtValue* bias, float* y);
 
   const OrtApi& api_;
   NodeAttributes attributes_;
+  // onnxruntime's CPU Gemm (float32), without and with the bias input; nullptr where it cannot be
+  // created (float16 kernels, or a runtime without OrtApi::CreateOp).
+  OrtOp* gemm_ = nullptr;
+  OrtOp* gemm_bias_ = nullptr;
+  OrtMemoryInfo* cpu_memory_ = nullptr;
 };
 
 template <typename T>

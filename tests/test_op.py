@@ -434,12 +434,15 @@ def _skip_unless_cpu_runs(isa: str, unknown_ok: bool = True) -> None:
         pytest.skip(f"this CPU lacks {sorted(need - flags)}: the {isa} kernels cannot run here")
 
 
-def _run_capped(isa: str, body: str) -> subprocess.CompletedProcess:
+def _run_capped(isa: str, body: str, gemm: str | None = None) -> subprocess.CompletedProcess:
     """Runs `body` in a subprocess that has imported this file as test_op, with SCAP_ONNX_ISA=isa
-    (the library reads the cap once per process)."""
+    (the library reads the cap once per process), and SCAP_ONNX_GEMM=gemm when given (sparse,
+    panels or dense: the arithmetic of several rows, forced)."""
     package_root = str(Path(scap_onnx.__file__).resolve().parents[1])
     script = f"import sys\nsys.path[:0] = [{package_root!r}, {str(Path(__file__).parent)!r}]\nimport test_op\n" + body
     env = {**os.environ, "SCAP_ONNX_ISA": isa}
+    if gemm is not None:
+        env["SCAP_ONNX_GEMM"] = gemm
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -461,6 +464,22 @@ def test_isa_cap(isa):
     assert f"kernel isa: {isa}\n" in proc.stdout, proc.stdout[-4000:]
     # validate's report names the kernel the library says it chose, not a guess from the CPU's flags
     assert f"report isa: {isa}\n" in proc.stdout, proc.stdout[-4000:]
+
+
+@pytest.mark.parametrize("gemm", ["sparse", "panels", "dense"])
+def test_several_rows_both_ways(gemm):
+    """Several rows run either the row-skipping kernels or onnxruntime's Gemm on the sparsified A
+    (chosen per call from the shape and the kept share): each forced in turn passes the battery and
+    the non-finite weights in dropped rows (the Gemm's 0 * Inf = NaN sends the call back to the
+    row-skipping kernels)."""
+    body = ("failed = test_op.run_battery()\n"
+            "for dtype in test_op.DTYPES:\n"
+            "    for rows in (3, 16, 40):\n"
+            "        for partly in (False, True):\n"
+            "            test_op.test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly)\n"
+            "sys.exit(failed)\n")
+    proc = _run_capped(os.environ.get("SCAP_ONNX_ISA", "amx"), body, gemm=gemm)  # "amx": no cap
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
 
 def test_kernel_isa_is_reported():
@@ -716,7 +735,9 @@ try:
 except Exception as e:
     print('error:', type(e).__module__, str(e).replace(chr(10), ' '))
 """
-    proc = _run_capped(os.environ.get("SCAP_ONNX_ISA", "amx"), body)  # "amx": no cap
+    # the row-skipping kernels' tasks with their panels (onnxruntime's Gemm would take such a call,
+    # and the kernel for few rows that multiplies B in place allocates nothing in its tasks)
+    proc = _run_capped(os.environ.get("SCAP_ONNX_ISA", "amx"), body, gemm="panels")  # "amx": no cap
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     assert "error: onnxruntime" in proc.stdout and "oom_node" in proc.stdout and "out of memory" in proc.stdout, \
         proc.stdout
