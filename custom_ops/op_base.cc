@@ -46,8 +46,9 @@ bool ReadNumber(const OrtApi& api, const OrtKernelInfo* info, const char* name, 
 
 }  // namespace
 
-NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info) {
+NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info, const char* op_type) {
   NodeAttributes attributes;
+  attributes.op_type = op_type;
   attributes.node_name = Ort::ConstKernelInfo(info).GetNodeName();
   try {
     if (!ReadNumber(api, info, "threshold", &attributes.threshold))
@@ -57,7 +58,7 @@ NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info) 
       throw std::invalid_argument("attribute 'threshold' must be >= 0, got " + std::to_string(attributes.threshold));
     if (std::isnan(attributes.offset)) throw std::invalid_argument("attribute 'offset' must not be NaN");
   } catch (const std::invalid_argument& e) {
-    throw std::invalid_argument(std::string(kOpType) + " node '" + attributes.node_name + "': " + e.what());
+    throw std::invalid_argument(std::string(op_type) + " node '" + attributes.node_name + "': " + e.what());
   }
   return attributes;
 }
@@ -106,8 +107,9 @@ void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementData
                                 (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? ", bias " + TypeName(bias) : ""));
 }
 
-OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name) noexcept {
-  const std::string prefix = node_name.empty() ? "" : std::string(kOpType) + " node '" + node_name + "': ";
+OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name,
+                                        const char* op_type) noexcept {
+  const std::string prefix = node_name.empty() ? "" : std::string(op_type) + " node '" + node_name + "': ";
   try {
     throw;
   } catch (const Ort::Exception& e) {
@@ -153,10 +155,10 @@ bool Known(const InferredInput& input, size_t i) {
 
 }  // namespace
 
-OrtStatusPtr InferOutputShape(const OrtApi& api, OrtShapeInferContext* context) noexcept {
+OrtStatusPtr InferOutputShape(const OrtApi& api, OrtShapeInferContext* context, size_t n_input) noexcept {
   try {
     InferredInput a, b;
-    if (!ReadInput(api, context, 0, &a) || !ReadInput(api, context, 1, &b) || b.dims.size() != 2) return nullptr;
+    if (!ReadInput(api, context, 0, &a) || !ReadInput(api, context, n_input, &b) || b.dims.size() != 2) return nullptr;
     // Y = A's dimensions with the last replaced by B's last; an unnamed unknown one leaves Y unknown
     // (the C API has no way to write it).
     InferredInput y = a;

@@ -26,6 +26,7 @@ namespace scap {
 
 constexpr const char* kDomain = "com.scap";
 constexpr const char* kOpType = "ScapSparseMatMul";
+constexpr const char* kOpTypeNBits = "ScapSparseMatMulNBits";  // scap_sparse_matmul_nbits.h
 
 // Kernels index A's kept elements with int32: K must stay below 2^31.
 constexpr int64_t kMaxDepth = 2147483647;
@@ -49,13 +50,15 @@ struct ElementType<Ort::Float16_t> {
 // A node's attributes, checked.
 struct NodeAttributes {
   std::string node_name;
+  const char* op_type = kOpType;  // the op, for messages
   float threshold = 0.0f;
   float offset = 0.0f;
 };
 
 // Reads threshold (required) and offset (default 0), as FLOAT or INT attributes; throws
-// std::invalid_argument naming the node when one is missing, of another type, NaN, or threshold < 0.
-NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info);
+// std::invalid_argument naming the node (an op_type node) when one is missing, of another type,
+// NaN, or threshold < 0.
+NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info, const char* op_type = kOpType);
 
 // One call's sizes, from the inputs' shapes.
 struct MatMulShape {
@@ -78,11 +81,13 @@ void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementData
 
 // The exception being handled, as an OrtStatus whose message names the node (when node_name is
 // not empty). Call from a catch block only.
-OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name) noexcept;
+OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name,
+                                        const char* op_type = kOpType) noexcept;
 
 // ONNX Runtime's shape inference for the node: Y gets A's element type and shape [..., N] when the
-// ranks and dimensions are known (a dimension may be symbolic); otherwise Y is left unknown.
-OrtStatusPtr InferOutputShape(const OrtApi& api, OrtShapeInferContext* context) noexcept;
+// ranks and dimensions are known (a dimension may be symbolic); otherwise Y is left unknown. N is
+// the last dimension of the 2-D input n_input (B [K, N]; the NBits op's scales [k_blocks, N]).
+OrtStatusPtr InferOutputShape(const OrtApi& api, OrtShapeInferContext* context, size_t n_input = 1) noexcept;
 
 // The op's schema for ONNX Runtime, one per element type T. TOp (the derived op) adds
 // GetExecutionProviderType; TKernel has TKernel(const OrtApi&, const OrtKernelInfo*) and

@@ -1,5 +1,5 @@
 // The library's exports: RegisterCustomOps, called by onnxruntime when a session registers this
-// library (it adds ScapSparseMatMul, float32 and float16, in domain com.scap), and
+// library (it adds ScapSparseMatMul and ScapSparseMatMulNBits, float32 and float16, in domain com.scap), and
 // ScapOnnxKernelIsa, which tells callers (Python, tests) which kernels this process runs.
 #include <cstdlib>
 #include <mutex>
@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "scap_sparse_matmul.h"
+#include "scap_sparse_matmul_nbits.h"
 #include "sparse_gemm.h"
 #if defined(SCAP_WITH_CUDA)
 #include "cuda/cuda_op.h"  // libscap_onnx_ops_cuda: the CUDA kernels beside the CPU ones
@@ -50,6 +51,8 @@ extern "C" SCAP_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   // refuses ops newer than itself.
   static scap::ScapSparseMatMulOp<float> op_float;
   static scap::ScapSparseMatMulOp<Ort::Float16_t> op_float16;
+  static scap::ScapSparseMatMulNBitsOp<float> nbits_float;
+  static scap::ScapSparseMatMulNBitsOp<Ort::Float16_t> nbits_float16;
   static std::mutex mutex;
   static std::vector<Ort::CustomOpDomain> domains;
 
@@ -57,9 +60,13 @@ extern "C" SCAP_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptio
     std::lock_guard<std::mutex> lock(mutex);
     op_float.version = version;
     op_float16.version = version;
+    nbits_float.version = version;
+    nbits_float16.version = version;
     Ort::CustomOpDomain domain{scap::kDomain};
     domain.Add(&op_float);
     domain.Add(&op_float16);
+    domain.Add(&nbits_float);
+    domain.Add(&nbits_float16);
 #if defined(SCAP_WITH_CUDA)
     // One domain holds both providers' kernels: onnxruntime takes one schema per op name.
     static scap::ScapSparseMatMulCudaOp<float> cuda_float;

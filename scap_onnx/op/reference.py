@@ -2,6 +2,7 @@
 
 Semantics (shared/DESIGN.md): D = A - offset; D[i] is dropped iff |D[i]| <= threshold;
 Y = D_kept @ B (+ bias). Arithmetic in float32 whatever T is, the result cast back to T.
+ScapSparseMatMulNBits (scap_onnx.op.nbits) is the same rule over W dequantised in float32.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 
 from .contract import DOMAIN, OP_TYPE, check_attributes
+from .nbits import OP_TYPE_NBITS, check_nbits_attributes, dequantize_packed, k_blocks, row_bytes
 
 
 def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0) -> np.ndarray:
@@ -70,3 +72,44 @@ class ScapSparseMatMul(OpRun):
 
 
 ScapSparseMatMulOpRun = ScapSparseMatMul
+
+
+def scap_sparse_matmul_nbits(
+    a: np.ndarray,
+    b_packed: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    *,
+    k: int,
+    n: int,
+    bits: int,
+    block_size: int,
+    threshold: float,
+    offset: float = 0.0,
+) -> np.ndarray:
+    """ScapSparseMatMulNBits: W dequantised from the packed layout in float32, then scap_sparse_matmul."""
+    check_nbits_attributes(k, n, bits, block_size)
+    kb = k_blocks(k, block_size)
+    if b_packed.shape != (k, row_bytes(n, bits)) or b_packed.dtype != np.uint8:
+        raise ValueError(f"B_packed must be uint8 [{k}, {row_bytes(n, bits)}], got {b_packed.dtype} {b_packed.shape}")
+    if scales.shape != (kb, n):
+        raise ValueError(f"scales must have shape ({kb}, {n}), got {scales.shape}")
+    if zero_points is not None and zero_points.shape != (kb, n):
+        raise ValueError(f"zero_points must have shape ({kb}, {n}), got {zero_points.shape}")
+    w = dequantize_packed(b_packed, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
+    return scap_sparse_matmul(a, w, bias, threshold=threshold, offset=offset)
+
+
+class ScapSparseMatMulNBits(OpRun):
+    """onnx.reference implementation of ScapSparseMatMulNBits (an omitted optional input is None)."""
+
+    op_domain = DOMAIN
+    op_type = OP_TYPE_NBITS
+
+    def _run(self, a, b_packed, scales, zero_points=None, bias=None, K=None, N=None, bits=None,  # noqa: N803
+             block_size=None, threshold=None, offset=0.0):
+        if None in (K, N, bits, block_size, threshold):
+            raise ValueError("ScapSparseMatMulNBits requires the K, N, bits, block_size and threshold attributes")
+        return (scap_sparse_matmul_nbits(a, b_packed, scales, zero_points, bias, k=K, n=N, bits=bits,
+                                         block_size=block_size, threshold=threshold, offset=offset),)

@@ -1,0 +1,83 @@
+// ScapSparseMatMulNBits: ScapSparseMatMul over block-quantized weights, on the CPU. The weights are
+// repacked at rewrite time (scap_onnx/op/nbits.py) so that each input channel's codes form one row:
+// a dropped activation skips one contiguous row, as in the float op.
+//
+//   inputs     A: T [..., K]; B_packed: uint8 [K, row_bytes]; scales: float32 [k_blocks, N];
+//              zero_points (optional): uint8 [k_blocks, N] (absent: 2^(bits-1));
+//              bias (optional): T [N]
+//   output     Y: T [..., N]
+//   attributes K, N, bits (4 or 8), block_size (16 .. 256, a power of two): INT, required;
+//              threshold, offset: as ScapSparseMatMul
+//   layout     k_blocks = ceil(K / block_size); bits 8: row_bytes = N, byte j = code of column j;
+//              bits 4: row_bytes = 16 * ceil(N / 32), column 32g + t in the low nibble of byte
+//              16g + t (t < 16) or the high nibble of byte 16g + t - 16 (t >= 16)
+//   semantics  W[k, j] = (q[k, j] - zp[k / block_size, j]) * scales[k / block_size, j];
+//              D = A - offset; D[i] dropped iff |D[i]| <= threshold; Y = D_kept @ W (+ bias),
+//              accumulated in float32
+#pragma once
+
+#include <cstdint>
+
+#include "op_base.h"
+
+namespace scap {
+
+// A node's integer attributes, checked.
+struct NBitsShape {
+  int64_t k = 0, n = 0, bits = 0, block_size = 0;
+  int64_t k_blocks = 0, row_bytes = 0;
+};
+
+template <typename T>
+struct ScapSparseMatMulNBitsKernel {
+  ScapSparseMatMulNBitsKernel(const OrtApi& api, const OrtKernelInfo* info);
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept;
+
+ private:
+  void Compute(OrtKernelContext* context);
+
+  const OrtApi& api_;
+  NodeAttributes attributes_;
+  NBitsShape shape_;
+};
+
+template <typename T>
+struct ScapSparseMatMulNBitsOp
+    : Ort::CustomOpBase<ScapSparseMatMulNBitsOp<T>, ScapSparseMatMulNBitsKernel<T>, /*WithStatus=*/true> {
+  ScapSparseMatMulNBitsOp() {
+    this->InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* context) -> OrtStatusPtr {
+      return InferOutputShape(Ort::GetApi(), context, /*n_input=scales [k_blocks, N]*/ 2);
+    };
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
+    try {
+      *kernel = new ScapSparseMatMulNBitsKernel<T>(api, info);
+      return nullptr;
+    } catch (...) {
+      return StatusFromCurrentException(api, "");  // the kernel's messages name the node
+    }
+  }
+
+  const char* GetName() const { return kOpTypeNBits; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    switch (index) {
+      case 1:
+      case 3:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 2:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      default:
+        return ElementType<T>::kValue;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ElementType<T>::kValue; }
+};
+
+}  // namespace scap

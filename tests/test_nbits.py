@@ -1,0 +1,250 @@
+"""ScapSparseMatMulNBits: the repack from MatMulNBits' layout, the numpy reference and onnx.reference
+OpRun, and the compiled op in real onnxruntime sessions against the reference (the oracle).
+
+Weights are random codes, scales and zero points packed here in onnxruntime's MatMulNBits layout
+(B [N, k_blocks, blob] with codes along K low nibble first; zero points two blocks a byte for
+4 bits), then repacked by scap_onnx.op.nbits as the rewriter will. Error metric as in test_op.py:
+max |y - ref| / max |ref| over the finite outputs, NaN and Inf in the same places.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import scap_onnx
+from scap_onnx.errors import ScapError
+from scap_onnx.op.contract import opset_import
+from scap_onnx.op.nbits import dequantize_packed, make_nbits_node, repack_matmul_nbits
+from scap_onnx.op.reference import ScapSparseMatMulNBits, scap_sparse_matmul_nbits
+
+TOL = {np.float32: 1e-5, np.float16: 3e-3}
+IR_VERSION = 9
+BITS = [4, 8]
+BLOCKS = [16, 32, 128]
+ROWS = [0, 1, 7, 64]
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+# ----------------------------------------------------------------------------- MatMulNBits weights
+def _matmul_nbits_weights(k, n, bits, block, with_zp, seed, scale_dtype=np.float32):
+    """Random codes q [K, N], scales and zero points [k_blocks, N] (None: the default), and the
+    same packed as onnxruntime's MatMulNBits inputs (B, scales, zero_points)."""
+    rng = np.random.default_rng(seed)
+    kb = -(-k // block)
+    q = rng.integers(0, 1 << bits, size=(k, n), dtype=np.uint8)
+    scales = (rng.random((kb, n)) * 0.1 + 0.01).astype(scale_dtype)
+    zp = rng.integers(0, 1 << bits, size=(kb, n), dtype=np.uint8) if with_zp else None
+    # Codes along K per column, padded to whole blocks (the padding is never read).
+    codes = np.zeros((n, kb * block), np.uint8)
+    codes[:, :k] = q.T
+    if bits == 4:
+        blob = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, kb, block // 2)
+    else:
+        blob = codes.reshape(n, kb, block)
+    zp_packed = None
+    if zp is not None:
+        if bits == 4:
+            z = np.zeros((n, 2 * -(-kb // 2)), np.uint8)
+            z[:, :kb] = zp.T
+            zp_packed = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
+        else:
+            zp_packed = np.ascontiguousarray(zp.T).reshape(-1)
+    return (q, scales, zp), (blob, np.ascontiguousarray(scales.T).reshape(-1), zp_packed)
+
+
+def _dequantize(q, scales, zp, bits, block):
+    blocks = np.arange(q.shape[0]) // block
+    z = np.float32(1 << (bits - 1)) if zp is None else zp[blocks].astype(np.float32)
+    return (q.astype(np.float32) - z) * scales[blocks].astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("block", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("with_zp", [False, True])
+def test_repack_matches_dequantisation_of_the_original_layout(bits, block, with_zp):
+    for k, n in [(block, 32), (3 * block + 5, 45), (7, 1), (block + 1, 33)]:
+        (q, scales, zp), (b, s, z) = _matmul_nbits_weights(k, n, bits, block, with_zp, _seed(k, n, bits, block))
+        packed, p_scales, p_zp = repack_matmul_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block)
+        assert packed.dtype == np.uint8 and packed.shape == (k, n if bits == 8 else 16 * -(-n // 32))
+        assert p_scales.dtype == np.float32 and p_scales.shape == (-(-k // block), n)
+        assert (p_zp is None) == (not with_zp)
+        w = dequantize_packed(packed, p_scales, p_zp, k=k, n=n, bits=bits, block_size=block)
+        np.testing.assert_array_equal(w, _dequantize(q, scales, zp, bits, block))
+
+
+def test_repack_takes_float16_scales_and_two_dimensional_scales():
+    (q, scales, zp), (b, s, z) = _matmul_nbits_weights(40, 9, 4, 16, True, 1, scale_dtype=np.float16)
+    packed, p_scales, p_zp = repack_matmul_nbits(b, s.reshape(9, 3), z, k=40, n=9, bits=4, block_size=16)
+    w = dequantize_packed(packed, p_scales, p_zp, k=40, n=9, bits=4, block_size=16)
+    np.testing.assert_array_equal(w, _dequantize(q, scales, zp, 4, 16))
+
+
+def test_bad_bits_is_a_one_line_error():
+    with pytest.raises(ScapError, match="bits must be 4 or 8, got 3") as info:
+        make_nbits_node("a", "b", "s", "y", k=16, n=4, bits=3, block_size=16, threshold=0.0)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ScapError, match="block_size"):
+        repack_matmul_nbits(np.zeros((4, 1, 6), np.uint8), np.ones(4, np.float32), None, k=16, n=4, bits=4,
+                            block_size=12)
+    with pytest.raises(ScapError, match="not supported"):
+        repack_matmul_nbits(np.zeros((4, 1, 8), np.uint8), np.ones(4, np.float32), np.ones(4, np.float32), k=16,
+                            n=4, bits=4, block_size=16)
+
+
+# ----------------------------------------------------------------------------- models and sessions
+def _model(dtype, *, k, n, bits, block, threshold, offset=0.0, with_zp, with_bias, weights=None, attrs=None):
+    """One ScapSparseMatMulNBits node named "nbits" over graph input a and initializers."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    if weights is None:
+        weights = _packed(k, n, bits, block, with_zp, np.dtype(dtype).name)
+    packed, scales, zp, bias = weights
+    initializers = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "scales")]
+    if with_zp:
+        initializers.append(numpy_helper.from_array(zp, "zp"))
+    if with_bias:
+        initializers.append(numpy_helper.from_array(bias.astype(dtype), "bias"))
+    node = make_nbits_node("a", "b", "scales", "y", k=k, n=n, bits=bits, block_size=block, threshold=threshold,
+                           offset=offset, zero_points="zp" if with_zp else None, bias="bias" if with_bias else None,
+                           name="nbits")
+    if attrs is not None:
+        for attribute in node.attribute:
+            if attribute.name in attrs:
+                attribute.i = attrs[attribute.name]
+    graph = helper.make_graph([node], "nbits_test", [helper.make_tensor_value_info("a", elem, None)],
+                              [helper.make_tensor_value_info("y", elem, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), opset_import()])
+    model.ir_version = IR_VERSION
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _packed(k, n, bits, block, with_zp, dtype_name):
+    _, (b, s, z) = _matmul_nbits_weights(k, n, bits, block, with_zp, _seed("w", k, n, bits, block, with_zp))
+    packed, scales, zp = repack_matmul_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block)
+    bias = np.random.default_rng(_seed("bias", n)).standard_normal(n).astype(np.float32)
+    return packed, scales, zp, bias
+
+
+def _session(model, threads=1):
+    options = scap_onnx.session_options(intra_op_threads=threads)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _activations(shape, dtype, seed, nan):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape).astype(dtype)
+    flat = a.reshape(-1)
+    if flat.size:
+        flat[rng.random(flat.size) < 0.08] = 0  # exact zeros: dropped at threshold 0
+        if nan:
+            flat[rng.choice(flat.size, size=max(1, flat.size // 97), replace=False)] = np.nan
+    return a
+
+
+def _assert_close(y, ref, tol):
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    yf, rf = y.astype(np.float64), ref.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(yf), np.isnan(rf))
+    finite = np.isfinite(rf)
+    np.testing.assert_array_equal(yf[~finite & ~np.isnan(rf)], rf[~finite & ~np.isnan(rf)])
+    if finite.any():
+        scale = max(np.abs(rf[finite]).max(), 1e-30)
+        err = np.abs(yf[finite] - rf[finite]).max() / scale
+        assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+# ----------------------------------------------------------------------------- the op against the reference
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("with_zp", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("bits", BITS)
+def test_op_matches_the_reference(bits, block, with_zp, dtype):
+    # K off the block; N off the 32-column groups, and wide enough at M = 1 for several tasks.
+    k = 3 * block + 5
+    for n, threads in [(45, 1), (600, 1 + _seed(bits, block, with_zp) % 4), (1100, 4)]:
+        for threshold, offset, with_bias in [(0.0, 0.0, False), (math.inf, 0.0, True), (0.6, 0.1, True)]:
+            model = _model(dtype, k=k, n=n, bits=bits, block=block, threshold=threshold, offset=offset,
+                           with_zp=with_zp, with_bias=with_bias)
+            session = _session(model, threads)
+            packed, scales, zp, bias = _packed(k, n, bits, block, with_zp, np.dtype(dtype).name)
+            for rows in ROWS:
+                shape = (2, rows // 2, k) if rows == 64 else (rows, k)
+                for nan in (False, True):
+                    a = _activations(shape, dtype, _seed(bits, block, with_zp, n, threshold, rows, nan), nan)
+                    (y,) = session.run(None, {"a": a})
+                    ref = scap_sparse_matmul_nbits(a, packed, scales, zp if with_zp else None,
+                                                   bias.astype(dtype) if with_bias else None, k=k, n=n, bits=bits,
+                                                   block_size=block, threshold=threshold, offset=offset)
+                    _assert_close(y, ref, TOL[dtype])
+
+
+def test_onnx_reference_evaluator_runs_the_op():
+    k, n, bits, block = 50, 20, 4, 16
+    model = _model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.3, with_zp=False, with_bias=True)
+    a = _activations((3, k), np.float32, 5, nan=False)
+    (y,) = ReferenceEvaluator(model, new_ops=[ScapSparseMatMulNBits]).run(None, {"a": a})
+    (y_ort,) = _session(model).run(None, {"a": a})
+    _assert_close(y_ort, y, 1e-5)
+
+
+def test_unsupported_bits_is_an_error_naming_the_node():
+    model = _model(np.float32, k=32, n=8, bits=4, block=16, threshold=0.0, with_zp=False, with_bias=False,
+                   attrs={"bits": 3})
+    with pytest.raises(Exception, match=r"ScapSparseMatMulNBits node 'nbits'.*'bits' must be 4 or 8, got 3"):
+        _session(model)
+
+
+def test_wrong_packed_shape_is_an_error_naming_the_node():
+    packed, scales, zp, bias = _packed(40, 8, 4, 16, False, "float32")
+    model = _model(np.float32, k=40, n=8, bits=4, block=16, threshold=0.0, with_zp=False, with_bias=False,
+                   weights=(packed[:39], scales, zp, bias))  # one input channel short
+    with pytest.raises(Exception, match=r"ScapSparseMatMulNBits node 'nbits'.*B_packed must have shape \[40, 16\]"):
+        _session(model).run(None, {"a": np.zeros((1, 40), np.float32)})
+
+
+# ----------------------------------------------------------------------------- against MatMulNBits
+def _matmul_nbits_model(dtype, k, n, bits, block, b, scales, zp):
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    initializers = [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales.astype(dtype), "scales")]
+    inputs = ["a", "b", "scales"]
+    if zp is not None:
+        initializers.append(numpy_helper.from_array(zp, "zp"))
+        inputs.append("zp")
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "matmul_nbits", [helper.make_tensor_value_info("a", elem, None)],
+                              [helper.make_tensor_value_info("y", elem, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("with_zp", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("bits", BITS)
+def test_threshold_zero_equals_matmul_nbits(bits, block, with_zp, dtype):
+    k, n = 2 * block + 7, 70
+    _, (b, s, z) = _matmul_nbits_weights(k, n, bits, block, with_zp, _seed("ort", k, n, bits, block, with_zp),
+                                         scale_dtype=dtype)
+    theirs = ort.InferenceSession(_matmul_nbits_model(dtype, k, n, bits, block, b, s, z).SerializeToString(),
+                                  providers=["CPUExecutionProvider"])
+    packed, scales, zp = repack_matmul_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block)
+    ours = _session(_model(dtype, k=k, n=n, bits=bits, block=block, threshold=0.0, with_zp=with_zp,
+                           with_bias=False, weights=(packed, scales, zp, None)), threads=2)
+    for rows in (1, 7, 64):
+        a = _activations((rows, k), dtype, _seed("ort-a", rows), nan=False)
+        (expected,) = theirs.run(None, {"a": a})
+        (y,) = ours.run(None, {"a": a})
+        _assert_close(y, expected, TOL[dtype])
