@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "nbits_kernels.h"
 #include "sparse_gemm.h"
 
 #if defined(SCAP_HAVE_X86_KERNELS)
@@ -15,7 +16,10 @@ namespace scap {
 #if defined(SCAP_HAVE_X86_KERNELS)
 const GemmKernels& Avx512Kernels();
 const GemmKernels& Avx2Kernels();
+const NBitsKernels& Avx512NBitsKernels();
+const NBitsKernels& Avx2NBitsKernels();
 #endif
+const NBitsKernels& PortableNBitsKernels();
 #if defined(SCAP_HAVE_AMX_KERNELS)
 const AmxGemm* AmxKernelsIfAvailable();
 #endif
@@ -77,6 +81,19 @@ const AmxGemm* SelectAmx() {
 #else
   return nullptr;
 #endif
+}
+
+// The NBits kernels follow the float kernels' choice (NEON has none of its own: portable).
+const NBitsKernels& SelectNBitsKernels() {
+  static const NBitsKernels& kernels = [] () -> const NBitsKernels& {
+#if defined(SCAP_HAVE_X86_KERNELS)
+    const char* isa = SelectKernels().isa;
+    if (std::strcmp(isa, "avx512") == 0) return Avx512NBitsKernels();
+    if (std::strcmp(isa, "avx2") == 0) return Avx2NBitsKernels();
+#endif
+    return PortableNBitsKernels();
+  }();
+  return kernels;
 }
 
 const char* SelectedIsa() { return SelectAmx() != nullptr ? "amx" : SelectKernels().isa; }

@@ -10,11 +10,13 @@
 #include "scap_sparse_matmul_nbits.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "nbits_kernels.h"
 #include "run_tasks.h"
 #include "sparse_gemm.h"
 
@@ -27,6 +29,20 @@ constexpr int64_t kGroupColumns = 32;  // columns of a 4-bit group: 16 bytes
 constexpr int64_t kMinWorkForThreads = 1 << 16;
 constexpr int64_t kColumnsPerTask = 256;
 constexpr int64_t kMaxTasks = 16;
+
+// TEMPORARY measurement knobs.
+bool SplitK() {
+  static const bool k = [] { const char* v = std::getenv("SCAP_NBITS_SPLIT"); return v == nullptr || v[0] != 'n'; }();
+  return k;
+}
+int64_t KSplitMax() {
+  static const int64_t t = [] { const char* v = std::getenv("SCAP_NBITS_KTASKS"); return v ? std::atoll(v) : 4; }();
+  return t;
+}
+int64_t NSplitTasks() {
+  static const int64_t t = [] { const char* v = std::getenv("SCAP_NBITS_NTASKS"); return v ? std::atoll(v) : 2; }();
+  return t;
+}
 
 template <typename T>
 struct Traits;
@@ -53,6 +69,7 @@ struct Scratch {
   std::vector<int32_t> kept;
   std::vector<float> bias;
   std::vector<float> y;  // float32 Y of float16 calls
+  std::vector<float> partials;  // one row of A split over K: a partial Y per task
 };
 
 Scratch& ThreadScratch() {
@@ -125,34 +142,30 @@ void BlockZeroPoints(const Job& job, int64_t block, int64_t n0, int64_t width, i
   std::fill(zp + width, zp + padded, 0.0f);
 }
 
-// One row of A: Y[0, n0:n1) = sum over blocks of scales * (sum over the block's kept k of
-// d_k * (q - zp)).
-void RunRowTask(void* data, size_t index) {
-  const Job& job = *static_cast<const Job*>(data);
-  const NBitsShape& s = *job.shape;
-  int64_t n0, n1;
-  TaskColumns(job, index, &n0, &n1);
-  const int64_t width = n1 - n0;
-  if (width <= 0) return;
-  const int64_t padded = s.bits == 4 ? RoundUp(width, kGroupColumns) : width;
-  TaskScratch& scratch = ThreadTaskScratch();
-  scratch.zero_points.resize(static_cast<size_t>(padded));
-  scratch.block.resize(static_cast<size_t>(padded));
-  float* zp = scratch.zero_points.data();
-  float* acc = scratch.block.data();
-  float* y = job.y + n0;
-  std::fill(y, y + width, 0.0f);
-  for (int64_t i = 0; i < job.kept_count;) {
-    const int64_t block = job.kept[i] / s.block_size, end = (block + 1) * s.block_size;
-    BlockZeroPoints(job, block, n0, width, padded, zp);
-    std::fill(acc, acc + padded, 0.0f);
-    for (; i < job.kept_count && job.kept[i] < end; ++i) {
-      const int64_t k = job.kept[i];
-      AccumulateRow(job.b + k * s.row_bytes, s.bits, n0, padded, job.d[k], zp, acc);
-    }
-    const float* scale = job.scales + block * s.n + n0;
-    for (int64_t j = 0; j < width; ++j) y[j] += acc[j] * scale[j];
+// One row of A through the vector kernels (nbits_kernels.h), split over K or over N.
+struct RowJob {
+  const NBitsKernels* kernels;
+  NBitsRow w;
+  int64_t kept_count;
+  int64_t tasks;
+  bool split_k;
+  float* out;           // split over N: Y; over K: the partials
+  int64_t part_stride;  // floats between two tasks' partials
+};
+
+void RunVectorRowTask(void* data, size_t index) {
+  const RowJob& job = *static_cast<const RowJob*>(data);
+  const int64_t t = static_cast<int64_t>(index);
+  if (job.split_k) {
+    const int64_t i0 = job.kept_count * t / job.tasks, i1 = job.kept_count * (t + 1) / job.tasks;
+    job.kernels->row(job.w, i0, i1, 0, job.w.n, job.out + t * job.part_stride);
+    return;
   }
+  const int64_t unit = job.kernels->tile_columns;
+  const int64_t units = (job.w.n + unit - 1) / unit;
+  const int64_t c0 = std::min(job.w.n, units * t / job.tasks * unit);
+  const int64_t c1 = std::min(job.w.n, units * (t + 1) / job.tasks * unit);
+  job.kernels->row(job.w, 0, job.kept_count, c0, c1, job.out);
 }
 
 // Several rows of A: per block, the kept rows of W[:, n0:n1) dequantised into a panel, then each
@@ -192,6 +205,45 @@ void RunRowsTask(void* data, size_t index) {
         for (int64_t j = 0; j < width; ++j) y[j] += dk * w[j];
       }
     }
+  }
+}
+
+// Tasks of a split over K: a power of two (pools of 2, 4 or 8 threads get equal shares), each with
+// enough kept rows and work to outweigh its partial Y.
+int64_t KSplitTasks(int64_t kept, int64_t n) {
+  const int64_t most = std::max<int64_t>(1, std::min({KSplitMax(), kept / 16, kept * n / kMinWorkForThreads}));
+  int64_t tasks = 1;
+  while (tasks * 2 <= most) tasks *= 2;
+  return tasks;
+}
+
+// One row of A: Y (float32, bias not yet added) through the vector kernels.
+void RunRow(Ort::KernelContext& context, const NBitsShape& s, const Job& job, Scratch& scratch) {
+  const NBitsKernels& kernels = SelectNBitsKernels();
+  RowJob row{&kernels,
+             NBitsRow{job.b, s.row_bytes, job.scales, job.zero_points, s.n, s.bits, s.block_size, job.d, job.kept},
+             job.kept_count, 1, SplitK(), job.y, 0};
+  if (row.split_k) {
+    row.tasks = KSplitTasks(job.kept_count, s.n);
+  } else {
+    const int64_t units = (s.n + kernels.tile_columns - 1) / kernels.tile_columns;
+    row.tasks = job.kept_count * s.n < kMinWorkForThreads ? 1 : std::min(units, NSplitTasks());
+  }
+  if (!row.split_k || row.tasks == 1) {
+    row.split_k = false;
+    RunTasks(context, &RunVectorRowTask, row.tasks, &row);
+    return;
+  }
+  row.part_stride = RoundUp(s.n, 16) + 16;
+  scratch.partials.resize(static_cast<size_t>(row.tasks * row.part_stride));
+  row.out = scratch.partials.data();
+  RunTasks(context, &RunVectorRowTask, row.tasks, &row);
+  float* __restrict y = job.y;
+  const float* p = scratch.partials.data();
+  std::copy(p, p + s.n, y);
+  for (int64_t t = 1; t < row.tasks; ++t) {
+    const float* __restrict part = p + t * row.part_stride;
+    for (int64_t j = 0; j < s.n; ++j) y[j] += part[j];
   }
 }
 
@@ -327,7 +379,11 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
           kept,
           y_f32,
           tasks};
-  RunTasks(context, rows == 1 ? &RunRowTask : &RunRowsTask, tasks, &job);
+  if (rows == 1) {
+    RunRow(context, s, job, scratch);
+  } else {
+    RunTasks(context, &RunRowsTask, tasks, &job);
+  }
 
   // Bias, and float16 out.
   const float* bias_f32 = nullptr;

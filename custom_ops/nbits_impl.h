@@ -1,0 +1,189 @@
+// The NBits kernels (nbits_kernels.h), written once over a small vector policy and compiled once
+// per instruction set: nbits_avx512.cc, nbits_avx2.cc, nbits_portable.cc. As in gemm_impl.h, each
+// including translation unit defines SCAP_KERNEL_NS first and nothing here calls std:: templates,
+// so that code built with -mavx512f is never linked into a caller on a CPU without it.
+//
+// A policy provides: Vec (kWidth floats), IVec (kWidth int32), Zero, Set, Load, Store, Mul, Fma
+// (a*b+c), Widen (kWidth bytes to int32 lanes), Low4 / High4 (a lane's low / high nibble of its
+// byte), SubI, Cvt (int32 to float), Prefetch, and kTileGroups: 32-column groups per register tile.
+//
+// One row of A, per block of K: for each register tile of columns, the kept rows' d * (q - zp)
+// (q - zp exact in int32, then float) are summed in registers, multiplied by the block's scales
+// once and added to y. The tile walks along the block's kept rows; the rows' next lines, and past
+// the end of the columns the next block's rows, are prefetched kPrefetchBytes ahead.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "nbits_kernels.h"
+
+#ifndef SCAP_KERNEL_NS
+#error "define SCAP_KERNEL_NS before including nbits_impl.h"
+#endif
+
+namespace scap {
+namespace SCAP_KERNEL_NS {
+namespace nbits {
+
+constexpr int64_t kGroup = 32;            // columns of a 4-bit group (16 bytes)
+constexpr int64_t kMaxBlock = 256;        // the largest block_size
+constexpr int64_t kPrefetchBytes = 512;   // how far ahead along the rows
+
+inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// y[0 : kGroups * 32) (=|+=) scale * sum over rows i < count of dv[i] * (q_i - zp), q_i the codes
+// at rows[i] + byte_off; zp: the block's zero points of these columns.
+template <class Isa, int kBits, int kGroups>
+inline void BlockTile(const uint8_t* const* rows, const float* dv, int64_t count, int64_t byte_off, const float* scale,
+                      const uint8_t* zp, float* y, bool first) {
+  using Vec = typename Isa::Vec;
+  using IVec = typename Isa::IVec;
+  constexpr int kW = Isa::kWidth;
+  constexpr int kV = 32 / kW;  // vectors of a 32-column group
+  constexpr int kH = 16 / kW;  // 4 bits: widenings of a group's 16 bytes
+  Vec acc[kGroups * kV];
+  IVec z[kGroups * kV];
+  for (int v = 0; v < kGroups * kV; ++v) {
+    acc[v] = Isa::Zero();
+    z[v] = Isa::Widen(zp + v * kW);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const Vec d = Isa::Set(dv[i]);
+    const uint8_t* p = rows[i] + byte_off;
+    for (int g = 0; g < kGroups; ++g) {
+      if constexpr (kBits == 4) {
+        for (int h = 0; h < kH; ++h) {
+          const IVec x = Isa::Widen(p + 16 * g + h * kW);
+          const int lo = g * kV + h, hi = g * kV + kH + h;
+          acc[lo] = Isa::Fma(Isa::Cvt(Isa::SubI(Isa::Low4(x), z[lo])), d, acc[lo]);
+          acc[hi] = Isa::Fma(Isa::Cvt(Isa::SubI(Isa::High4(x), z[hi])), d, acc[hi]);
+        }
+      } else {
+        for (int v = 0; v < kV; ++v) {
+          const IVec x = Isa::Widen(p + 32 * g + v * kW);
+          acc[g * kV + v] = Isa::Fma(Isa::Cvt(Isa::SubI(x, z[g * kV + v])), d, acc[g * kV + v]);
+        }
+      }
+    }
+  }
+  for (int v = 0; v < kGroups * kV; ++v) {
+    const Vec s = Isa::Load(scale + v * kW);
+    Isa::Store(y + v * kW, first ? Isa::Mul(acc[v], s) : Isa::Fma(acc[v], s, Isa::Load(y + v * kW)));
+  }
+}
+
+// The rows of the block holding kept[i], up to i1: their pointers and activations; returns how many.
+inline int64_t GatherBlock(const NBitsRow& w, int64_t i, int64_t i1, const uint8_t** rows, float* dv) {
+  const int64_t end = (w.kept[i] / w.block_size + 1) * w.block_size;
+  int64_t count = 0;
+  for (; i < i1 && w.kept[i] < end; ++i, ++count) {
+    const int64_t k = w.kept[i];
+    rows[count] = w.b + k * w.row_bytes;
+    if (dv != nullptr) dv[count] = w.d[k];
+  }
+  return count;
+}
+
+template <class Isa, int kBits>
+void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y) {
+  constexpr int64_t kTile = Isa::kTileGroups * kGroup;
+  constexpr int64_t kTileBytes = kTile * kBits / 8;
+  const int64_t n = w.n;
+  alignas(64) uint8_t default_zp[kTile];
+  std::memset(default_zp, 1 << (kBits - 1), sizeof default_zp);
+  auto bytes_of = [](int64_t c) { return c * kBits / 8; };
+  // The bytes of each row that the columns [c0, c1) read (4 bits: whole groups).
+  const int64_t byte0 = bytes_of(c0);
+  const int64_t byte1 = kBits == 4 ? Min64(w.row_bytes, (c1 + kGroup - 1) / kGroup * (kGroup / 2)) : c1;
+  const int64_t full_end = c1 / kGroup * kGroup;  // whole groups end here
+
+  const uint8_t* rows[kMaxBlock];
+  const uint8_t* next[kMaxBlock];
+  float dv[kMaxBlock];
+  int64_t i = i0;
+  int64_t count = GatherBlock(w, i, i1, rows, dv);
+  // The first block's first lines; later blocks' were prefetched during the block before.
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t t = byte0; t < Min64(byte1, byte0 + kPrefetchBytes); t += 64) Isa::Prefetch(rows[r] + t);
+  }
+  int64_t pf = byte0 + kPrefetchBytes;  // the current block's rows are prefetched up to here
+  bool first = true;
+  while (i < i1) {
+    const int64_t block = w.kept[i] / w.block_size;
+    const int64_t next_i = i + count;
+    const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr) : 0;
+    const float* scale = w.scales + block * n;
+    const uint8_t* zp_row = w.zero_points != nullptr ? w.zero_points + block * n : nullptr;
+    auto prefetch_to = [&](int64_t want) {
+      for (; pf < want; pf += 64) {
+        if (pf < byte1) {
+          for (int64_t r = 0; r < count; ++r) Isa::Prefetch(rows[r] + pf);
+        } else {
+          const int64_t t = byte0 + (pf - byte1);
+          if (t >= byte1) continue;
+          for (int64_t r = 0; r < next_count; ++r) Isa::Prefetch(next[r] + t);
+        }
+      }
+    };
+    int64_t c = c0;
+    for (; c + kTile <= full_end; c += kTile) {
+      BlockTile<Isa, kBits, Isa::kTileGroups>(rows, dv, count, bytes_of(c), scale + c,
+                                              zp_row != nullptr ? zp_row + c : default_zp, y + c, first);
+      prefetch_to(bytes_of(c) + kTileBytes + kPrefetchBytes);
+    }
+    for (; c + kGroup <= full_end; c += kGroup) {
+      BlockTile<Isa, kBits, 1>(rows, dv, count, bytes_of(c), scale + c, zp_row != nullptr ? zp_row + c : default_zp,
+                               y + c, first);
+    }
+    if (c < c1) {  // a last, partial group of columns
+      const int64_t tail = c1 - c;
+      if constexpr (kBits == 4) {  // its bytes are there (padding columns): pad the rest
+        alignas(64) float s[kGroup] = {}, yy[kGroup] = {};
+        alignas(64) uint8_t z[kGroup] = {};
+        for (int64_t j = 0; j < tail; ++j) {
+          s[j] = scale[c + j];
+          z[j] = zp_row != nullptr ? zp_row[c + j] : default_zp[0];
+          yy[j] = first ? 0.0f : y[c + j];
+        }
+        BlockTile<Isa, 4, 1>(rows, dv, count, bytes_of(c), s, z, yy, first);
+        for (int64_t j = 0; j < tail; ++j) y[c + j] = yy[j];
+      } else {
+        for (int64_t j = c; j < c1; ++j) {
+          const float zj = zp_row != nullptr ? static_cast<float>(zp_row[j]) : static_cast<float>(default_zp[0]);
+          float sum = 0.0f;
+          for (int64_t r = 0; r < count; ++r) sum += dv[r] * (static_cast<float>(rows[r][j]) - zj);
+          y[j] = first ? sum * scale[j] : y[j] + sum * scale[j];
+        }
+      }
+    }
+    prefetch_to(byte1 + kPrefetchBytes);
+    // The next block: its rows are prefetched up to byte0 + (pf - byte1).
+    pf = byte0 + (pf > byte1 ? pf - byte1 : 0);
+    for (int64_t r = 0; r < next_count; ++r) rows[r] = next[r];
+    for (int64_t r = 0; r < next_count; ++r) dv[r] = w.d[w.kept[next_i + r]];
+    count = next_count;
+    i = next_i;
+    first = false;
+  }
+  if (first) std::memset(y + c0, 0, static_cast<size_t>(c1 - c0) * sizeof(float));
+}
+
+template <class Isa>
+void RowRange(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y) {
+  if (c1 <= c0) return;
+  if (w.bits == 4) {
+    RowRangeBits<Isa, 4>(w, i0, i1, c0, c1, y);
+  } else {
+    RowRangeBits<Isa, 8>(w, i0, i1, c0, c1, y);
+  }
+}
+
+template <class Isa>
+constexpr NBitsKernels MakeNBitsKernels(const char* isa) {
+  return NBitsKernels{&RowRange<Isa>, Isa::kTileGroups * kGroup, isa};
+}
+
+}  // namespace nbits
+}  // namespace SCAP_KERNEL_NS
+}  // namespace scap

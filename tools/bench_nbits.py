@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Benchmark ScapSparseMatMulNBits against onnxruntime's MatMulNBits on the same quantized weights.
+
+The method of tools/bench_kernel.py: each measurement runs a model of C independent nodes over C
+copies of the weights (codes differ per copy, so that no copy is shared), C chosen so that the
+copies exceed the last-level cache twice over; MatMulNBits with accuracy_level 0 and 4 and the op
+run interleaved, and the medians of the repeats are compared. The same run measures the machine's
+streaming read bandwidth (numpy sums over twice the cache, on as many threads), so every row also
+shows the rate at which the op streamed the kept rows of B_packed (scales and zero points not
+counted).
+
+Weights: random codes, scales and zero points (block-quantization statistics do not matter for the
+time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits. Inputs:
+exactly round(sparsity * K) elements of each row have |A| <= 1 (the op's threshold).
+
+    python tools/bench_nbits.py                          # issue 13's M = 1 grid, 2 threads
+    python tools/bench_nbits.py --shapes 2048x2048 --m 1 16 128 --sparsity 0 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scap_onnx  # noqa: E402
+from bench_kernel import (THRESHOLD, Runner, copies_for, cpu_name, last_level_cache_bytes,  # noqa: E402
+                          read_bandwidth, session, sparse_input)
+from scap_onnx.op.contract import opset_import  # noqa: E402
+from scap_onnx.op.nbits import make_nbits_node, repack_matmul_nbits  # noqa: E402
+
+DEFAULT_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
+
+
+def matmul_nbits_weights(k: int, n: int, bits: int, block: int, zero_points: bool, rng: np.random.Generator):
+    """Random MatMulNBits inputs: B [N, k_blocks, blob], scales [N * k_blocks], zero points or None."""
+    kb = -(-k // block)
+    blob = block * bits // 8
+    b = rng.integers(0, 256, size=(n, kb, blob), dtype=np.uint8)
+    if k % block:  # codes past K are never read; keep them 0 as a quantizer would
+        codes_per_byte = 8 // bits
+        b.reshape(n, -1)[:, -(-k // codes_per_byte):] = 0
+    scales = (rng.random(n * kb, dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+    zp = None
+    if zero_points:
+        zp = rng.integers(0, 256, size=n * (-(-kb * bits // 8)), dtype=np.uint8)
+    return b, scales, zp
+
+
+def build_model(kind: str, k: int, n: int, bits: int, block: int, weights: list, accuracy: int = 0) -> onnx.ModelProto:
+    """C nodes sharing input A, each over its own copy of the weights: MatMulNBits (kind "ort") or
+    ScapSparseMatMulNBits (kind "scap", weights already repacked)."""
+    nodes, inits, outputs = [], [], []
+    for c, (b, scales, zp) in enumerate(weights):
+        inits += [numpy_helper.from_array(b, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
+        if zp is not None:
+            inits.append(numpy_helper.from_array(zp, f"Z{c}"))
+        if kind == "ort":
+            inputs = ["A", f"B{c}", f"S{c}"] + ([f"Z{c}"] if zp is not None else [])
+            nodes.append(helper.make_node("MatMulNBits", inputs, [f"Y{c}"], domain="com.microsoft", K=k, N=n,
+                                          bits=bits, block_size=block, accuracy_level=accuracy))
+        else:
+            nodes.append(make_nbits_node("A", f"B{c}", f"S{c}", f"Y{c}", k=k, n=n, bits=bits, block_size=block,
+                                         threshold=THRESHOLD, zero_points=f"Z{c}" if zp is not None else None,
+                                         name=f"scap{c}"))
+        outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                              outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    if kind == "scap":
+        opsets.append(opset_import())
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def run_grid(args: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()
+    cache = last_level_cache_bytes()
+    rng = np.random.default_rng(1)
+    bandwidth = read_bandwidth(2 * cache, args.threads, args.repeats)
+    print(f"# streaming read bandwidth, {args.threads} thread(s): {bandwidth:.1f} GB/s", flush=True)
+    results = []
+    for shape in args.shapes:
+        k, n = (int(x) for x in shape.split("x"))
+        base = matmul_nbits_weights(k, n, args.bits, args.block, args.zero_points, np.random.default_rng(0))
+        packed = repack_matmul_nbits(*base, k=k, n=n, bits=args.bits, block_size=args.block)
+        copy_bytes = sum(x.nbytes for x in packed if x is not None)
+        copies = copies_for(copy_bytes, cache)
+        # Per copy, codes XORed with a different byte: distinct initializers, same statistics.
+        orts = [(base[0] ^ np.uint8(17 * c % 256), base[1], base[2]) for c in range(copies)]
+        scaps = [(packed[0] ^ np.uint8(17 * c % 256), packed[1], packed[2]) for c in range(copies)]
+        sessions = {f"ort{acc}": session(build_model("ort", k, n, args.bits, args.block, orts, acc), args.threads,
+                                         sparse=False) for acc in args.accuracy}
+        sessions["scap"] = session(build_model("scap", k, n, args.bits, args.block, scaps), args.threads, sparse=True)
+        del orts, scaps
+        row_bytes = packed[0].shape[1]
+        for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
+            a = sparse_input(m, k, sparsity, np.float32, rng)
+            runners = {name: Runner(sess, {"A": a}) for name, sess in sessions.items()}
+            times = {name: [] for name in runners}
+            for _ in range(args.repeats):  # interleaved
+                for name, runner in runners.items():
+                    times[name].append(runner.time() / copies)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            kept_rows = int(np.count_nonzero(np.any(np.abs(a) > THRESHOLD, axis=0)))
+            kept_gbps = kept_rows * row_bytes / med["scap"] / 1e9
+            row = dict(k=k, n=n, m=m, sparsity=sparsity, copies=copies, threads=args.threads,
+                       scap_ms=med["scap"] * 1e3, kept_gbps=kept_gbps, bandwidth_share=kept_gbps / bandwidth)
+            text = f"{k:>6}x{n:<6} M={m:<4} s={sparsity:.2f}  scap {row['scap_ms']:8.3f} ms"
+            for acc in args.accuracy:
+                row[f"ort{acc}_ms"] = med[f"ort{acc}"] * 1e3
+                row[f"speedup{acc}"] = med[f"ort{acc}"] / med["scap"]
+                text += f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
+            text += f"  kept {kept_gbps:5.1f} GB/s ({row['bandwidth_share']:.0%})"
+            print(text, flush=True)
+            results.append(row)
+        del sessions
+    return dict(
+        machine=dict(cpu=cpu_name(), cores=os.cpu_count(), last_level_cache_bytes=cache,
+                     onnxruntime=ort.__version__, library=scap_onnx.get_library_path(),
+                     isa=scap_onnx.kernel_isa(), load_average_before=load_before,
+                     load_average_after=os.getloadavg()),
+        method=("median of interleaved repeats; ort<acc> = onnxruntime MatMulNBits with that accuracy_level on "
+                "the same codes, scales and zero points"),
+        bits=args.bits, block_size=args.block, zero_points=args.zero_points, repeats=args.repeats,
+        bandwidth_gbps=bandwidth, results=results,
+    )
+
+
+def markdown_table(report: dict, accuracy: list[int]) -> str:
+    head = "| K x N | M | sparsity | scap ms |" + "".join(f" acc{a} ms | vs acc{a} |" for a in accuracy)
+    head += " kept GB/s | share of read BW |"
+    lines = [head, "|" + "---|" * (6 + 2 * len(accuracy))]
+    for r in report["results"]:
+        line = f"| {r['k']}x{r['n']} | {r['m']} | {r['sparsity']:.2f} | {r['scap_ms']:.3f} |"
+        line += "".join(f" {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x |" for a in accuracy)
+        line += f" {r['kept_gbps']:.1f} | {r['bandwidth_share']:.0%} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="KxN weight shapes")
+    parser.add_argument("--m", nargs="+", type=int, default=[1], help="rows of A")
+    parser.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.5, 0.7])
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--no-zero-points", dest="zero_points", action="store_false")
+    parser.add_argument("--accuracy", nargs="+", type=int, default=[0, 4], help="MatMulNBits accuracy_level(s)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--json", type=Path, default=Path("bench_nbits.json"), help="where to write the results")
+    args = parser.parse_args()
+    report = run_grid(args)
+    tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, args.json)
+    print()
+    print(markdown_table(report, args.accuracy))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
