@@ -14,6 +14,8 @@ struct NBitsIsa {
   using Vec = __m512;
   using IVec = __m512i;
   static constexpr int kWidth = 16;
+  static constexpr int kRows = 8;  // several rows: a register tile of kRows rows by kVecs vectors
+  static constexpr int kVecs = 2;
   static constexpr int kTileGroups = 4;
   static Vec Zero() { return _mm512_setzero_ps(); }
   static Vec Set(float x) { return _mm512_set1_ps(x); }

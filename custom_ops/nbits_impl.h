@@ -29,6 +29,7 @@ namespace nbits {
 constexpr int64_t kGroup = 32;            // columns of a 4-bit group (16 bytes)
 constexpr int64_t kMaxBlock = 256;        // the largest block_size
 constexpr int64_t kPrefetchBytes = 512;   // how far ahead along the rows
+constexpr int64_t kRowsPerPass = 128;     // several rows: rows of A per pass over a strip
 
 inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -169,6 +170,168 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
   if (first) std::memset(y + c0, 0, static_cast<size_t>(c1 - c0) * sizeof(float));
 }
 
+// Several rows of A. A column strip of kStrip columns at a time: per block, the kept rows'
+// W = (q - zp) * scale are dequantised once into a float panel (L1), then every tile of kRows rows of
+// A adds D_tile @ panel with kRows x kVecs vectors of accumulators in registers, into a float32
+// strip of Y (L2) copied out at the end.
+template <class Isa, int kBits, int kGroups>
+void DequantisePanel(const uint8_t* const* rows, int64_t count, int64_t byte_off, const float* scale,
+                     const uint8_t* zp, float* panel, int64_t stride) {
+  using Vec = typename Isa::Vec;
+  using IVec = typename Isa::IVec;
+  constexpr int kW = Isa::kWidth;
+  constexpr int kV = 32 / kW;
+  constexpr int kH = 16 / kW;
+  IVec z[kGroups * kV];
+  Vec sc[kGroups * kV];
+  for (int v = 0; v < kGroups * kV; ++v) {
+    z[v] = Isa::Widen(zp + v * kW);
+    sc[v] = Isa::Load(scale + v * kW);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t* p = rows[i] + byte_off;
+    float* out = panel + i * stride;
+    for (int g = 0; g < kGroups; ++g) {
+      if constexpr (kBits == 4) {
+        for (int h = 0; h < kH; ++h) {
+          const IVec x = Isa::Widen(p + 16 * g + h * kW);
+          const int lo = g * kV + h, hi = g * kV + kH + h;
+          Isa::Store(out + lo * kW, Isa::Mul(Isa::Cvt(Isa::SubI(Isa::Low4(x), z[lo])), sc[lo]));
+          Isa::Store(out + hi * kW, Isa::Mul(Isa::Cvt(Isa::SubI(Isa::High4(x), z[hi])), sc[hi]));
+        }
+      } else {
+        for (int v = 0; v < kV; ++v) {
+          const IVec x = Isa::Widen(p + 32 * g + v * kW);
+          Isa::Store(out + (g * kV + v) * kW, Isa::Mul(Isa::Cvt(Isa::SubI(x, z[g * kV + v])), sc[g * kV + v]));
+        }
+      }
+    }
+  }
+}
+
+// acc[r][0 : kVecs * kWidth) += sum over i < count of act[r * act_stride + i] * panel[i], r < kLive.
+template <class Isa, int kLive>
+inline void PanelTile(const float* panel, int64_t stride, int64_t count, const float* act, int64_t act_stride,
+                      float* acc, int64_t acc_stride) {
+  constexpr int kVecs = Isa::kVecs;
+  constexpr int kW = Isa::kWidth;
+  typename Isa::Vec sum[kLive][kVecs];
+  for (int r = 0; r < kLive; ++r)
+    for (int v = 0; v < kVecs; ++v) sum[r][v] = Isa::Load(acc + r * acc_stride + v * kW);
+  for (int64_t i = 0; i < count; ++i) {
+    typename Isa::Vec b[kVecs];
+    for (int v = 0; v < kVecs; ++v) b[v] = Isa::Load(panel + i * stride + v * kW);
+    for (int r = 0; r < kLive; ++r) {
+      const auto a = Isa::Set(act[r * act_stride + i]);
+      for (int v = 0; v < kVecs; ++v) sum[r][v] = Isa::Fma(b[v], a, sum[r][v]);
+    }
+  }
+  for (int r = 0; r < kLive; ++r)
+    for (int v = 0; v < kVecs; ++v) Isa::Store(acc + r * acc_stride + v * kW, sum[r][v]);
+}
+
+template <class Isa, int kLive = Isa::kRows>
+inline void PanelTileLive(int64_t live, const float* panel, int64_t stride, int64_t count, const float* act,
+                          int64_t act_stride, float* acc, int64_t acc_stride) {
+  if constexpr (kLive > 1) {
+    if (live < kLive) {
+      PanelTileLive<Isa, kLive - 1>(live, panel, stride, count, act, act_stride, acc, acc_stride);
+      return;
+    }
+  }
+  PanelTile<Isa, kLive>(panel, stride, count, act, act_stride, acc, acc_stride);
+}
+
+template <class Isa>
+constexpr int64_t RowsWorkFloats() {
+  constexpr int64_t kStrip = Isa::kTileGroups * kGroup;
+  return kMaxBlock * (kStrip + 16) + kRowsPerPass * kMaxBlock + kRowsPerPass * (kStrip + 16);
+}
+
+template <class Isa, int kBits>
+void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y,
+                   float* work) {
+  constexpr int64_t kStrip = Isa::kTileGroups * kGroup;
+  constexpr int64_t kStride = kStrip + 16;  // a cache line more: panel and strip rows do not alias in L1
+  constexpr int64_t kRows = Isa::kRows;
+  constexpr int64_t kCols = Isa::kVecs * Isa::kWidth;
+  static_assert(kStrip % kCols == 0, "the strip is whole register tiles");
+  const int64_t n = w.n, depth = w.depth;
+  float* panel = work;
+  float* act = panel + kMaxBlock * kStride;    // [kRowsPerPass, kMaxBlock]: D at the block's kept k
+  float* strip = act + kRowsPerPass * kMaxBlock;  // [kRowsPerPass, kStride]
+  alignas(64) uint8_t default_zp[kStrip];
+  std::memset(default_zp, 1 << (kBits - 1), sizeof default_zp);
+  alignas(64) float pad_scale[kStrip];
+  alignas(64) uint8_t pad_zp[kStrip];
+  const uint8_t* brows[kMaxBlock];
+  for (int64_t c = c0; c < c1; c += kStrip) {
+    const int64_t width = Min64(kStrip, c1 - c);
+    for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
+      const int64_t pass = Min64(kRowsPerPass, rows - m0);
+      for (int64_t m = 0; m < pass; ++m) std::memset(strip + m * kStride, 0, kStrip * sizeof(float));
+      for (int64_t i = i0; i < i1;) {
+        const int64_t block = w.kept[i] / w.block_size;
+        const int64_t count = GatherBlock(w, i, i1, brows, nullptr);
+        const float* scale = w.scales + block * n + c;
+        const uint8_t* zp = w.zero_points != nullptr ? w.zero_points + block * n + c : default_zp;
+        if (width < kStrip) {  // the last strip: scales 0 past N (and for 8 bits, codes read in range only)
+          for (int64_t j = 0; j < kStrip; ++j) {
+            pad_scale[j] = j < width ? scale[j] : 0.0f;
+            pad_zp[j] = j < width ? zp[j] : 0;
+          }
+          scale = pad_scale;
+          zp = pad_zp;
+        }
+        if (width == kStrip || kBits == 4) {
+          // 4 bits: the codes of a partial strip's whole groups are there (padding) up to row_bytes.
+          const int64_t groups = (width + kGroup - 1) / kGroup;
+          if (groups == Isa::kTileGroups) {
+            DequantisePanel<Isa, kBits, Isa::kTileGroups>(brows, count, c * kBits / 8, scale, zp, panel, kStride);
+          } else {
+            for (int64_t g = 0; g < groups; ++g) {
+              DequantisePanel<Isa, kBits, 1>(brows, count, (c + g * kGroup) * kBits / 8, scale + g * kGroup,
+                                               zp + g * kGroup, panel + g * kGroup, kStride);
+            }
+            for (int64_t r = 0; r < count; ++r) {
+              std::memset(panel + r * kStride + groups * kGroup, 0, (kStrip - groups * kGroup) * sizeof(float));
+            }
+          }
+        } else {  // 8 bits, partial strip: scalar
+          for (int64_t r = 0; r < count; ++r) {
+            for (int64_t j = 0; j < kStrip; ++j) {
+              panel[r * kStride + j] =
+                  j < width ? (static_cast<float>(brows[r][c + j]) - static_cast<float>(zp[j])) * scale[j] : 0.0f;
+            }
+          }
+        }
+        for (int64_t m = 0; m < pass; ++m) {
+          const float* d_row = w.d + (m0 + m) * depth;
+          for (int64_t r = 0; r < count; ++r) act[m * kMaxBlock + r] = d_row[w.kept[i + r]];
+        }
+        for (int64_t m = 0; m < pass; m += kRows) {
+          for (int64_t v = 0; v < kStrip; v += kCols) {
+            PanelTileLive<Isa>(pass - m, panel + v, kStride, count, act + m * kMaxBlock, kMaxBlock,
+                               strip + m * kStride + v, kStride);
+          }
+        }
+        i += count;
+      }
+      for (int64_t m = 0; m < pass; ++m) std::memcpy(y + (m0 + m) * n + c, strip + m * kStride, width * sizeof(float));
+    }
+  }
+}
+
+template <class Isa>
+void RowsRange(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y, float* work) {
+  if (c1 <= c0) return;
+  if (w.bits == 4) {
+    RowsRangeBits<Isa, 4>(w, rows, i0, i1, c0, c1, y, work);
+  } else {
+    RowsRangeBits<Isa, 8>(w, rows, i0, i1, c0, c1, y, work);
+  }
+}
+
 template <class Isa>
 void RowRange(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y) {
   if (c1 <= c0) return;
@@ -181,7 +344,7 @@ void RowRange(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1,
 
 template <class Isa>
 constexpr NBitsKernels MakeNBitsKernels(const char* isa) {
-  return NBitsKernels{&RowRange<Isa>, Isa::kTileGroups * kGroup, isa};
+  return NBitsKernels{&RowRange<Isa>, &RowsRange<Isa>, RowsWorkFloats<Isa>(), Isa::kTileGroups * kGroup, isa};
 }
 
 }  // namespace nbits

@@ -15,7 +15,8 @@ struct NBitsRow {
   const float* scales;         // [k_blocks, n]
   const uint8_t* zero_points;  // [k_blocks, n], or nullptr: 2^(bits-1)
   int64_t n, bits, block_size;
-  const float* d;              // [K]: D = A - offset, dropped elements 0
+  int64_t depth;               // K: floats between two rows of d
+  const float* d;              // [rows, K]: D = A - offset, dropped elements 0
   const int32_t* kept;         // ascending kept k
 };
 
@@ -23,6 +24,12 @@ struct NBitsKernels {
   // y[c0:c1) = sum over the kept k in kept[i0:i1) of d[k] * W[k, c0:c1), accumulated per block of
   // K in float32 and scaled once per block (0 where i0 == i1). c0 is a multiple of 32, c1 one or n.
   void (*row)(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y);
+  // Several rows of A: Y[0:rows, c0:c1) = D[:, kept[i0:i1)] @ W[kept[i0:i1), c0:c1) (Y rows n floats
+  // apart), the kept rows of each block dequantised once per pass of up to 128 rows of A; work:
+  // rows_work_floats floats.
+  void (*rows)(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y,
+               float* work);
+  int64_t rows_work_floats;
   // Columns of the kernel's register tile: column ranges should be multiples of it.
   int64_t tile_columns;
   const char* isa;

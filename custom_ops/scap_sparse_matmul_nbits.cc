@@ -1,12 +1,10 @@
 // CPU kernel of ScapSparseMatMulNBits (contract: scap_sparse_matmul_nbits.h). The drop rule is the
-// float op's (KernelSet::sparsify); the products are portable loops written for the compiler to
-// vectorise. Tasks split the output columns, a multiple of 32 each, so that no partial sums are
-// added at the end and each task streams its slice of every kept row.
+// float op's (KernelSet::sparsify); the products are the vector kernels of nbits_kernels.h (AVX-512,
+// AVX2 or portable, chosen with the float kernels).
 //
-// One row of A: per block of input channels, the kept rows' d * (q - zp) are summed into a block
-// accumulator, which is multiplied by the block's scales once (not once per row) and added to Y.
-// Several rows: per block, the kept rows (those any row of A keeps) are dequantised once into a
-// panel that every row of A then reads.
+// One row of A: tasks split the kept rows (K), each streaming whole rows of B_packed into a partial
+// Y, summed at the end. Several rows: tasks split the columns, whole register strips each; every
+// block's kept rows (those any row of A keeps) are dequantised once per strip and pass of rows.
 #include "scap_sparse_matmul_nbits.h"
 
 #include <algorithm>
@@ -23,12 +21,12 @@
 namespace scap {
 namespace {
 
+// Below this many multiply-adds a call runs on the calling thread.
 constexpr int64_t kGroupColumns = 32;  // columns of a 4-bit group: 16 bytes
-// Below this many multiply-adds a call runs on the calling thread; above, tasks of at least
-// kColumnsPerTask columns (a slice of a row long enough to stream), at most kMaxTasks.
 constexpr int64_t kMinWorkForThreads = 1 << 16;
-constexpr int64_t kColumnsPerTask = 256;
-constexpr int64_t kMaxTasks = 16;
+// Several rows: column tasks, enough to balance a pool of a few threads (its size is not known
+// here), of whole strips.
+constexpr int64_t kColumnTasks = 16;
 
 // TEMPORARY measurement knobs.
 bool SplitK() {
@@ -68,7 +66,7 @@ struct Scratch {
   std::vector<uint32_t> seen;
   std::vector<int32_t> kept;
   std::vector<float> bias;
-  std::vector<float> y;  // float32 Y of float16 calls
+  std::vector<float> y;         // float32 Y of float16 calls
   std::vector<float> partials;  // one row of A split over K: a partial Y per task
 };
 
@@ -77,83 +75,19 @@ Scratch& ThreadScratch() {
   return scratch;
 }
 
-// A task's scratch, on whichever thread runs it.
-struct TaskScratch {
-  std::vector<float> zero_points;  // the block's zero points for the task's columns (padding 0)
-  std::vector<float> block;        // the block accumulator (one row), or the block's panel (rows)
-};
-
-TaskScratch& ThreadTaskScratch() {
-  thread_local TaskScratch scratch;
-  return scratch;
-}
-
-struct Job {
-  const NBitsShape* shape;
-  const uint8_t* b;
-  const float* scales;
-  const uint8_t* zero_points;  // nullptr: 2^(bits-1)
-  const float* d;              // [rows, K], dropped elements 0
-  int64_t rows;
-  const int32_t* kept;  // ascending union of the rows' kept k
-  int64_t kept_count;
-  float* y;  // [rows, N] float32, bias not yet added
-  int64_t tasks;
-};
-
-// acc[0:width) += d * (q[k, n0 + j] - zp[j]) for the row `row` of B_packed, n0 a multiple of 32;
-// width is a multiple of 32 for 4 bits (padding columns read as code 0).
-void AccumulateRow(const uint8_t* __restrict row, int64_t bits, int64_t n0, int64_t width, float d,
-                   const float* __restrict zp, float* __restrict acc) {
-  if (bits == 8) {
-    const uint8_t* q = row + n0;
-    for (int64_t j = 0; j < width; ++j) acc[j] += d * (static_cast<float>(q[j]) - zp[j]);
-    return;
-  }
-  const uint8_t* q = row + n0 / 2;
-  for (int64_t g = 0; g < width; g += kGroupColumns) {
-    const uint8_t* bytes = q + g / 2;
-    float* lo = acc + g;
-    float* hi = acc + g + 16;
-    const float* zlo = zp + g;
-    const float* zhi = zp + g + 16;
-    for (int t = 0; t < 16; ++t) lo[t] += d * (static_cast<float>(bytes[t] & 0x0F) - zlo[t]);
-    for (int t = 0; t < 16; ++t) hi[t] += d * (static_cast<float>(bytes[t] >> 4) - zhi[t]);
-  }
-}
-
-// The task's columns [n0, n1): a multiple of 32 wide except at N.
-void TaskColumns(const Job& job, size_t index, int64_t* n0, int64_t* n1) {
-  const int64_t groups = (job.shape->n + kGroupColumns - 1) / kGroupColumns;
-  const int64_t t = static_cast<int64_t>(index);
-  *n0 = groups * t / job.tasks * kGroupColumns;
-  *n1 = std::min(job.shape->n, groups * (t + 1) / job.tasks * kGroupColumns);
-}
-
-// zp[0:padded) = the zero points of `block` for columns [n0, n0 + width), then 0.
-void BlockZeroPoints(const Job& job, int64_t block, int64_t n0, int64_t width, int64_t padded, float* zp) {
-  const int64_t n = job.shape->n;
-  if (job.zero_points == nullptr) {
-    std::fill(zp, zp + width, static_cast<float>(1 << (job.shape->bits - 1)));
-  } else {
-    const uint8_t* z = job.zero_points + block * n + n0;
-    for (int64_t j = 0; j < width; ++j) zp[j] = static_cast<float>(z[j]);
-  }
-  std::fill(zp + width, zp + padded, 0.0f);
-}
-
-// One row of A through the vector kernels (nbits_kernels.h), split over K or over N.
+// One call's work for the vector kernels.
 struct RowJob {
   const NBitsKernels* kernels;
   NBitsRow w;
+  int64_t rows;
   int64_t kept_count;
   int64_t tasks;
-  bool split_k;
+  bool split_k;         // tasks split the kept rows (one row of A) rather than the columns
   float* out;           // split over N: Y; over K: the partials
   int64_t part_stride;  // floats between two tasks' partials
 };
 
-void RunVectorRowTask(void* data, size_t index) {
+void RunVectorTask(void* data, size_t index) {
   const RowJob& job = *static_cast<const RowJob*>(data);
   const int64_t t = static_cast<int64_t>(index);
   if (job.split_k) {
@@ -165,47 +99,13 @@ void RunVectorRowTask(void* data, size_t index) {
   const int64_t units = (job.w.n + unit - 1) / unit;
   const int64_t c0 = std::min(job.w.n, units * t / job.tasks * unit);
   const int64_t c1 = std::min(job.w.n, units * (t + 1) / job.tasks * unit);
-  job.kernels->row(job.w, 0, job.kept_count, c0, c1, job.out);
-}
-
-// Several rows of A: per block, the kept rows of W[:, n0:n1) dequantised into a panel, then each
-// row of A adds d * (its panel row) for the elements it keeps.
-void RunRowsTask(void* data, size_t index) {
-  const Job& job = *static_cast<const Job*>(data);
-  const NBitsShape& s = *job.shape;
-  int64_t n0, n1;
-  TaskColumns(job, index, &n0, &n1);
-  const int64_t width = n1 - n0;
-  if (width <= 0) return;
-  const int64_t padded = s.bits == 4 ? RoundUp(width, kGroupColumns) : width;
-  TaskScratch& scratch = ThreadTaskScratch();
-  scratch.zero_points.resize(static_cast<size_t>(padded));
-  scratch.block.resize(static_cast<size_t>(padded * std::min(s.block_size, s.k)));
-  float* zp = scratch.zero_points.data();
-  float* panel = scratch.block.data();
-  for (int64_t m = 0; m < job.rows; ++m) std::fill(job.y + m * s.n + n0, job.y + m * s.n + n1, 0.0f);
-  for (int64_t i = 0; i < job.kept_count;) {
-    const int64_t block = job.kept[i] / s.block_size, end = (block + 1) * s.block_size;
-    BlockZeroPoints(job, block, n0, width, padded, zp);
-    const float* scale = job.scales + block * s.n + n0;
-    const int64_t first = i;
-    for (; i < job.kept_count && job.kept[i] < end; ++i) {
-      float* w = panel + (i - first) * padded;
-      std::fill(w, w + padded, 0.0f);
-      AccumulateRow(job.b + job.kept[i] * s.row_bytes, s.bits, n0, padded, 1.0f, zp, w);
-      for (int64_t j = 0; j < width; ++j) w[j] *= scale[j];
-    }
-    for (int64_t m = 0; m < job.rows; ++m) {
-      const float* d = job.d + m * s.k;
-      float* __restrict y = job.y + m * s.n + n0;
-      for (int64_t p = first; p < i; ++p) {
-        const float dk = d[job.kept[p]];
-        if (dk == 0.0f) continue;  // dropped by this row (kept by another)
-        const float* __restrict w = panel + (p - first) * padded;
-        for (int64_t j = 0; j < width; ++j) y[j] += dk * w[j];
-      }
-    }
+  if (job.rows == 1) {
+    job.kernels->row(job.w, 0, job.kept_count, c0, c1, job.out);
+    return;
   }
+  thread_local std::vector<float> work;  // per pool thread
+  work.resize(static_cast<size_t>(job.kernels->rows_work_floats));
+  job.kernels->rows(job.w, job.rows, 0, job.kept_count, c0, c1, job.out, work.data());
 }
 
 // Tasks of a split over K: a power of two (pools of 2, 4 or 8 threads get equal shares), each with
@@ -217,33 +117,33 @@ int64_t KSplitTasks(int64_t kept, int64_t n) {
   return tasks;
 }
 
-// One row of A: Y (float32, bias not yet added) through the vector kernels.
-void RunRow(Ort::KernelContext& context, const NBitsShape& s, const Job& job, Scratch& scratch) {
+// Y (float32, bias not yet added) = D_kept @ W through the vector kernels.
+void RunVector(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow& w, int64_t rows, int64_t kept,
+               float* y, Scratch& scratch) {
   const NBitsKernels& kernels = SelectNBitsKernels();
-  RowJob row{&kernels,
-             NBitsRow{job.b, s.row_bytes, job.scales, job.zero_points, s.n, s.bits, s.block_size, job.d, job.kept},
-             job.kept_count, 1, SplitK(), job.y, 0};
-  if (row.split_k) {
-    row.tasks = KSplitTasks(job.kept_count, s.n);
+  RowJob job{&kernels, w, rows, kept, 1, rows == 1 && SplitK(), y, 0};
+  const int64_t units = (s.n + kernels.tile_columns - 1) / kernels.tile_columns;
+  const bool small = rows * kept * s.n < kMinWorkForThreads;
+  if (job.split_k) {
+    job.tasks = small ? 1 : KSplitTasks(kept, s.n);
   } else {
-    const int64_t units = (s.n + kernels.tile_columns - 1) / kernels.tile_columns;
-    row.tasks = job.kept_count * s.n < kMinWorkForThreads ? 1 : std::min(units, NSplitTasks());
+    job.tasks = small ? 1 : std::min(units, rows == 1 ? NSplitTasks() : kColumnTasks);
   }
-  if (!row.split_k || row.tasks == 1) {
-    row.split_k = false;
-    RunTasks(context, &RunVectorRowTask, row.tasks, &row);
+  if (!job.split_k || job.tasks == 1) {
+    job.split_k = false;
+    RunTasks(context, &RunVectorTask, job.tasks, &job);
     return;
   }
-  row.part_stride = RoundUp(s.n, 16) + 16;
-  scratch.partials.resize(static_cast<size_t>(row.tasks * row.part_stride));
-  row.out = scratch.partials.data();
-  RunTasks(context, &RunVectorRowTask, row.tasks, &row);
-  float* __restrict y = job.y;
+  job.part_stride = RoundUp(s.n, 16) + 16;
+  scratch.partials.resize(static_cast<size_t>(job.tasks * job.part_stride));
+  job.out = scratch.partials.data();
+  RunTasks(context, &RunVectorTask, job.tasks, &job);
   const float* p = scratch.partials.data();
   std::copy(p, p + s.n, y);
-  for (int64_t t = 1; t < row.tasks; ++t) {
-    const float* __restrict part = p + t * row.part_stride;
-    for (int64_t j = 0; j < s.n; ++j) y[j] += part[j];
+  for (int64_t t = 1; t < job.tasks; ++t) {
+    const float* __restrict part = p + t * job.part_stride;
+    float* __restrict out = y;
+    for (int64_t j = 0; j < s.n; ++j) out[j] += part[j];
   }
 }
 
@@ -366,24 +266,17 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
     scratch.y.resize(static_cast<size_t>(rows * s.n));
     y_f32 = scratch.y.data();
   }
-  const int64_t groups = (s.n + kGroupColumns - 1) / kGroupColumns;
-  const int64_t wanted = std::min(kMaxTasks, std::max<int64_t>(1, s.n / kColumnsPerTask));
-  const int64_t tasks = rows * kept * s.n < kMinWorkForThreads ? 1 : std::min(groups, wanted);
-  Job job{&s,
-          reinterpret_cast<const uint8_t*>(b.GetTensorRawData()),
-          reinterpret_cast<const float*>(scales.GetTensorRawData()),
-          zero_points != nullptr ? reinterpret_cast<const uint8_t*>(zero_points.GetTensorRawData()) : nullptr,
-          scratch.d.data(),
-          rows,
-          scratch.kept.data(),
-          kept,
-          y_f32,
-          tasks};
-  if (rows == 1) {
-    RunRow(context, s, job, scratch);
-  } else {
-    RunTasks(context, &RunRowsTask, tasks, &job);
-  }
+  const NBitsRow w{reinterpret_cast<const uint8_t*>(b.GetTensorRawData()),
+                   s.row_bytes,
+                   reinterpret_cast<const float*>(scales.GetTensorRawData()),
+                   zero_points != nullptr ? reinterpret_cast<const uint8_t*>(zero_points.GetTensorRawData()) : nullptr,
+                   s.n,
+                   s.bits,
+                   s.block_size,
+                   s.k,
+                   scratch.d.data(),
+                   scratch.kept.data()};
+  RunVector(context, s, w, rows, kept, y_f32, scratch);
 
   // Bias, and float16 out.
   const float* bias_f32 = nullptr;
