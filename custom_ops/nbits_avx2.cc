@@ -27,6 +27,10 @@ struct NBitsIsa {
   static IVec High4(IVec x) { return _mm256_srli_epi32(x, 4); }
   static IVec SubI(IVec a, IVec b) { return _mm256_sub_epi32(a, b); }
   static Vec Cvt(IVec x) { return _mm256_cvtepi32_ps(x); }
+  static void Nibbles(IVec x, Vec* lo, Vec* hi) {
+    *lo = Cvt(Low4(x));
+    *hi = Cvt(High4(x));
+  }
   static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 

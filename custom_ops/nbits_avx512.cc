@@ -28,6 +28,12 @@ struct NBitsIsa {
   static IVec High4(IVec x) { return _mm512_srli_epi32(x, 4); }
   static IVec SubI(IVec a, IVec b) { return _mm512_sub_epi32(a, b); }
   static Vec Cvt(IVec x) { return _mm512_cvtepi32_ps(x); }
+  // The low and high nibbles of each lane's low byte as floats: vpermps reads an index's low 4 bits.
+  static void Nibbles(IVec x, Vec* lo, Vec* hi) {
+    const Vec table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    *lo = _mm512_permutexvar_ps(x, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
+  }
   static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 };
 

@@ -65,6 +65,10 @@ struct NBitsIsa {
     for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(x.v[i]);
     return r;
   }
+  static void Nibbles(const IVec& x, Vec* lo, Vec* hi) {
+    *lo = Cvt(Low4(x));
+    *hi = Cvt(High4(x));
+  }
   static void Prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p, 0, 3);

@@ -8,7 +8,6 @@
 #include "scap_sparse_matmul_nbits.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -28,19 +27,8 @@ constexpr int64_t kMinWorkForThreads = 1 << 16;
 // here), of whole strips.
 constexpr int64_t kColumnTasks = 16;
 
-// TEMPORARY measurement knobs.
-bool SplitK() {
-  static const bool k = [] { const char* v = std::getenv("SCAP_NBITS_SPLIT"); return v == nullptr || v[0] != 'n'; }();
-  return k;
-}
-int64_t KSplitMax() {
-  static const int64_t t = [] { const char* v = std::getenv("SCAP_NBITS_KTASKS"); return v ? std::atoll(v) : 4; }();
-  return t;
-}
-int64_t NSplitTasks() {
-  static const int64_t t = [] { const char* v = std::getenv("SCAP_NBITS_NTASKS"); return v ? std::atoll(v) : 2; }();
-  return t;
-}
+// One row of A: at most this many tasks over K (each adds a partial Y of N floats).
+constexpr int64_t kKSplitTasks = 4;
 
 template <typename T>
 struct Traits;
@@ -111,7 +99,7 @@ void RunVectorTask(void* data, size_t index) {
 // Tasks of a split over K: a power of two (pools of 2, 4 or 8 threads get equal shares), each with
 // enough kept rows and work to outweigh its partial Y.
 int64_t KSplitTasks(int64_t kept, int64_t n) {
-  const int64_t most = std::max<int64_t>(1, std::min({KSplitMax(), kept / 16, kept * n / kMinWorkForThreads}));
+  const int64_t most = std::max<int64_t>(1, std::min({kKSplitTasks, kept / 16, kept * n / kMinWorkForThreads}));
   int64_t tasks = 1;
   while (tasks * 2 <= most) tasks *= 2;
   return tasks;
@@ -121,13 +109,13 @@ int64_t KSplitTasks(int64_t kept, int64_t n) {
 void RunVector(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow& w, int64_t rows, int64_t kept,
                float* y, Scratch& scratch) {
   const NBitsKernels& kernels = SelectNBitsKernels();
-  RowJob job{&kernels, w, rows, kept, 1, rows == 1 && SplitK(), y, 0};
+  RowJob job{&kernels, w, rows, kept, 1, rows == 1, y, 0};
   const int64_t units = (s.n + kernels.tile_columns - 1) / kernels.tile_columns;
   const bool small = rows * kept * s.n < kMinWorkForThreads;
   if (job.split_k) {
     job.tasks = small ? 1 : KSplitTasks(kept, s.n);
   } else {
-    job.tasks = small ? 1 : std::min(units, rows == 1 ? NSplitTasks() : kColumnTasks);
+    job.tasks = small ? 1 : std::min(units, kColumnTasks);
   }
   if (!job.split_k || job.tasks == 1) {
     job.split_k = false;
