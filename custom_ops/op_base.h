@@ -89,6 +89,30 @@ OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& no
 // the last dimension of the 2-D input n_input (B [K, N]; the NBits op's scales [k_blocks, N]).
 OrtStatusPtr InferOutputShape(const OrtApi& api, OrtShapeInferContext* context, size_t n_input = 1) noexcept;
 
+// What every kernel of the library shares: the node's attributes, read once when the kernel is
+// made, and ComputeV2, which runs Derived::Compute(OrtKernelContext*) and turns any exception into
+// an error naming the node (so nothing throws through onnxruntime's C interface). Derived
+// declares `friend KernelShell<Derived>;` when its Compute is private.
+template <typename Derived>
+struct KernelShell {
+  KernelShell(const OrtApi& api, const OrtKernelInfo* info, const char* op_type = kOpType)
+      : api_(api), attributes_(ReadNodeAttributes(api, info, op_type)), op_type_(op_type) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept {
+    try {
+      static_cast<Derived*>(this)->Compute(context);
+      return nullptr;
+    } catch (...) {
+      return StatusFromCurrentException(api_, attributes_.node_name, op_type_);
+    }
+  }
+
+ protected:
+  const OrtApi& api_;
+  NodeAttributes attributes_;
+  const char* op_type_;
+};
+
 // The op's schema for ONNX Runtime, one per element type T. TOp (the derived op) adds
 // GetExecutionProviderType; TKernel has TKernel(const OrtApi&, const OrtKernelInfo*) and
 // OrtStatusPtr ComputeV2(OrtKernelContext*) noexcept.

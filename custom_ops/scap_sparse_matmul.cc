@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "run_tasks.h"
+#include "cpu_kernels.h"
 #include "sparse_gemm.h"
 
 namespace scap {
@@ -38,17 +39,6 @@ constexpr int64_t kKSplitMaxRows = 16;
 constexpr int64_t kMinKeptRowsPerTask = 16;
 constexpr int64_t kAmxColumnsPerTask = 1024;
 
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  using Bits = float;
-};
-template <>
-struct Traits<Ort::Float16_t> {
-  using Bits = uint16_t;
-};
-
 // Per-thread scratch, reused across calls so that decoding does not allocate per token.
 struct Scratch {
   std::vector<float> d;           // sparsified activations: one row, or one tile of rows
@@ -65,13 +55,6 @@ Scratch& ThreadScratch() {
   thread_local Scratch scratch;
   return scratch;
 }
-
-template <typename Bits>
-const KernelSet<Bits>& Kernels();
-template <>
-const KernelSet<float>& Kernels<float>() { return SelectKernels().f32; }
-template <>
-const KernelSet<uint16_t>& Kernels<uint16_t>() { return SelectKernels().f16; }
 
 // The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), and the ascending
 // union of their kept columns into s.kept.
@@ -377,7 +360,7 @@ bool DenseWins(int64_t rows, int64_t depth, int64_t kept) {
 
 template <typename T>
 ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info)
-    : api_(api), attributes_(ReadNodeAttributes(api, info)) {
+    : KernelShell<ScapSparseMatMulKernel<T>>(api, info) {
   if constexpr (std::is_same<T, float>::value) {
     if (Ok(api_, api_.CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpu_memory_))) {
       gemm_ = CreateGemm(api_, info, 2);
@@ -419,16 +402,6 @@ bool ScapSparseMatMulKernel<T>::DenseGemm(OrtKernelContext* context, const float
   // 0 * Inf or 0 * NaN (a dropped activation against a non-finite weight) leaves NaN in Y; so may
   // kept values, which the sparse path then reproduces.
   return !HasNonFinite(y, rows * n);
-}
-
-template <typename T>
-OrtStatusPtr ScapSparseMatMulKernel<T>::ComputeV2(OrtKernelContext* context) noexcept {
-  try {
-    Compute(context);
-    return nullptr;
-  } catch (...) {
-    return StatusFromCurrentException(api_, attributes_.node_name);
-  }
 }
 
 template <typename T>

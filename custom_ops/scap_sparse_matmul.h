@@ -8,14 +8,17 @@
 namespace scap {
 
 template <typename T>
-struct ScapSparseMatMulKernel {
+struct ScapSparseMatMulKernel : KernelShell<ScapSparseMatMulKernel<T>> {
   ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info);
   ~ScapSparseMatMulKernel();
   ScapSparseMatMulKernel(const ScapSparseMatMulKernel&) = delete;
   ScapSparseMatMulKernel& operator=(const ScapSparseMatMulKernel&) = delete;
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept;
 
  private:
+  friend KernelShell<ScapSparseMatMulKernel<T>>;
+  using KernelShell<ScapSparseMatMulKernel<T>>::api_;
+  using KernelShell<ScapSparseMatMulKernel<T>>::attributes_;
+
   void Compute(OrtKernelContext* context);
   // Y = D @ B (+ bias) by onnxruntime's own Gemm on the sparsified rows of A; false (Y unspecified)
   // when the runtime has no Gemm here or Y came out with Inf or NaN, which a dropped activation's
@@ -23,8 +26,6 @@ struct ScapSparseMatMulKernel {
   bool DenseGemm(OrtKernelContext* context, const float* d, int64_t rows, int64_t depth, int64_t n,
                  const OrtValue* b, const OrtValue* bias, float* y);
 
-  const OrtApi& api_;
-  NodeAttributes attributes_;
   // onnxruntime's CPU Gemm (float32), without and with the bias input; nullptr where it cannot be
   // created (float16 kernels, or a runtime without OrtApi::CreateOp).
   OrtOp* gemm_ = nullptr;

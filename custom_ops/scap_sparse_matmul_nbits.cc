@@ -15,6 +15,7 @@
 
 #include "nbits_kernels.h"
 #include "run_tasks.h"
+#include "cpu_kernels.h"
 #include "sparse_gemm.h"
 
 namespace scap {
@@ -29,24 +30,6 @@ constexpr int64_t kColumnTasks = 16;
 
 // One row of A: at most this many tasks over K (each adds a partial Y of N floats).
 constexpr int64_t kKSplitTasks = 4;
-
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  using Bits = float;
-};
-template <>
-struct Traits<Ort::Float16_t> {
-  using Bits = uint16_t;
-};
-
-template <typename Bits>
-const KernelSet<Bits>& Kernels();
-template <>
-const KernelSet<float>& Kernels<float>() { return SelectKernels().f32; }
-template <>
-const KernelSet<uint16_t>& Kernels<uint16_t>() { return SelectKernels().f16; }
 
 // The calling thread's scratch, reused across calls so that decoding does not allocate per token.
 struct Scratch {
@@ -185,21 +168,11 @@ void CheckType(const char* name, ONNXTensorElementDataType type, ONNXTensorEleme
 
 template <typename T>
 ScapSparseMatMulNBitsKernel<T>::ScapSparseMatMulNBitsKernel(const OrtApi& api, const OrtKernelInfo* info)
-    : api_(api), attributes_(ReadNodeAttributes(api, info, kOpTypeNBits)) {
+    : KernelShell<ScapSparseMatMulNBitsKernel<T>>(api, info, kOpTypeNBits) {
   try {
     shape_ = ReadShape(api, info);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(std::string(kOpTypeNBits) + " node '" + attributes_.node_name + "': " + e.what());
-  }
-}
-
-template <typename T>
-OrtStatusPtr ScapSparseMatMulNBitsKernel<T>::ComputeV2(OrtKernelContext* context) noexcept {
-  try {
-    Compute(context);
-    return nullptr;
-  } catch (...) {
-    return StatusFromCurrentException(api_, attributes_.node_name, kOpTypeNBits);
   }
 }
 

@@ -29,15 +29,16 @@ struct NBitsShape {
 };
 
 template <typename T>
-struct ScapSparseMatMulNBitsKernel {
+struct ScapSparseMatMulNBitsKernel : KernelShell<ScapSparseMatMulNBitsKernel<T>> {
   ScapSparseMatMulNBitsKernel(const OrtApi& api, const OrtKernelInfo* info);
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept;
 
  private:
+  friend KernelShell<ScapSparseMatMulNBitsKernel<T>>;
+  using KernelShell<ScapSparseMatMulNBitsKernel<T>>::api_;
+  using KernelShell<ScapSparseMatMulNBitsKernel<T>>::attributes_;
+
   void Compute(OrtKernelContext* context);
 
-  const OrtApi& api_;
-  NodeAttributes attributes_;
   NBitsShape shape_;
 };
 

@@ -41,20 +41,6 @@ constexpr cuda::DType kDType = std::is_same<T, float>::value ? cuda::DType::kFlo
 }  // namespace
 
 template <typename T>
-ScapSparseMatMulCudaKernel<T>::ScapSparseMatMulCudaKernel(const OrtApi& api, const OrtKernelInfo* info)
-    : api_(api), attributes_(ReadNodeAttributes(api, info)) {}
-
-template <typename T>
-OrtStatusPtr ScapSparseMatMulCudaKernel<T>::ComputeV2(OrtKernelContext* context) noexcept {
-  try {
-    Compute(context);
-    return nullptr;
-  } catch (...) {
-    return StatusFromCurrentException(api_, attributes_.node_name);
-  }
-}
-
-template <typename T>
 void ScapSparseMatMulCudaKernel<T>::Compute(OrtKernelContext* raw_context) {
   Ort::KernelContext context(raw_context);
   const Ort::ConstValue a = context.GetInput(0);

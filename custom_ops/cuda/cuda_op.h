@@ -9,15 +9,15 @@
 namespace scap {
 
 template <typename T>
-struct ScapSparseMatMulCudaKernel {
-  ScapSparseMatMulCudaKernel(const OrtApi& api, const OrtKernelInfo* info);
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept;
+struct ScapSparseMatMulCudaKernel : KernelShell<ScapSparseMatMulCudaKernel<T>> {
+  using KernelShell<ScapSparseMatMulCudaKernel<T>>::KernelShell;
 
  private:
-  void Compute(OrtKernelContext* context);
+  friend KernelShell<ScapSparseMatMulCudaKernel<T>>;
+  using KernelShell<ScapSparseMatMulCudaKernel<T>>::api_;
+  using KernelShell<ScapSparseMatMulCudaKernel<T>>::attributes_;
 
-  const OrtApi& api_;
-  NodeAttributes attributes_;
+  void Compute(OrtKernelContext* context);
 };
 
 template <typename T>
