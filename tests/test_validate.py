@@ -141,7 +141,8 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
     import onnxruntime as ort
 
     from scap_onnx.calibration.data import open_data
-    from scap_onnx.op.session import session_options
+    import scap_onnx
+    from scap_onnx.op.session import base_options
 
     seq, n = 48, 2
     rep = validate(smollm2, smol_sparse, texts["kjv"], ValidateOptions(seq_len=seq, max_tokens=n * seq,
@@ -153,8 +154,8 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts)
                    max_tokens=n * seq)
     windows = [f["input_ids"][0] for f, _ in ds.batches()]
     assert len(windows) == n
-    dense = ort.InferenceSession(str(smollm2), session_options(2, spinning=False), providers=["CPUExecutionProvider"])
-    sparse = ort.InferenceSession(str(smol_sparse), session_options(2, spinning=False, library=True), providers=["CPUExecutionProvider"])
+    dense = ort.InferenceSession(str(smollm2), base_options(2, spinning=False), providers=["CPUExecutionProvider"])
+    sparse = ort.InferenceSession(str(smol_sparse), scap_onnx.session_options(base_options(2, spinning=False)), providers=["CPUExecutionProvider"])
 
     def ppl_of(fn, sess):
         return math.exp(sum(fn(sess, w) for w in windows) / (n * (seq - 1)))

@@ -43,11 +43,11 @@ def token_scaled(x: np.ndarray) -> np.ndarray:
 def capture_inputs(model: Path, text: Path, tokens: int, seq_len: int, threads: int | None):
     """Every target input over ``tokens`` tokens of ``text`` ({input name: [tokens, K] float32}),
     with the roles and layer of the targets that read each."""
-    from scap_onnx.op.session import session_options
+    from scap_onnx.op.session import base_options
 
     with ModelSource(model) as src:
         sites = group_sites(find_targets(src.proto))
-        cap = Capture(src, {s.input: _FLOAT for s in sites}, None, session_options(threads))
+        cap = Capture(src, {s.input: _FLOAT for s in sites}, None, base_options(threads))
         ds = open_data(text, src.proto, model, seq_len=seq_len, max_tokens=tokens)
         rows: dict[str, list[np.ndarray]] = {s.input: [] for s in sites}
         for feeds, _ in ds.batches():

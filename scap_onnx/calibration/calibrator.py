@@ -32,7 +32,7 @@ from ..errors import ScapError
 from ..graph.model_io import ModelSource
 from ..graph.targets import Site, find_targets, group_sites
 from ..op.contract import Sparsification
-from ..op.session import session_options
+from ..op.session import base_options
 from ..progress import NullProgress, Progress
 from .capture import Capture, Upstream
 from .data import DataReader, open_data
@@ -262,7 +262,7 @@ def calibrate(
         decided: dict[str, SiteStats] = {}
         for p in range(1, passes + 1):
             result = _run_pass(source, sites, ds, sparsify, sample_rows, progress,
-                               f"calibrate pass {p}/{passes}", session_options(threads), providers, scaled)
+                               f"calibrate pass {p}/{passes}", base_options(threads), providers, scaled)
             last = p == passes
             decided = {}
             for s in sites:

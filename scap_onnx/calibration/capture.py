@@ -24,7 +24,7 @@ from ..graph.builder import ProtoBuilder
 from ..graph.model_io import ModelSource
 from ..op.contract import Sparsification
 from ..op.lowering import sparsified_input
-from ..op.session import open_session, run_session, session_options
+from ..op.session import base_options, open_session, run_session
 from ..op.token_norm import default_opset, token_norm
 
 CAPTURE_PREFIX = "scap_capture::"
@@ -90,6 +90,7 @@ def build_capture_model(
     model = onnx.ModelProto()
     model.ir_version = base.ir_version
     model.opset_import.extend(base.opset_import)
+    model.functions.extend(base.functions)  # model-local functions the kept nodes may call
     model.producer_name = "scap-onnx capture"
     g = model.graph
     g.name = base.graph.name
@@ -154,9 +155,8 @@ class Capture:
                  token_scaled: Iterable[str] = ()):
         self.names = list(capture)
         model = build_capture_model(source.proto, capture, sparsify, token_scaled)
-        provider = providers[0] if providers else None
-        self.session = open_session(model, data_dir=source.data_dir, options=options or session_options(),
-                                    provider=provider)
+        self.session = open_session(model, data_dir=source.data_dir, options=options or base_options(),
+                                    provider=list(providers) if providers else None)
         self.output_names = [f"{CAPTURE_PREFIX}{k}" for k in range(len(self.names))]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

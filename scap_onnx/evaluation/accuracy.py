@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 
 from ..calibration.capture import CAPTURE_PREFIX, build_capture_model
+from ..errors import ScapError
 from ..graph.model_io import ModelSource
-from ..op.session import default_threads, library_available, open_session, provider_name, run_session, session_options
+from ..op.session import base_options, default_threads, library_available, open_session, provider_name, run_session
 from ..progress import NullProgress, Progress
 from .eval_data import batches, ids_of
 from .metrics import Metrics
@@ -75,7 +76,7 @@ def measure_accuracy(pair: ModelPair, ds, opts: ValidateOptions, progress: Progr
     src = ModelSource(pair.sparse_path)
     try:
         sparse_sess = open_session(build_capture_model(src.proto, wanted), data_dir=src.data_dir,
-                                   options=session_options(threads, spinning=opts.spinning), provider=provider,
+                                   options=base_options(threads, spinning=opts.spinning), provider=provider,
                                    use_library=use_lib, weight_is_finite=src.weight_is_finite)
         names = list(wanted)
         cap_out = [f"{CAPTURE_PREFIX}{k}" for k in range(len(names))]
@@ -88,7 +89,7 @@ def measure_accuracy(pair: ModelPair, ds, opts: ValidateOptions, progress: Progr
             dense = dense_cache.get(key, i) if dense_cache is not None else None
             if dense is None:
                 if dense_sess is None:
-                    dense_sess = open_session(pair.dense_path, options=session_options(threads, spinning=opts.spinning),
+                    dense_sess = open_session(pair.dense_path, options=base_options(threads, spinning=opts.spinning),
                                               provider=provider)
                 dense = dict(zip(pair.outputs, run_session(dense_sess, pair.outputs, feeds)))
                 if dense_cache is not None:
@@ -109,14 +110,21 @@ def measure_accuracy(pair: ModelPair, ds, opts: ValidateOptions, progress: Progr
 
 def model_perplexity(model: str | Path, ds, *, threads: int | None = None, progress: Progress | None = None) -> dict:
     """Perplexity of one causal LM on a DataSource (each window scored on its own), by the same
-    metrics validate computes (the model against itself)."""
-    session = open_session(Path(model), options=session_options(threads), use_library=library_available())
-    metrics = Metrics(["logits"], "causal-lm")
-    task = (progress or NullProgress()).task(f"perplexity {Path(model).name}", ds.max_tokens if ds.is_text else None)
-    for feeds, n_tok in batches(ds):
-        out = {"logits": run_session(session, ["logits"], feeds)[0]}
-        metrics.add(feeds, out, out, n_tok)
-        task.advance(n_tok)
-    task.close()
+    metrics validate computes (the model against itself); a rewritten model runs with the library,
+    or lowered where it is not built."""
+    with ModelSource(model) as src:
+        if "logits" not in [o.name for o in src.proto.graph.output]:
+            raise ScapError("perplexity needs a model with a 'logits' output (a causal LM export)")
+        session = open_session(src.proto, data_dir=src.data_dir, options=base_options(threads),
+                               weight_is_finite=src.weight_is_finite)
+        metrics = Metrics(["logits"], "causal-lm")
+        task = (progress or NullProgress()).task(f"perplexity {Path(model).name}", ds.max_tokens if ds.is_text else None)
+        for feeds, n_tok in batches(ds):
+            if ids_of(feeds) is None:
+                raise ScapError("perplexity needs input_ids in the data")
+            out = {"logits": run_session(session, ["logits"], feeds)[0]}
+            metrics.add(feeds, out, out, n_tok)
+            task.advance(n_tok)
+        task.close()
     ppl = metrics.result()["perplexity"]
     return {"perplexity": ppl["dense"], "nll": ppl["nll_dense"], "tokens": ppl["tokens"]}

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from ..calibration.data import feeds_from_ids
 from ..errors import ScapError
-from ..op.session import default_threads, open_session, provider_name, session_options
+from ..op.session import base_options, default_threads, open_session, provider_name
 from ..progress import NullProgress, Progress
 from .eval_data import batches, ids_of
 from .fresh_process import run_in_fresh_process
@@ -134,8 +134,8 @@ def time_job(job: TimingJob, progress: Progress | None = None) -> dict:
         ort.set_global_thread_pool_sizes(threads, 1)
     spinning = True if shared else opts.spinning  # onnxruntime's shared pool spins (its default)
     sessions = {
-        name: open_session(path, options=session_options(threads, spinning=spinning, shared_pool=shared),
-                           provider=provider, use_library=name == "sparse")
+        name: open_session(path, options=base_options(threads, spinning=spinning, shared_pool=shared),
+                           provider=provider, use_library=True if name == "sparse" else None)
         for name, path in (("dense", pair.dense_path), ("sparse", pair.sparse_path))
     }
     out: dict = {"threads": threads, "provider": provider, "thread_pool": "shared" if shared else "separate",

@@ -143,7 +143,10 @@ class _Pairing:
 
     def _check_weight(self, node: onnx.NodeProto, t: Target) -> None:
         origin = self.s_view.resolve(node.input[1])
-        ok = origin is not None and origin.name == t.weight and ("Transpose" not in origin.through or t.trans_b)
+        # through Identity nodes, and the Transpose the rewriter puts on a Gemm's transB weight; a Cast
+        # would make it another weight
+        ok = (origin is not None and origin.name == t.weight and "Cast" not in origin.through
+              and ("Transpose" not in origin.through or t.trans_b))
         if not ok:
             raise self._mismatch(f"sparse node {node.name!r} does not read the weight {t.weight!r} of {t.name!r} "
                                  f"in {self.dense.name}")

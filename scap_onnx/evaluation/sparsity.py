@@ -21,7 +21,7 @@ from ..graph.model_io import ModelSource
 from ..graph.targets import layer_of, role_of
 from ..graph.view import GraphView
 from ..op.contract import OP_TYPE, node_attribute, scap_nodes, targets_of
-from ..op.session import open_session, run_session, session_options
+from ..op.session import base_options, open_session, run_session
 from ..progress import NullProgress, Progress
 
 _ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
@@ -131,7 +131,7 @@ def measure_sparsity(model: str | Path, data, *, threads: int | None = None, use
         view = src.view
         elem = {n.input[0]: view.elem_type(n.input[1]) or onnx.TensorProto.FLOAT for n in nodes}
         capture = build_capture_model(src.proto, elem)
-        session = open_session(capture, data_dir=src.data_dir, options=session_options(threads),
+        session = open_session(capture, data_dir=src.data_dir, options=base_options(threads),
                                use_library=use_library, weight_is_finite=src.weight_is_finite)
         names = list(elem)
         outputs = [f"{CAPTURE_PREFIX}{k}" for k in range(len(names))]

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..errors import ScapError
 from ..graph.builder import GraphBuilder, ProtoBuilder
 from ..graph.view import GraphView, declared_elem_types
 from .contract import Sparsification, is_scap_node, node_sparsification
@@ -101,7 +102,7 @@ def lower_model(model: onnx.ModelProto, weight_is_finite: Callable[[str], bool] 
         weight = n.input[1]
         elem_type = view.elem_type(weight) or declared.get(weight) or declared.get(n.input[0])
         if elem_type is None:
-            raise ValueError(f"cannot lower {n.name or n.output[0]!r}: the element type of {weight!r} is unknown")
+            raise ScapError(f"cannot lower {n.name or n.output[0]!r}: the element type of {weight!r} is unknown")
         origin = view.resolve(weight)
         finite = weight_is_finite is not None and origin is not None and weight_is_finite(origin.name)
         b = ProtoBuilder(f"{LOWERED_PREFIX}{i}/")

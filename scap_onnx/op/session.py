@@ -52,18 +52,22 @@ def provider_name(provider: str) -> str:
     return name
 
 
-def providers_for(provider: str | None) -> list[str]:
-    """The provider list of a session: the provider, with the CPU as the fallback for other ones."""
+def providers_for(provider: str | list | None) -> list:
+    """The provider list of a session: the provider, with the CPU as the fallback for other ones
+    (a list is taken as it is)."""
+    if isinstance(provider, list):
+        return provider
     if provider is None or provider == "CPUExecutionProvider":
         return ["CPUExecutionProvider"]
     return [provider, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None, *, spinning: bool | None = None, shared_pool: bool = False,
-                    library: bool = False) -> ort.SessionOptions:
-    """Quiet options. ``threads``: intra-op threads; ``spinning``: whether the pool's threads spin
-    (None: onnxruntime's default); ``shared_pool``: run on the process-wide pool, whose size and
-    spinning onnxruntime fixed when it made it; ``library``: register the op library."""
+def base_options(threads: int | None = None, *, spinning: bool | None = None,
+                 shared_pool: bool = False) -> ort.SessionOptions:
+    """Quiet options for :func:`open_session` (which registers the library where the model needs it).
+    ``threads``: intra-op threads; ``spinning``: whether the pool's threads spin (None: onnxruntime's
+    default); ``shared_pool``: run on the process-wide pool, whose size and spinning onnxruntime
+    fixed when it made it."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if shared_pool:
@@ -74,38 +78,46 @@ def session_options(threads: int | None = None, *, spinning: bool | None = None,
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if library:
-        try:
-            register_library(opts)
-        except FileNotFoundError as e:
-            raise ScapError(str(e)) from None
     return opts
 
 
+def _register(options: ort.SessionOptions) -> None:
+    try:
+        register_library(options)
+    except FileNotFoundError as e:
+        raise ScapError(str(e)) from None
+
+
 def open_session(model: onnx.ModelProto | str | Path, *, data_dir: str | Path | None = None,
-                 options: ort.SessionOptions | None = None, provider: str | None = None,
+                 options: ort.SessionOptions | None = None, provider: str | list | None = None,
                  use_library: bool | None = None,
                  weight_is_finite: Callable[[str], bool] | None = None) -> ort.InferenceSession:
     """A session over a model file or an in-memory weight-free proto whose external data lies in
-    ``data_dir``. A model with ScapSparseMatMul nodes gets the library registered, or with
-    ``use_library=False`` (or no library built, when None) a proto is lowered in place
-    (``weight_is_finite`` as in scap_onnx.op.lowering.lower_model)."""
-    options = options or session_options()
+    ``data_dir``. ``options`` (from :func:`base_options`) are consumed: the library and the data
+    folder are set on them. A model with ScapSparseMatMul nodes gets the library registered, or,
+    with ``use_library=False`` (or no library built, when None), a proto is lowered in place
+    (``weight_is_finite`` as in scap_onnx.op.lowering.lower_model); a file is then read as a proto.
+    ``provider``: a provider name, or a list as onnxruntime takes it."""
+    options = options or base_options()
+    if use_library is None:
+        use_library = library_available()
+    what = "the model"
+    if not isinstance(model, onnx.ModelProto):
+        what = Path(model).name
+        if not use_library:  # read the graph: its ScapSparseMatMul nodes, if any, are lowered below
+            model, data_dir = onnx.load(str(model), load_external_data=False), Path(model).parent
     if isinstance(model, onnx.ModelProto):
         if scap_nodes(model):
-            if use_library is None:
-                use_library = library_available()
             if use_library:
-                register_library(options)
+                _register(options)
             else:
                 lower_model(model, weight_is_finite)
         if data_dir is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
-        what, source = "the model", model.SerializeToString()
+        source = model.SerializeToString()
     else:
-        if use_library:
-            register_library(options)
-        what, source = Path(model).name, str(model)
+        _register(options)  # registered for a dense model too: harmless, and a file is not read twice
+        source = str(model)
     try:
         return ort.InferenceSession(source, options, providers=providers_for(provider))
     except Exception as e:  # onnxruntime raises its own exception types

@@ -40,7 +40,7 @@ def rewrite_file(model: str | Path, output: str | Path, plan: Mapping[str, objec
     ir_model = load_model(model)
     external, sources = wants_external_data(ir_model), external_files(ir_model)
     rewrite = ScapRewritePass(plan)
-    ir.passes.PassManager([rewrite, FusePass()] if fuse else [rewrite])(ir_model)
+    _run(ir.passes.PassManager([rewrite, FusePass()] if fuse else [rewrite]), ir_model)
     names = rewrite.rewritten
     nodes = sum(1 for n in ir_model.graph if is_scap_node(n))
     data = save_model(ir_model, output, external=external, inputs_to_keep=[model] + sources)
@@ -48,3 +48,17 @@ def rewrite_file(model: str | Path, output: str | Path, plan: Mapping[str, objec
     if check:
         check_model(output)
     return Rewritten(output, data, names, nodes)
+
+
+def _run(passes: ir.passes.PassManager, model: ir.Model) -> None:
+    """Run the passes; a ScapError inside one comes out as itself (the PassManager wraps every
+    exception of a step in a PassError)."""
+    try:
+        passes(model)
+    except ir.passes.PassError as e:
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ScapError):
+            raise cause from None
+        raise
