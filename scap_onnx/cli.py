@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
@@ -258,34 +259,36 @@ def inspect(
     for t in found:
         i, s = site_of[t.name]
         row = {"name": t.name, "role": t.role, "layer": t.layer, "k": t.k, "n": t.n, "dtype": t.dtype,
-               "bias": t.bias is not None, "input": t.input, "site": i,
+               "format": t.weight_format, "bias": t.bias is not None, "input": t.input, "site": i,
                "shared_with": [x.name for x in s.targets if x.name != t.name]}
         if t.name in plan:
             p = plan[t.name]
             row.update(sparsity=p.sparsity, offset=p.offset, offset_kind=p.offset_kind, threshold=p.threshold)
         rows.append(row)
-    rewritten = [{"name": n.name, "targets": targets_of(n) or [n.name], "threshold": node_attribute(n, "threshold"),
-                  "offset": node_attribute(n, "offset")} for n in existing]
+    rewritten = [{"name": n.name, "op": n.op_type, "targets": targets_of(n) or [n.name],
+                  "threshold": node_attribute(n, "threshold"), "offset": node_attribute(n, "offset")} for n in existing]
     if as_json:
         typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten}, indent=1))
         return
     if rows:
         typer.echo(f"{len(rows)} targets, {len(sites)} distinct inputs")
-        head = f"{'layer':>5} {'role':7} {'K':>6} {'N':>6} bias {'input':>6}  name"
+        width = max(len("format"), *(len(r["format"]) for r in rows))
+        head = f"{'layer':>5} {'role':7} {'K':>6} {'N':>6} {'format':{width}} bias {'input':>6}  name"
         if plan:
             head += "   [sparsity offset(kind) threshold]"
         typer.echo(head)
         for r in rows:
             shared = f"#{r['site']}" + ("*" if r["shared_with"] else "")
             line = (f"{'' if r['layer'] is None else r['layer']:>5} {r['role']:7} {r['k']:>6} {r['n']:>6} "
-                    f"{'yes' if r['bias'] else 'no':4} {shared:>6}  {r['name']}")
+                    f"{r['format']:{width}} {'yes' if r['bias'] else 'no':4} {shared:>6}  {r['name']}")
             if "threshold" in r:
                 line += f"   [{r['sparsity']:.3f} {r['offset']:+.4g}({r['offset_kind']}) {r['threshold']:.4g}]"
             typer.echo(line)
         typer.echo("(#N: input tensor; * shared by several targets: one offset, and one threshold where their roles have one sparsity)")
     if rewritten:
         computed = sum(len(r["targets"]) for r in rewritten)
-        typer.echo(f"{len(rewritten)} ScapSparseMatMul nodes already in the model, computing {computed} targets")
+        ops = " + ".join(f"{c} {op}" for op, c in Counter(r["op"] for r in rewritten).items())
+        typer.echo(f"{ops} nodes already in the model, computing {computed} targets")
 
 
 @app.command("validate")

@@ -32,6 +32,7 @@ from ..errors import ScapError
 from ..graph.model_io import ModelSource
 from ..graph.targets import Site, find_targets, group_sites
 from ..op.contract import Sparsification
+from ..op.nbits import weight_kn
 from ..op.session import base_options
 from ..progress import NullProgress, Progress
 from .capture import Capture, Upstream
@@ -153,12 +154,6 @@ def upstream_entries(site: SiteStats, spec: Spec) -> list[Upstream]:
             for tau, names in by_threshold.items()]
 
 
-def _as_kn(weight: np.ndarray, target) -> np.ndarray:
-    """A target's weight as float32 [K, N] (a Gemm with transB stores it [N, K])."""
-    w = weight.astype(np.float32, copy=False)
-    return np.ascontiguousarray(w.T) if target.trans_b else w
-
-
 def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, options, providers,
               token_scaled: set[str]) -> PassResult:
     capture = Capture(source, {s.input: _ELEM[s.dtype] for s in sites}, sparsify, options, providers, token_scaled)
@@ -254,7 +249,8 @@ def calibrate(
             site_sparsity[s.input] = shared_sparsity([spec.sparsity(t.role) for t in s.targets])
         def weights_of(site: Site) -> list[np.ndarray]:
             # read when needed, one site at a time: never all weights in Python at once
-            return [_as_kn(source.weight(t.weight), t) for t in site.targets]
+            # (float32 [K, N]: a MatMulNBits weight dequantised)
+            return [weight_kn(t, source.weight) for t in site.targets]
 
         sparsify = None
         result: PassResult | None = None

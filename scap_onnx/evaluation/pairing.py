@@ -5,6 +5,8 @@ replaces and the activation they read; the pairing follows that, never node name
 target must be a MatMul or Gemm of DENSE reading that activation, and the node's weight must be the
 target's (the constant resolver of scap_onnx.graph.view follows Identity nodes and the rewriter's
 Transpose; the first bytes are compared, so a model of the same shape with other weights is refused).
+A ScapSparseMatMulNBits reads repacked weights: its attributes must be the MatMulNBits target's and
+its scales the target's, as scap_onnx.op.nbits repacks them (compared on the first block's).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..calibration.data import model_inputs
 from ..errors import ScapError
-from ..graph.model_io import load_proto, tensor_head
-from ..graph.targets import Target, find_all_targets, layer_of, role_of
+from ..graph.model_io import has_external, load_proto, tensor_head
+from ..graph.targets import MATMUL_NBITS, Target, find_all_targets, layer_of, role_of
 from ..graph.view import GraphView
-from ..op.contract import OP_TYPE, TARGETS_KEY, node_attribute, scap_nodes, source_input_of, targets_of
+from ..op.contract import OP_TYPE, TARGETS_KEY, is_float_node, node_attribute, scap_nodes, source_input_of, targets_of
+from ..op.nbits import matmul_nbits_scales
 from .sparsity import fc_weight_bytes
 
 
@@ -33,8 +38,9 @@ class ModelPair:
     outputs: list[str]
     kind: str  # "causal-lm" | "encoder" | "generic"
     past: dict[str, str]  # past input name -> present output name (decoders with KV cache)
-    scap: list[dict]  # per target: name, input, weight, k, n, itemsize, threshold, offset, role, layer
-    fc_bytes: int  # all FC weight bytes of the dense model (MatMuls with constant 2-D B)
+    scap: list[dict]  # per target: name, input, weight, k, n, itemsize (of A), bytes (of the weight), threshold,
+    #                   offset, role, layer
+    fc_bytes: int  # all FC weight bytes of the dense model (MatMuls with constant 2-D B, MatMulNBits codes)
     sparse_proto: onnx.ModelProto = field(repr=False, default=None)
 
 
@@ -135,7 +141,12 @@ class _Pairing:
             if t is None or t.input != activation:
                 raise self._mismatch(f"sparse node {node.name!r} replaces {m!r}, which is no MatMul or Gemm "
                                      f"reading {activation!r} in {self.dense.name}")
-        if len(ts) == 1:
+        if (ts[0].op == MATMUL_NBITS) == is_float_node(node):
+            raise self._mismatch(f"sparse node {node.name!r} ({node.op_type}) cannot compute {members[0]!r}, a "
+                                 f"{ts[0].op} in {self.dense.name}")
+        if ts[0].op == MATMUL_NBITS:
+            self._check_nbits_weight(node, ts[0])
+        elif len(ts) == 1:
             self._check_weight(node, ts[0])
         else:
             self._check_fused_weight(node, members, ts)
@@ -155,6 +166,26 @@ class _Pairing:
             if tuple(a.dims) != tuple(b.dims) or a.data_type != b.data_type or \
                     tensor_head(a, self.dense.parent) != tensor_head(b, self.sparse.parent):
                 raise self._mismatch(f"weight {t.weight!r} differs between {self.dense.name} and {self.sparse.name}")
+
+    def _check_nbits_weight(self, node: onnx.NodeProto, t: Target) -> None:
+        """K, N, bits and block_size as the target's, and the first block's scales of every column
+        those of the target (repacked by scap_onnx.op.nbits)."""
+        shape = {"K": t.k, "N": t.n, "bits": t.bits, "block_size": t.block_size}
+        got = {k: int(node_attribute(node, k, -1)) for k in shape}
+        if got != shape:
+            raise self._mismatch(f"sparse node {node.name!r} has {got}, its target {t.name!r} in {self.dense.name} "
+                                 f"{shape}")
+        a = self.d_inits.get(t.scales)
+        b = self.s_inits.get(node.input[2]) if len(node.input) > 2 else None
+        if a is not None and b is not None:
+            dense = numpy_helper.to_array(a, base_dir=str(self.dense.parent)) if has_external(a) \
+                else numpy_helper.to_array(a)
+            first = matmul_nbits_scales(dense, k=t.k, n=t.n, block_size=t.block_size)[0]
+            nbytes = min(64, 4 * t.n)
+            if b.data_type != onnx.TensorProto.FLOAT or \
+                    tensor_head(b, self.sparse.parent, nbytes) != np.ascontiguousarray(first).tobytes()[:nbytes]:
+                raise self._mismatch(f"weight {t.weight!r} (its scales) differs between {self.dense.name} and "
+                                     f"{self.sparse.name}")
 
     def _check_fused_weight(self, node: onnx.NodeProto, members: list[str], ts: list[Target]) -> None:
         """A fused node's B is its targets' weights side by side (checked on the first row's bytes)."""
@@ -181,7 +212,7 @@ def _entry(node: onnx.NodeProto, t: Target, name: str) -> dict:
     """What validate needs of one target computed by a ScapSparseMatMul node."""
     return {
         "name": name, "input": node.input[0], "weight": t.weight, "k": t.k, "n": t.n,
-        "itemsize": 2 if t.dtype == "float16" else 4,
+        "itemsize": 2 if t.dtype == "float16" else 4, "bytes": t.weight_bytes,
         "threshold": node_attribute(node, "threshold"), "offset": node_attribute(node, "offset"),
         "role": t.role if t.role != "other" else (role_of(name) or "other"),
         "layer": t.layer if t.layer is not None else layer_of(name),

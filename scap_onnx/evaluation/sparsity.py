@@ -18,9 +18,9 @@ import onnx
 from ..calibration.capture import build_capture_model, CAPTURE_PREFIX
 from ..errors import ScapError
 from ..graph.model_io import ModelSource
-from ..graph.targets import layer_of, role_of
+from ..graph.targets import MATMUL_NBITS, layer_of, role_of
 from ..graph.view import GraphView
-from ..op.contract import OP_TYPE, node_attribute, scap_nodes, targets_of
+from ..op.contract import OP_TYPE, is_float_node, node_attribute, scap_nodes, targets_of
 from ..op.session import base_options, open_session, run_session
 from ..progress import NullProgress, Progress
 
@@ -30,11 +30,14 @@ _ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.Tensor
 
 def fc_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every MatMul / Gemm weight that is a constant 2-D tensor, also through Identity,
-    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose): what a
-    decode step streams from memory for its fully-connected layers."""
+    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose), and of every
+    MatMulNBits' codes: what a decode step streams from memory for its fully-connected layers."""
     view = GraphView.from_proto(model)
     total = 0
     for n in view.nodes:
+        if n.op_type == MATMUL_NBITS and len(n.inputs) > 1 and (b := view.constant(n.inputs[1])) is not None:
+            total += int(np.prod(view.initializers[b][0]))  # uint8
+            continue
         if n.op_type not in ("MatMul", "Gemm") or len(n.inputs) < 2 or view.resolve(n.inputs[0]) is not None:
             continue
         origin = view.resolve(n.inputs[1])
@@ -95,7 +98,7 @@ def summarize(entries: list[dict], measured: dict[str, float], fc_bytes: int,
     sparse_bytes = 0
     for n in entries:
         s = measured[n["name"]]
-        nb = n["k"] * n["n"] * n["itemsize"]
+        nb = n.get("bytes", n["k"] * n["n"] * n["itemsize"])
         nodes[n["name"]] = {"role": n["role"], "layer": n["layer"], "k": n["k"], "n": n["n"],
                             "threshold": n["threshold"], "offset": n["offset"], "sparsity": s, "bytes": nb}
         skipped += s * nb
@@ -129,7 +132,10 @@ def measure_sparsity(model: str | Path, data, *, threads: int | None = None, use
                 entries.append({"name": name, "input": n.input[0], "threshold": node_attribute(n, "threshold"),
                                 "offset": node_attribute(n, "offset")})
         view = src.view
-        elem = {n.input[0]: view.elem_type(n.input[1]) or onnx.TensorProto.FLOAT for n in nodes}
+        # A's type: that of a ScapSparseMatMul's B; of a ScapSparseMatMulNBits' bias (its scales are float32)
+        elem = {n.input[0]: (view.elem_type(n.input[1]) if is_float_node(n) else
+                             view.elem_type(n.input[4]) if len(n.input) > 4 and n.input[4] else None)
+                or onnx.TensorProto.FLOAT for n in nodes}
         capture = build_capture_model(src.proto, elem)
         session = open_session(capture, data_dir=src.data_dir, options=base_options(threads),
                                use_library=use_library, weight_is_finite=src.weight_is_finite)

@@ -71,7 +71,8 @@ def tensor_head(t: onnx.TensorProto, base_dir: Path, nbytes: int = 64, start: in
 
 def fingerprint(model: onnx.ModelProto, base_dir: str | Path) -> str:
     """Identity of a model: sha256 of its graph structure, initializer names/shapes/types and the
-    first bytes of every 2-D initializer (so models that share an architecture still differ)."""
+    first bytes of every 2-D initializer and every 3-D uint8 one (MatMulNBits' B), so that models
+    that share an architecture still differ."""
     base_dir = Path(base_dir)
     h = hashlib.sha256()
     g = model.graph
@@ -89,7 +90,7 @@ def fingerprint(model: onnx.ModelProto, base_dir: str | Path) -> str:
         put("node", n.domain, n.op_type, n.name, *n.input, "->", *n.output)
     for t in g.initializer:
         put("init", t.name, t.data_type, *t.dims)
-        if len(t.dims) == 2:
+        if len(t.dims) == 2 or (len(t.dims) == 3 and t.data_type == onnx.TensorProto.UINT8):
             h.update(tensor_head(t, base_dir))
     return h.hexdigest()
 

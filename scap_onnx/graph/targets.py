@@ -8,6 +8,12 @@ that exporters (optimum / torch.onnx, transformers module paths) give nodes and 
 ``/model/layers.3/mlp/down_proj/MatMul`` or ``model.layers.3.mlp.down_proj.weight``. A MatMul
 followed by an Add of a constant 1-D bias of length N carries that bias (fused at rewrite time).
 
+onnxruntime's block-quantized ``MatMulNBits`` (com.microsoft) is a target too when its B, scales
+and zero points are constants, its bits and block_size are ones ScapSparseMatMulNBits takes and it
+has no ``g_idx``: K, N, bits and block_size come from its attributes, the dtype from its scales
+(of A's type), its optional bias input is carried like a Gemm's C. ``weight_format`` says how a
+target's weight is stored ("float32", "int4 block 32", "int4 block 32 asym" with zero points).
+
 Works on an ``onnx.ModelProto`` (weights not needed: load with ``load_external_data=False``) and
 on an ``onnx_ir.Model`` through the small :class:`GraphView` adapter.
 """
@@ -33,6 +39,10 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", 
 DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head", "router"})
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+#: What ScapSparseMatMulNBits takes (scap_onnx.op.nbits checks its nodes by these).
+NBITS_BITS = (4, 8)
+NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+MATMUL_NBITS = "MatMulNBits"
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,21 @@ class Target:
     bias: str | None = None  # constant [N] initializer added right after the MatMul, or Gemm's C
     bias_add: str | None = None  # name of that Add node (None for Gemm's C)
     bias_output: str | None = None  # output of that Add node
-    op: str = "MatMul"  # "MatMul" | "Gemm"
+    op: str = "MatMul"  # "MatMul" | "Gemm" | "MatMulNBits"
     trans_b: bool = False  # Gemm with transB = 1: the weight is stored [N, K]
+    weight_format: str = ""  # "float32" | "float16" | "int4 block 32" | "int8 block 128 asym" ...
+    # MatMulNBits only: B above holds the codes (onnxruntime's layout), with these
+    bits: int | None = None
+    block_size: int | None = None
+    scales: str | None = None
+    zero_points: str | None = None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight's values (the codes of a quantized weight; scales not counted)."""
+        if self.bits is not None:
+            return self.n * -(-self.k // self.block_size) * self.block_size * self.bits // 8
+        return self.k * self.n * (2 if self.dtype == "float16" else 4)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,8 +218,44 @@ def _following_bias(view: GraphView, consumers: dict[str, list[Node]], out: str,
     return const, u.name or u.outputs[0], u.outputs[0]
 
 
+def _matmul_nbits(view: GraphView, n: Node) -> tuple[dict | None, str | None]:
+    """(the Target fields of a MatMulNBits, None) when it is a target; (None, why not) when it is
+    one scap-onnx cannot take; (None, None) when it is not a weight MatMul at all."""
+    ins = list(n.inputs) + [""] * (6 - len(n.inputs))
+    a, b_in, s_in, zp_in, g_idx, bias_in = ins[:6]
+    b, scales = view.constant(b_in), view.constant(s_in)
+    if b is None or scales is None or view.constant(a) is not None:
+        return None, None
+    k, n_cols, bits, block = (int(n.attr(x, 0)) for x in ("K", "N", "bits", "block_size"))
+    if g_idx:
+        return None, "has g_idx (act-order), which is not supported"
+    if bits not in NBITS_BITS:
+        return None, f"has bits = {bits} (4 and 8 are supported)"
+    if block not in NBITS_BLOCK_SIZES:
+        return None, f"has block_size = {block} (powers of two from 16 to 256 are supported)"
+    stype = view.initializers[scales][1]
+    if stype not in _FLOAT_TYPES:
+        return None, "has scales that are neither float32 nor float16"
+    kb = -(-k // block) if k > 0 and n_cols > 0 else 0
+    zp = view.constant(zp_in) if zp_in else None
+    if zp_in and (zp is None or view.initializers[zp][1] != onnx.TensorProto.UINT8):
+        return None, "has zero points that are not a constant uint8 tensor"
+    sizes = [(b, n_cols * kb * block * bits // 8), (scales, n_cols * kb)] + \
+            ([(zp, n_cols * -(-kb * bits // 8))] if zp else [])
+    if not kb or any(int(np.prod(view.initializers[c][0])) != size for c, size in sizes):
+        return None, f"has weights whose sizes do not match K = {k}, N = {n_cols}, bits = {bits}"
+    bias = view.constant(bias_in) if bias_in else None
+    if bias_in and (bias is None or view.initializers[bias][1] != stype
+                    or int(np.prod(view.initializers[bias][0])) != n_cols):
+        return None, "has a bias that is not a constant [N] tensor"
+    fmt = f"int{bits} block {block}" + (" asym" if zp else "")
+    return dict(input=a, weight=b, k=k, n=n_cols, dtype=_FLOAT_TYPES[stype], bias=bias, op=MATMUL_NBITS,
+                weight_format=fmt, bits=bits, block_size=block, scales=scales, zero_points=zp), None
+
+
 def find_all_targets(view: GraphView) -> list[Target]:
-    """Every MatMul (or equivalent Gemm) with a constant 2-D float B, in graph order, lm_head included."""
+    """Every MatMul (or equivalent Gemm) with a constant 2-D float B, and every MatMulNBits that
+    ScapSparseMatMulNBits can replace, in graph order, lm_head included."""
     consumers: dict[str, list[Node]] = {}
     for n in view.nodes:
         for i in n.inputs:
@@ -204,6 +263,13 @@ def find_all_targets(view: GraphView) -> list[Target]:
                 consumers.setdefault(i, []).append(n)
     targets = []
     for n in view.nodes:
+        out = n.outputs[0] if n.outputs else ""
+        if n.op_type == MATMUL_NBITS and n.domain == "com.microsoft":
+            fields, _ = _matmul_nbits(view, n)
+            if fields is not None:
+                role, layer = _classify([n.name, out, fields["weight"]])
+                targets.append(Target(name=n.name or out, output=out, role=role, layer=layer, **fields))
+            continue
         if n.domain not in ("", "ai.onnx"):
             continue
         if n.op_type == "MatMul" and len(n.inputs) == 2:
@@ -219,7 +285,6 @@ def find_all_targets(view: GraphView) -> list[Target]:
         if len(dims) != 2 or dtype not in _FLOAT_TYPES:
             continue
         k, n_cols = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
-        out = n.outputs[0]
         if n.op_type == "Gemm":
             if c is not None:
                 cdims, ctype = view.initializers[c]
@@ -245,6 +310,7 @@ def find_all_targets(view: GraphView) -> list[Target]:
                 bias_output=bias_output,
                 op=n.op_type,
                 trans_b=trans_b,
+                weight_format=_FLOAT_TYPES[dtype],
             )
         )
     return targets
@@ -277,12 +343,18 @@ def group_sites(targets: Iterable[Target]) -> list[Site]:
     return [Site(inp, tuple(ts)) for inp, ts in groups.items()]
 
 
-_QUANTIZED_OPS = ("MatMulInteger", "MatMulNBits", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+_QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                   "DequantizeLinear", "GatherBlockQuantized")
 
 
 def _why_no_targets(view: GraphView) -> str:
-    """A hint for models whose MatMuls scap-onnx cannot see: quantized ones, or ones in subgraphs."""
+    """A hint for models whose MatMuls scap-onnx cannot see: MatMulNBits it cannot take (the first
+    named), other quantized ones, or ones in subgraphs."""
+    for n in view.nodes:
+        if n.op_type == MATMUL_NBITS and n.domain == "com.microsoft":
+            why = _matmul_nbits(view, n)[1]
+            if why is not None:
+                return f"; MatMulNBits {n.name or n.outputs[0]!r} {why}"
     ops = [n.op_type for n in view.nodes]
     quantized = sorted({op for op in ops if op in _QUANTIZED_OPS})
     if quantized:
@@ -308,8 +380,9 @@ def find_targets(model, patterns: str | Sequence[str] | None = None, *, require:
     all_targets = find_all_targets(view)
     chosen = select_targets(all_targets, patterns)
     if require and not chosen:
-        if not all_targets:
-            raise ScapError("the model has no target MatMuls (a MatMul or Gemm whose B is a constant 2-D float "
-                            "initializer)" + _why_no_targets(view))
+        if not all_targets or patterns is None:
+            besides = f" besides {', '.join(sorted({t.role for t in all_targets}))}" if all_targets else ""
+            raise ScapError(f"the model has no target MatMuls{besides} (a MatMul or Gemm whose B is a constant "
+                            "2-D float initializer, or a 4- or 8-bit MatMulNBits)" + _why_no_targets(view))
         raise ScapError(f"--targets {patterns!r} matches none of the model's {len(all_targets)} target MatMuls")
     return chosen

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-_GEMM_ATTRS = ("alpha", "beta", "transA", "transB")
+#: Attributes target finding reads: Gemm's, and MatMulNBits' shape and format.
+_ATTRS = ("alpha", "beta", "transA", "transB", "K", "N", "bits", "block_size")
 #: Nodes through which a value is still "that constant": copied, transposed (the rewriter's B of a
 #: Gemm with transB, a tied lm_head reading the embedding) or cast.
 PASS_THROUGH = ("Identity", "Transpose", "Cast")
@@ -29,7 +30,7 @@ class Node:
     domain: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    attrs: tuple[tuple[str, float], ...] = ()  # Gemm's alpha, beta, transA, transB when set
+    attrs: tuple[tuple[str, float], ...] = ()  # those of _ATTRS that are set
 
     def attr(self, name: str, default: float) -> float:
         return dict(self.attrs).get(name, default)
@@ -72,7 +73,7 @@ class GraphView:
                         inits[n.output[0]] = (tuple(int(d) for d in a.t.dims), a.t.data_type)
         nodes = [Node(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output),
                       tuple((a.name, a.f if a.type == onnx.AttributeProto.FLOAT else a.i)
-                            for a in n.attribute if a.name in _GEMM_ATTRS)) for n in g.node]
+                            for a in n.attribute if a.name in _ATTRS)) for n in g.node]
         return cls(nodes, inits, {o.name for o in g.output})._index()
 
     @classmethod
@@ -96,7 +97,7 @@ class GraphView:
                     n.domain,
                     tuple(v.name if v is not None else "" for v in n.inputs),
                     tuple(v.name for v in n.outputs),
-                    tuple((k, a.value) for k, a in n.attributes.items() if k in _GEMM_ATTRS),
+                    tuple((k, a.value) for k, a in n.attributes.items() if k in _ATTRS),
                 )
             )
         return cls(nodes, inits, {o.name for o in g.outputs})._index()

@@ -3,7 +3,8 @@
 See shared/DESIGN.md ("Operator contract") and custom_ops/scap_sparse_matmul.h for the C++ twin:
 D = A - offset; D[i] is dropped iff |D[i]| <= threshold; Y = D_kept @ B (+ bias).
 
-Also the node metadata the rewriter writes and validate, inspect and the measurements read:
+Also the node metadata the rewriter writes (on ScapSparseMatMul and ScapSparseMatMulNBits nodes
+alike) and validate, inspect and the measurements read:
 
 - :data:`TARGETS_KEY`: JSON list of the original MatMul / Gemm nodes (target names) the node
   computes: one, or several side by side when fused (in the order of the Split that follows);
@@ -24,6 +25,9 @@ from onnx import helper
 
 DOMAIN = "com.scap"
 OP_TYPE = "ScapSparseMatMul"
+#: The same op over block-quantized weights (scap_onnx.op.nbits); it carries the same metadata.
+OP_TYPE_NBITS = "ScapSparseMatMulNBits"
+OP_TYPES = (OP_TYPE, OP_TYPE_NBITS)
 OPSET_VERSION = 1
 
 TARGETS_KEY = "scap_onnx.targets"
@@ -86,12 +90,17 @@ def make_node(
 
 
 def is_scap_node(node) -> bool:
-    """Whether an onnx.NodeProto or onnx_ir.Node is a ScapSparseMatMul."""
+    """Whether an onnx.NodeProto or onnx_ir.Node is a ScapSparseMatMul or a ScapSparseMatMulNBits."""
+    return node.op_type in OP_TYPES and node.domain == DOMAIN
+
+
+def is_float_node(node) -> bool:
+    """Whether a node is a ScapSparseMatMul (float weights: the one that fuses and lowers)."""
     return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
 def scap_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The ScapSparseMatMul nodes of a model's main graph, in order."""
+    """The ScapSparseMatMul and ScapSparseMatMulNBits nodes of a model's main graph, in order."""
     return [n for n in model.graph.node if is_scap_node(n)]
 
 

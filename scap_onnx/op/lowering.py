@@ -9,6 +9,9 @@ without the compiled library.
   Inf or NaN in that row must not turn into 0 * Inf = NaN: where B is not known to be finite the
   lowering adds the non-finite products separately (counts of kept +Inf / -Inf / NaN products per
   output, from 0/1 matrices), at the price of five more MatMuls.
+
+ScapSparseMatMulNBits has no lowering: a model with such nodes needs the compiled library, and
+:func:`lower_model` says so (ScapError).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from onnx import helper
 from ..errors import ScapError
 from ..graph.builder import GraphBuilder, ProtoBuilder
 from ..graph.view import GraphView, declared_elem_types
-from .contract import Sparsification, is_scap_node, node_sparsification
+from .contract import OP_TYPE_NBITS, Sparsification, is_float_node, is_scap_node, node_sparsification
 from .token_norm import default_opset, token_norm
 
 LOWERED_PREFIX = "scap_lowered::"
@@ -90,7 +93,12 @@ def lower_model(model: onnx.ModelProto, weight_is_finite: Callable[[str], bool] 
 
     ``weight_is_finite(name)``: whether the constant B named ``name`` holds only finite values (the
     short lowering then suffices); without it every B is treated as possibly non-finite.
+    ScapError for a model with ScapSparseMatMulNBits nodes (they run with the library only).
     """
+    nbits = [n for n in model.graph.node if is_scap_node(n) and not is_float_node(n)]
+    if nbits:
+        raise ScapError(f"{OP_TYPE_NBITS} node {nbits[0].name or nbits[0].output[0]!r} needs the compiled op library "
+                        "(it has no lowering to standard ops): build it, or set SCAP_ONNX_LIBRARY")
     view = GraphView.from_proto(model)
     declared = declared_elem_types(model.graph)
     new_nodes: list[onnx.NodeProto] = []

@@ -15,6 +15,10 @@ block_size) cut at K):
 - zero_points (optional): uint8 [k_blocks, N], one per byte; absent means 2^(bits-1) (8 or 128),
   MatMulNBits' default.
 - W[k, j] = (q[k, j] - zero_points[k // block_size, j]) * scales[k // block_size, j], float32.
+
+Also the one place that dequantises weights: :func:`dequantize_packed` (this layout),
+:func:`dequantize_matmul_nbits` (MatMulNBits' layout) and :func:`weight_kn` (any target's weight
+as float32 [K, N], which calibration and the rewriter's bias folding read).
 """
 
 from __future__ import annotations
@@ -24,11 +28,8 @@ import onnx
 from onnx import helper
 
 from ..errors import ScapError
-from .contract import DOMAIN, check_attributes
-
-OP_TYPE_NBITS = "ScapSparseMatMulNBits"
-BITS = (4, 8)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+from ..graph.targets import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES, Target
+from .contract import DOMAIN, OP_TYPE_NBITS, check_attributes
 
 
 def check_nbits_attributes(k: int, n: int, bits: int, block_size: int) -> None:
@@ -76,13 +77,55 @@ def unpack_rows(b_packed: np.ndarray, n: int, bits: int) -> np.ndarray:
     return halves.reshape(k, -1)[:, :n]
 
 
-def dequantize_packed(b_packed, scales, zero_points, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
-    """W: float32 [K, N] from the op's own layout."""
-    q = unpack_rows(b_packed, n, bits).astype(np.float32)
+def _dequantize(q: np.ndarray, scales, zero_points, *, k: int, bits: int, block_size: int) -> np.ndarray:
+    """W float32 [K, N] from codes q [K, N] and per-block scales (and zero points) [k_blocks, N]."""
     blocks = np.arange(k) // block_size
     zp = (np.float32(default_zero_point(bits)) if zero_points is None
           else np.asarray(zero_points, np.float32)[blocks])
-    return ((q - zp) * np.asarray(scales, np.float32)[blocks]).astype(np.float32)
+    return ((q.astype(np.float32) - zp) * np.asarray(scales, np.float32)[blocks]).astype(np.float32)
+
+
+def dequantize_packed(b_packed, scales, zero_points, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
+    """W: float32 [K, N] from the op's own layout."""
+    return _dequantize(unpack_rows(b_packed, n, bits), scales, zero_points, k=k, bits=bits, block_size=block_size)
+
+
+def matmul_nbits_codes(b, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
+    """MatMulNBits' B uint8 [N, k_blocks, block_size * bits / 8] (codes along K, low nibble first)
+    -> codes uint8 [K, N]."""
+    check_nbits_attributes(k, n, bits, block_size)
+    kb = k_blocks(k, block_size)
+    b = np.asarray(b)
+    if b.dtype != np.uint8 or b.size != n * kb * block_size * bits // 8:
+        raise ScapError(f"MatMulNBits B must be uint8 [{n}, {kb}, {block_size * bits // 8}], got {b.dtype} {b.shape}")
+    b = b.reshape(n, kb * block_size * bits // 8)
+    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, -1) if bits == 4 else b
+    return np.ascontiguousarray(codes[:, :k].T)
+
+
+def matmul_nbits_scales(scales, *, k: int, n: int, block_size: int) -> np.ndarray:
+    """MatMulNBits' scales [N * k_blocks] or [N, k_blocks] (float32 or float16) -> float32 [k_blocks, N]."""
+    kb = k_blocks(k, block_size)
+    scales = np.asarray(scales)
+    if scales.size != n * kb:
+        raise ScapError(f"MatMulNBits scales must hold N * k_blocks = {n * kb} values, got shape {scales.shape}")
+    return np.ascontiguousarray(scales.astype(np.float32).reshape(n, kb).T)
+
+
+def matmul_nbits_zero_points(zero_points, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
+    """MatMulNBits' uint8 zero points [N * ceil(k_blocks * bits / 8)] (4 bits: two blocks a byte,
+    low nibble first) or [N, that] -> uint8 [k_blocks, N]."""
+    kb = k_blocks(k, block_size)
+    zero_points = np.asarray(zero_points)
+    if zero_points.dtype != np.uint8:
+        raise ScapError(f"MatMulNBits zero points of type {zero_points.dtype} are not supported (uint8 only)")
+    per_column = -(-kb * bits // 8)
+    if zero_points.size != n * per_column:
+        raise ScapError(f"MatMulNBits zero_points must hold {n * per_column} bytes, got shape {zero_points.shape}")
+    zp = zero_points.reshape(n, per_column)
+    if bits == 4:
+        zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
+    return np.ascontiguousarray(zp[:, :kb].T)
 
 
 def unpack_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int):
@@ -94,34 +137,27 @@ def unpack_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, bl
     (4 bits: two blocks a byte, low nibble first) or [N, that]. Zero points of the scales' type and
     g_idx are not supported (ScapError).
     """
-    check_nbits_attributes(k, n, bits, block_size)
-    kb = k_blocks(k, block_size)
-    b = np.asarray(b)
-    if b.dtype != np.uint8 or b.size != n * kb * block_size * bits // 8:
-        raise ScapError(f"MatMulNBits B must be uint8 [{n}, {kb}, {block_size * bits // 8}], got {b.dtype} {b.shape}")
-    b = b.reshape(n, kb * block_size * bits // 8)
-    if bits == 4:
-        codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, -1)
-    else:
-        codes = b
-    q = np.ascontiguousarray(codes[:, :k].T)
-    scales = np.asarray(scales)
-    if scales.size != n * kb:
-        raise ScapError(f"MatMulNBits scales must hold N * k_blocks = {n * kb} values, got shape {scales.shape}")
-    scales = np.ascontiguousarray(scales.astype(np.float32).reshape(n, kb).T)
-    zp = None
-    if zero_points is not None:
-        zero_points = np.asarray(zero_points)
-        if zero_points.dtype != np.uint8:
-            raise ScapError(f"MatMulNBits zero points of type {zero_points.dtype} are not supported (uint8 only)")
-        per_column = -(-kb * bits // 8)
-        if zero_points.size != n * per_column:
-            raise ScapError(f"MatMulNBits zero_points must hold {n * per_column} bytes, got shape {zero_points.shape}")
-        zp = zero_points.reshape(n, per_column)
-        if bits == 4:
-            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
-        zp = np.ascontiguousarray(zp[:, :kb].T)
-    return q, scales, zp
+    shape = dict(k=k, n=n, block_size=block_size)
+    q = matmul_nbits_codes(b, bits=bits, **shape)
+    zp = None if zero_points is None else matmul_nbits_zero_points(zero_points, bits=bits, **shape)
+    return q, matmul_nbits_scales(scales, **shape), zp
+
+
+def dequantize_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
+    """W: float32 [K, N] from MatMulNBits' weights (what MatMulNBits with accuracy_level 0 multiplies by)."""
+    q, s, zp = unpack_matmul_nbits(b, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
+    return _dequantize(q, s, zp, k=k, bits=bits, block_size=block_size)
+
+
+def weight_kn(target: Target, read) -> np.ndarray:
+    """A target's weight as float32 [K, N]: a float weight as it is (transposed for a Gemm with
+    transB), a MatMulNBits weight dequantised. ``read(name)``: the array of the constant ``name``."""
+    if target.op == MATMUL_NBITS:
+        zp = read(target.zero_points) if target.zero_points else None
+        return dequantize_matmul_nbits(read(target.weight), read(target.scales), zp, k=target.k, n=target.n,
+                                       bits=target.bits, block_size=target.block_size)
+    w = read(target.weight).astype(np.float32, copy=False)
+    return np.ascontiguousarray(w.T) if target.trans_b else w
 
 
 def repack_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int):

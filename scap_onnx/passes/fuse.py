@@ -54,7 +54,7 @@ def _fusion_key(node: ir.Node) -> tuple | None:
     """Nodes with equal keys drop the same elements of the same input: one id of A, threshold,
     offset and weight type. None for nodes that cannot take part (B not an initializer, e.g. the
     Transpose the rewriter puts on a Gemm's transB weight, or a bias that is not one)."""
-    if not contract.is_scap_node(node) or len(contract.targets_of(node)) != 1:
+    if not contract.is_float_node(node) or len(contract.targets_of(node)) != 1:  # NBits nodes stay apart
         return None
     a, b = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else None

@@ -6,7 +6,9 @@ stays memory-mapped; weights are read only to fold biases):
     Y = X @ B (+ b)   ->   ScapSparseMatMul(X, B, b + offset * colsum(B)), threshold, offset
 
 The folded bias makes the new node compute the original function wherever nothing is dropped
-(shared/DESIGN.md). A Gemm's C is its bias; a Gemm with transB reads its [N, K] weight through a
+(shared/DESIGN.md). A MatMulNBits becomes a ScapSparseMatMulNBits over its weights repacked
+(scap_onnx.op.nbits; computed when the model is saved, one weight at a time), its folded bias from
+the column sums of the dequantised weight; its own bias input is carried like a Gemm's C. A Gemm's C is its bias; a Gemm with transB reads its [N, K] weight through a
 Transpose node, which onnxruntime folds into a constant when it loads the model, so the file keeps
 the original weight. Node names are those of the original MatMuls; outputs keep their names, types
 and shapes (the Add's output when a bias Add was fused). Each new node records in its metadata
@@ -23,10 +25,12 @@ import onnx_ir as ir
 
 from ..errors import ScapError
 from ..graph.builder import IrBuilder, new_initializer, unique_name
-from ..graph.targets import find_all_targets
+from ..graph.targets import MATMUL_NBITS, Target, find_all_targets
 from ..graph.view import GraphView
 from ..op import contract
-from ..op.contract import DOMAIN, OP_TYPE, OPSET_VERSION, Sparsification
+from ..op.contract import DOMAIN, OP_TYPE, OP_TYPE_NBITS, OPSET_VERSION, Sparsification
+from ..op.nbits import (check_nbits_attributes, matmul_nbits_codes, matmul_nbits_scales, matmul_nbits_zero_points,
+                        pack_rows, weight_kn)
 from ..op.token_norm import NORM_TAG, token_norm
 
 
@@ -35,7 +39,7 @@ def _node_key(node: ir.Node) -> str:
 
 
 class ScapRewritePass(ir.passes.InPlacePass):
-    """Replace the planned MatMuls by ScapSparseMatMul. ``plan``: target name -> a Sparsification,
+    """Replace the planned MatMuls by ScapSparseMatMul (MatMulNBits by ScapSparseMatMulNBits). ``plan``: target name -> a Sparsification,
     a calibration plan entry (scap_onnx.calibration.stats.TargetPlan) or a (threshold, offset[,
     token_scaled]) tuple."""
 
@@ -63,14 +67,20 @@ class ScapRewritePass(ir.passes.InPlacePass):
             t = targets[name]
             mm = nodes[name]
             a_val = mm.inputs[0]
-            weight_val = graph.initializers.get(t.weight, mm.inputs[1])
             new_nodes = []
-            b_val = _transposed(weight_val, t, used_names, new_nodes) if t.trans_b else weight_val
+            if t.op == MATMUL_NBITS:
+                op_type, weight_inputs = OP_TYPE_NBITS, _repacked(graph, t, used_names)
+                attrs = [ir.AttrInt64(k, v) for k, v in (("K", t.k), ("N", t.n), ("bits", t.bits),
+                                                           ("block_size", t.block_size))]
+            else:
+                weight_val = graph.initializers.get(t.weight, mm.inputs[1])
+                op_type, weight_inputs, attrs = OP_TYPE, [_transposed(weight_val, t, used_names, new_nodes)
+                                                          if t.trans_b else weight_val], []
             old_nodes = [mm]
             old_out = mm.outputs[0]
             bias_val = None
-            if t.bias is not None and t.op == "Gemm":
-                bias_val = graph.initializers.get(t.bias, mm.inputs[2])
+            if t.bias is not None and t.op in ("Gemm", MATMUL_NBITS):
+                bias_val = graph.initializers.get(t.bias, mm.inputs[2 if t.op == "Gemm" else 5])
             elif t.bias is not None:
                 add = nodes[t.bias_add]
                 old_nodes.append(add)
@@ -86,14 +96,17 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 after = [("Mul", "scap_token_scale", norm)]
                 if bias_val is not None:
                     after.append(("Add", "scap_bias_add", bias_val))
-                bias_val = _folded_bias(graph, view, t, offset, weight_val, None, used_names) if offset != 0.0 else None
+                bias_val = _folded_bias(graph, view, t, offset, None, used_names) if offset != 0.0 else None
             elif offset != 0.0 or not _is_vector(graph, view, bias_val, t.n):
-                bias_val = _folded_bias(graph, view, t, offset, weight_val, bias_val, used_names)
-            inputs = [a_in, b_val] + ([bias_val] if bias_val is not None else [])
+                bias_val = _folded_bias(graph, view, t, offset, bias_val, used_names)
+            inputs = [a_in, *weight_inputs] + ([bias_val] if bias_val is not None else [])
+            while inputs[-1] is None:  # an absent zero point before no bias
+                inputs.pop()
             fused = f"; fused bias Add {t.bias_add!r}" if t.bias_add is not None else ""
             new = ir.Node(
-                DOMAIN, OP_TYPE, inputs,
-                attributes=[ir.AttrFloat32("threshold", float(threshold)), ir.AttrFloat32("offset", float(offset))],
+                DOMAIN, op_type, inputs,
+                attributes=attrs + [ir.AttrFloat32("threshold", float(threshold)),
+                                    ir.AttrFloat32("offset", float(offset))],
                 name=mm.name or None, num_outputs=1,
                 doc_string=f"scap-onnx: rewritten from {t.op} {name!r}{fused}",
             )
@@ -113,8 +126,12 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
             ir.convenience.replace_nodes_and_values(graph, mm, old_nodes, new_nodes, [old_out], [out])
             self.rewritten.append(name)
-        # Drop original biases that were folded and that nothing reads any more.
-        for nm in {targets[n].bias for n in self.rewritten if targets[n].bias}:
+        # Drop original biases that were folded, and MatMulNBits weights that were repacked, that
+        # nothing reads any more.
+        done = [targets[n] for n in self.rewritten]
+        replaced = {t.bias for t in done} | {nm for t in done if t.op == MATMUL_NBITS
+                                             for nm in (t.weight, t.scales, t.zero_points)}
+        for nm in sorted(replaced - {None}):
             v = graph.initializers.get(nm)
             if v is not None and not v.uses() and not v.is_graph_output() and not v.is_graph_input():
                 del graph.initializers[nm]
@@ -150,16 +167,47 @@ def _transposed(b_val: ir.Value, t, used_names: set[str], new_nodes: list[ir.Nod
     return out
 
 
+def _constant_tensor(graph: ir.Graph, name: str):
+    """The tensor of the constant ``name`` (an initializer or a Constant node's output), unread."""
+    if name in graph.initializers:
+        return graph.initializers[name].const_value
+    node = next(n for n in graph if n.op_type == "Constant" and n.outputs[0].name == name)
+    return node.attributes["value"].value
+
+
 def _const_array(graph: ir.Graph, view: GraphView, val: ir.Value) -> np.ndarray:
-    """The array of the constant ``val`` is (an initializer or a Constant node's output, resolved by
-    scap_onnx.graph.view)."""
+    """The array of the constant ``val`` is (resolved by scap_onnx.graph.view)."""
     name = view.constant(val.name)
     if name is None:
         raise ScapError(f"{val.name!r} is not a constant")
-    if name in graph.initializers:
-        return graph.initializers[name].const_value.numpy()
-    node = next(n for n in graph if n.op_type == "Constant" and n.outputs[0].name == name)
-    return node.attributes["value"].value.numpy()
+    return _constant_tensor(graph, name).numpy()
+
+
+def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value | None]:
+    """ScapSparseMatMulNBits' B_packed, scales and zero points (None when absent) of a MatMulNBits
+    target: new initializers computed from the original ones when the model is saved."""
+    check_nbits_attributes(t.k, t.n, t.bits, t.block_size)
+    shape = dict(k=t.k, n=t.n, block_size=t.block_size)
+    b, scales = _constant_tensor(graph, t.weight), _constant_tensor(graph, t.scales)
+    zp = _constant_tensor(graph, t.zero_points) if t.zero_points else None
+    parts = [
+        ("packed", ir.DataType.UINT8, (t.k, t.n if t.bits == 8 else 16 * -(-t.n // 32)),
+         lambda: pack_rows(matmul_nbits_codes(b.numpy(), bits=t.bits, **shape), t.bits)),
+        ("scales", ir.DataType.FLOAT, (-(-t.k // t.block_size), t.n),
+         lambda: matmul_nbits_scales(scales.numpy(), **shape)),
+    ]
+    if zp is not None:
+        parts.append(("zero_points", ir.DataType.UINT8, (-(-t.k // t.block_size), t.n),
+                      lambda: matmul_nbits_zero_points(zp.numpy(), bits=t.bits, **shape)))
+    values = []
+    for suffix, dtype, dims, compute in parts:
+        name = unique_name(f"{t.weight}/scap_{suffix}", used_names)
+        value = ir.Value(name=name, const_value=ir.LazyTensor(lambda f=compute: ir.tensor(f()), dtype=dtype,
+                                                              shape=ir.Shape(dims), name=name))
+        value.type, value.shape = ir.TensorType(dtype), ir.Shape(dims)
+        graph.register_initializer(value)
+        values.append(value)
+    return values + ([None] if zp is None else [])
 
 
 def _is_vector(graph: ir.Graph, view: GraphView, bias_val: ir.Value | None, n: int) -> bool:
@@ -167,12 +215,15 @@ def _is_vector(graph: ir.Graph, view: GraphView, bias_val: ir.Value | None, n: i
     return bias_val is None or _const_array(graph, view, bias_val).shape == (n,)
 
 
-def _folded_bias(graph: ir.Graph, view: GraphView, t, offset: float, weight_val: ir.Value,
-                 bias_val: ir.Value | None, used_names: set[str]) -> ir.Value:
-    """A new [N] initializer: bias + offset * (column sums of B as [K, N])."""
+def _folded_bias(graph: ir.Graph, view: GraphView, t: Target, offset: float, bias_val: ir.Value | None,
+                 used_names: set[str]) -> ir.Value:
+    """A new [N] initializer: bias + offset * (column sums of the weight as float32 [K, N], a
+    MatMulNBits weight dequantised)."""
     folded = np.zeros(t.n, np.float64)
     if offset != 0.0:
-        folded += np.float64(offset) * _const_array(graph, view, weight_val).sum(axis=1 if t.trans_b else 0, dtype=np.float64)
+        w = weight_kn(t, lambda name: _constant_tensor(graph, name).numpy())
+        folded += np.float64(offset) * w.sum(axis=0, dtype=np.float64)
+        del w
     if bias_val is not None:
         folded += _const_array(graph, view, bias_val).astype(np.float64).reshape(t.n)
     return new_initializer(graph, unique_name(f"{t.weight}/scap_bias", used_names), folded.astype(np.dtype(t.dtype)))

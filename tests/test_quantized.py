@@ -1,0 +1,323 @@
+"""Models quantized with onnxruntime's own MatMulNBits quantizer (onnxruntime.quantization.
+matmul_nbits_quantizer.MatMulNBitsQuantizer: 4 bits, block 32, symmetric and asymmetric) through
+the same commands as float models: inspect shows the weight format, calibrate + rewrite +
+validate run through the real command line, and with threshold 0 (calibrated offsets, token
+scaling) the rewritten model gives the int4 dense model's logits to float rounding. Bad quantized
+input (bits 2, g_idx) exits 2 with one line naming the node.
+
+The ScapSparseMatMulNBits nodes run with the compiled library only (there is no lowering), so the
+tests that run a rewritten model need it (SCAP_ONNX_LIBRARY or the packaged build).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import tiny_models
+from conftest import SMOL_SPEC, run_cli
+from scap_onnx.calibration.data import open_data
+from scap_onnx.calibration.stats import Stats
+from scap_onnx.errors import ScapError
+from scap_onnx.graph.model_io import ModelSource, load_model, save_model
+from scap_onnx.graph.targets import find_all_targets, find_targets
+from scap_onnx.graph.view import GraphView
+from scap_onnx.op.contract import OP_TYPE_NBITS, scap_nodes, targets_of
+from scap_onnx.op.nbits import dequantize_matmul_nbits
+from scap_onnx.op.session import library_available, open_session
+from scap_onnx.passes.sparsify import rewrite_model
+
+needs_library = pytest.mark.skipif(not library_available(), reason="ScapSparseMatMulNBits runs with the compiled library only")
+#: Threshold 0 against the int4 dense model: both multiply by the same dequantised float32 weights
+#: and accumulate in float32, in other orders; the folded bias adds offset * colsum(W) back. The
+#: float model's test (test_real_models.py) holds to the same bound.
+REL_TOL = 1e-4
+
+
+def quantize(src: Path, folder: Path, *, symmetric: bool, block_size: int = 32) -> Path:
+    """``src`` through onnxruntime's MatMulNBitsQuantizer (4 bits, accuracy_level 0: dequantised
+    weights, float GEMM) into ``folder``/model.onnx, with the tokenizer beside it."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    level = logging.getLogger().level
+    logging.disable(logging.INFO)  # the quantizer logs every node
+    try:
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=0)
+        q.process()
+        out = folder / "model.onnx"
+        onnx.save_model(q.model.model, str(out))
+    finally:
+        logging.disable(logging.NOTSET)
+        logging.getLogger().setLevel(level)
+    for f in src.parent.glob("tokenizer*.json"):
+        shutil.copy(f, folder)
+    return out
+
+
+def _logits(session, feeds) -> np.ndarray:
+    names = {i.name for i in session.get_inputs()}
+    return session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _threshold_zero(model: Path, stats: Path, out: Path, spec: str = "0.5") -> dict:
+    """The model rewritten with threshold 0 and the calibrated offsets (and token scaling) of every target."""
+    st = Stats.load(stats)
+    plan = {name: (0.0, p.offset, p.token_scaled) for name, p in st.plan(spec).items()}
+    rewritten, _ = rewrite_model(load_model(model), plan)
+    save_model(rewritten, out)
+    return plan
+
+
+def _compare_threshold_zero(dense: Path, sparse: Path, feeds) -> tuple[float, float]:
+    d = _logits(ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"]), feeds)
+    with ModelSource(sparse) as src:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(src.proto)
+        s = _logits(open_session(proto, data_dir=src.data_dir, use_library=True), feeds)
+    rel = float(np.linalg.norm(s - d) / np.linalg.norm(d))
+    return rel, float(np.abs(s - d).max() / np.abs(d).max())
+
+
+# ----------------------------------------------------------------------------- the tiny decoder
+@pytest.fixture(scope="module")
+def tiny_int4(tmp_path_factory) -> dict:
+    """The tiny decoder (K of 64 and 128: whole blocks of 32) quantized symmetric and asymmetric."""
+    root = tmp_path_factory.mktemp("tiny_int4")
+    dense = tiny_models.make_decoder(root / "float" / "model.onnx", hidden=64, inter=128, kv=32)
+    out = tiny_models.make_texts(root)
+    out["sym"] = quantize(dense, root / "sym", symmetric=True)
+    out["asym"] = quantize(dense, root / "asym", symmetric=False)
+    return out
+
+
+def test_targets_of_a_quantized_model(tiny_int4):
+    for kind, fmt in (("sym", "int4 block 32"), ("asym", "int4 block 32 asym")):
+        proto = onnx.load(str(tiny_int4[kind]), load_external_data=False)
+        targets = find_all_targets(GraphView.from_proto(proto))
+        assert len(targets) == 15 and all(t.op == "MatMulNBits" for t in targets)
+        assert [t.role for t in targets[:7]] == ["q", "k", "v", "o", "gate", "up", "down"]
+        assert targets[-1].role == "lm_head" and [t.layer for t in targets[:14:7]] == [0, 1]
+        assert {t.weight_format for t in targets} == {fmt} and {t.bits for t in targets} == {4}
+        down = targets[6]
+        assert (down.k, down.n, down.block_size, down.dtype) == (128, 64, 32, "float32")
+        assert (down.zero_points is not None) == (kind == "asym")
+
+
+def test_inspect_shows_the_weight_format(tiny_int4, tmp_path):
+    p = run_cli("inspect", tiny_int4["asym"], check=True)
+    assert "14 targets, 8 distinct inputs" in p.stdout and "format" in p.stdout.splitlines()[1]
+    assert "int4 block 32 asym" in p.stdout and "/model/layers.1/mlp/down_proj/MatMul_Q4" in p.stdout
+    rows = json.loads(run_cli("inspect", tiny_int4["sym"], "--json", check=True).stdout)["targets"]
+    assert len(rows) == 14 and {r["format"] for r in rows} == {"int4 block 32"}
+    float_rows = json.loads(run_cli("inspect", tiny_int4["sym"].parent.parent / "float" / "model.onnx", "--json",
+                                    check=True).stdout)["targets"]
+    assert {r["format"] for r in float_rows} == {"float32"}
+
+
+@needs_library
+@pytest.mark.parametrize("kind", ["sym", "asym"])
+def test_calibrate_rewrite_validate_through_the_cli(tiny_int4, kind, tmp_path):
+    model = tiny_int4[kind]
+    stats, sparse, report = tmp_path / "stats.json", tmp_path / "sparse.onnx", tmp_path / "report.json"
+    p = run_cli("calibrate", model, "--data", tiny_int4["calib"], "--sparsity", "0.5", "--tokens", 2048,
+                "--seq-len", 64, "-o", stats, check=True)
+    assert "calibrated 14 targets (8 inputs)" in p.stdout
+    p = run_cli("rewrite", model, "--stats", stats, "--sparsity", SMOL_SPEC, "-o", sparse, check=True)
+    assert "rewrote 6 targets ->" in p.stdout  # NBits nodes are not fused: one node a target
+    onnx.checker.check_model(str(sparse))
+    proto = onnx.load(str(sparse))
+    nodes = scap_nodes(proto)
+    assert len(nodes) == 6 and {n.op_type for n in nodes} == {OP_TYPE_NBITS}
+    assert not [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "mlp" in n.name]
+    assert sum(len(targets_of(n)) for n in nodes) == 6
+    assert "6 ScapSparseMatMulNBits nodes already in the model" in run_cli("inspect", sparse, check=True).stdout
+    run_cli("validate", model, sparse, "--data", tiny_int4["eval"], "--tokens", 1024, "--seq-len", 64,
+            "--sparsity", SMOL_SPEC, "--repeats", 3, "--warmup", 1, "--report", report, check=True)
+    r = json.loads(report.read_text())
+    assert r["sparse"]["scap_targets"] == 6
+    roles = r["sparsity"]["roles"]
+    assert set(roles) == {"gate", "up", "down"}
+    for role, v in roles.items():
+        assert abs(v["mean_error"]) < 0.1, (role, v)
+    assert 0 < r["sparsity"]["weighted"] < 1 and r["accuracy"]["op"] == "library"
+
+
+@needs_library
+@pytest.mark.parametrize("kind", ["sym", "asym"])
+def test_threshold_zero_gives_the_int4_logits(tiny_int4, kind, tmp_path):
+    model = tiny_int4[kind]
+    stats = tmp_path / "stats.json"
+    run_cli("calibrate", model, "--data", tiny_int4["calib"], "--sparsity", "0.5", "--tokens", 1024,
+            "--seq-len", 64, "--passes", 1, "-o", stats, check=True)
+    plan = _threshold_zero(model, stats, tmp_path / "t0.onnx")
+    assert len(plan) == 14 and sum(off != 0 for _, off, _ in plan.values()) >= 4
+    assert sum(scaled for _, _, scaled in plan.values()) == 4  # o and down of 2 layers
+    proto = onnx.load(str(model), load_external_data=False)
+    feeds, _ = next(iter(open_data(tiny_int4["eval"], proto, model, seq_len=64, max_tokens=64).batches()))
+    rel, worst = _compare_threshold_zero(model, tmp_path / "t0.onnx", feeds)
+    assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
+
+
+def _one_nbits_model(path: Path, *, bits: int = 4, g_idx: bool = False, bias: bool = False, zero_points: bool = True,
+                     k: int = 64, n: int = 48, block: int = 32, seed: int = 0) -> Path:
+    """One MatMulNBits (named as an up projection) over random codes, built with onnx.helper."""
+    rng = np.random.default_rng(seed)
+    kb = -(-k // block)
+    blob = block * bits // 8
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, kb, blob), dtype=np.uint8), "W_q"),
+             numpy_helper.from_array((rng.random(n * kb) * 0.1 + 0.01).astype(np.float32), "W_scales")]
+    inputs = ["X", "W_q", "W_scales", "", "", ""]
+    if zero_points:
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, n * -(-kb * bits // 8), dtype=np.uint8), "W_zp"))
+        inputs[3] = "W_zp"
+    if g_idx:
+        inits.append(numpy_helper.from_array((np.arange(k) // block).astype(np.int32), "W_g_idx"))
+        inputs[4] = "W_g_idx"
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "W_bias"))
+        inputs[5] = "W_bias"
+    while not inputs[-1]:
+        inputs.pop()
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], name="/model/layers.0/mlp/up_proj/MatMul_Q4",
+                            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    onnx.save(model, str(path))
+    return path
+
+
+@needs_library
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_bias_input_and_offset_fold_into_the_dequantised_column_sums(tmp_path, zero_points):
+    """A MatMulNBits with a bias input, rewritten with an offset and threshold 0: the new bias is
+    the old one plus offset * colsum(dequantised W), so the output is the dense one."""
+    model = _one_nbits_model(tmp_path / "m.onnx", bias=True, zero_points=zero_points, k=80, n=40)
+    name = "/model/layers.0/mlp/up_proj/MatMul_Q4"
+    rewritten, done = rewrite_model(load_model(model), {name: (0.0, 0.75)})
+    save_model(rewritten, tmp_path / "s.onnx")
+    assert done == [name]
+    proto = onnx.load(str(tmp_path / "s.onnx"))
+    (node,) = proto.graph.node
+    assert node.op_type == OP_TYPE_NBITS and len(node.input) == 5 and bool(node.input[3]) == zero_points
+    assert not {"W_q", "W_scales", "W_zp", "W_bias"} & {t.name for t in proto.graph.initializer}  # repacked, folded
+    x = np.random.default_rng(1).standard_normal((5, 80)).astype(np.float32) + 0.75
+    dense = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    sparse = open_session(proto, use_library=True).run(None, {"X": x})[0]
+    np.testing.assert_allclose(sparse, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+    # the folded bias, computed from the one dequantisation
+    m = onnx.load(str(model))
+    arr = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    w = dequantize_matmul_nbits(arr["W_q"], arr["W_scales"], arr.get("W_zp"), k=80, n=40, bits=4, block_size=32)
+    bias = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}[node.input[4]]
+    np.testing.assert_allclose(bias, arr["W_bias"] + 0.75 * w.sum(0, dtype=np.float64), rtol=1e-5, atol=1e-5)
+    # and a threshold that drops: the op's reference over the same repacked weights
+    rewritten, _ = rewrite_model(load_model(model), {name: (0.5, 0.75)})
+    save_model(rewritten, tmp_path / "s2.onnx")
+    got = open_session(onnx.load(str(tmp_path / "s2.onnx")), use_library=True).run(None, {"X": x})[0]
+    d = x - np.float32(0.75)
+    want = np.where(np.abs(d) <= 0.5, 0, d).astype(np.float32) @ w + bias
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_without_the_library_the_nbits_op_is_refused_in_one_line(tmp_path):
+    model = _one_nbits_model(tmp_path / "m.onnx")
+    rewritten, _ = rewrite_model(load_model(model), {"/model/layers.0/mlp/up_proj/MatMul_Q4": (0.1, 0.0)})
+    save_model(rewritten, tmp_path / "s.onnx")
+    with pytest.raises(ScapError, match="needs the compiled op library"):
+        open_session(onnx.load(str(tmp_path / "s.onnx")), use_library=False)
+
+
+def test_validate_refuses_another_int4_model(tiny_int4, tmp_path):
+    """Pairing checks a NBits node's scales against its target's: the sparse model of one
+    quantization does not pair with the other (same graph names and shapes)."""
+    stats = tmp_path / "stats.json"
+    run_cli("calibrate", tiny_int4["sym"], "--data", tiny_int4["calib"], "--tokens", 512, "--seq-len", 64,
+            "--passes", 1, "-o", stats, check=True)
+    run_cli("rewrite", tiny_int4["sym"], "--stats", stats, "-o", tmp_path / "s.onnx", check=True)
+    other = tmp_path / "other"
+    tiny_models.make_decoder(tmp_path / "f2" / "model.onnx", hidden=64, inter=128, kv=32, seed=5)
+    other_model = quantize(tmp_path / "f2" / "model.onnx", other, symmetric=True)
+    p = run_cli("validate", other_model, tmp_path / "s.onnx", "--data", tiny_int4["eval"], "--tokens", 128,
+                "--seq-len", 64)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "differs" in lines[0], p.stderr
+
+
+# ----------------------------------------------------------------------------- bad quantized input
+@pytest.mark.parametrize("kind, why", [("bits2", "bits = 2"), ("g_idx", "g_idx")])
+def test_unsupported_matmul_nbits_exit_2_naming_the_node(tmp_path, kind, why):
+    model = _one_nbits_model(tmp_path / "m.onnx", bits=2 if kind == "bits2" else 4, g_idx=kind == "g_idx")
+    np.savez(tmp_path / "x.npz", X=np.ones((2, 64), np.float32))
+    with pytest.raises(ScapError, match=why):
+        find_targets(onnx.load(str(model)))
+    for args in (("inspect", model), ("calibrate", model, "--data", tmp_path / "x.npz", "-o", tmp_path / "s.json"),
+                 ("rewrite", model, "--data", tmp_path / "x.npz", "-o", tmp_path / "s.onnx")):
+        p = run_cli(*args)
+        lines = [x for x in p.stderr.splitlines() if x.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, (args, p.stderr)
+        assert lines[0].startswith("error: ") and why in lines[0] and "/model/layers.0/mlp/up_proj/MatMul_Q4" in lines[0]
+    assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "s.json").exists()
+
+
+# ----------------------------------------------------------------------------- SmolLM2 int4
+@pytest.fixture(scope="module")
+def smol_int4(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2-135M quantized by onnxruntime's MatMulNBitsQuantizer: 4 bits, block 32, asymmetric."""
+    return quantize(smollm2, tmp_path_factory.mktemp("smol_int4"), symmetric=False)
+
+
+@pytest.fixture(scope="module")
+def smol_int4_stats(smol_int4, texts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smol_int4_stats") / "stats.json"
+    run_cli("calibrate", smol_int4, "--data", texts["pydoc"], "--sparsity", SMOL_SPEC, "--tokens", 2048,
+            "--seq-len", 128, "--passes", 2, "-o", out, check=True)
+    return out
+
+
+def test_smollm2_int4_inspect(smol_int4):
+    p = run_cli("inspect", smol_int4, check=True)
+    assert "210 targets, 120 distinct inputs" in p.stdout and "int4 block 32 asym" in p.stdout
+
+
+@needs_library
+def test_smollm2_int4_threshold_zero_reproduces_the_int4_logits(smol_int4, smol_int4_stats, texts, tmp_path):
+    plan = _threshold_zero(smol_int4, smol_int4_stats, tmp_path / "t0.onnx")
+    assert len(plan) == 210 and sum(off != 0 for _, off, _ in plan.values()) >= 30
+    assert sum(scaled for _, _, scaled in plan.values()) == 60  # o and down of 30 layers
+    proto = onnx.load(str(smol_int4), load_external_data=False)
+    feeds, _ = next(iter(open_data(texts["kjv"], proto, smol_int4, seq_len=64, max_tokens=64).batches()))
+    rel, worst = _compare_threshold_zero(smol_int4, tmp_path / "t0.onnx", feeds)
+    print(f"SmolLM2 int4, threshold 0: logits relative error {rel:.2e}, max {worst:.2e}")
+    assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
+
+
+@needs_library
+def test_smollm2_int4_rewrite_validates_on_other_text(smol_int4, smol_int4_stats, texts, tmp_path):
+    """Calibrated on pydoc, validated on fortunes: the numbers are printed (not bound here)."""
+    sparse, report = tmp_path / "sparse.onnx", tmp_path / "report.json"
+    p = run_cli("rewrite", smol_int4, "--stats", smol_int4_stats, "-o", sparse, check=True)
+    assert "rewrote 90 targets ->" in p.stdout
+    run_cli("validate", smol_int4, sparse, "--data", texts["fortunes"], "--tokens", 2048, "--seq-len", 128,
+            "--sparsity", SMOL_SPEC, "--report", report, check=True)
+    r = json.loads(report.read_text())
+    ppl, roles = r["accuracy"]["perplexity"], r["sparsity"]["roles"]
+    decode = r["latency"].get("decode", {})
+    print(f"SmolLM2 int4 {SMOL_SPEC} on fortunes: perplexity {ppl['dense']:.3f} -> {ppl['sparse']:.3f} "
+          f"({ppl['change_pct']:+.2f}%), decode speedup {decode.get('speedup', float('nan')):.2f}x, "
+          + ", ".join(f"{k} {v['mean']:.3f}" for k, v in sorted(roles.items())))
+    assert r["sparse"]["scap_targets"] == 90 and set(roles) == {"gate", "up", "down"}
+    for role, v in roles.items():
+        assert abs(v["mean_error"]) < 0.08, (role, v)
+    assert ppl["change_pct"] < 25
