@@ -156,16 +156,34 @@ inline void BlockTileAny(const uint8_t* const* rows, const float* dv, int64_t co
   }
 }
 
-// The rows of the block holding kept[i], up to i1: their pointers and activations; returns how many.
-inline int64_t GatherBlock(const NBitsRow& w, int64_t i, int64_t i1, const uint8_t** rows, float* dv) {
+// The rows of the block holding kept[i], up to i1 and at most `most`: their pointers and
+// activations; returns how many.
+inline int64_t GatherBlock(const NBitsRow& w, int64_t i, int64_t i1, const uint8_t** rows, float* dv,
+                           int64_t most = kMaxBlock) {
   const int64_t end = (w.kept[i] / w.block_size + 1) * w.block_size;
   int64_t count = 0;
-  for (; i < i1 && w.kept[i] < end; ++i, ++count) {
+  for (; i < i1 && count < most && w.kept[i] < end; ++i, ++count) {
     const int64_t k = w.kept[i];
     rows[count] = w.b + k * w.row_bytes;
     if (dv != nullptr) dv[count] = w.d[k];
   }
   return count;
+}
+
+// One row of A streams a block's kept rows in chunks of at most kChunkRows, split evenly (32 rows:
+// 16 + 16; 20 rows: 10 + 10): the rows of a chunk are read side by side, and more than 16 rows
+// 2^11 bytes apart (row_bytes of N = 4096) share too few L1 sets of 8 ways for their prefetched
+// lines to stay there.
+constexpr int64_t kChunkRows = 16;
+
+// The size of the chunk that starts at kept[i] (up to i1).
+inline int64_t ChunkRows(const NBitsRow& w, int64_t i, int64_t i1) {
+  const int64_t end = (w.kept[i] / w.block_size + 1) * w.block_size;
+  int64_t j = i;
+  while (j < i1 && w.kept[j] < end) ++j;
+  const int64_t count = j - i;
+  const int64_t pieces = (count + kChunkRows - 1) / kChunkRows;
+  return (count + pieces - 1) / pieces;
 }
 
 template <class Isa, int kBits>
@@ -181,11 +199,11 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
   const int64_t byte1 = kBits == 4 ? Min64(w.row_bytes, (c1 + kGroup - 1) / kGroup * (kGroup / 2)) : c1;
   const int64_t full_end = c1 / kGroup * kGroup;  // whole groups end here
 
-  const uint8_t* rows[kMaxBlock];
-  const uint8_t* next[kMaxBlock];
-  float dv[kMaxBlock];
+  const uint8_t* rows[kChunkRows];
+  const uint8_t* next[kChunkRows];
+  float dv[kChunkRows];
   int64_t i = i0;
-  int64_t count = GatherBlock(w, i, i1, rows, dv);
+  int64_t count = GatherBlock(w, i, i1, rows, dv, ChunkRows(w, i, i1));
   // The first block's first lines; later blocks' were prefetched during the block before.
   for (int64_t r = 0; r < count; ++r) {
     for (int64_t t = byte0; t < Min64(byte1, byte0 + kPrefetchBytes); t += 64) Isa::Prefetch(rows[r] + t);
@@ -195,7 +213,7 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
   while (i < i1) {
     const int64_t block = w.kept[i] / w.block_size;
     const int64_t next_i = i + count;
-    const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr) : 0;
+    const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr, ChunkRows(w, next_i, i1)) : 0;
     const float* scale = w.scales + block * n;
     const uint8_t* zp_row = w.zero_points != nullptr ? w.zero_points + block * n : nullptr;
     float dsum = 0.0f, dabs = 0.0f;
