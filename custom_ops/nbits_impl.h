@@ -228,6 +228,9 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
     const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr, ChunkRows(w, next_i, i1)) : 0;
     const float* scale = w.scales + block * n;
     const uint8_t* zp_row = w.zero_points != nullptr ? w.zero_points + block * n : nullptr;
+    const int64_t next_block = next_count > 0 ? w.kept[next_i] / w.block_size : block;
+    const float* next_scale = next_block != block ? w.scales + next_block * n : nullptr;
+    const uint8_t* next_zp = next_block != block && w.zero_points != nullptr ? w.zero_points + next_block * n : nullptr;
     float dsum = 0.0f, dabs = 0.0f;
     for (int64_t r = 0; r < count; ++r) {
       dsum += dv[r];
@@ -255,6 +258,12 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
       // is hidden however long a chunk takes (the near prefetch above then reads L2).
       for (int64_t t = bytes_of(c) & ~(kFarStep - 1); t < bytes_of(c) + kTileBytes; t += kFarStep) {
         for (int64_t r = 0; r < next_count; ++r) PrefetchL2(next[r] + t);
+      }
+      if (next_scale != nullptr) {  // and its block's scales and zero points, where a new block starts
+        for (int64_t t = 0; t < kTile * 4; t += kFarStep) PrefetchL2(reinterpret_cast<const char*>(next_scale + c) + t);
+        if (next_zp != nullptr) {
+          for (int64_t t = 0; t < kTile; t += kFarStep) PrefetchL2(next_zp + c + t);
+        }
       }
     }
     for (; c + kGroup <= full_end; c += kGroup) {
