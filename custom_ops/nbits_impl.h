@@ -382,7 +382,7 @@ inline void PanelTileLive(int64_t live, const float* panel, int64_t stride, int6
 template <class Isa>
 constexpr int64_t RowsWorkFloats() {
   constexpr int64_t kStrip = Isa::kTileGroups * kGroup;
-  return kMaxBlock * (kStrip + 16) + kRowsPerPass * kMaxBlock + kRowsPerPass * (kStrip + 16);
+  return kMaxBlock * (kStrip + 16) + kRowsPerPass * (kStrip + 16);
 }
 
 template <class Isa, int kBits>
@@ -393,10 +393,9 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
   constexpr int64_t kRows = Isa::kRows;
   constexpr int64_t kCols = Isa::kVecs * Isa::kWidth;
   static_assert(kStrip % kCols == 0, "the strip is whole register tiles");
-  const int64_t n = w.n, depth = w.depth;
+  const int64_t n = w.n;
   float* panel = work;
-  float* act = panel + kMaxBlock * kStride;    // [kRowsPerPass, kMaxBlock]: D at the block's kept k
-  float* strip = act + kRowsPerPass * kMaxBlock;  // [kRowsPerPass, kStride]
+  float* strip = panel + kMaxBlock * kStride;  // [kRowsPerPass, kStride]
   alignas(64) uint8_t default_zp[kStrip];
   std::memset(default_zp, 1 << (kBits - 1), sizeof default_zp);
   alignas(64) float pad_scale[kStrip];
@@ -442,13 +441,10 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
             }
           }
         }
-        for (int64_t m = 0; m < pass; ++m) {
-          const float* d_row = w.d + (m0 + m) * depth;
-          for (int64_t r = 0; r < count; ++r) act[m * kMaxBlock + r] = d_row[w.kept[i + r]];
-        }
+        const float* act = w.d_kept + m0 * w.kept_stride + i;  // D at the block's kept k
         for (int64_t m = 0; m < pass; m += kRows) {
           for (int64_t v = 0; v < kStrip; v += kCols) {
-            PanelTileLive<Isa>(pass - m, panel + v, kStride, count, act + m * kMaxBlock, kMaxBlock,
+            PanelTileLive<Isa>(pass - m, panel + v, kStride, count, act + m * w.kept_stride, w.kept_stride,
                                strip + m * kStride + v, kStride);
           }
         }
