@@ -7,7 +7,9 @@ copies exceed the last-level cache twice over; MatMulNBits with accuracy_level 0
 run interleaved, and the medians of the repeats are compared. The same run measures the machine's
 streaming read bandwidth (numpy sums over twice the cache, on as many threads), so every row also
 shows the rate at which the op streamed the kept rows of B_packed (scales and zero points not
-counted).
+counted). Beside the wall-clock ratios, the ratios of CPU time per call (the process's, all its
+threads, over the same interleaved repeats): on a machine that others share, a thread's wall time
+depends on how often it was scheduled, its CPU time much less so.
 
 Weights: random codes, scales and zero points (block-quantization statistics do not matter for the
 time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits. Inputs:
@@ -24,6 +26,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,19 +112,25 @@ def run_grid(args: argparse.Namespace) -> dict:
             a = sparse_input(m, k, sparsity, np.float32, rng)
             runners = {name: Runner(sess, {"A": a}) for name, sess in sessions.items()}
             times = {name: [] for name in runners}
+            cpu = {name: [] for name in runners}
             for _ in range(args.repeats):  # interleaved
                 for name, runner in runners.items():
+                    cpu0 = time.process_time()
                     times[name].append(runner.time() / copies)
+                    cpu[name].append((time.process_time() - cpu0) / copies)
             med = {name: statistics.median(t) for name, t in times.items()}
+            med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
             kept_rows = int(np.count_nonzero(np.any(np.abs(a) > THRESHOLD, axis=0)))
             kept_gbps = kept_rows * row_bytes / med["scap"] / 1e9
             row = dict(k=k, n=n, m=m, sparsity=sparsity, copies=copies, threads=args.threads,
-                       scap_ms=med["scap"] * 1e3, kept_gbps=kept_gbps, bandwidth_share=kept_gbps / bandwidth)
+                       scap_ms=med["scap"] * 1e3, scap_cpu_ms=med_cpu["scap"] * 1e3, kept_gbps=kept_gbps, bandwidth_share=kept_gbps / bandwidth)
             text = f"{k:>6}x{n:<6} M={m:<4} s={sparsity:.2f}  scap {row['scap_ms']:8.3f} ms"
             for acc in args.accuracy:
                 row[f"ort{acc}_ms"] = med[f"ort{acc}"] * 1e3
                 row[f"speedup{acc}"] = med[f"ort{acc}"] / med["scap"]
-                text += f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
+                row[f"cpu_speedup{acc}"] = med_cpu[f"ort{acc}"] / med_cpu["scap"]
+                text += (f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
+                         f" (CPU x{row[f'cpu_speedup{acc}']:5.2f})")
             text += f"  kept {kept_gbps:5.1f} GB/s ({row['bandwidth_share']:.0%})"
             print(text, flush=True)
             results.append(row)
@@ -139,12 +148,14 @@ def run_grid(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict, accuracy: list[int]) -> str:
-    head = "| K x N | M | sparsity | scap ms |" + "".join(f" acc{a} ms | vs acc{a} |" for a in accuracy)
+    head = "| K x N | M | sparsity | scap ms |" + "".join(f" acc{a} ms | vs acc{a} | CPU vs acc{a} |"
+                                                          for a in accuracy)
     head += " kept GB/s | share of read BW |"
-    lines = [head, "|" + "---|" * (6 + 2 * len(accuracy))]
+    lines = [head, "|" + "---|" * (6 + 3 * len(accuracy))]
     for r in report["results"]:
         line = f"| {r['k']}x{r['n']} | {r['m']} | {r['sparsity']:.2f} | {r['scap_ms']:.3f} |"
-        line += "".join(f" {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x |" for a in accuracy)
+        line += "".join(f" {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x | {r[f'cpu_speedup{a}']:.2f}x |"
+                        for a in accuracy)
         line += f" {r['kept_gbps']:.1f} | {r['bandwidth_share']:.0%} |"
         lines.append(line)
     return "\n".join(lines)
