@@ -17,6 +17,7 @@ exactly round(sparsity * K) elements of each row have |A| <= 1 (the op's thresho
 
     python tools/bench_nbits.py                          # issue 13's M = 1 grid, 2 threads
     python tools/bench_nbits.py --shapes 2048x2048 --m 1 16 128 --sparsity 0 0.5
+    python tools/bench_nbits.py --baseline-library /path/to/main/build/libscap_onnx_ops.so
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def build_model(kind: str, k: int, n: int, bits: int, block: int, weights: list,
     return model
 
 
+def baseline_session(model: onnx.ModelProto, library: Path, threads: int) -> ort.InferenceSession:
+    """The op's model on another build of the library (before / after a kernel change, one run)."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def run_grid(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     cache = last_level_cache_bytes()
@@ -105,7 +117,10 @@ def run_grid(args: argparse.Namespace) -> dict:
         scaps = [(packed[0] ^ np.uint8(17 * c % 256), packed[1], packed[2]) for c in range(copies)]
         sessions = {f"ort{acc}": session(build_model("ort", k, n, args.bits, args.block, orts, acc), args.threads,
                                          sparse=False) for acc in args.accuracy}
-        sessions["scap"] = session(build_model("scap", k, n, args.bits, args.block, scaps), args.threads, sparse=True)
+        scap_model = build_model("scap", k, n, args.bits, args.block, scaps)
+        sessions["scap"] = session(scap_model, args.threads, sparse=True)
+        if args.baseline_library is not None:  # another build of the op library, same process
+            sessions["base"] = baseline_session(scap_model, args.baseline_library, args.threads)
         del orts, scaps
         row_bytes = packed[0].shape[1]
         for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
@@ -131,6 +146,10 @@ def run_grid(args: argparse.Namespace) -> dict:
                 row[f"cpu_speedup{acc}"] = med_cpu[f"ort{acc}"] / med_cpu["scap"]
                 text += (f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
                          f" (CPU x{row[f'cpu_speedup{acc}']:5.2f})")
+            if "base" in med:
+                row["baseline_ms"] = med["base"] * 1e3
+                row["cpu_speedup_baseline"] = med_cpu["base"] / med_cpu["scap"]
+                text += f"  baseline {row['baseline_ms']:8.3f} ms (CPU x{row['cpu_speedup_baseline']:5.2f})"
             text += f"  kept {kept_gbps:5.1f} GB/s ({row['bandwidth_share']:.0%})"
             print(text, flush=True)
             results.append(row)
@@ -172,6 +191,8 @@ def main() -> None:
     parser.add_argument("--accuracy", nargs="+", type=int, default=[0, 4], help="MatMulNBits accuracy_level(s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--baseline-library", type=Path, default=None,
+                        help="another build of the op library, timed interleaved with this one (CPU-time ratio)")
     parser.add_argument("--json", type=Path, default=Path("bench_nbits.json"), help="where to write the results")
     args = parser.parse_args()
     report = run_grid(args)
