@@ -544,6 +544,69 @@ void TilesPartialDirect(const SparseTiles& act, const TW* b, int64_t n, int64_t 
   }
 }
 
+// Rows [k0, k1) of B into PackedB's strips of Isa's register block, recording which rows hold Inf or NaN.
+template <class Isa, typename TW>
+void PackRows(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, float* packed, uint8_t* row_finite) {
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  for (int64_t k = k0; k < k1; ++k) {
+    bool finite = true;
+    for (int64_t c = 0; c < n; c += kBlock) {
+      const int64_t w = Min(kBlock, n - c);
+      float* dst = packed + ((c / kBlock) * depth + k) * kBlock;
+      finite = CopyRow<Isa>(b + k * n + c, w, dst) && finite;
+      for (int64_t j = w; j < kBlock; ++j) dst[j] = 0.0f;
+    }
+    row_finite[k] = finite ? 1 : 0;
+  }
+}
+
+// Several rows of A over the columns [n0, n1) of packed B (the compute-bound path, and the
+// memory-bound one for a few rows: B is read once, strip by strip): for each block of kPanelRows
+// kept rows and each strip, every tile of A multiplies the strip's block (24 KiB on AVX-512, in L1)
+// into float32 accumulators for all rows (work), stored to Y at the end. A row of B with Inf or NaN
+// goes alone, skipped by the rows of A that drop it (0 * Inf must not make NaN).
+template <class Isa, typename TW>
+void TilesPacked(const SparseTiles& act, const PackedB& b, int64_t n, const float* bias, TW* y, int64_t n0,
+                 int64_t n1, float* work) {
+  constexpr int64_t kRows = Isa::kTileRows;
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  const int64_t w = n1 - n0;
+  const int64_t stride = PanelStride(RoundUp(w, kBlock));
+  float* acc = work;
+  std::memset(acc, 0, static_cast<size_t>(act.tiles * kRows * stride) * sizeof(float));
+  const int64_t d_stride = act.row_stride;
+  const float* rows[kPanelRows];
+  for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
+    const int64_t count = Min(kPanelRows, act.kept_count - i0);
+    const int32_t* kept = act.kept + i0;
+    bool all_finite = true;
+    for (int64_t i = 0; i < count; ++i) all_finite = all_finite && b.row_finite[kept[i]] != 0;
+    for (int64_t c = 0; c < w; c += kBlock) {
+      const float* strip = b.data + ((n0 + c) / kBlock) * b.depth * kBlock;
+      for (int64_t i = 0; i < count; ++i) rows[i] = strip + static_cast<int64_t>(kept[i]) * kBlock;
+      for (int64_t t = 0; t < act.tiles; ++t) {
+        const int64_t live = Min(kRows, act.rows - t * kRows);
+        const float* d = act.values + t * kRows * d_stride + i0;
+        float* tile_acc = acc + t * kRows * stride + c;
+        if (all_finite) {
+          RowsBlockLive<Isa>(live, rows, count, 0, d, d_stride, tile_acc, stride);
+          continue;
+        }
+        for (int64_t start = 0; start < count;) {
+          int64_t end = start;
+          while (end < count && b.row_finite[kept[end]] != 0) ++end;
+          if (end > start) RowsBlockLive<Isa>(live, rows + start, end - start, 0, d + start, d_stride, tile_acc, stride);
+          if (end < count) NonFiniteRow(rows[end], kBlock, d + end, d_stride, live, tile_acc, stride);
+          start = end + 1;
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < act.rows; ++r) {
+    StoreRow<Isa>(acc + r * stride, bias != nullptr ? bias + n0 : nullptr, y + r * n + n0, w);
+  }
+}
+
 // y[0:n] = sum of the partials, part_stride floats apart (+ bias), stored as TW.
 template <class Isa, typename TW>
 void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, int64_t n, const float* bias, TW* y) {
@@ -565,7 +628,8 @@ void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, i
 template <class Isa, typename TW>
 constexpr KernelSet<TW> MakeKernelSet() {
   return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, &Sparsify<Isa, TW>, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
-                       &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>, &TilesPartialDirect<Isa, TW>};
+                       &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>, &TilesPartialDirect<Isa, TW>,
+                       &PackRows<Isa, TW>, &TilesPacked<Isa, TW>};
 }
 
 }  // namespace SCAP_KERNEL_NS

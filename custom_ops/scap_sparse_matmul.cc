@@ -127,6 +127,7 @@ struct Job {
   float* partials;       // split over K: one partial sum per task
   int64_t part_stride;   // floats between two tasks' partial sums
   bool direct = false;   // several rows split over K: tiles_partial_direct
+  const PackedB* packed = nullptr;  // several rows over packed B (tiles_packed)
 };
 
 // Whether values hold Inf or NaN.
@@ -202,6 +203,34 @@ void RunColumnTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
   const auto [n0, n1] = TaskRange(index, job.tasks, job.n, job.kernels->tile_columns);
   TileColumns(job, n0, n1);
+}
+
+template <typename Bits>
+void RunPackedColumnTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const int64_t block = job.kernels->tile_columns;
+  const auto [n0, n1] = TaskRange(index, job.tasks, job.n, block);
+  if (n0 == n1) return;
+  thread_local std::vector<float> work;  // per pool thread: the accumulators
+  work.resize(static_cast<size_t>(PackedWorkFloats(job.tiles.tiles * job.tiles.tile_rows, RoundUp(n1 - n0, block))));
+  job.kernels->tiles_packed(job.tiles, *job.packed, job.n, job.bias, job.y, n0, n1, work.data());
+}
+
+// Packing of B's rows, a range per task.
+template <typename Bits>
+struct PackJob {
+  const KernelSet<Bits>* kernels;
+  const Bits* b;
+  int64_t depth, n, tasks;
+  float* packed;
+  uint8_t* row_finite;
+};
+
+template <typename Bits>
+void RunPackTask(void* data, size_t index) {
+  const auto& job = *static_cast<const PackJob<Bits>*>(data);
+  const auto [k0, k1] = TaskRange(index, job.tasks, job.depth);
+  job.kernels->pack(job.b, job.depth, job.n, k0, k1, job.packed, job.row_finite);
 }
 
 // Tall A through the AMX kernels: the activations are split once, by row blocks, then column
@@ -305,10 +334,12 @@ OrtOp* CreateGemm(const OrtApi& api, const OrtKernelInfo* info, int inputs) {
   return op;
 }
 
-// Which arithmetic several rows of A get: SCAP_ONNX_GEMM=sparse or dense forces one (benchmarks
-// measure the break-even with it), =panels the row-skipping kernels that copy B into panels for few
-// rows too (as before the direct kernel: tests of their tasks); otherwise DenseWins chooses per call.
-enum class GemmPolicy { kChoose, kSparse, kPanels, kDense };
+// Which arithmetic several rows of A get: SCAP_ONNX_GEMM=sparse, packed or dense forces one
+// (benchmarks measure the break-even with it; sparse: the row-skipping kernels over B as it lies,
+// packed: over B packed once), =panels the row-skipping kernels that copy B into panels for few rows
+// too (as before the direct kernel: tests of their tasks); otherwise the kernel chooses per call
+// (DenseWins, PackedWins).
+enum class GemmPolicy { kChoose, kSparse, kPanels, kDense, kPacked };
 
 GemmPolicy ReadGemmPolicy() {
   const char* value = std::getenv("SCAP_ONNX_GEMM");
@@ -316,6 +347,7 @@ GemmPolicy ReadGemmPolicy() {
   if (std::strcmp(value, "sparse") == 0) return GemmPolicy::kSparse;
   if (std::strcmp(value, "panels") == 0) return GemmPolicy::kPanels;
   if (std::strcmp(value, "dense") == 0) return GemmPolicy::kDense;
+  if (std::strcmp(value, "packed") == 0) return GemmPolicy::kPacked;
   return GemmPolicy::kChoose;
 }
 
@@ -356,6 +388,17 @@ bool DenseWins(int64_t rows, int64_t depth, int64_t kept) {
   return static_cast<double>(kept) >= BreakEvenShare(rows) * static_cast<double>(depth);
 }
 
+// Whether `rows` rows of A that keep `kept` of the `depth` rows of B between them multiply faster over
+// packed B than over B as it lies (PLACEHOLDER: to be measured).
+bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
+  (void)rows;
+  (void)depth;
+  (void)kept;
+  if (SelectAmx() != nullptr && rows > kKSplitMaxRows) return false;
+  const char* isa = SelectKernels().isa;
+  return std::strcmp(isa, "avx512") == 0 || std::strcmp(isa, "avx2") == 0;
+}
+
 }  // namespace
 
 template <typename T>
@@ -368,7 +411,35 @@ ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKe
     } else {
       cpu_memory_ = nullptr;
     }
+    int is_constant = 0;
+    const OrtValue* b = nullptr;
+    if (Ok(api_, api_.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &b)) && is_constant != 0) {
+      b_constant_ = b;
+    }
   }
+}
+
+template <typename T>
+const PackedB* ScapSparseMatMulKernel<T>::Packed(OrtKernelContext* raw_context) {
+  using Bits = typename Traits<T>::Bits;
+  if (b_constant_ == nullptr) return nullptr;
+  std::call_once(pack_once_, [&] {
+    Ort::KernelContext context(raw_context);
+    const Ort::ConstValue b(b_constant_);
+    const std::vector<int64_t> shape = b.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() != 2) return;
+    const KernelSet<Bits>& kernels = Kernels<Bits>();
+    const int64_t depth = shape[0], n = shape[1], strip = kernels.tile_columns;
+    packed_.resize(static_cast<size_t>(RoundUp(n, strip) * depth));
+    packed_finite_.resize(static_cast<size_t>(depth));
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kTargetTasks, depth * n / kMinWorkForThreads));
+    PackJob<Bits> job{&kernels, reinterpret_cast<const Bits*>(b.GetTensorRawData()), depth, n, tasks,
+                      packed_.data(), packed_finite_.data()};
+    RunTasks(context, &RunPackTask<Bits>, tasks, &job);
+    packed_b_ = PackedB{packed_.data(), packed_finite_.data(), depth, strip};
+    packed_ready_ = true;
+  });
+  return packed_ready_ ? &packed_b_ : nullptr;
 }
 
 template <typename T>
@@ -480,6 +551,17 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, attributes_.threshold, attributes_.offset,
                                               kernels.tile_rows, scratch),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
+    const GemmPolicy policy = Policy();
+    if (std::is_same<Bits, float>::value &&
+        (policy == GemmPolicy::kPacked ||
+         (policy == GemmPolicy::kChoose && PackedWins(pass_rows, depth, job.tiles.kept_count))) &&
+        (job.packed = Packed(raw_context)) != nullptr) {
+      // B packed once into strips: Y's columns split over tasks, each reading its strips once.
+      const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
+      job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
+      RunTasks(context, &RunPackedColumnTask<Bits>, job.tasks, &job);
+      continue;
+    }
     if (pass_rows <= kKSplitMaxRows) {
       // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
       const int64_t kept = job.tiles.kept_count;
