@@ -11,6 +11,15 @@
 
 namespace scap {
 
+// Which arithmetic several rows of A get, read from SCAP_ONNX_GEMM when a kernel is made (so that a
+// benchmark can compare sessions made under different values in one process): sparse, packed,
+// packed_rows or dense force one (sparse: the row-skipping kernels over B as it lies; packed: over B
+// packed once, register tiles over the rows' union of kept rows; packed_rows: over B packed once,
+// each row of A over its own kept rows; dense: onnxruntime's Gemm), panels the row-skipping kernels
+// that copy B into panels for few rows too (tests of their tasks); otherwise the kernel chooses per
+// call.
+enum class GemmPolicy { kChoose, kSparse, kPanels, kDense, kPacked, kPackedRows };
+
 template <typename T>
 struct ScapSparseMatMulKernel : KernelShell<ScapSparseMatMulKernel<T>> {
   ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info);
@@ -39,6 +48,7 @@ struct ScapSparseMatMulKernel : KernelShell<ScapSparseMatMulKernel<T>> {
   OrtOp* gemm_ = nullptr;
   OrtOp* gemm_bias_ = nullptr;
   OrtMemoryInfo* cpu_memory_ = nullptr;
+  GemmPolicy policy_ = GemmPolicy::kChoose;
 
   // B when it is a constant initializer (float32 only), and its packed copy: a second copy of the
   // weights in memory, made only where several rows of A are multiplied.
