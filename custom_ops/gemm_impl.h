@@ -9,6 +9,8 @@
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
 // zeroed), and the register block of the several-rows kernel: kTileRows rows of A by
 // kTileVecs vectors of columns.
+//
+// (Long because every kernel of every ISA is here, once: the file is the kernels.)
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,9 @@
 // CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs the
 // row-skipping kernels (sparse_gemm.h) as tasks in ONNX Runtime's intra-op thread pool.
-// Several rows that keep most of K between them go to onnxruntime's own Gemm through
-// OrtApi::InvokeOp instead, where measured faster (DenseWins).
+// Several rows of float32 A over a constant B multiply over B packed once (PackedWins, RowListsWin);
+// several rows that keep most of K between them go to onnxruntime's own Gemm through
+// OrtApi::InvokeOp instead, where measured faster (DenseWins). (Long because every path's task
+// split and choice lives here, beside the one Compute that picks among them.)
 #include "scap_sparse_matmul.h"
 
 #include <algorithm>
