@@ -7,6 +7,9 @@ down here. The shapes cover every path of the CPU kernel:
 - several rows: column blocks over threads, passes of rows, register tiles of a few rows, panels
   of kept rows of B (K = 300 keeps more than 256 at low thresholds); earlier versions sent float32
   A of 16 rows or more to onnxruntime's MatMul on the sparsified A: the heights cover that too;
+- several rows of float32 A over a constant B (an initializer): B packed once into strips, by
+  register tiles over the rows' union of kept rows or by each row's own kept rows (forced with
+  SCAP_ONNX_GEMM=packed|packed_rows in capped subprocesses, chosen by default where measured faster);
 - K and N off the vector widths, K = 1, N = 1, no rows at all; 1 to 4 threads;
 - on CPUs with AMX-BF16, tall float32 A runs on the tile unit (bfloat16 parts of float32 values),
   and falls back to the AVX-512 kernels for Inf or NaN: the default runs cover it, the capped
