@@ -9,6 +9,8 @@
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
 // zeroed), and the register block of the several-rows kernel: kTileRows rows of A by
 // kTileVecs vectors of columns.
+//
+// (Long because every kernel of every ISA is here, once: the file is the kernels.)
 #pragma once
 
 #include <cstdint>
@@ -544,6 +546,165 @@ void TilesPartialDirect(const SparseTiles& act, const TW* b, int64_t n, int64_t 
   }
 }
 
+// Rows [k0, k1) of B into PackedB's strips of Isa's register block, recording which rows hold Inf or NaN.
+template <class Isa, typename TW>
+void PackRows(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, float* packed, uint8_t* row_finite) {
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  for (int64_t k = k0; k < k1; ++k) {
+    bool finite = true;
+    for (int64_t c = 0; c < n; c += kBlock) {
+      const int64_t w = Min(kBlock, n - c);
+      float* dst = packed + ((c / kBlock) * depth + k) * kBlock;
+      finite = CopyRow<Isa>(b + k * n + c, w, dst) && finite;
+      for (int64_t j = w; j < kBlock; ++j) dst[j] = 0.0f;
+    }
+    row_finite[k] = finite ? 1 : 0;
+  }
+}
+
+// acc[0 : kStrips * kBlock] += sum over j < count of value[j] * B[k[j], strip columns], for one row of A
+// over kStrips strips of packed B (strips[s]: the strip's row 0; strip_step floats between two strips'
+// accumulators in acc). With fewer than 6 vectors a kept row, two sets of accumulators, so that
+// consecutive kept rows do not wait on each other's FMA latency.
+template <class Isa, int64_t kStrips>
+inline void RowListBlock(const float* const* strips, const int32_t* k, const float* value, int64_t count, float* acc,
+                         int64_t strip_step) {
+  constexpr int64_t kVecs = Isa::kTileVecs;
+  constexpr int64_t kW = Isa::kWidth;
+  constexpr int64_t kBlock = kVecs * kW;
+  constexpr bool kTwoSets = kStrips * kVecs < 6;
+  typename Isa::Vec sum[kStrips][kVecs], sum2[kStrips][kVecs];
+  for (int64_t s = 0; s < kStrips; ++s)
+    for (int64_t v = 0; v < kVecs; ++v) {
+      sum[s][v] = Isa::Load(acc + s * strip_step + v * kW);
+      if (kTwoSets) sum2[s][v] = Isa::Set(0.0f);
+    }
+  int64_t j = 0;
+  if (kTwoSets) {
+    for (; j + 2 <= count; j += 2) {
+      const auto d0 = Isa::Set(value[j]), d1 = Isa::Set(value[j + 1]);
+      const int64_t o0 = static_cast<int64_t>(k[j]) * kBlock, o1 = static_cast<int64_t>(k[j + 1]) * kBlock;
+      for (int64_t s = 0; s < kStrips; ++s)
+        for (int64_t v = 0; v < kVecs; ++v) {
+          sum[s][v] = Isa::Fma(Isa::Load(strips[s] + o0 + v * kW), d0, sum[s][v]);
+          sum2[s][v] = Isa::Fma(Isa::Load(strips[s] + o1 + v * kW), d1, sum2[s][v]);
+        }
+    }
+  }
+  for (; j < count; ++j) {
+    const auto d0 = Isa::Set(value[j]);
+    const int64_t o0 = static_cast<int64_t>(k[j]) * kBlock;
+    for (int64_t s = 0; s < kStrips; ++s)
+      for (int64_t v = 0; v < kVecs; ++v) sum[s][v] = Isa::Fma(Isa::Load(strips[s] + o0 + v * kW), d0, sum[s][v]);
+  }
+  for (int64_t s = 0; s < kStrips; ++s)
+    for (int64_t v = 0; v < kVecs; ++v) {
+      Isa::Store(acc + s * strip_step + v * kW, kTwoSets ? Isa::Add(sum[s][v], sum2[s][v]) : sum[s][v]);
+    }
+}
+
+// Strips of packed B that one row of A walks together in RowListBlock: about 6 vectors per kept row
+// (AVX-512: 2 strips of 3, AVX2: 3 of 2), so that its index and broadcast loads are shared by several FMAs.
+template <class Isa>
+constexpr int64_t RowListStrips() {
+  return Isa::kTileVecs >= 6 ? 1 : 6 / Isa::kTileVecs;
+}
+
+// Rows of B per block of the row lists' walk: the block of RowListStrips strips stays in L1.
+constexpr int64_t kRowListBlock = 64;
+
+// TilesPacked with each row of A over its own kept rows of B (lists): per block of kRowListBlock rows
+// of B and group of strips, each row of A adds the kept rows of the block that it keeps. A row of B
+// with Inf or NaN is visited only by the rows of A that keep it. cursor: 2 * rows of work space.
+template <class Isa>
+void RowListColumns(const RowLists& lists, int64_t rows, const PackedB& b, int64_t w_strips, int64_t first_strip,
+                    float* acc, int64_t stride, int64_t* cursor) {
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  constexpr int64_t kStrips = RowListStrips<Isa>();
+  int64_t* end = cursor + rows;
+  for (int64_t m = 0; m < rows; ++m) cursor[m] = 0;
+  const float* strips[kStrips];
+  for (int64_t k0 = 0; k0 < b.depth; k0 += kRowListBlock) {
+    const int64_t k1 = k0 + kRowListBlock;
+    for (int64_t m = 0; m < rows; ++m) {
+      const int32_t* k = lists.k + m * lists.depth;
+      int64_t e = cursor[m];
+      while (e < lists.count[m] && k[e] < k1) ++e;
+      end[m] = e;
+    }
+    for (int64_t s = 0; s < w_strips; s += kStrips) {
+      const int64_t live = Min(kStrips, w_strips - s);
+      for (int64_t i = 0; i < kStrips; ++i) strips[i] = b.data + (first_strip + s + Min(i, live - 1)) * b.depth * kBlock;
+      for (int64_t m = 0; m < rows; ++m) {
+        const int64_t j0 = cursor[m], count = end[m] - j0;
+        if (count == 0) continue;
+        const int32_t* k = lists.k + m * lists.depth + j0;
+        const float* value = lists.value + m * lists.depth + j0;
+        float* row_acc = acc + m * stride + s * kBlock;
+        if (live == kStrips) {
+          RowListBlock<Isa, kStrips>(strips, k, value, count, row_acc, kBlock);
+        } else {
+          for (int64_t i = 0; i < live; ++i) RowListBlock<Isa, 1>(strips + i, k, value, count, row_acc + i * kBlock, kBlock);
+        }
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) cursor[m] = end[m];
+  }
+}
+
+// Several rows of A over the columns [n0, n1) of packed B (the compute-bound path, and the
+// memory-bound one for a few rows: B is read once, strip by strip). Without lists: for each block of
+// kPanelRows kept rows and each strip, every tile of A multiplies the strip's block (24 KiB on
+// AVX-512, in L1) into float32 accumulators for all rows (work), stored to Y at the end; a row of B
+// with Inf or NaN goes alone, skipped by the rows of A that drop it (0 * Inf must not make NaN).
+// With lists: RowListColumns.
+template <class Isa, typename TW>
+void TilesPacked(const SparseTiles& act, const RowLists* lists, const PackedB& b, int64_t n, const float* bias, TW* y,
+                 int64_t n0, int64_t n1, float* work) {
+  constexpr int64_t kRows = Isa::kTileRows;
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  const int64_t w = n1 - n0;
+  const int64_t stride = PanelStride(RoundUp(w, kBlock));
+  float* acc = work;
+  std::memset(acc, 0, static_cast<size_t>(act.tiles * kRows * stride) * sizeof(float));
+  if (lists != nullptr) {
+    int64_t* cursor = reinterpret_cast<int64_t*>(acc + act.tiles * kRows * stride);
+    RowListColumns<Isa>(*lists, act.rows, b, RoundUp(w, kBlock) / kBlock, n0 / kBlock, acc, stride, cursor);
+  } else {
+    const int64_t d_stride = act.row_stride;
+    const float* rows[kPanelRows];
+    for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
+      const int64_t count = Min(kPanelRows, act.kept_count - i0);
+      const int32_t* kept = act.kept + i0;
+      bool all_finite = true;
+      for (int64_t i = 0; i < count; ++i) all_finite = all_finite && b.row_finite[kept[i]] != 0;
+      for (int64_t c = 0; c < w; c += kBlock) {
+        const float* strip = b.data + ((n0 + c) / kBlock) * b.depth * kBlock;
+        for (int64_t i = 0; i < count; ++i) rows[i] = strip + static_cast<int64_t>(kept[i]) * kBlock;
+        for (int64_t t = 0; t < act.tiles; ++t) {
+          const int64_t live = Min(kRows, act.rows - t * kRows);
+          const float* d = act.values + t * kRows * d_stride + i0;
+          float* tile_acc = acc + t * kRows * stride + c;
+          if (all_finite) {
+            RowsBlockLive<Isa>(live, rows, count, 0, d, d_stride, tile_acc, stride);
+            continue;
+          }
+          for (int64_t start = 0; start < count;) {
+            int64_t end = start;
+            while (end < count && b.row_finite[kept[end]] != 0) ++end;
+            if (end > start) RowsBlockLive<Isa>(live, rows + start, end - start, 0, d + start, d_stride, tile_acc, stride);
+            if (end < count) NonFiniteRow(rows[end], kBlock, d + end, d_stride, live, tile_acc, stride);
+            start = end + 1;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < act.rows; ++r) {
+    StoreRow<Isa>(acc + r * stride, bias != nullptr ? bias + n0 : nullptr, y + r * n + n0, w);
+  }
+}
+
 // y[0:n] = sum of the partials, part_stride floats apart (+ bias), stored as TW.
 template <class Isa, typename TW>
 void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, int64_t n, const float* bias, TW* y) {
@@ -565,7 +726,8 @@ void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, i
 template <class Isa, typename TW>
 constexpr KernelSet<TW> MakeKernelSet() {
   return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, &Sparsify<Isa, TW>, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
-                       &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>, &TilesPartialDirect<Isa, TW>};
+                       &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>, &TilesPartialDirect<Isa, TW>,
+                       &PackRows<Isa, TW>, &TilesPacked<Isa, TW>};
 }
 
 }  // namespace SCAP_KERNEL_NS

@@ -14,6 +14,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sparse_gemm.h"
@@ -201,6 +202,37 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
     for (int64_t m = 0; m < c.rows; ++m)
       ks.reduce(partials.data() + m * width, parts, part_stride, c.n, bias_ptr, y.data() + m * c.n);
     Compare(isa, "tiles-split-k-direct", c, y, ref, tol);
+  }
+
+  // B packed once (float32 strips of tile_columns), two column ranges; over the union of kept rows,
+  // then each row of A over its own kept rows (RowLists of D's non-zeros).
+  const int64_t strips = scap::RoundUp(c.n, ks.tile_columns) / ks.tile_columns;
+  std::vector<float> packed(static_cast<size_t>(strips * c.depth * ks.tile_columns));
+  std::vector<uint8_t> finite(static_cast<size_t>(c.depth));
+  ks.pack(b.data(), c.depth, c.n, 0, c.depth / 2, packed.data(), finite.data());
+  ks.pack(b.data(), c.depth, c.n, c.depth / 2, c.depth, packed.data(), finite.data());
+  const scap::PackedB packed_b{packed.data(), finite.data(), c.depth, ks.tile_columns};
+  std::vector<int32_t> list_k(static_cast<size_t>(c.rows * c.depth));
+  std::vector<float> list_value(static_cast<size_t>(c.rows * c.depth));
+  std::vector<int64_t> list_count(static_cast<size_t>(c.rows), 0);
+  for (int64_t m = 0; m < c.rows; ++m)
+    for (int64_t k = 0; k < c.depth; ++k) {
+      const float v = d[static_cast<size_t>(m * c.depth + k)];
+      if (v == 0.0f) continue;
+      const size_t at = static_cast<size_t>(m * c.depth + list_count[static_cast<size_t>(m)]++);
+      list_k[at] = static_cast<int32_t>(k);
+      list_value[at] = v;
+    }
+  const scap::RowLists lists{list_k.data(), list_value.data(), list_count.data(), c.depth};
+  for (const scap::RowLists* per_row : {static_cast<const scap::RowLists*>(nullptr), &lists}) {
+    const int64_t cut = split >= c.n ? c.n : split;
+    for (const auto& range : {std::pair<int64_t, int64_t>{0, cut}, std::pair<int64_t, int64_t>{cut, c.n}}) {
+      if (range.first == range.second) continue;
+      std::vector<float> work(static_cast<size_t>(scap::PackedWorkFloats(
+          tiles * tile_rows, scap::RoundUp(range.second - range.first, ks.tile_columns))));
+      ks.tiles_packed(act, per_row, packed_b, c.n, bias_ptr, y.data(), range.first, range.second, work.data());
+    }
+    Compare(isa, per_row == nullptr ? "tiles-packed" : "tiles-packed-row-lists", c, y, ref, tol);
   }
 }
 

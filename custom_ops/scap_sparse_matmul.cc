@@ -1,7 +1,9 @@
 // CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs the
 // row-skipping kernels (sparse_gemm.h) as tasks in ONNX Runtime's intra-op thread pool.
-// Several rows that keep most of K between them go to onnxruntime's own Gemm through
-// OrtApi::InvokeOp instead, where measured faster (DenseWins).
+// Several rows of float32 A over a constant B multiply over B packed once (PackedWins, RowListsWin);
+// several rows that keep most of K between them go to onnxruntime's own Gemm through
+// OrtApi::InvokeOp instead, where measured faster (DenseWins). (Long because every path's task
+// split and choice lives here, beside the one Compute that picks among them.)
 #include "scap_sparse_matmul.h"
 
 #include <algorithm>
@@ -49,6 +51,9 @@ struct Scratch {
   std::vector<float> partials;    // per-task partial sums of a decoding call
   std::vector<uint16_t> parts;    // bfloat16 parts of the activations (AMX)
   std::vector<char> split_ok;     // per split task: no Inf or NaN met (AMX)
+  std::vector<int32_t> list_k;    // each row's own kept columns (RowLists)
+  std::vector<float> list_value;  // and their values
+  std::vector<int64_t> list_count;
 };
 
 Scratch& ThreadScratch() {
@@ -127,6 +132,8 @@ struct Job {
   float* partials;       // split over K: one partial sum per task
   int64_t part_stride;   // floats between two tasks' partial sums
   bool direct = false;   // several rows split over K: tiles_partial_direct
+  const PackedB* packed = nullptr;  // several rows over packed B (tiles_packed)
+  const RowLists* lists = nullptr;  // ... each row of A over its own kept rows of B
 };
 
 // Whether values hold Inf or NaN.
@@ -202,6 +209,71 @@ void RunColumnTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
   const auto [n0, n1] = TaskRange(index, job.tasks, job.n, job.kernels->tile_columns);
   TileColumns(job, n0, n1);
+}
+
+template <typename Bits>
+void RunPackedColumnTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const int64_t block = job.kernels->tile_columns;
+  const auto [n0, n1] = TaskRange(index, job.tasks, job.n, block);
+  if (n0 == n1) return;
+  thread_local std::vector<float> work;  // per pool thread: the accumulators
+  work.resize(static_cast<size_t>(PackedWorkFloats(job.tiles.tiles * job.tiles.tile_rows, RoundUp(n1 - n0, block))));
+  job.kernels->tiles_packed(job.tiles, job.lists, *job.packed, job.n, job.bias, job.y, n0, n1, work.data());
+}
+
+// RowLists of rows of D (dropped elements are 0, kept ones never are), a range of rows per task.
+struct ListJob {
+  const float* d;
+  int64_t rows, depth, tasks;
+  int32_t* k;
+  float* value;
+  int64_t* count;
+};
+
+void RunListTask(void* data, size_t index) {
+  const auto& job = *static_cast<const ListJob*>(data);
+  const auto [m0, m1] = TaskRange(index, job.tasks, job.rows);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* d = job.d + m * job.depth;
+    int32_t* k = job.k + m * job.depth;
+    float* value = job.value + m * job.depth;
+    int64_t c = 0;
+    for (int64_t j = 0; j < job.depth; ++j) {  // branch-free: half the elements may be kept
+      k[c] = static_cast<int32_t>(j);
+      value[c] = d[j];
+      c += d[j] != 0.0f ? 1 : 0;
+    }
+    job.count[m] = c;
+  }
+}
+
+// The RowLists of the `rows` rows of A that Sparsify left in s.d, in s's list buffers.
+RowLists MakeRowLists(Ort::KernelContext& context, int64_t rows, int64_t depth, Scratch& s) {
+  s.list_k.resize(static_cast<size_t>(rows * depth));
+  s.list_value.resize(static_cast<size_t>(rows * depth));
+  s.list_count.resize(static_cast<size_t>(rows));
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kTargetTasks, rows * depth / kMinWorkForThreads));
+  ListJob job{s.d.data(), rows, depth, tasks, s.list_k.data(), s.list_value.data(), s.list_count.data()};
+  RunTasks(context, &RunListTask, tasks, &job);
+  return RowLists{s.list_k.data(), s.list_value.data(), s.list_count.data(), depth};
+}
+
+// Packing of B's rows, a range per task.
+template <typename Bits>
+struct PackJob {
+  const KernelSet<Bits>* kernels;
+  const Bits* b;
+  int64_t depth, n, tasks;
+  float* packed;
+  uint8_t* row_finite;
+};
+
+template <typename Bits>
+void RunPackTask(void* data, size_t index) {
+  const auto& job = *static_cast<const PackJob<Bits>*>(data);
+  const auto [k0, k1] = TaskRange(index, job.tasks, job.depth);
+  job.kernels->pack(job.b, job.depth, job.n, k0, k1, job.packed, job.row_finite);
 }
 
 // Tall A through the AMX kernels: the activations are split once, by row blocks, then column
@@ -305,23 +377,15 @@ OrtOp* CreateGemm(const OrtApi& api, const OrtKernelInfo* info, int inputs) {
   return op;
 }
 
-// Which arithmetic several rows of A get: SCAP_ONNX_GEMM=sparse or dense forces one (benchmarks
-// measure the break-even with it), =panels the row-skipping kernels that copy B into panels for few
-// rows too (as before the direct kernel: tests of their tasks); otherwise DenseWins chooses per call.
-enum class GemmPolicy { kChoose, kSparse, kPanels, kDense };
-
 GemmPolicy ReadGemmPolicy() {
   const char* value = std::getenv("SCAP_ONNX_GEMM");
   if (value == nullptr) return GemmPolicy::kChoose;
   if (std::strcmp(value, "sparse") == 0) return GemmPolicy::kSparse;
   if (std::strcmp(value, "panels") == 0) return GemmPolicy::kPanels;
   if (std::strcmp(value, "dense") == 0) return GemmPolicy::kDense;
+  if (std::strcmp(value, "packed") == 0) return GemmPolicy::kPacked;
+  if (std::strcmp(value, "packed_rows") == 0) return GemmPolicy::kPackedRows;
   return GemmPolicy::kChoose;
-}
-
-GemmPolicy Policy() {
-  static const GemmPolicy policy = ReadGemmPolicy();
-  return policy;
 }
 
 // Whether onnxruntime's Gemm on the sparsified A beats skipping B's dropped rows, for `rows` rows of
@@ -356,11 +420,55 @@ bool DenseWins(int64_t rows, int64_t depth, int64_t kept) {
   return static_cast<double>(kept) >= BreakEvenShare(rows) * static_cast<double>(depth);
 }
 
+// Whether `rows` rows of A that keep `kept` of the `depth` rows of B between them multiply faster over
+// packed B (tiles_packed) than over B as it lies. Measured on a Zen 4 EPYC with tools/bench_kernel.py
+// --gemm sparse packed (docs/kernel_benchmarks.md, "B packed once"), for the AVX-512 and AVX2
+// kernels: from 16 rows packed B wins at every kept share; from 4 rows (AVX-512 only) it wins when the
+// rows keep (nearly) every row of B between them, and loses where they skip some (a kept row is then a short
+// piece of each strip, read at a lower rate than the whole rows the direct kernel streams); for 2-3
+// rows it loses. Where AMX multiplies tall A, that path stays (not measured against packed B); the
+// NEON and portable kernels were not measured and keep their paths.
+constexpr int64_t kPackedAlwaysRows = 16;
+constexpr int64_t kPackedFewRows = 4;
+constexpr double kPackedFewRowsShare = 0.98;
+
+// Over packed B, whether each row of A should walk its own kept rows of B (RowLists) rather than the
+// register tiles the union of the rows' kept rows: measured as above with --gemm packed packed_rows
+// (K = N = 4096): the lists win from 32 rows when a row keeps at most a fifth of K on average (M = 64
+// and 128 at 80% sparsity: 1.28-1.33x against 0.93-1.14x; at 90%: 1.70-1.86x against 1.09-1.13x);
+// at 70% they tie or lose (M = 128: 1.00x against 1.35x), and at 50% or less they lose clearly
+// (0.6-0.85x against 1.0-1.1x): a row's FMAs then share no load of B with other rows.
+constexpr int64_t kRowListsMinRows = 32;
+constexpr double kRowListsMaxShare = 0.2;
+
+bool RowListsWin(int64_t rows, int64_t depth, int64_t kept_elements) {
+  return rows >= kRowListsMinRows &&
+         static_cast<double>(kept_elements) <= kRowListsMaxShare * static_cast<double>(rows * depth);
+}
+
+// Kept (non-zero) elements of D's first `count` values.
+int64_t CountKept(const float* d, int64_t count) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < count; ++i) kept += d[i] != 0.0f ? 1 : 0;
+  return kept;
+}
+
+bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
+  if (SelectAmx() != nullptr && rows > kKSplitMaxRows) return false;
+  const char* isa = SelectKernels().isa;
+  if (std::strcmp(isa, "avx512") != 0 && std::strcmp(isa, "avx2") != 0) return false;
+  if (rows >= kPackedAlwaysRows) return true;
+  // AVX2's strips are one cache line wide: few rows read them slower than whole rows of B (M = 8,
+  // K = N = 4096: 0.51x against 0.80x for the direct kernel at 0%, 0.52x against 1.07x at 50%).
+  if (std::strcmp(isa, "avx512") != 0) return false;
+  return rows >= kPackedFewRows && static_cast<double>(kept) >= kPackedFewRowsShare * static_cast<double>(depth);
+}
+
 }  // namespace
 
 template <typename T>
 ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKernelInfo* info)
-    : KernelShell<ScapSparseMatMulKernel<T>>(api, info) {
+    : KernelShell<ScapSparseMatMulKernel<T>>(api, info), policy_(ReadGemmPolicy()) {
   if constexpr (std::is_same<T, float>::value) {
     if (Ok(api_, api_.CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &cpu_memory_))) {
       gemm_ = CreateGemm(api_, info, 2);
@@ -368,7 +476,35 @@ ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKe
     } else {
       cpu_memory_ = nullptr;
     }
+    int is_constant = 0;
+    const OrtValue* b = nullptr;
+    if (Ok(api_, api_.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &b)) && is_constant != 0) {
+      b_constant_ = b;
+    }
   }
+}
+
+template <typename T>
+const PackedB* ScapSparseMatMulKernel<T>::Packed(OrtKernelContext* raw_context) {
+  using Bits = typename Traits<T>::Bits;
+  if (b_constant_ == nullptr) return nullptr;
+  std::call_once(pack_once_, [&] {
+    Ort::KernelContext context(raw_context);
+    const Ort::ConstValue b(b_constant_);
+    const std::vector<int64_t> shape = b.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() != 2) return;
+    const KernelSet<Bits>& kernels = Kernels<Bits>();
+    const int64_t depth = shape[0], n = shape[1], strip = kernels.tile_columns;
+    packed_.resize(static_cast<size_t>(RoundUp(n, strip) * depth));
+    packed_finite_.resize(static_cast<size_t>(depth));
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kTargetTasks, depth * n / kMinWorkForThreads));
+    PackJob<Bits> job{&kernels, reinterpret_cast<const Bits*>(b.GetTensorRawData()), depth, n, tasks,
+                      packed_.data(), packed_finite_.data()};
+    RunTasks(context, &RunPackTask<Bits>, tasks, &job);
+    packed_b_ = PackedB{packed_.data(), packed_finite_.data(), depth, strip};
+    packed_ready_ = true;
+  });
+  return packed_ready_ ? &packed_b_ : nullptr;
 }
 
 template <typename T>
@@ -449,7 +585,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   if constexpr (std::is_same<Bits, float>::value) {
     // Several rows that keep most of K between them: onnxruntime's Gemm on the sparsified A, where
     // measured faster.
-    const GemmPolicy policy = Policy();
+    const GemmPolicy policy = policy_;
     if (rows > 1 && gemm_ != nullptr &&
         (policy == GemmPolicy::kDense || (policy == GemmPolicy::kChoose && BreakEvenShare(rows) <= 1.0))) {
       Sparsify(a_data, rows, depth, attributes_.threshold, attributes_.offset, scratch);
@@ -480,6 +616,24 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, attributes_.threshold, attributes_.offset,
                                               kernels.tile_rows, scratch),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
+    const GemmPolicy policy = policy_;
+    if (std::is_same<Bits, float>::value &&
+        (policy == GemmPolicy::kPacked || policy == GemmPolicy::kPackedRows ||
+         (policy == GemmPolicy::kChoose && PackedWins(pass_rows, depth, job.tiles.kept_count))) &&
+        (job.packed = Packed(raw_context)) != nullptr) {
+      // B packed once into strips: Y's columns split over tasks, each reading its strips once.
+      RowLists lists;
+      if (policy == GemmPolicy::kPackedRows ||
+          (policy == GemmPolicy::kChoose && pass_rows >= kRowListsMinRows &&
+           RowListsWin(pass_rows, depth, CountKept(scratch.d.data(), pass_rows * depth)))) {
+        lists = MakeRowLists(context, pass_rows, depth, scratch);
+        job.lists = &lists;
+      }
+      const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
+      job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
+      RunTasks(context, &RunPackedColumnTask<Bits>, job.tasks, &job);
+      continue;
+    }
     if (pass_rows <= kKSplitMaxRows) {
       // Short A is bound by memory like decoding: tasks stream whole kept rows of B.
       const int64_t kept = job.tiles.kept_count;
@@ -491,7 +645,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       job.partials = scratch.partials.data();
       // B's rows multiplied where they lie; if Y comes out with Inf or NaN (maybe 0 * Inf from a
       // dropped activation), again through panels, which skip those products.
-      const bool panels_only = Policy() == GemmPolicy::kPanels;
+      const bool panels_only = policy_ == GemmPolicy::kPanels;
       for (const bool direct : {!panels_only, false}) {
         job.direct = direct;
         RunTasks(context, &RunTilesPartialTask<Bits>, tasks, &job);

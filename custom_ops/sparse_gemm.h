@@ -66,6 +66,28 @@ inline int64_t PanelRowsForWidth(int64_t width) {
   return rows < 8 ? 8 : (rows > kPanelRows ? kPanelRows : rows);
 }
 
+// B packed once into column strips for the several-rows kernels (tiles_packed): strip s holds B's
+// columns [s * strip, (s + 1) * strip) as float32, row after row (strip floats a row, the last strip
+// zero-padded), so that a register block's kept rows are read one after another instead of from
+// rows N floats apart, and no call copies B into panels again (onnxruntime's MatMul packs its
+// constant B once the same way).
+struct PackedB {
+  const float* data;          // strips * depth * strip floats: strip s, row k at (s * depth + k) * strip
+  const uint8_t* row_finite;  // [depth]: 1 where B's row k holds no Inf or NaN
+  int64_t depth;
+  int64_t strip;  // columns per strip: the kernels' tile_columns
+};
+
+// Several rows of A as lists of their own kept elements (row m: k[m * depth + j], value[m * depth + j]
+// for j < count[m], k ascending), for tiles_packed to skip per row of A instead of per union of rows:
+// at 50% sparsity the union of 8 rows keeps nearly every row of B, each row of A only half.
+struct RowLists {
+  const int32_t* k;
+  const float* value;
+  const int64_t* count;
+  int64_t depth;  // entries between two rows' lists
+};
+
 // The kernels for weights of one type TW: float, or uint16_t holding IEEE binary16 bit patterns.
 // B is row-major [K, N]; Y is row-major [rows, N] of TW; bias is float32 or nullptr.
 template <typename TW>
@@ -93,7 +115,19 @@ struct KernelSet {
   // kept row of B holds Inf or NaN, partials may hold NaN that tiles_partial would not give.
   void (*tiles_partial_direct)(const SparseTiles& act, const TW* b, int64_t n, int64_t i0, int64_t i1,
                                float* partial);
+  // Packs rows [k0, k1) of B ([depth, n]) into `packed` (PackedB's layout, strips of tile_columns)
+  // and sets row_finite[k0:k1].
+  void (*pack)(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, float* packed, uint8_t* row_finite);
+  // Several rows of A over packed B: Y[:, n0:n1] = D @ B[:, n0:n1] (+ bias[n0:n1]), n0 a multiple of
+  // tile_columns, with PackedWorkFloats of work space: register tiles of rows of A over the union
+  // of their kept rows of B, or (lists not nullptr) each row of A over its own kept rows.
+  void (*tiles_packed)(const SparseTiles& act, const RowLists* lists, const PackedB& b, int64_t n, const float* bias,
+                       TW* y, int64_t n0, int64_t n1, float* work);
 };
+
+// Floats of work space tiles_packed needs for `rows` padded rows of A over `columns` columns.
+// (The row lists' cursors, 2 * rows int64_t, come after the accumulators.)
+inline int64_t PackedWorkFloats(int64_t rows, int64_t columns) { return rows * PanelStride(columns) + 4 * rows; }
 
 struct GemmKernels {
   KernelSet<float> f32;

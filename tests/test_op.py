@@ -7,6 +7,9 @@ down here. The shapes cover every path of the CPU kernel:
 - several rows: column blocks over threads, passes of rows, register tiles of a few rows, panels
   of kept rows of B (K = 300 keeps more than 256 at low thresholds); earlier versions sent float32
   A of 16 rows or more to onnxruntime's MatMul on the sparsified A: the heights cover that too;
+- several rows of float32 A over a constant B (an initializer): B packed once into strips, by
+  register tiles over the rows' union of kept rows or by each row's own kept rows (forced with
+  SCAP_ONNX_GEMM=packed|packed_rows in capped subprocesses, chosen by default where measured faster);
 - K and N off the vector widths, K = 1, N = 1, no rows at all; 1 to 4 threads;
 - on CPUs with AMX-BF16, tall float32 A runs on the tile unit (bfloat16 parts of float32 values),
   and falls back to the AVX-512 kernels for Inf or NaN: the default runs cover it, the capped
@@ -178,6 +181,26 @@ def check_case(dtype, with_bias, threshold, offset, threads, shape, n, special) 
     check_close(y, ref, TOL[dtype], context)
 
 
+@functools.lru_cache(maxsize=None)
+def _constant_session(dtype, with_bias, threshold, offset, threads, k, n):
+    """B as a constant initializer: the kernels may then pack it once (several rows of float32 A)."""
+    b, _ = _weights(k, n, dtype)
+    return _session(_model(dtype, threshold=threshold, offset=offset, with_bias=with_bias, b=np.array(b)), threads)
+
+
+def check_case_constant(dtype, with_bias, threshold, offset, threads, shape, n, special) -> None:
+    """check_case with B a constant initializer."""
+    b, bias = _weights(shape[-1], n, dtype)
+    a = _activations(shape, dtype, threshold, offset, special,
+                     _seed("constant", np.dtype(dtype).name, with_bias, threshold, offset, threads, shape, n, special))
+    feeds = {"a": a, **({"bias": bias} if with_bias else {})}
+    (y,) = _constant_session(dtype, with_bias, threshold, offset, threads, shape[-1], n).run(None, feeds)
+    ref = _reference(a, b, bias if with_bias else None, threshold, offset)
+    context = (f"constant B: {np.dtype(dtype).name} A{shape} N={n} threshold={threshold} offset={offset} "
+               f"bias={with_bias} threads={threads} {special}")
+    check_close(y, ref, TOL[dtype], context)
+
+
 def check_float16_exact(rows: int, threads: int) -> None:
     """float16 conversions, exactly: B holds all 65536 float16 bit patterns and A is 1, so Y = B bit for
     bit (NaN as NaN); then A in [1, 2) with offset -2**-11 makes every D = A + 2**-11 a tie between two
@@ -214,10 +237,11 @@ def run_battery() -> int:
                 for threads in (3,):
                     for shape, n in CASES:
                         for special in ("finite", "nan"):
-                            try:
-                                check_case(dtype, with_bias, threshold, offset, threads, shape, n, special)
-                            except AssertionError as e:
-                                failures.append(str(e))
+                            for check in (check_case, check_case_constant):
+                                try:
+                                    check(dtype, with_bias, threshold, offset, threads, shape, n, special)
+                                except AssertionError as e:
+                                    failures.append(str(e))
     for line in failures[:20]:
         print(line)
     print(f"isa={os.environ.get('SCAP_ONNX_ISA')}: {len(failures)} failures")
@@ -342,6 +366,16 @@ def test_threshold_zero_offset_zero_is_matmul(shape, n, with_bias):
     check_close(y, expected.astype(np.float32), 1e-5, f"A{shape} N={n}")
 
 
+@pytest.mark.parametrize("shape, n", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("threads", [1, 3], ids=lambda t: f"{t}thr")
+@pytest.mark.parametrize("threshold, offset", ATTRS, ids=ATTR_IDS)
+@pytest.mark.parametrize("special", SPECIALS)
+def test_constant_weights_match_reference(special, threshold, offset, threads, shape, n):
+    """B as a constant initializer, float32: several rows may run over B packed once (tiles_packed),
+    by register tiles over the rows' union of kept rows or by each row's own kept rows."""
+    check_case_constant(np.float32, True, threshold, offset, threads, shape, n, special)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16"])
 def test_initializer_weights_and_changing_shapes(dtype):
     """B as a constant initializer (the rewriter's layout); one session runs heights of every path in
@@ -388,10 +422,12 @@ def test_concurrent_runs_of_one_session():
         for partly in (False, True)
     ],
 )
-def test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly):
+@pytest.mark.parametrize("constant", [False, True], ids=["input_b", "constant_b"])
+def test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly, constant):
     """A dropped activation skips its row of B (the contract: Y = D_kept @ B), so Inf / NaN in a row of
     B that every row of A drops must not reach Y as 0 * Inf = NaN (the reference's semantics). A dense
-    MatMul on the sparsified A (an earlier float32 path for >= 16 rows) fails this."""
+    MatMul on the sparsified A (an earlier float32 path for >= 16 rows) fails this; so would B packed
+    once (constant B) without its record of non-finite rows."""
     k, n = 33, 17
     b = np.array(_weights(k, n, dtype)[0])
     b[4, 3] = np.inf
@@ -400,7 +436,10 @@ def test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly):
     a[:, [4, 9]] = 0.25  # |0.25| <= 0.5: dropped in every row
     if partly:
         a[0, 4] = 2.0  # row 0 keeps k = 4 (its Y[0, 3] is Inf); the other rows still drop it
-    (y,) = _cached_session(dtype, False, 0.5, 0.0, 1).run(None, {"a": a, "b": b})
+    if constant:
+        (y,) = _session(_model(dtype, threshold=0.5, b=b)).run(None, {"a": a})
+    else:
+        (y,) = _cached_session(dtype, False, 0.5, 0.0, 1).run(None, {"a": a, "b": b})
     ref = _reference(a, b, None, 0.5, 0.0)
     assert np.isfinite(ref).sum() == ref.size - partly
     check_close(y, ref, TOL[dtype], f"rows={rows}")
@@ -466,20 +505,48 @@ def test_isa_cap(isa):
     assert f"report isa: {isa}\n" in proc.stdout, proc.stdout[-4000:]
 
 
-@pytest.mark.parametrize("gemm", ["sparse", "panels", "dense"])
+@pytest.mark.parametrize("gemm", ["sparse", "panels", "dense", "packed", "packed_rows"])
 def test_several_rows_both_ways(gemm):
-    """Several rows run either the row-skipping kernels or onnxruntime's Gemm on the sparsified A
-    (chosen per call from the shape and the kept share): each forced in turn passes the battery and
-    the non-finite weights in dropped rows (the Gemm's 0 * Inf = NaN sends the call back to the
-    row-skipping kernels)."""
+    """Several rows run the row-skipping kernels over B as it lies, over B packed once (constant B;
+    register tiles over the union of kept rows, or each row's own kept rows), or onnxruntime's Gemm
+    on the sparsified A (chosen per call from the shape and the kept share): each forced in turn
+    passes the battery and the non-finite weights in dropped rows (the Gemm's 0 * Inf = NaN sends the
+    call back to the row-skipping kernels)."""
     body = ("failed = test_op.run_battery()\n"
             "for dtype in test_op.DTYPES:\n"
             "    for rows in (3, 16, 40):\n"
             "        for partly in (False, True):\n"
-            "            test_op.test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly)\n"
+            "            for constant in (False, True):\n"
+            "                test_op.test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly, constant)\n"
             "sys.exit(failed)\n")
     proc = _run_capped(os.environ.get("SCAP_ONNX_ISA", "amx"), body, gemm=gemm)  # "amx": no cap
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_packed_weights_run_their_own_kernel():
+    """With constant B, 8 rows of float32 A multiply over B packed once when forced (and by default
+    on AVX-512, where every row of B is kept): the sums then come in another order than the
+    row-skipping kernels' split over K (8 tasks of partial sums), so the last bits differ, while both
+    match the reference."""
+    if kernel_isa() not in {"avx512", "amx"}:
+        pytest.skip(f"the {kernel_isa()} kernels do not choose packed B for 8 rows")
+    body = (
+        "import hashlib, numpy as np\n"
+        "rng = np.random.default_rng(0)\n"
+        "a = rng.standard_normal((8, 512)).astype(np.float32)\n"
+        "b = rng.standard_normal((512, 256)).astype(np.float32)\n"
+        "s = test_op._session(test_op._model(np.float32, threshold=0.0, b=b), threads=2)\n"
+        "(y,) = s.run(None, {'a': a})\n"
+        "test_op.check_close(y, test_op._reference(a, b, None, 0.0, 0.0), 1e-5)\n"
+        "print(hashlib.sha256(y.tobytes()).hexdigest())\n"
+    )
+    digests = {}
+    for gemm in ("sparse", "packed", None):
+        proc = _run_capped(os.environ.get("SCAP_ONNX_ISA", "amx"), body, gemm=gemm)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        digests[gemm] = proc.stdout.strip().splitlines()[-1]
+    assert digests["sparse"] != digests["packed"], "the packed kernel did not run (same sums as the split over K)"
+    assert digests[None] == digests["packed"], "8 rows keeping all of K did not choose packed B"
 
 
 def test_kernel_isa_is_reported():

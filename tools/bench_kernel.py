@@ -11,6 +11,10 @@ also shows the bandwidth the op reached on the weight rows it kept.
     python tools/bench_kernel.py                      # the full grid of issue 2 (about 30 min)
     python tools/bench_kernel.py --quick              # K = N = 4096, M = 1 and 128 only
     python tools/bench_kernel.py --shapes 4096x4096 --m 1 --threads 2 --json out.json
+    python tools/bench_kernel.py --m 8 --gemm sparse packed   # forced paths side by side (break-even points)
+
+With --gemm, each value of SCAP_ONNX_GEMM (read when a session is made) gets its own sparse session,
+and all of them are interleaved with the dense one: one row per value.
 """
 
 from __future__ import annotations
@@ -99,7 +103,9 @@ def read_bandwidth(total_bytes: int, threads: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int, sparse: bool, gemm: str | None = None) -> ort.InferenceSession:
+    """A session of `threads` intra-op threads; gemm, when given, is SCAP_ONNX_GEMM while the sparse
+    kernels are made (they read it then)."""
     options = scap_onnx.session_options(intra_op_threads=threads) if sparse else ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -107,7 +113,17 @@ def session(model: onnx.ModelProto, threads: int, sparse: bool) -> ort.Inference
     # Interleaved sessions each own a thread pool: spinning workers of the session that just ran
     # would steal the cores from the next one.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    saved = os.environ.get("SCAP_ONNX_GEMM")
+    if gemm is not None:
+        os.environ["SCAP_ONNX_GEMM"] = gemm
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    finally:
+        if gemm is not None:
+            if saved is None:
+                del os.environ["SCAP_ONNX_GEMM"]
+            else:
+                os.environ["SCAP_ONNX_GEMM"] = saved
 
 
 def sparse_input(m: int, k: int, sparsity: float, dtype: type, rng: np.random.Generator) -> np.ndarray:
@@ -157,29 +173,37 @@ def run_grid(args: argparse.Namespace) -> dict:
             for dname in args.dtypes:
                 copies = copies_for(k * n * np.dtype(dname).itemsize, cache)
                 model = build_model("sparse", k, n, copies, np.dtype(dname).type)
-                sparse_sessions[dname] = (session(model, threads, sparse=True), copies)
+                for gemm in args.gemm:
+                    sparse_sessions[dname, gemm] = (session(model, threads, sparse=True, gemm=gemm), copies)
             for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
                 a32 = sparse_input(m, k, sparsity, np.float32, rng)
                 dense_runner = Runner(dense, {"A": a32})
-                for dname, (sess, copies) in sparse_sessions.items():
+                for dname in args.dtypes:
                     a = a32.astype(np.dtype(dname))
-                    sparse_runner = Runner(sess, {"A": a})
-                    dense_t, sparse_t = [], []
+                    runners = {gemm: Runner(sparse_sessions[dname, gemm][0], {"A": a}) for gemm in args.gemm}
+                    copies = sparse_sessions[dname, args.gemm[0]][1]
+                    dense_t, sparse_t = [], {gemm: [] for gemm in args.gemm}
                     for _ in range(args.repeats):  # interleaved
                         dense_t.append(dense_runner.time() / dense_copies)
-                        sparse_t.append(sparse_runner.time() / copies)
-                    d_med, s_med = statistics.median(dense_t), statistics.median(sparse_t)
+                        for gemm, runner in runners.items():
+                            sparse_t[gemm].append(runner.time() / copies)
+                    d_med = statistics.median(dense_t)
                     kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
                     kept_bytes = kept_rows * n * np.dtype(dname).itemsize
-                    kept_bw = kept_bytes / s_med / 1e9
-                    row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, copies=copies,
-                               dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
-                               kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
-                    results.append(row)
-                    print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.2f}  "
-                          f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
-                          f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
-                          flush=True)
+                    for gemm in args.gemm:
+                        s_med = statistics.median(sparse_t[gemm])
+                        kept_bw = kept_bytes / s_med / 1e9
+                        row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, copies=copies,
+                                   dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
+                                   kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
+                        if gemm is not None:
+                            row["gemm"] = gemm
+                        results.append(row)
+                        label = f" {gemm}" if gemm is not None else ""
+                        print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.2f}{label}  "
+                              f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
+                              f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
+                              flush=True)
             del dense, sparse_sessions
     return dict(
         machine=dict(cpu=cpu_name(), cores=os.cpu_count(), last_level_cache_bytes=cache,
@@ -196,7 +220,8 @@ def markdown_table(report: dict) -> str:
     lines = ["| K x N | M | weights | threads | sparsity | dense ms | sparse ms | speedup | kept GB/s | share of read BW |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.2f} | "
+        gemm = f" ({r['gemm']})" if "gemm" in r else ""
+        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.2f}{gemm} | "
                      f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['kept_gbps']:.1f} | "
                      f"{r['bandwidth_share']:.0%} |")
     return "\n".join(lines)
@@ -210,6 +235,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gemm", nargs="+", default=[None], help="SCAP_ONNX_GEMM values to compare (forced paths)")
     parser.add_argument("--quick", action="store_true", help="K = N = 4096, M = 1 and 128, 2 threads")
     parser.add_argument("--json", type=Path, default=Path("bench_kernel.json"), help="where to write the results")
     args = parser.parse_args()
