@@ -291,3 +291,23 @@ def test_rewriter_rejects_bad_vectors(tiny):
                   Sparsification(0.4, 0.0, False, None, np.full(len(bad_scale), np.inf, np.float32))):
         with pytest.raises(ScapError, match=name):
             rewrite_model(load_model(tiny["decoder"]), {name: wrong})
+
+
+def test_measured_sparsity_follows_the_vectors(tiny, tmp_path):
+    """measure_sparsity counts by the op's rule with the node's vectors: scales of +inf drop every
+    element, scales of 0 only exact zeros, whatever the threshold attribute says."""
+    from scap_onnx.calibration.data import open_data
+    from scap_onnx.evaluation.sparsity import measure_sparsity
+
+    measured = {}
+    for label, value in (("inf", np.inf), ("zero", 0.0)):
+        plan = {name: Sparsification(0.4, s.offset, False, np.full(len(s.threshold_scale), value, np.float32),
+                                     s.channel_offset)
+                for name, s in _plan(tiny["decoder"], 6, threshold=0.4).items()}
+        model, _ = rewrite_model(load_model(tiny["decoder"]), plan)
+        save_model(model, tmp_path / f"{label}.onnx")
+        data = open_data(tiny["calib"], onnx.load(str(tiny["decoder"]), load_external_data=False), tiny["decoder"],
+                         seq_len=32, max_tokens=256)
+        measured[label] = measure_sparsity(tmp_path / f"{label}.onnx", data, use_library=False)
+    assert measured["inf"] and all(v["sparsity"] == 1.0 for v in measured["inf"].values())
+    assert all(v["sparsity"] < 0.01 for v in measured["zero"].values())

@@ -164,6 +164,20 @@ def channel_input_names(node: onnx.NodeProto) -> tuple[str | None, str | None]:
     return tuple(node.input[i] if len(node.input) > i and node.input[i] else None for i in positions)
 
 
+def channel_vectors(node: onnx.NodeProto, read) -> dict[str, np.ndarray | None]:
+    """{"threshold_scale": ..., "channel_offset": ...} of a ScapSparseMatMul(NBits) NodeProto: float32
+    arrays, None where absent. ``read(name)``: the array of the constant ``name`` (KeyError when it is
+    not one)."""
+    names = channel_input_names(node)
+    out = {}
+    for key, name in zip(("threshold_scale", "channel_offset"), names):
+        try:
+            out[key] = None if name is None else np.asarray(read(name), np.float32)
+        except KeyError:
+            raise ValueError(f"{node.op_type} node {node.name!r}: its {key} {name!r} is not a constant") from None
+    return out
+
+
 def is_scap_node(node) -> bool:
     """Whether an onnx.NodeProto or onnx_ir.Node is a ScapSparseMatMul or a ScapSparseMatMulNBits."""
     return node.op_type in OP_TYPES and node.domain == DOMAIN

@@ -24,16 +24,22 @@ def channel_thresholds(threshold: float, threshold_scale: np.ndarray) -> np.ndar
     return np.where(np.isnan(tau), scale, tau)
 
 
-def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0, threshold_scale: np.ndarray | None = None,
-             channel_offset: np.ndarray | None = None) -> np.ndarray:
-    """D = A - offset - channel_offset in float32 with the dropped elements set to 0 (NaN is never
-    dropped). The subtractions in that order, each rounded to float32, as in the kernels."""
+def drop_rule(a: np.ndarray, threshold: float, offset: float = 0.0, threshold_scale: np.ndarray | None = None,
+              channel_offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(D, dropped): D = A - offset - channel_offset in float32 (the subtractions in that order, each
+    rounded to float32, as in the kernels) and whether each element is dropped (NaN never is)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        d = a.astype(np.float32) - np.float32(offset)
+        d = np.asarray(a).astype(np.float32, copy=False) - np.float32(offset)
         if channel_offset is not None:
             d = d - np.asarray(channel_offset, np.float32)
         tau = np.float32(threshold) if threshold_scale is None else channel_thresholds(threshold, threshold_scale)
-        dropped = np.abs(d) <= tau
+        return d, np.abs(d) <= tau
+
+
+def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0, threshold_scale: np.ndarray | None = None,
+             channel_offset: np.ndarray | None = None) -> np.ndarray:
+    """D (see :func:`drop_rule`) with the dropped elements set to 0."""
+    d, dropped = drop_rule(a, threshold, offset, threshold_scale, channel_offset)
     return np.where(dropped, np.float32(0), d)
 
 
