@@ -57,7 +57,8 @@ def rule_by_element(a, b, bias, scale, channel_offset, threshold, offset):
     y = np.zeros((rows.shape[0], b.shape[1]))
     for m, row in enumerate(rows):
         for k, x in enumerate(row):
-            d = np.float32(np.float32(x - np.float32(offset)) - (channel_offset[k] if channel_offset is not None else 0))
+            d = np.float32(x - np.float32(offset))
+            d = np.float32(d - (channel_offset[k] if channel_offset is not None else 0))
             s = 1.0 if scale is None else float(scale[k])
             tau = s if (threshold == 0 and s == math.inf) or (s == 0 and threshold == math.inf) else \
                 np.float32(np.float32(threshold) * np.float32(s))

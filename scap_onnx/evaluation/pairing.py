@@ -160,7 +160,9 @@ class _Pairing:
     def _sparse_constant(self, name: str) -> np.ndarray:
         """An initializer of the sparse model (KeyError when there is none of that name)."""
         t = self.s_inits[name]
-        return numpy_helper.to_array(t, base_dir=str(self.sparse.parent)) if has_external(t) else numpy_helper.to_array(t)
+        if has_external(t):
+            return numpy_helper.to_array(t, base_dir=str(self.sparse.parent))
+        return numpy_helper.to_array(t)
 
     def _check_weight(self, node: onnx.NodeProto, t: Target) -> None:
         origin = self.s_view.resolve(node.input[1])

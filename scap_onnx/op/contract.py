@@ -202,6 +202,8 @@ def node_attribute(node: onnx.NodeProto, name: str, default: float = 0.0) -> flo
 
 
 def node_sparsification(node: onnx.NodeProto) -> Sparsification:
+    """The node's attributes as a Sparsification; its per-channel inputs are graph values, read with
+    :func:`channel_input_names` / :func:`channel_vectors`."""
     return Sparsification(node_attribute(node, "threshold"), node_attribute(node, "offset"))
 
 

@@ -184,7 +184,8 @@ def _convert_graph(graph: onnx.GraphProto, default_opset: int) -> int:
             op_output = fresh(y)
         new_nodes.append(
             helper.make_node(
-                FALLBACK_OP_TYPE_CHANNELS if channels else FALLBACK_OP_TYPE_BIAS if len(inputs) == 3 else FALLBACK_OP_TYPE,
+                (FALLBACK_OP_TYPE_CHANNELS if channels else
+                 FALLBACK_OP_TYPE_BIAS if len(inputs) == 3 else FALLBACK_OP_TYPE),
                 op_inputs,
                 [op_output],
                 name=node.name,

@@ -7,8 +7,9 @@ without the compiled library.
   per channel where the Sparsification has those vectors). Calibration sparsifies upstream targets
   this way.
 - :func:`lower_node` / :func:`lower_model`: the op itself, D = A - offset - channel_offset, dropped
-  elements 0, D @ B (+ bias), with the optional per-channel inputs read from the graph. A dropped element skips its row of B in the kernels and the reference, so an
-  Inf or NaN in that row must not turn into 0 * Inf = NaN: where B is not known to be finite the
+  elements 0, D @ B (+ bias), with the optional per-channel inputs read from the graph. A dropped
+  element skips its row of B in the kernels and the reference, so an Inf or NaN in that row must
+  not turn into 0 * Inf = NaN: where B is not known to be finite the
   lowering adds the non-finite products separately (counts of kept +Inf / -Inf / NaN products per
   output, from 0/1 matrices), at the price of five more MatMuls.
 

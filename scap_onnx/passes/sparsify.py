@@ -105,7 +105,8 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 bias_val = _folded_bias(graph, view, t, s, None, used_names) if centred else None
             elif centred or not _is_vector(graph, view, bias_val, t.n):
                 bias_val = _folded_bias(graph, view, t, s, bias_val, used_names)
-            vectors = [None if v is None else new_initializer(graph, unique_name(f"{t.weight}/scap_{label}", used_names), v)
+            vectors = [None if v is None else
+                       new_initializer(graph, unique_name(f"{t.weight}/scap_{label}", used_names), v)
                        for label, v in (("threshold_scale", s.scale_array()),
                                         ("channel_offset", s.channel_offset_array()))]
             inputs = [a_in, *weight_inputs, bias_val, *vectors]
