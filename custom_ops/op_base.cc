@@ -86,7 +86,28 @@ MatMulShape CheckShapes(const std::vector<int64_t>& a, const std::vector<int64_t
 
 namespace {
 
-std::string TypeName(ONNXTensorElementDataType type);
+std::string TypeName(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return "float16";
+    default:
+      return "element type " + std::to_string(static_cast<int>(type));
+  }
+}
+
+}  // namespace
+
+void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementDataType a, ONNXTensorElementDataType b,
+                       ONNXTensorElementDataType bias) {
+  if (a != expected || b != expected || (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED && bias != expected))
+    throw std::invalid_argument("A, B and bias must have one type, float32 or float16: got A " + TypeName(a) +
+                                ", B " + TypeName(b) +
+                                (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? ", bias " + TypeName(bias) : ""));
+}
+
+namespace {
 
 const float* ChannelInput(Ort::KernelContext& context, size_t index, const char* name, int64_t depth) {
   if (index >= context.GetInputCount()) return nullptr;
@@ -120,29 +141,6 @@ void CheckThresholdScale(const float* threshold_scale, int64_t depth) {
       throw std::invalid_argument("threshold_scale must be >= 0 and not NaN, got " +
                                   std::to_string(threshold_scale[k]) + " at channel " + std::to_string(k));
   }
-}
-
-namespace {
-
-std::string TypeName(ONNXTensorElementDataType type) {
-  switch (type) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-      return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-      return "float16";
-    default:
-      return "element type " + std::to_string(static_cast<int>(type));
-  }
-}
-
-}  // namespace
-
-void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementDataType a, ONNXTensorElementDataType b,
-                       ONNXTensorElementDataType bias) {
-  if (a != expected || b != expected || (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED && bias != expected))
-    throw std::invalid_argument("A, B and bias must have one type, float32 or float16: got A " + TypeName(a) +
-                                ", B " + TypeName(b) +
-                                (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? ", bias " + TypeName(bias) : ""));
 }
 
 OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name,
