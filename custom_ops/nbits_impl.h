@@ -7,10 +7,11 @@
 // (a*b+c), Widen (kWidth bytes to int32 lanes), Low4 / High4 (a lane's low / high nibble of its
 // byte), Nibbles (both as floats), SubI, Cvt (int32 to float), Prefetch, and kTileGroups: 32-column groups per register tile.
 //
-// One row of A, per block of K: for each register tile of columns, the kept rows' d * (q - zp)
-// (q - zp exact in int32, then float) are summed in registers, multiplied by the block's scales
-// once and added to y. The tile walks along the block's kept rows; the rows' next lines, and past
-// the end of the columns the next block's rows, are prefetched kPrefetchBytes ahead.
+// One row of A, per chunk of at most kChunkRows kept rows of one block of K: for each register
+// tile of columns, the chunk's d * (q - zp) are summed in registers, multiplied by the block's
+// scales once and added to y. The tile walks along the chunk's rows; their next lines are
+// prefetched kPrefetchBytes ahead (into L1), and the next chunk's lines under the tile (with its
+// block's scales and zero points) a whole chunk ahead (into L2).
 #pragma once
 
 #include <cstdint>
@@ -156,16 +157,46 @@ inline void BlockTileAny(const uint8_t* const* rows, const float* dv, int64_t co
   }
 }
 
-// The rows of the block holding kept[i], up to i1: their pointers and activations; returns how many.
-inline int64_t GatherBlock(const NBitsRow& w, int64_t i, int64_t i1, const uint8_t** rows, float* dv) {
+// The rows of the block holding kept[i], up to i1 and at most `most`: their pointers and
+// activations; returns how many.
+inline int64_t GatherBlock(const NBitsRow& w, int64_t i, int64_t i1, const uint8_t** rows, float* dv,
+                           int64_t most = kMaxBlock) {
   const int64_t end = (w.kept[i] / w.block_size + 1) * w.block_size;
   int64_t count = 0;
-  for (; i < i1 && w.kept[i] < end; ++i, ++count) {
+  for (; i < i1 && count < most && w.kept[i] < end; ++i, ++count) {
     const int64_t k = w.kept[i];
     rows[count] = w.b + k * w.row_bytes;
     if (dv != nullptr) dv[count] = w.d[k];
   }
   return count;
+}
+
+// One row of A streams a block's kept rows in chunks of at most kChunkRows, split evenly (32 rows:
+// 16 + 16; 20 rows: 10 + 10): the rows of a chunk are read side by side, and more than 16 rows
+// 2^11 bytes apart (row_bytes of N = 4096) share too few L1 sets of 8 ways for their prefetched
+// lines to stay there.
+constexpr int64_t kChunkRows = 16;
+
+// Far prefetches step by a cache line (their tile's bytes are fewer on AVX2).
+constexpr int64_t kFarStep = 64;
+
+// Asks for the cache line at p to be fetched into L2 (a hint; nothing where the compiler has none).
+inline void PrefetchL2(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
+// The size of the chunk that starts at kept[i] (up to i1).
+inline int64_t ChunkRows(const NBitsRow& w, int64_t i, int64_t i1) {
+  const int64_t end = (w.kept[i] / w.block_size + 1) * w.block_size;
+  int64_t j = i;
+  while (j < i1 && w.kept[j] < end) ++j;
+  const int64_t count = j - i;
+  const int64_t pieces = (count + kChunkRows - 1) / kChunkRows;
+  return (count + pieces - 1) / pieces;
 }
 
 template <class Isa, int kBits>
@@ -181,11 +212,11 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
   const int64_t byte1 = kBits == 4 ? Min64(w.row_bytes, (c1 + kGroup - 1) / kGroup * (kGroup / 2)) : c1;
   const int64_t full_end = c1 / kGroup * kGroup;  // whole groups end here
 
-  const uint8_t* rows[kMaxBlock];
-  const uint8_t* next[kMaxBlock];
-  float dv[kMaxBlock];
+  const uint8_t* rows[kChunkRows];
+  const uint8_t* next[kChunkRows];
+  float dv[kChunkRows];
   int64_t i = i0;
-  int64_t count = GatherBlock(w, i, i1, rows, dv);
+  int64_t count = GatherBlock(w, i, i1, rows, dv, ChunkRows(w, i, i1));
   // The first block's first lines; later blocks' were prefetched during the block before.
   for (int64_t r = 0; r < count; ++r) {
     for (int64_t t = byte0; t < Min64(byte1, byte0 + kPrefetchBytes); t += 64) Isa::Prefetch(rows[r] + t);
@@ -195,9 +226,12 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
   while (i < i1) {
     const int64_t block = w.kept[i] / w.block_size;
     const int64_t next_i = i + count;
-    const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr) : 0;
+    const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr, ChunkRows(w, next_i, i1)) : 0;
     const float* scale = w.scales + block * n;
     const uint8_t* zp_row = w.zero_points != nullptr ? w.zero_points + block * n : nullptr;
+    const int64_t next_block = next_count > 0 ? w.kept[next_i] / w.block_size : block;
+    const float* next_scale = next_block != block ? w.scales + next_block * n : nullptr;
+    const uint8_t* next_zp = next_block != block && w.zero_points != nullptr ? w.zero_points + next_block * n : nullptr;
     float dsum = 0.0f, dabs = 0.0f;
     for (int64_t r = 0; r < count; ++r) {
       dsum += dv[r];
@@ -221,6 +255,17 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
       BlockTileAny<Isa, kBits, Isa::kTileGroups>(rows, dv, count, bytes_of(c), scale + c,
                                                  zp_row != nullptr ? zp_row + c : default_zp, y + c, first, dsum, exact);
       prefetch_to(bytes_of(c) + kTileBytes + kPrefetchBytes);
+      // The next chunk's lines under this tile, into L2: a whole chunk ahead, the memory's latency
+      // is hidden however long a chunk takes (the near prefetch above then reads L2).
+      for (int64_t t = bytes_of(c) & ~(kFarStep - 1); t < bytes_of(c) + kTileBytes; t += kFarStep) {
+        for (int64_t r = 0; r < next_count; ++r) PrefetchL2(next[r] + t);
+      }
+      if (next_scale != nullptr) {  // and its block's scales and zero points, where a new block starts
+        for (int64_t t = 0; t < kTile * 4; t += kFarStep) PrefetchL2(reinterpret_cast<const char*>(next_scale + c) + t);
+        if (next_zp != nullptr) {
+          for (int64_t t = 0; t < kTile; t += kFarStep) PrefetchL2(next_zp + c + t);
+        }
+      }
     }
     for (; c + kGroup <= full_end; c += kGroup) {
       BlockTileAny<Isa, kBits, 1>(rows, dv, count, bytes_of(c), scale + c,
@@ -335,10 +380,14 @@ inline void PanelTileLive(int64_t live, const float* panel, int64_t stride, int6
   PanelTile<Isa, kLive>(panel, stride, count, act, act_stride, acc, acc_stride);
 }
 
+// Several rows: column strips multiplied side by side, one block at a time, so that the block's
+// columns of D (rows of A 4 * K bytes apart: L3) are read once for all of them.
+constexpr int64_t kStripsAtOnce = 4;
+
 template <class Isa>
 constexpr int64_t RowsWorkFloats() {
   constexpr int64_t kStrip = Isa::kTileGroups * kGroup;
-  return kMaxBlock * (kStrip + 16) + kRowsPerPass * kMaxBlock + kRowsPerPass * (kStrip + 16);
+  return kMaxBlock * (kStrip + 16) + kRowsPerPass * (kStripsAtOnce * kStrip + 16);
 }
 
 template <class Isa, int kBits>
@@ -346,71 +395,74 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
                    float* work) {
   constexpr int64_t kStrip = Isa::kTileGroups * kGroup;
   constexpr int64_t kStride = kStrip + 16;  // a cache line more: panel and strip rows do not alias in L1
+  constexpr int64_t kYStride = kStripsAtOnce * kStrip + 16;
   constexpr int64_t kRows = Isa::kRows;
   constexpr int64_t kCols = Isa::kVecs * Isa::kWidth;
   static_assert(kStrip % kCols == 0, "the strip is whole register tiles");
-  const int64_t n = w.n, depth = w.depth;
+  const int64_t n = w.n;
   float* panel = work;
-  float* act = panel + kMaxBlock * kStride;    // [kRowsPerPass, kMaxBlock]: D at the block's kept k
-  float* strip = act + kRowsPerPass * kMaxBlock;  // [kRowsPerPass, kStride]
+  float* ys = panel + kMaxBlock * kStride;  // [kRowsPerPass, kYStride]: Y of the strips side by side
   alignas(64) uint8_t default_zp[kStrip];
   std::memset(default_zp, 1 << (kBits - 1), sizeof default_zp);
   alignas(64) float pad_scale[kStrip];
   alignas(64) uint8_t pad_zp[kStrip];
   const uint8_t* brows[kMaxBlock];
-  for (int64_t c = c0; c < c1; c += kStrip) {
-    const int64_t width = Min64(kStrip, c1 - c);
+  for (int64_t cs = c0; cs < c1; cs += kStripsAtOnce * kStrip) {
+    const int64_t ce = Min64(c1, cs + kStripsAtOnce * kStrip);
     for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
       const int64_t pass = Min64(kRowsPerPass, rows - m0);
-      for (int64_t m = 0; m < pass; ++m) std::memset(strip + m * kStride, 0, kStrip * sizeof(float));
+      for (int64_t m = 0; m < pass; ++m) std::memset(ys + m * kYStride, 0, kYStride * sizeof(float));
       for (int64_t i = i0; i < i1;) {
         const int64_t block = w.kept[i] / w.block_size;
         const int64_t count = GatherBlock(w, i, i1, brows, nullptr);
-        const float* scale = w.scales + block * n + c;
-        const uint8_t* zp = w.zero_points != nullptr ? w.zero_points + block * n + c : default_zp;
-        if (width < kStrip) {  // the last strip: scales 0 past N (and for 8 bits, codes read in range only)
-          for (int64_t j = 0; j < kStrip; ++j) {
-            pad_scale[j] = j < width ? scale[j] : 0.0f;
-            pad_zp[j] = j < width ? zp[j] : 0;
-          }
-          scale = pad_scale;
-          zp = pad_zp;
-        }
-        if (width == kStrip || kBits == 4) {
-          // 4 bits: the codes of a partial strip's whole groups are there (padding) up to row_bytes.
-          const int64_t groups = (width + kGroup - 1) / kGroup;
-          if (groups == Isa::kTileGroups) {
-            DequantisePanel<Isa, kBits, Isa::kTileGroups>(brows, count, c * kBits / 8, scale, zp, panel, kStride);
-          } else {
-            for (int64_t g = 0; g < groups; ++g) {
-              DequantisePanel<Isa, kBits, 1>(brows, count, (c + g * kGroup) * kBits / 8, scale + g * kGroup,
-                                               zp + g * kGroup, panel + g * kGroup, kStride);
-            }
-            for (int64_t r = 0; r < count; ++r) {
-              std::memset(panel + r * kStride + groups * kGroup, 0, (kStrip - groups * kGroup) * sizeof(float));
-            }
-          }
-        } else {  // 8 bits, partial strip: scalar
-          for (int64_t r = 0; r < count; ++r) {
+        const float* act = w.d_kept + m0 * w.kept_stride + i;  // D at the block's kept k
+        for (int64_t c = cs; c < ce; c += kStrip) {
+          const int64_t width = Min64(kStrip, c1 - c);
+          const float* scale = w.scales + block * n + c;
+          const uint8_t* zp = w.zero_points != nullptr ? w.zero_points + block * n + c : default_zp;
+          if (width < kStrip) {  // the last strip: scales 0 past N (and for 8 bits, codes read in range only)
             for (int64_t j = 0; j < kStrip; ++j) {
-              panel[r * kStride + j] =
-                  j < width ? (static_cast<float>(brows[r][c + j]) - static_cast<float>(zp[j])) * scale[j] : 0.0f;
+              pad_scale[j] = j < width ? scale[j] : 0.0f;
+              pad_zp[j] = j < width ? zp[j] : 0;
+            }
+            scale = pad_scale;
+            zp = pad_zp;
+          }
+          if (width == kStrip || kBits == 4) {
+            // 4 bits: the codes of a partial strip's whole groups are there (padding) up to row_bytes.
+            const int64_t groups = (width + kGroup - 1) / kGroup;
+            if (groups == Isa::kTileGroups) {
+              DequantisePanel<Isa, kBits, Isa::kTileGroups>(brows, count, c * kBits / 8, scale, zp, panel, kStride);
+            } else {
+              for (int64_t g = 0; g < groups; ++g) {
+                DequantisePanel<Isa, kBits, 1>(brows, count, (c + g * kGroup) * kBits / 8, scale + g * kGroup,
+                                                 zp + g * kGroup, panel + g * kGroup, kStride);
+              }
+              for (int64_t r = 0; r < count; ++r) {
+                std::memset(panel + r * kStride + groups * kGroup, 0, (kStrip - groups * kGroup) * sizeof(float));
+              }
+            }
+          } else {  // 8 bits, partial strip: scalar
+            for (int64_t r = 0; r < count; ++r) {
+              for (int64_t j = 0; j < kStrip; ++j) {
+                panel[r * kStride + j] =
+                    j < width ? (static_cast<float>(brows[r][c + j]) - static_cast<float>(zp[j])) * scale[j] : 0.0f;
+              }
             }
           }
-        }
-        for (int64_t m = 0; m < pass; ++m) {
-          const float* d_row = w.d + (m0 + m) * depth;
-          for (int64_t r = 0; r < count; ++r) act[m * kMaxBlock + r] = d_row[w.kept[i + r]];
-        }
-        for (int64_t m = 0; m < pass; m += kRows) {
-          for (int64_t v = 0; v < kStrip; v += kCols) {
-            PanelTileLive<Isa>(pass - m, panel + v, kStride, count, act + m * kMaxBlock, kMaxBlock,
-                               strip + m * kStride + v, kStride);
+          float* strip = ys + (c - cs);
+          for (int64_t m = 0; m < pass; m += kRows) {
+            for (int64_t v = 0; v < kStrip; v += kCols) {
+              PanelTileLive<Isa>(pass - m, panel + v, kStride, count, act + m * w.kept_stride, w.kept_stride,
+                                 strip + m * kYStride + v, kYStride);
+            }
           }
         }
         i += count;
       }
-      for (int64_t m = 0; m < pass; ++m) std::memcpy(y + (m0 + m) * n + c, strip + m * kStride, width * sizeof(float));
+      for (int64_t m = 0; m < pass; ++m) {
+        std::memcpy(y + (m0 + m) * n + cs, ys + m * kYStride, (ce - cs) * sizeof(float));
+      }
     }
   }
 }

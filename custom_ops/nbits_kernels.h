@@ -18,15 +18,20 @@ struct NBitsRow {
   int64_t depth;               // K: floats between two rows of d
   const float* d;              // [rows, K]: D = A - offset, dropped elements 0
   const int32_t* kept;         // ascending kept k
+  // Several rows of A: D's kept columns gathered once, d_kept[m * kept_stride + i] = d[m * depth +
+  // kept[i]] (nullptr for one row).
+  const float* d_kept = nullptr;
+  int64_t kept_stride = 0;
 };
 
 struct NBitsKernels {
-  // y[c0:c1) = sum over the kept k in kept[i0:i1) of d[k] * W[k, c0:c1), accumulated per block of
-  // K in float32 and scaled once per block (0 where i0 == i1). c0 is a multiple of 32, c1 one or n.
+  // y[c0:c1) = sum over the kept k in kept[i0:i1) of d[k] * W[k, c0:c1), accumulated in float32
+  // per block of K (per chunk of at most 16 of its kept rows) and scaled once per chunk (0 where
+  // i0 == i1). c0 is a multiple of 32, c1 one or n.
   void (*row)(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y);
   // Several rows of A: Y[0:rows, c0:c1) = D[:, kept[i0:i1)] @ W[kept[i0:i1), c0:c1) (Y rows n floats
-  // apart), the kept rows of each block dequantised once per pass of up to 128 rows of A; work:
-  // rows_work_floats floats.
+  // apart; D read from d_kept), the kept rows of each block dequantised once per pass of up to 128
+  // rows of A; work: rows_work_floats floats.
   void (*rows)(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y,
                float* work);
   int64_t rows_work_floats;

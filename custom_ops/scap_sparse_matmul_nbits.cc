@@ -39,6 +39,7 @@ struct Scratch {
   std::vector<float> bias;
   std::vector<float> y;         // float32 Y of float16 calls
   std::vector<float> partials;  // one row of A split over K: a partial Y per task
+  std::vector<float> d_kept;    // several rows: D's kept columns, gathered once
 };
 
 Scratch& ThreadScratch() {
@@ -89,9 +90,21 @@ int64_t KSplitTasks(int64_t kept, int64_t n) {
 }
 
 // Y (float32, bias not yet added) = D_kept @ W through the vector kernels.
-void RunVector(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow& w, int64_t rows, int64_t kept,
+void RunVector(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow& row, int64_t rows, int64_t kept,
                float* y, Scratch& scratch) {
   const NBitsKernels& kernels = SelectNBitsKernels();
+  NBitsRow w = row;
+  if (rows > 1) {  // every column task reads D's kept columns: gather them once (a cache line more
+                   // per row, so that the rows of a register tile do not share L1 sets)
+    w.kept_stride = RoundUp(kept, 16) + 16;
+    scratch.d_kept.resize(static_cast<size_t>(rows * w.kept_stride));
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* d = w.d + m * w.depth;
+      float* out = scratch.d_kept.data() + m * w.kept_stride;
+      for (int64_t i = 0; i < kept; ++i) out[i] = d[w.kept[i]];
+    }
+    w.d_kept = scratch.d_kept.data();
+  }
   RowJob job{&kernels, w, rows, kept, 1, rows == 1, y, 0};
   const int64_t units = (s.n + kernels.tile_columns - 1) / kernels.tile_columns;
   const bool small = rows * kept * s.n < kMinWorkForThreads;

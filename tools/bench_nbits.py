@@ -7,7 +7,9 @@ copies exceed the last-level cache twice over; MatMulNBits with accuracy_level 0
 run interleaved, and the medians of the repeats are compared. The same run measures the machine's
 streaming read bandwidth (numpy sums over twice the cache, on as many threads), so every row also
 shows the rate at which the op streamed the kept rows of B_packed (scales and zero points not
-counted).
+counted). Beside the wall-clock ratios, the ratios of CPU time per call (the process's, all its
+threads, over the same interleaved repeats): on a machine that others share, a thread's wall time
+depends on how often it was scheduled, its CPU time much less so.
 
 Weights: random codes, scales and zero points (block-quantization statistics do not matter for the
 time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits. Inputs:
@@ -15,6 +17,7 @@ exactly round(sparsity * K) elements of each row have |A| <= 1 (the op's thresho
 
     python tools/bench_nbits.py                          # issue 13's M = 1 grid, 2 threads
     python tools/bench_nbits.py --shapes 2048x2048 --m 1 16 128 --sparsity 0 0.5
+    python tools/bench_nbits.py --baseline-library /path/to/main/build/libscap_onnx_ops.so
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +88,17 @@ def build_model(kind: str, k: int, n: int, bits: int, block: int, weights: list,
     return model
 
 
+def baseline_session(model: onnx.ModelProto, library: Path, threads: int) -> ort.InferenceSession:
+    """The op's model on another build of the library (before / after a kernel change, one run)."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def run_grid(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     cache = last_level_cache_bytes()
@@ -102,26 +117,39 @@ def run_grid(args: argparse.Namespace) -> dict:
         scaps = [(packed[0] ^ np.uint8(17 * c % 256), packed[1], packed[2]) for c in range(copies)]
         sessions = {f"ort{acc}": session(build_model("ort", k, n, args.bits, args.block, orts, acc), args.threads,
                                          sparse=False) for acc in args.accuracy}
-        sessions["scap"] = session(build_model("scap", k, n, args.bits, args.block, scaps), args.threads, sparse=True)
+        scap_model = build_model("scap", k, n, args.bits, args.block, scaps)
+        sessions["scap"] = session(scap_model, args.threads, sparse=True)
+        if args.baseline_library is not None:  # another build of the op library, same process
+            sessions["base"] = baseline_session(scap_model, args.baseline_library, args.threads)
         del orts, scaps
         row_bytes = packed[0].shape[1]
         for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
             a = sparse_input(m, k, sparsity, np.float32, rng)
             runners = {name: Runner(sess, {"A": a}) for name, sess in sessions.items()}
             times = {name: [] for name in runners}
+            cpu = {name: [] for name in runners}
             for _ in range(args.repeats):  # interleaved
                 for name, runner in runners.items():
+                    cpu0 = time.process_time()
                     times[name].append(runner.time() / copies)
+                    cpu[name].append((time.process_time() - cpu0) / copies)
             med = {name: statistics.median(t) for name, t in times.items()}
+            med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
             kept_rows = int(np.count_nonzero(np.any(np.abs(a) > THRESHOLD, axis=0)))
             kept_gbps = kept_rows * row_bytes / med["scap"] / 1e9
             row = dict(k=k, n=n, m=m, sparsity=sparsity, copies=copies, threads=args.threads,
-                       scap_ms=med["scap"] * 1e3, kept_gbps=kept_gbps, bandwidth_share=kept_gbps / bandwidth)
+                       scap_ms=med["scap"] * 1e3, scap_cpu_ms=med_cpu["scap"] * 1e3, kept_gbps=kept_gbps, bandwidth_share=kept_gbps / bandwidth)
             text = f"{k:>6}x{n:<6} M={m:<4} s={sparsity:.2f}  scap {row['scap_ms']:8.3f} ms"
             for acc in args.accuracy:
                 row[f"ort{acc}_ms"] = med[f"ort{acc}"] * 1e3
                 row[f"speedup{acc}"] = med[f"ort{acc}"] / med["scap"]
-                text += f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
+                row[f"cpu_speedup{acc}"] = med_cpu[f"ort{acc}"] / med_cpu["scap"]
+                text += (f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
+                         f" (CPU x{row[f'cpu_speedup{acc}']:5.2f})")
+            if "base" in med:
+                row["baseline_ms"] = med["base"] * 1e3
+                row["cpu_speedup_baseline"] = med_cpu["base"] / med_cpu["scap"]
+                text += f"  baseline {row['baseline_ms']:8.3f} ms (CPU x{row['cpu_speedup_baseline']:5.2f})"
             text += f"  kept {kept_gbps:5.1f} GB/s ({row['bandwidth_share']:.0%})"
             print(text, flush=True)
             results.append(row)
@@ -139,12 +167,14 @@ def run_grid(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict, accuracy: list[int]) -> str:
-    head = "| K x N | M | sparsity | scap ms |" + "".join(f" acc{a} ms | vs acc{a} |" for a in accuracy)
+    head = "| K x N | M | sparsity | scap ms |" + "".join(f" acc{a} ms | vs acc{a} | CPU vs acc{a} |"
+                                                          for a in accuracy)
     head += " kept GB/s | share of read BW |"
-    lines = [head, "|" + "---|" * (6 + 2 * len(accuracy))]
+    lines = [head, "|" + "---|" * (6 + 3 * len(accuracy))]
     for r in report["results"]:
         line = f"| {r['k']}x{r['n']} | {r['m']} | {r['sparsity']:.2f} | {r['scap_ms']:.3f} |"
-        line += "".join(f" {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x |" for a in accuracy)
+        line += "".join(f" {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x | {r[f'cpu_speedup{a}']:.2f}x |"
+                        for a in accuracy)
         line += f" {r['kept_gbps']:.1f} | {r['bandwidth_share']:.0%} |"
         lines.append(line)
     return "\n".join(lines)
@@ -161,6 +191,8 @@ def main() -> None:
     parser.add_argument("--accuracy", nargs="+", type=int, default=[0, 4], help="MatMulNBits accuracy_level(s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--baseline-library", type=Path, default=None,
+                        help="another build of the op library, timed interleaved with this one (CPU-time ratio)")
     parser.add_argument("--json", type=Path, default=Path("bench_nbits.json"), help="where to write the results")
     args = parser.parse_args()
     report = run_grid(args)
