@@ -22,6 +22,10 @@ struct Isa {
   static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec Sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static Vec ChannelThreshold(Vec threshold, Vec scale) {
+    const Vec product = _mm256_mul_ps(threshold, scale);
+    return _mm256_blendv_ps(product, scale, _mm256_cmp_ps(product, product, _CMP_UNORD_Q));  // 0 * inf
+  }
   static uint32_t Drop(Vec diff, Vec threshold, Vec* kept) {
     const Vec abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), diff);
     const Vec keep = _mm256_cmp_ps(abs, threshold, _CMP_NLE_UQ);  // NaN: kept

@@ -22,6 +22,10 @@ struct Isa {
   static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec Sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static Vec ChannelThreshold(Vec threshold, Vec scale) {
+    const Vec product = _mm512_mul_ps(threshold, scale);
+    return _mm512_mask_mov_ps(product, _mm512_cmp_ps_mask(product, product, _CMP_UNORD_Q), scale);  // 0 * inf
+  }
   static uint32_t Drop(Vec diff, Vec threshold, Vec* kept) {
     const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(diff), threshold, _CMP_NLE_UQ);  // NaN: kept
     *kept = _mm512_maskz_mov_ps(keep, diff);

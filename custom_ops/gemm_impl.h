@@ -7,7 +7,8 @@
 //
 // An Isa provides: Vec, kWidth, Set, Load, Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
-// zeroed), and the register block of the several-rows kernel: kTileRows rows of A by
+// zeroed), ChannelThreshold (threshold * scale per lane, the scale where that is NaN: 0 * inf),
+// and the register block of the several-rows kernel: kTileRows rows of A by
 // kTileVecs vectors of columns.
 //
 // (Long because every kernel of every ISA is here, once: the file is the kernels.)
@@ -184,31 +185,59 @@ inline void Axpy1(float* acc, int64_t w, const TW* b, float d) {
   for (; j < w; ++j) acc[j] += d * ToFloat(b[j]);
 }
 
-// The drop rule on rows of A (see KernelSet::sparsify): vectors of d, and the kept columns of every
-// row ORed into a bitmap, read out in ascending order at the end.
-template <class Isa, typename TW>
-int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, float threshold, float offset, float* d, uint32_t* seen,
-                 int32_t* kept) {
+// The threshold of one channel: threshold * scale, or the scale where that is 0 * inf (DropRule).
+inline float ChannelThreshold(float threshold, float scale) {
+  const float product = threshold * scale;
+  return product != product ? scale : product;
+}
+
+// The drop rule on rows of A (see KernelSet::sparsify) with or without each per-channel vector, a
+// loop compiled for each case so that a node without them pays nothing: vectors of d, and the kept
+// columns of every row ORed into the bitmap.
+template <class Isa, typename TW, bool kScale, bool kOffset>
+void SparsifyRows(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen) {
   static_assert(32 % Isa::kWidth == 0, "a vector's kept bits must fit in one word of the bitmap");
-  const int64_t words = SeenWords(depth);
-  std::memset(seen, 0, static_cast<size_t>(words) * sizeof(uint32_t));
+  const float threshold = rule.threshold, offset = rule.offset;
+  const float* scale = rule.threshold_scale;
+  const float* channel_offset = rule.channel_offset;
   const auto off = Isa::Set(offset), thr = Isa::Set(threshold);
   for (int64_t r = 0; r < rows; ++r) {
     const TW* a_row = a + r * depth;
     float* d_row = d + r * depth;
     int64_t j = 0;
     for (; j + Isa::kWidth <= depth; j += Isa::kWidth) {
+      auto diff = Isa::Sub(Isa::LoadB(a_row + j), off);
+      if (kOffset) diff = Isa::Sub(diff, Isa::Load(channel_offset + j));
       typename Isa::Vec kept_values;
-      const uint32_t bits = Isa::Drop(Isa::Sub(Isa::LoadB(a_row + j), off), thr, &kept_values);
+      const uint32_t bits =
+          Isa::Drop(diff, kScale ? Isa::ChannelThreshold(thr, Isa::Load(scale + j)) : thr, &kept_values);
       Isa::Store(d_row + j, kept_values);
       seen[j >> 5] |= bits << (j & 31);
     }
     for (; j < depth; ++j) {
-      const float diff = ToFloat(a_row[j]) - offset;
-      const bool keep = !(Abs(diff) <= threshold);  // NaN compares false: kept
+      float diff = ToFloat(a_row[j]) - offset;
+      if (kOffset) diff -= channel_offset[j];
+      const float tau = kScale ? ChannelThreshold(threshold, scale[j]) : threshold;
+      const bool keep = !(Abs(diff) <= tau);  // NaN compares false: kept
       d_row[j] = keep ? diff : 0.0f;
       seen[j >> 5] |= static_cast<uint32_t>(keep) << (j & 31);
     }
+  }
+}
+
+template <class Isa, typename TW>
+int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen,
+                 int32_t* kept) {
+  const int64_t words = SeenWords(depth);
+  std::memset(seen, 0, static_cast<size_t>(words) * sizeof(uint32_t));
+  if (rule.threshold_scale == nullptr && rule.channel_offset == nullptr) {
+    SparsifyRows<Isa, TW, false, false>(a, rows, depth, rule, d, seen);
+  } else if (rule.channel_offset == nullptr) {
+    SparsifyRows<Isa, TW, true, false>(a, rows, depth, rule, d, seen);
+  } else if (rule.threshold_scale == nullptr) {
+    SparsifyRows<Isa, TW, false, true>(a, rows, depth, rule, d, seen);
+  } else {
+    SparsifyRows<Isa, TW, true, true>(a, rows, depth, rule, d, seen);
   }
   int64_t count = 0;
   for (int64_t w = 0; w < words; ++w) {

@@ -23,6 +23,10 @@ struct Isa {
   static Vec Add(Vec a, Vec b) { return vaddq_f32(a, b); }
   static Vec Mul(Vec a, Vec b) { return vmulq_f32(a, b); }
   static Vec Sub(Vec a, Vec b) { return vsubq_f32(a, b); }
+  static Vec ChannelThreshold(Vec threshold, Vec scale) {
+    const Vec product = vmulq_f32(threshold, scale);
+    return vbslq_f32(vceqq_f32(product, product), product, scale);  // NaN (0 * inf): the scale
+  }
   static uint32_t Drop(Vec diff, Vec threshold, Vec* kept) {
     const uint32x4_t keep = vmvnq_u32(vcleq_f32(vabsq_f32(diff), threshold));  // NaN compares false: kept
     *kept = vreinterpretq_f32_u32(vandq_u32(keep, vreinterpretq_u32_f32(diff)));

@@ -51,6 +51,11 @@ struct Isa {
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] - b.v[i];
     return r;
   }
+  static Vec ChannelThreshold(const Vec& threshold, const Vec& scale) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = SCAP_KERNEL_NS::ChannelThreshold(threshold.v[i], scale.v[i]);
+    return r;
+  }
   static uint32_t Drop(const Vec& diff, const Vec& threshold, Vec* kept) {
     uint32_t bits = 0;
     for (int i = 0; i < 8; ++i) {

@@ -4,8 +4,8 @@
 //   scap_kernel_test [--expect ISA]
 //
 // Tests the portable kernels and the ones SelectKernels() picks (SCAP_ONNX_ISA caps the pick) over
-// odd shapes, thresholds 0 / typical / +inf, offsets, NaN in A, Inf and NaN in B, float32 and
-// float16 weights, each path the op uses (one row split over K, tiles over column ranges, tiles
+// odd shapes, thresholds 0 / typical / +inf, offsets, per-channel threshold scales (0, +inf and
+// others) and offsets, NaN in A, Inf and NaN in B, float32 and float16 weights, each path the op uses (one row split over K, tiles over column ranges, tiles
 // split over K). --expect fails unless the pick is ISA. Exit status 0 when everything matches.
 #include <cmath>
 #include <cstdint>
@@ -41,18 +41,40 @@ struct Case {
   int64_t rows, depth, n;
   float threshold, offset;
   bool bias, nan_in_a, inf_in_b;
+  const float* threshold_scale = nullptr;  // [depth] or nullptr
+  const float* channel_offset = nullptr;
 };
 
-// Y as the contract defines it, in float64: D = A - offset, dropped iff |D| <= threshold (NaN kept),
-// Y = D_kept @ B (+ bias); a dropped element never meets its row of B.
+// D[k] and whether it is kept, as the contract defines them: without per-channel vectors in float64
+// (D = A - offset, dropped iff |D| <= threshold), with them in float32 as the op computes D (A -
+// offset - channel_offset[k], dropped iff |D| <= threshold * scale[k], the scale where that is 0 *
+// inf). NaN is kept.
+bool Kept(const Case& c, float a, int64_t k, double* d) {
+  if (c.threshold_scale == nullptr && c.channel_offset == nullptr) {
+    *d = static_cast<double>(a) - c.offset;
+    return !(std::fabs(*d) <= c.threshold);
+  }
+  float df = a - c.offset;
+  if (c.channel_offset != nullptr) df -= c.channel_offset[k];
+  float tau = c.threshold;
+  if (c.threshold_scale != nullptr) {
+    tau = c.threshold * c.threshold_scale[k];
+    if (std::isnan(tau)) tau = c.threshold_scale[k];
+  }
+  *d = df;
+  return !(std::fabs(df) <= tau);
+}
+
+// Y as the contract defines it, in float64: Y = D_kept @ B (+ bias); a dropped element never meets
+// its row of B.
 template <typename TW>
 std::vector<double> Reference(const Case& c, const std::vector<TW>& a, const std::vector<TW>& b,
                               const std::vector<float>& bias) {
   std::vector<double> y(static_cast<size_t>(c.rows * c.n), 0.0);
   for (int64_t m = 0; m < c.rows; ++m) {
     for (int64_t k = 0; k < c.depth; ++k) {
-      const double d = static_cast<double>(ToFloat(a[m * c.depth + k])) - c.offset;
-      if (std::fabs(d) <= c.threshold) continue;
+      double d;
+      if (!Kept(c, ToFloat(a[m * c.depth + k]), k, &d)) continue;
       for (int64_t j = 0; j < c.n; ++j) y[m * c.n + j] += d * ToFloat(b[k * c.n + j]);
     }
     if (c.bias)
@@ -89,10 +111,11 @@ void Compare(const char* isa, const char* path, const Case& c, const std::vector
   if (!problem.empty()) {
     ++g_failures;
     if (g_failures <= 20)
-      std::printf("FAIL %s %s %s rows=%lld K=%lld N=%lld threshold=%g offset=%g bias=%d nan=%d inf=%d: %s\n", isa,
-                  path, sizeof(TW) == 2 ? "float16" : "float32", static_cast<long long>(c.rows),
-                  static_cast<long long>(c.depth), static_cast<long long>(c.n), c.threshold, c.offset, c.bias,
-                  c.nan_in_a, c.inf_in_b, problem.c_str());
+      std::printf("FAIL %s %s %s rows=%lld K=%lld N=%lld threshold=%g offset=%g bias=%d nan=%d inf=%d scale=%d "
+                  "channel_offset=%d: %s\n", isa, path, sizeof(TW) == 2 ? "float16" : "float32",
+                  static_cast<long long>(c.rows), static_cast<long long>(c.depth), static_cast<long long>(c.n),
+                  c.threshold, c.offset, c.bias, c.nan_in_a, c.inf_in_b, c.threshold_scale != nullptr,
+                  c.channel_offset != nullptr, problem.c_str());
   }
 }
 
@@ -136,7 +159,8 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
   std::vector<uint32_t> seen(static_cast<size_t>(scap::SeenWords(c.depth)));
   std::vector<int32_t> kept(static_cast<size_t>(c.depth));
   const int64_t kept_count =
-      ks.sparsify(a.data(), c.rows, c.depth, c.threshold, c.offset, d.data(), seen.data(), kept.data());
+      ks.sparsify(a.data(), c.rows, c.depth, scap::DropRule{c.threshold, c.offset, c.threshold_scale, c.channel_offset},
+                  d.data(), seen.data(), kept.data());
   std::vector<TW> y(static_cast<size_t>(c.rows * c.n));
 
   if (c.rows == 1) {
@@ -248,7 +272,7 @@ void CheckFloat16Exact(const char* isa, const KernelSet<uint16_t>& ks) {
     float d[3];
     uint32_t seen[1];
     int32_t kept[1];
-    const int64_t kept_count = ks.sparsify(a.data(), rows, 1, 0.0f, 0.0f, d, seen, kept);
+    const int64_t kept_count = ks.sparsify(a.data(), rows, 1, scap::DropRule{0.0f, 0.0f}, d, seen, kept);
     std::vector<uint16_t> y(static_cast<size_t>(rows * n));
     if (rows == 1) {
       std::vector<float> partial(static_cast<size_t>(n));
@@ -291,7 +315,7 @@ void CheckFloat16Exact(const char* isa, const KernelSet<uint16_t>& ks) {
     float d;
     uint32_t seen;
     int32_t kept;
-    const int64_t kept_count = ks.sparsify(&a, 1, 1, 0.0f, offset, &d, &seen, &kept);
+    const int64_t kept_count = ks.sparsify(&a, 1, 1, scap::DropRule{0.0f, offset}, &d, &seen, &kept);
     ks.row_partial(SparseRow{&d, &kept, kept_count}, ones.data(), n2, 0, kept_count, partial.data());
     ks.reduce(partial.data(), 1, n2, n2, nullptr, y.data());
     const uint16_t want = scap::FloatToHalf(scap::HalfToFloat(a) - offset);
@@ -313,13 +337,27 @@ void CheckKernels(const scap::GemmKernels& kernels) {
   const int64_t n_list[] = {1, 5, 17, 33, 70};
   const float inf = std::numeric_limits<float>::infinity();
   const float attrs[][2] = {{0.0f, 0.0f}, {0.5f, 0.25f}, {1.0f, -1.25f}, {inf, 0.5f}};
+  // Per-channel vectors over the largest K: scales with 0 and +inf among uniform [0, 2) ones, offsets
+  // N(0, 0.5); each case runs without them, then with one or both (a prefix serves every smaller K).
+  const int64_t most_depth = depth_list[sizeof depth_list / sizeof depth_list[0] - 1];
+  std::vector<float> scale(static_cast<size_t>(most_depth)), channel_offset(static_cast<size_t>(most_depth));
+  std::uniform_real_distribution<float> uniform(0.0f, 2.0f);
+  std::normal_distribution<float> normal(0.0f, 0.5f);
+  for (int64_t k = 0; k < most_depth; ++k) {
+    scale[k] = k % 11 == 3 ? 0.0f : k % 13 == 5 ? inf : uniform(rng);
+    channel_offset[k] = normal(rng);
+  }
   int variant = 0;
   for (int64_t rows : rows_list)
     for (int64_t depth : depth_list)
       for (int64_t n : n_list)
         for (const auto& attr : attrs) {
           ++variant;
-          const Case c{rows, depth, n, attr[0], attr[1], variant % 2 == 0, variant % 3 == 0, variant % 5 == 0};
+          Case c{rows, depth, n, attr[0], attr[1], variant % 2 == 0, variant % 3 == 0, variant % 5 == 0};
+          RunCase(isa, kernels.f32, c, rng, 1e-5);
+          RunCase(isa, kernels.f16, c, rng, 3e-3);
+          if (variant % 3 != 1) c.threshold_scale = scale.data();
+          if (variant % 3 != 2) c.channel_offset = channel_offset.data();
           RunCase(isa, kernels.f32, c, rng, 1e-5);
           RunCase(isa, kernels.f16, c, rng, 3e-3);
         }

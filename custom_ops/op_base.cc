@@ -107,6 +107,42 @@ void CheckElementTypes(ONNXTensorElementDataType expected, ONNXTensorElementData
                                 (bias != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED ? ", bias " + TypeName(bias) : ""));
 }
 
+namespace {
+
+const float* ChannelInput(Ort::KernelContext& context, size_t index, const char* name, int64_t depth) {
+  if (index >= context.GetInputCount()) return nullptr;
+  const Ort::ConstValue value = context.GetInput(index);
+  if (value == nullptr) return nullptr;
+  const Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    throw std::invalid_argument(std::string(name) + " must be float32, got " + TypeName(info.GetElementType()));
+  const std::vector<int64_t> shape = info.GetShape();
+  if (shape.size() != 1 || shape[0] != depth)
+    throw std::invalid_argument(std::string(name) + " must have shape [K] = [" + std::to_string(depth) + "], got " +
+                                ShapeString(shape));
+  return value.GetTensorData<float>();
+}
+
+}  // namespace
+
+ChannelInputs ReadChannelInputs(Ort::KernelContext& context, size_t scale_index, size_t offset_index, int64_t depth) {
+  ChannelInputs inputs;
+  inputs.threshold_scale = ChannelInput(context, scale_index, "threshold_scale", depth);
+  inputs.channel_offset = ChannelInput(context, offset_index, "channel_offset", depth);
+  return inputs;
+}
+
+void CheckThresholdScale(const float* threshold_scale, int64_t depth) {
+  bool bad = false;
+  for (int64_t k = 0; k < depth; ++k) bad |= !(threshold_scale[k] >= 0.0f);  // NaN too; a loop that vectorises
+  if (!bad) return;
+  for (int64_t k = 0; k < depth; ++k) {
+    if (!(threshold_scale[k] >= 0.0f))
+      throw std::invalid_argument("threshold_scale must be >= 0 and not NaN, got " +
+                                  std::to_string(threshold_scale[k]) + " at channel " + std::to_string(k));
+  }
+}
+
 OrtStatusPtr StatusFromCurrentException(const OrtApi& api, const std::string& node_name,
                                         const char* op_type) noexcept {
   const std::string prefix = node_name.empty() ? "" : std::string(op_type) + " node '" + node_name + "': ";

@@ -3,11 +3,15 @@
 // read and checked, the checks of the inputs' shapes, Y's shape (at run time and for ONNX Runtime's
 // shape inference), and exceptions turned into an OrtStatus that names the node. Free of kernels.
 //
-//   inputs     A: T [..., K] (rank >= 1, K < 2^31); B: T [K, N]; bias (optional): T [N]
+//   inputs     A: T [..., K] (rank >= 1, K < 2^31); B: T [K, N]; bias (optional): T [N];
+//              threshold_scale (optional): float32 [K], entries >= 0 (+inf allowed);
+//              channel_offset (optional): float32 [K]
 //   output     Y: T [..., N]
 //   attributes threshold: float >= 0 (required); offset: float (default 0); INT values are taken
 //   T          float32 or float16, accumulated in float32
-//   semantics  D = A - offset; D[i] is dropped iff |D[i]| <= threshold; Y = D_kept @ B (+ bias)
+//   semantics  D[.., k] = A[.., k] - offset - channel_offset[k] (absent: 0); D[.., k] is dropped iff
+//              |D[.., k]| <= threshold * threshold_scale[k] (absent: 1; where that is 0 * inf, the
+//              scale: 0 keeps, +inf drops); Y = D_kept @ B (+ bias)
 #pragma once
 
 #if defined(_WIN32) && !defined(_MSC_VER) && !defined(_Return_type_success_)
@@ -30,6 +34,11 @@ constexpr const char* kOpTypeNBits = "ScapSparseMatMulNBits";  // scap_sparse_ma
 
 // Kernels index A's kept elements with int32: K must stay below 2^31.
 constexpr int64_t kMaxDepth = 2147483647;
+
+// Positions of the optional per-channel inputs: ScapSparseMatMul's after bias; ScapSparseMatMulNBits'
+// after its bias too (scap_sparse_matmul_nbits.h).
+constexpr size_t kThresholdScaleInput = 3, kChannelOffsetInput = 4;
+constexpr size_t kThresholdScaleInputNBits = 5, kChannelOffsetInputNBits = 6;
 
 // The oldest ONNX Runtime C API the library calls (onnxruntime 1.17: KernelContext_ParallelFor and
 // custom-op shape inference). register.cc negotiates down to it.
@@ -72,6 +81,21 @@ struct MatMulShape {
 // saying what is wrong (the caller adds the node's name).
 MatMulShape CheckShapes(const std::vector<int64_t>& a, const std::vector<int64_t>& b,
                         const std::vector<int64_t>* bias);
+
+// A node's per-channel vectors as given to a kernel: float32 [K] each, nullptr where absent.
+struct ChannelInputs {
+  const float* threshold_scale = nullptr;
+  const float* channel_offset = nullptr;
+};
+
+// Reads inputs scale_index and offset_index (absent or beyond the node's inputs: nullptr) and checks
+// their types and shapes (float32 [depth]); throws std::invalid_argument saying what is wrong. The
+// values are not read (on CUDA they lie on the device): see CheckThresholdScale.
+ChannelInputs ReadChannelInputs(Ort::KernelContext& context, size_t scale_index, size_t offset_index, int64_t depth);
+
+// Throws std::invalid_argument unless every threshold_scale entry (host memory) is >= 0 (+inf
+// allowed) and not NaN.
+void CheckThresholdScale(const float* threshold_scale, int64_t depth);
 
 // Throws std::invalid_argument unless A, B and bias (UNDEFINED when absent) are all of type
 // `expected`. A defence: onnxruntime picks kernels by type (1.17 casts a float16 A beside a float32
@@ -135,10 +159,12 @@ struct OpSchema : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
   }
 
   const char* GetName() const { return kOpType; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ElementType<T>::kValue; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index >= kThresholdScaleInput ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ElementType<T>::kValue;
+  }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ElementType<T>::kValue; }

@@ -64,12 +64,11 @@ Scratch& ThreadScratch() {
 // The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), and the ascending
 // union of their kept columns into s.kept.
 template <typename Bits>
-void Sparsify(const Bits* a, int64_t rows, int64_t depth, float threshold, float offset, Scratch& s) {
+void Sparsify(const Bits* a, int64_t rows, int64_t depth, const DropRule& rule, Scratch& s) {
   s.d.resize(static_cast<size_t>(rows * depth));
   s.seen.resize(static_cast<size_t>(SeenWords(depth)));
   s.kept.resize(static_cast<size_t>(depth));
-  const int64_t kept =
-      Kernels<Bits>().sparsify(a, rows, depth, threshold, offset, s.d.data(), s.seen.data(), s.kept.data());
+  const int64_t kept = Kernels<Bits>().sparsify(a, rows, depth, rule, s.d.data(), s.seen.data(), s.kept.data());
   s.kept.resize(static_cast<size_t>(kept));
 }
 
@@ -96,11 +95,11 @@ void RunGatherTask(void* data, size_t index) {
 // keep every column between them (usual for tall A) the kernels read D in place; otherwise the
 // kept columns are gathered, a tile per task.
 template <typename Bits>
-SparseTiles SparsifyTiles(Ort::KernelContext& context, const Bits* a, int64_t rows, int64_t depth, float threshold,
-                          float offset, int64_t tile_rows, Scratch& s) {
+SparseTiles SparsifyTiles(Ort::KernelContext& context, const Bits* a, int64_t rows, int64_t depth,
+                          const DropRule& rule, int64_t tile_rows, Scratch& s) {
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   const int64_t padded_rows = tiles * tile_rows;
-  Sparsify(a, rows, depth, threshold, offset, s);
+  Sparsify(a, rows, depth, rule, s);
   const int64_t kept = static_cast<int64_t>(s.kept.size());
   if (kept == depth) {
     s.d.resize(static_cast<size_t>(padded_rows * depth));
@@ -561,6 +560,9 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   CheckElementTypes(ElementType<T>::kValue, a_info.GetElementType(), b_info.GetElementType(), bias_type);
   const MatMulShape shape = CheckShapes(a_shape, b_shape, bias != nullptr ? &bias_shape : nullptr);
   const int64_t rows = shape.rows, depth = shape.depth, n = shape.n;
+  const ChannelInputs channels = ReadChannelInputs(context, kThresholdScaleInput, kChannelOffsetInput, depth);
+  if (channels.threshold_scale != nullptr) CheckThresholdScale(channels.threshold_scale, depth);
+  const DropRule rule{attributes_.threshold, attributes_.offset, channels.threshold_scale, channels.channel_offset};
   const Bits* bias_data = bias != nullptr ? reinterpret_cast<const Bits*>(bias.GetTensorRawData()) : nullptr;
 
   Ort::UnownedValue y = context.GetOutput(0, shape.y);
@@ -588,7 +590,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     const GemmPolicy policy = policy_;
     if (rows > 1 && gemm_ != nullptr &&
         (policy == GemmPolicy::kDense || (policy == GemmPolicy::kChoose && BreakEvenShare(rows) <= 1.0))) {
-      Sparsify(a_data, rows, depth, attributes_.threshold, attributes_.offset, scratch);
+      Sparsify(a_data, rows, depth, rule, scratch);
       const int64_t kept = static_cast<int64_t>(scratch.kept.size());
       if ((policy == GemmPolicy::kDense || DenseWins(rows, depth, kept)) &&
           DenseGemm(raw_context, scratch.d.data(), rows, depth, n, b, bias, y_data)) {
@@ -600,7 +602,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   const KernelSet<Bits>& kernels = Kernels<Bits>();
   if (rows == 1) {
     // Decoding: each task streams whole kept rows of B into a partial sum.
-    Sparsify(a_data, 1, depth, attributes_.threshold, attributes_.offset, scratch);
+    Sparsify(a_data, 1, depth, rule, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
     const int64_t tasks = KSplitTasks(kept, kept * n);
     scratch.partials.resize(static_cast<size_t>(tasks * n));
@@ -613,8 +615,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   // Several rows: passes bound the scratch memory; each pass reads the kept rows of B once.
   for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
     const int64_t pass_rows = std::min(rows - row0, kMaxRowsPerPass);
-    Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, attributes_.threshold, attributes_.offset,
-                                              kernels.tile_rows, scratch),
+    Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, rule, kernels.tile_rows, scratch),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
     const GemmPolicy policy = policy_;
     if (std::is_same<Bits, float>::value &&

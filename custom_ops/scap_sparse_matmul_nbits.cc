@@ -217,6 +217,9 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
     CheckInput("bias", bias.GetTensorTypeAndShapeInfo().GetShape(), {s.n});
   }
 
+  const ChannelInputs channels = ReadChannelInputs(context, kThresholdScaleInputNBits, kChannelOffsetInputNBits, s.k);
+  if (channels.threshold_scale != nullptr) CheckThresholdScale(channels.threshold_scale, s.k);
+
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < a_shape.size(); ++i) rows *= a_shape[i];
   std::vector<int64_t> y_shape(a_shape.begin(), a_shape.end() - 1);
@@ -229,9 +232,9 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
   scratch.d.resize(static_cast<size_t>(rows * s.k));
   scratch.seen.resize(static_cast<size_t>(SeenWords(s.k)));
   scratch.kept.resize(static_cast<size_t>(s.k));
-  const int64_t kept = Kernels<Bits>().sparsify(reinterpret_cast<const Bits*>(a.GetTensorRawData()), rows, s.k,
-                                        attributes_.threshold, attributes_.offset, scratch.d.data(),
-                                        scratch.seen.data(), scratch.kept.data());
+  const DropRule rule{attributes_.threshold, attributes_.offset, channels.threshold_scale, channels.channel_offset};
+  const int64_t kept = Kernels<Bits>().sparsify(reinterpret_cast<const Bits*>(a.GetTensorRawData()), rows, s.k, rule,
+                                                scratch.d.data(), scratch.seen.data(), scratch.kept.data());
 
   float* y_f32;
   if constexpr (std::is_same<Bits, float>::value) {

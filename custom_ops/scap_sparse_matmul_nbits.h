@@ -4,7 +4,9 @@
 //
 //   inputs     A: T [..., K]; B_packed: uint8 [K, row_bytes]; scales: float32 [k_blocks, N];
 //              zero_points (optional): uint8 [k_blocks, N] (absent: 2^(bits-1));
-//              bias (optional): T [N]
+//              bias (optional): T [N]; threshold_scale (optional): float32 [K];
+//              channel_offset (optional): float32 [K] (inputs 5 and 6: after every input the op
+//              had before them, so that older models keep their positions)
 //   output     Y: T [..., N]
 //   attributes K, N, bits (4 or 8), block_size (16 .. 256, a power of two): INT, required;
 //              threshold, offset: as ScapSparseMatMul
@@ -12,8 +14,8 @@
 //              bits 4: row_bytes = 16 * ceil(N / 32), column 32g + t in the low nibble of byte
 //              16g + t (t < 16) or the high nibble of byte 16g + t - 16 (t >= 16)
 //   semantics  W[k, j] = (q[k, j] - zp[k / block_size, j]) * scales[k / block_size, j];
-//              D = A - offset; D[i] dropped iff |D[i]| <= threshold; Y = D_kept @ W (+ bias),
-//              accumulated in float32
+//              D, and which elements are dropped: as ScapSparseMatMul (op_base.h);
+//              Y = D_kept @ W (+ bias), accumulated in float32
 #pragma once
 
 #include <cstdint>
@@ -62,13 +64,15 @@ struct ScapSparseMatMulNBitsOp
 
   const char* GetName() const { return kOpTypeNBits; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
+  size_t GetInputTypeCount() const { return 7; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     switch (index) {
       case 1:
       case 3:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
       case 2:
+      case kThresholdScaleInputNBits:
+      case kChannelOffsetInputNBits:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
       default:
         return ElementType<T>::kValue;

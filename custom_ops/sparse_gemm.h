@@ -11,6 +11,16 @@
 
 namespace scap {
 
+// The drop rule of one node: d[k] = a[k] - offset - channel_offset[k]; d[k] is dropped iff
+// |d[k]| <= threshold * threshold_scale[k] (where that is 0 * inf: threshold_scale[k]). The vectors
+// ([K] float32) may be nullptr: channel_offset 0, threshold_scale 1.
+struct DropRule {
+  float threshold;
+  float offset;
+  const float* threshold_scale = nullptr;
+  const float* channel_offset = nullptr;
+};
+
 // One row of A after the drop rule (decoding).
 struct SparseRow {
   const float* values;  // [K]: D = A - offset, dropped elements set to 0
@@ -94,11 +104,12 @@ template <typename TW>
 struct KernelSet {
   int64_t tile_rows;     // rows per tile that `tiles` expects
   int64_t tile_columns;  // columns of its register block: column ranges should be multiples of it
-  // The drop rule on `rows` rows of A (TW as well), `depth` elements each: d = A - offset with the
-  // dropped elements (|A - offset| <= threshold; NaN is kept) set to 0. Writes the ascending union
-  // of the rows' kept columns to kept[0 .. returned count); seen: SeenWords(depth) of work space.
-  int64_t (*sparsify)(const TW* a, int64_t rows, int64_t depth, float threshold, float offset, float* d,
-                      uint32_t* seen, int32_t* kept);
+  // The drop rule on `rows` rows of A (TW as well), `depth` elements each: d = A - offset -
+  // channel_offset with the dropped elements (see DropRule; NaN is kept) set to 0. Writes the
+  // ascending union of the rows' kept columns to kept[0 .. returned count); seen: SeenWords(depth)
+  // of work space.
+  int64_t (*sparsify)(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen,
+                      int32_t* kept);
   // One row of A: partial[0:N] = sum over kept[i0:i1] of values[k] * B[k, :].
   void (*row_partial)(const SparseRow& row, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial);
   // y[0:N] = sum of `parts` partials, part_stride floats apart (+ bias).

@@ -32,7 +32,7 @@ from .experiments import demo, sweep, sweep_report
 from .graph.fileio import check_output_file, same_file
 from .graph.model_io import load_proto
 from .graph.targets import find_targets, group_sites
-from .op.contract import node_attribute, scap_nodes, targets_of
+from .op.contract import channel_input_names, node_attribute, scap_nodes, targets_of
 from .progress import make_progress
 
 app = typer.Typer(
@@ -266,7 +266,9 @@ def inspect(
             row.update(sparsity=p.sparsity, offset=p.offset, offset_kind=p.offset_kind, threshold=p.threshold)
         rows.append(row)
     rewritten = [{"name": n.name, "op": n.op_type, "targets": targets_of(n) or [n.name],
-                  "threshold": node_attribute(n, "threshold"), "offset": node_attribute(n, "offset")} for n in existing]
+                  "threshold": node_attribute(n, "threshold"), "offset": node_attribute(n, "offset"),
+                  **{k: v is not None for k, v in zip(("threshold_scale", "channel_offset"), channel_input_names(n))}}
+                 for n in existing]
     if as_json:
         typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten}, indent=1))
         return

@@ -1,7 +1,8 @@
 // The CUDA kernels themselves (custom_ops/cuda/kernels.cu, through Enqueue) on the CPU, under the
 // emulator in tests/cuda_emu (threads as user contexts switched at barriers, WMMA fragments as
 // plain matrices), against a float64 reference: one row and several, odd K and N, thresholds 0,
-// typical and +inf, NaN in A, with and without bias, B misaligned (the scalar loads), splits of K,
+// typical and +inf, per-channel threshold scales (0, +inf among others) and offsets, NaN in A, with
+// and without bias, B misaligned (the scalar loads), splits of K,
 // the stream's kept counters and counters zeroed in scratch (same bits required, and the kept
 // counters left zero). Compiled and run by tests/test_cuda_build.py. What the emulator cannot
 // show (memory ordering, speed) is for tools/gpu_check.sh on a GPU.
@@ -28,6 +29,7 @@ struct Case {
   int64_t m, k, n;
   std::string threshold_name;
   bool nan, bias, misaligned;
+  bool channels = false;  // threshold_scale and channel_offset inputs
 };
 
 // Runs Enqueue with Y poisoned (NaN); returns Y as doubles.
@@ -87,7 +89,20 @@ void Check(const Case& c, int sm, std::mt19937& rng) {
   }
   if (c.threshold_name == "inf") threshold = std::numeric_limits<float>::infinity();
 
-  const Problem p{c.dtype, c.m, c.k, c.n, threshold, offset};
+  // Per-channel vectors: scales in [0, 2) with 0 and +inf among them (the 0 * inf of threshold 0
+  // and +inf included), offsets N(0, 0.5).
+  std::vector<float> threshold_scale(static_cast<size_t>(c.k)), channel_offset(static_cast<size_t>(c.k));
+  std::uniform_real_distribution<float> uniform(0.0f, 2.0f);
+  for (int64_t i = 0; i < c.k; ++i) {
+    threshold_scale[static_cast<size_t>(i)] = i % 11 == 3 ? 0.0f : i % 13 == 5 ? std::numeric_limits<float>::infinity()
+                                                                       : uniform(rng);
+    channel_offset[static_cast<size_t>(i)] = 0.5f * normal(rng);
+  }
+  Problem p{c.dtype, c.m, c.k, c.n, threshold, offset};
+  if (c.channels) {
+    p.threshold_scale = threshold_scale.data();
+    p.channel_offset = channel_offset.data();
+  }
   const void* ap = half ? static_cast<const void*>(ah.data()) : a.data();
   const void* bp = half ? static_cast<const void*>(bh.data() + (c.misaligned ? 1 : 0))
                         : static_cast<const void*>(bf.data() + (c.misaligned ? 1 : 0));
@@ -103,8 +118,14 @@ void Check(const Case& c, int sm, std::mt19937& rng) {
     for (int64_t col = 0; col < c.n; ++col) {
       double ref = c.bias ? bias[static_cast<size_t>(col)] : 0.0;
       for (int64_t i = 0; i < c.k; ++i) {
-        const float d = a[static_cast<size_t>(r * c.k + i)] - offset;
-        if (scap::cuda::Kept(d, threshold)) ref += static_cast<double>(d) * b[static_cast<size_t>(i * c.n + col)];
+        float d = a[static_cast<size_t>(r * c.k + i)] - offset;
+        float tau = threshold;
+        if (c.channels) {  // the contract, written out: D - channel_offset, threshold * scale (0 * inf: the scale)
+          d -= channel_offset[static_cast<size_t>(i)];
+          tau = threshold * threshold_scale[static_cast<size_t>(i)];
+          if (std::isnan(tau)) tau = threshold_scale[static_cast<size_t>(i)];
+        }
+        if (!(std::fabs(d) <= tau)) ref += static_cast<double>(d) * b[static_cast<size_t>(i * c.n + col)];
       }
       if (half) ref = __half2float(__float2half_rn(static_cast<float>(ref)));
       const size_t at = static_cast<size_t>(r * c.n + col);
@@ -121,9 +142,9 @@ void Check(const Case& c, int sm, std::mt19937& rng) {
   const double tolerance = half ? 3e-3 : 1e-5;
   const bool pass = err <= tolerance && nan_match && same && zero_again;
   if (!pass) ++failures;
-  std::printf("%s %-7s M %4lld K %5lld N %4lld %-7s nan %d bias %d misaligned %d sm %3d: err %.2e%s%s%s\n",
+  std::printf("%s %-7s M %4lld K %5lld N %4lld %-7s nan %d bias %d misaligned %d channels %d sm %3d: err %.2e%s%s%s\n",
               pass ? "ok  " : "FAIL", half ? "float16" : "float32", (long long)c.m, (long long)c.k, (long long)c.n,
-              c.threshold_name.c_str(), c.nan, c.bias, c.misaligned, sm, err, nan_match ? "" : " NaN places differ",
+              c.threshold_name.c_str(), c.nan, c.bias, c.misaligned, c.channels, sm, err, nan_match ? "" : " NaN places differ",
               same ? "" : " bits differ between counters", zero_again ? "" : " counters not zero again");
 }
 
@@ -141,6 +162,9 @@ int main() {
         Check({dt, s[0], s[1], s[2], t, typical && s[1] > 0, s[2] != 9, false}, 4, rng);
       }
       if (s[1] > 0) Check({dt, s[0], s[1], s[2], "typical", false, true, true}, 4, rng);  // scalar loads of B
+      for (const char* t : {"zero", "typical", "inf"}) {  // per-channel vectors
+        Check({dt, s[0], s[1], s[2], t, s[0] > 1 && std::string(t) == "typical", s[2] % 2 == 0, false, true}, 4, rng);
+      }
     }
     // Many SMs: more splits of K for the one-row kernel.
     Check({dt, 1, 2500, 264, "typical", true, true, false}, 64, rng);

@@ -100,6 +100,27 @@ def tiny_int4(tmp_path_factory) -> dict:
     return out
 
 
+def test_zero_threshold_scales_give_the_int4_logits(tiny_int4, tmp_path):
+    """ScapSparseMatMulNBits with per-channel inputs (5 and 6): threshold_scale of zeros at threshold
+    0.5, channel offsets folded into the dequantised weights' products: the int4 model's logits."""
+    from scap_onnx.op.contract import Sparsification
+
+    model = tiny_int4["asym"]
+    rng = np.random.default_rng(16)
+    plan = {t.name: Sparsification(0.5, 0.1, t.role in ("o", "down"), np.zeros(t.k, np.float32),
+                                   (0.05 * rng.standard_normal(t.k)).astype(np.float32))
+            for t in find_targets(onnx.load(str(model), load_external_data=False))}
+    rewritten, names = rewrite_model(load_model(model), plan)
+    save_model(rewritten, tmp_path / "scale0.onnx")
+    nodes = scap_nodes(onnx.load(str(tmp_path / "scale0.onnx")))
+    assert len(names) == 14 and all(n.op_type == OP_TYPE_NBITS and len(n.input) == 7 and n.input[5] and n.input[6]
+                                    for n in nodes)
+    proto = onnx.load(str(model), load_external_data=False)
+    feeds, _ = next(iter(open_data(tiny_int4["eval"], proto, model, seq_len=64, max_tokens=64).batches()))
+    rel, worst = _compare_threshold_zero(model, tmp_path / "scale0.onnx", feeds)
+    assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
+
+
 def test_targets_of_a_quantized_model(tiny_int4):
     for kind, fmt in (("sym", "int4 block 32"), ("asym", "int4 block 32 asym")):
         proto = onnx.load(str(tiny_int4[kind]), load_external_data=False)

@@ -79,6 +79,48 @@ def test_smollm2_threshold_zero_reproduces_dense_logits(smollm2, smol_stats, tex
     assert np.abs(sparse - dense).max() / np.abs(dense).max() < 1e-4
 
 
+def test_smollm2_zero_threshold_scales_reproduce_dense_logits(smollm2, smol_stats, texts, tmp_path):
+    """Issue 16's acceptance: threshold_scale vectors of zero with the calibrated (non-zero)
+    thresholds, channel offsets folded into the biases with the calibrated offsets, gate and up
+    fused over their shared vectors: the compiled op gives back the dense logits within 1e-4."""
+    import onnxruntime as ort
+
+    from scap_onnx.graph.model_io import ModelSource
+    from scap_onnx.graph.targets import find_targets
+    from scap_onnx.op.contract import Sparsification
+    from scap_onnx.op.session import library_available, open_session
+    from scap_onnx.passes.fuse import fuse_shared_inputs
+
+    assert library_available()
+    st = Stats.load(smol_stats)
+    targets = {t.name: t for t in find_targets(onnx.load(str(smollm2), load_external_data=False))}
+    rng = np.random.default_rng(16)
+    channel_offsets = {}  # one per input, so that targets sharing it share the vectors
+    plan = {}
+    for name, p in st.plan("0.5").items():
+        t = targets[name]
+        coff = channel_offsets.setdefault(t.input, (0.02 * rng.standard_normal(t.k)).astype(np.float32))
+        plan[name] = Sparsification(p.threshold, p.offset, p.token_scaled, np.zeros(t.k, np.float32), coff)
+    assert all(s.threshold > 0 for s in plan.values())
+    model, names = rewrite_model(load_model(smollm2), plan)
+    assert len(names) == 210 and fuse_shared_inputs(model) == 60  # q/k/v and gate/up of 30 layers
+    out = tmp_path / "scale0.onnx"
+    save_model(model, out)
+    del model
+    nodes = [n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == OP_TYPE]
+    assert nodes and all(len(n.input) == 5 and n.input[3] and n.input[4] for n in nodes)
+    feeds, _ = next(iter(_data(smollm2, texts["kjv"], 64, seq_len=64).batches()))
+    dense = ort.InferenceSession(str(smollm2), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    with ModelSource(out) as src:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(src.proto)
+        sess = open_session(proto, data_dir=src.data_dir, use_library=True)
+        sparse = sess.run(["logits"], feeds)[0]
+    rel = np.linalg.norm(sparse - dense) / np.linalg.norm(dense)
+    assert rel < 1e-4, rel
+    assert np.abs(sparse - dense).max() / np.abs(dense).max() < 1e-4
+
+
 def test_smollm2_retarget_all_roles_without_recalibrating(smollm2, smol_stats, tmp_path):
     out = tmp_path / "s40.onnx"
     p = run_cli("rewrite", smollm2, "--stats", smol_stats, "--sparsity", "0.4", "-o", out, check=True)

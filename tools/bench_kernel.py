@@ -12,9 +12,16 @@ also shows the bandwidth the op reached on the weight rows it kept.
     python tools/bench_kernel.py --quick              # K = N = 4096, M = 1 and 128 only
     python tools/bench_kernel.py --shapes 4096x4096 --m 1 --threads 2 --json out.json
     python tools/bench_kernel.py --m 8 --gemm sparse packed   # forced paths side by side (break-even points)
+    python tools/bench_kernel.py --shapes 4096x4096 --m 1 --sparsity 0.5 --channels none scale both
 
 With --gemm, each value of SCAP_ONNX_GEMM (read when a session is made) gets its own sparse session,
 and all of them are interleaved with the dense one: one row per value.
+
+--channels runs the op without per-channel inputs (none), with a threshold_scale of ones (scale),
+or with it and a channel_offset of zeros (both): the same elements dropped, so the rows differ by the
+cost of the per-channel check alone; every variant is interleaved with the others (in turns) and the
+dense runs, and each variant after the first is also given as the median of its per-repeat ratios to
+the first (vs_first in the JSON).
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ def copies_for(weight_bytes: int, cache_bytes: int, minimum: int = 2) -> int:
     return max(minimum, -(-2 * cache_bytes // weight_bytes))
 
 
-def build_model(kind: str, k: int, n: int, copies: int, dtype: type) -> onnx.ModelProto:
-    """C nodes sharing input A, each over its own copy of B: MatMul or ScapSparseMatMul."""
+def build_model(kind: str, k: int, n: int, copies: int, dtype: type, channels: str = "none") -> onnx.ModelProto:
+    """C nodes sharing input A, each over its own copy of B: MatMul or ScapSparseMatMul (with
+    per-channel inputs of its own per `channels`: see the module docstring)."""
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     weights = (np.random.default_rng(0).standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(dtype)
     nodes, inits, outputs = [], [], []
@@ -78,7 +86,14 @@ def build_model(kind: str, k: int, n: int, copies: int, dtype: type) -> onnx.Mod
         if kind == "dense":
             nodes.append(helper.make_node("MatMul", ["A", f"B{c}"], [f"Y{c}"]))
         else:
-            nodes.append(make_node("A", f"B{c}", f"Y{c}", threshold=THRESHOLD, name=f"sparse{c}"))
+            vectors = {}
+            if channels in ("scale", "both"):
+                inits.append(numpy_helper.from_array(np.ones(k, np.float32), f"scale{c}"))
+                vectors["threshold_scale"] = f"scale{c}"
+            if channels == "both":
+                inits.append(numpy_helper.from_array(np.zeros(k, np.float32), f"channel_offset{c}"))
+                vectors["channel_offset"] = f"channel_offset{c}"
+            nodes.append(make_node("A", f"B{c}", f"Y{c}", threshold=THRESHOLD, name=f"sparse{c}", **vectors))
         outputs.append(helper.make_tensor_value_info(f"Y{c}", elem, None))
     graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("A", elem, [None, k])], outputs, inits)
     opsets = [helper.make_opsetid("", 17)] + ([opset_import()] if kind == "sparse" else [])
@@ -172,38 +187,44 @@ def run_grid(args: argparse.Namespace) -> dict:
             sparse_sessions = {}
             for dname in args.dtypes:
                 copies = copies_for(k * n * np.dtype(dname).itemsize, cache)
-                model = build_model("sparse", k, n, copies, np.dtype(dname).type)
-                for gemm in args.gemm:
-                    sparse_sessions[dname, gemm] = (session(model, threads, sparse=True, gemm=gemm), copies)
+                model_for = {ch: build_model("sparse", k, n, copies, np.dtype(dname).type, ch) for ch in args.channels}
+                sparse_sessions[dname] = (
+                    {(gemm, ch): session(model_for[ch], threads, sparse=True, gemm=gemm)
+                     for gemm in args.gemm for ch in args.channels}, copies)
             for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
                 a32 = sparse_input(m, k, sparsity, np.float32, rng)
                 dense_runner = Runner(dense, {"A": a32})
-                for dname in args.dtypes:
+                for dname, (sessions, copies) in sparse_sessions.items():
                     a = a32.astype(np.dtype(dname))
-                    runners = {gemm: Runner(sparse_sessions[dname, gemm][0], {"A": a}) for gemm in args.gemm}
-                    copies = sparse_sessions[dname, args.gemm[0]][1]
-                    dense_t, sparse_t = [], {gemm: [] for gemm in args.gemm}
-                    for _ in range(args.repeats):  # interleaved
+                    runners = {variant: Runner(sess, {"A": a}) for variant, sess in sessions.items()}
+                    dense_t, sparse_t = [], {variant: [] for variant in runners}
+                    order = list(runners)
+                    for r in range(args.repeats):  # interleaved, the sparse variants in turns
                         dense_t.append(dense_runner.time() / dense_copies)
-                        for gemm, runner in runners.items():
-                            sparse_t[gemm].append(runner.time() / copies)
+                        for variant in order[r % len(order):] + order[:r % len(order)]:
+                            sparse_t[variant].append(runners[variant].time() / copies)
                     d_med = statistics.median(dense_t)
                     kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
                     kept_bytes = kept_rows * n * np.dtype(dname).itemsize
-                    for gemm in args.gemm:
-                        s_med = statistics.median(sparse_t[gemm])
+                    first = order[0]
+                    for (gemm, ch), times in sparse_t.items():
+                        s_med = statistics.median(times)
                         kept_bw = kept_bytes / s_med / 1e9
-                        row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, copies=copies,
-                                   dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
+                        row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, channels=ch,
+                                   copies=copies, dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
                                    kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
                         if gemm is not None:
                             row["gemm"] = gemm
+                        paired = ""
+                        if (gemm, ch) != first:  # against the first variant, repeat by repeat: drift cancels
+                            row["vs_first"] = statistics.median(t / t0 for t, t0 in zip(times, sparse_t[first]))
+                            paired = f"  vs first {row['vs_first']:.3f}"
                         results.append(row)
-                        label = f" {gemm}" if gemm is not None else ""
+                        label = (f" {gemm}" if gemm is not None else "") + f" {ch:<5}"
                         print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.2f}{label}  "
                               f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
-                              f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})",
-                              flush=True)
+                              f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})"
+                              f"{paired}", flush=True)
             del dense, sparse_sessions
     return dict(
         machine=dict(cpu=cpu_name(), cores=os.cpu_count(), last_level_cache_bytes=cache,
@@ -217,11 +238,13 @@ def run_grid(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| K x N | M | weights | threads | sparsity | dense ms | sparse ms | speedup | kept GB/s | share of read BW |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| K x N | M | weights | threads | sparsity | per-channel | dense ms | sparse ms | speedup | kept GB/s | "
+             "share of read BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         gemm = f" ({r['gemm']})" if "gemm" in r else ""
         lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.2f}{gemm} | "
+                     f"{r.get('channels', 'none')} | "
                      f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['kept_gbps']:.1f} | "
                      f"{r['bandwidth_share']:.0%} |")
     return "\n".join(lines)
@@ -234,6 +257,8 @@ def main() -> None:
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=["float32", "float16"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--channels", nargs="+", default=["none"], choices=["none", "scale", "both"],
+                        help="per-channel inputs of the sparse runs (module docstring)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gemm", nargs="+", default=[None], help="SCAP_ONNX_GEMM values to compare (forced paths)")
     parser.add_argument("--quick", action="store_true", help="K = N = 4096, M = 1 and 128, 2 threads")

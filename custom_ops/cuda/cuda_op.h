@@ -1,7 +1,10 @@
 // The CUDA kernel of ScapSparseMatMul for CUDAExecutionProvider: the shared base (op_base.h) reads
 // and checks the node and the shapes; the kernels (kernels.cu, through launch.h) run on the stream
 // onnxruntime gives, with scratch from onnxruntime's allocator. No host synchronisation, no
-// host-device copies: the call can be captured in a CUDA graph.
+// host-device copies: the call can be captured in a CUDA graph. So threshold_scale's values are
+// checked once, when the kernel is made, where the input is a constant initializer (the rewriter
+// writes it so); a threshold_scale fed at run time is checked for its type and shape only (a
+// negative entry then keeps its channel, a NaN one too).
 #pragma once
 
 #include "op_base.h"
@@ -10,7 +13,7 @@ namespace scap {
 
 template <typename T>
 struct ScapSparseMatMulCudaKernel : KernelShell<ScapSparseMatMulCudaKernel<T>> {
-  using KernelShell<ScapSparseMatMulCudaKernel<T>>::KernelShell;
+  ScapSparseMatMulCudaKernel(const OrtApi& api, const OrtKernelInfo* info);
 
  private:
   friend KernelShell<ScapSparseMatMulCudaKernel<T>>;

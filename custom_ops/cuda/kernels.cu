@@ -147,7 +147,7 @@ __device__ void FinishTile(const float* tile, int ld, int64_t m0, int64_t m1, in
 template <typename T>
 __global__ void __launch_bounds__(kThreads) GemvKernel(const T* __restrict__ a, const T* __restrict__ b,
                                                        const T* __restrict__ bias, T* __restrict__ y, int64_t k,
-                                                       int64_t n, float threshold, float offset, GemvPlan plan,
+                                                       int64_t n, DropRule rule, GemvPlan plan,
                                                        bool vector_ok, int* counters, float* partials) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kWidth = 32 * kVec;
@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(kThreads) GemvKernel(const T* __restrict__ a, 
       float d = 0.0f;
       bool keep = false;
       if (i < len) {
-        d = ToFloat(a[w0 + i]) - offset;
-        keep = Kept(d, threshold);
+        d = Diff(ToFloat(a[w0 + i]), rule, w0 + i);
+        keep = KeptAt(d, rule, w0 + i);
       }
       kept = AppendRound(keep, i, d, kept, kept_idx, kept_val, masks);
     }
@@ -242,14 +242,15 @@ struct StepSource {
   int64_t m, k, n, m0, n0, w0;
   const int* list;
   int kept, s0;
-  float threshold, offset;
+  DropRule rule;
   bool vector_ok;
 
   // Element (r, c) of the step's A tile: the sparsified activation, 0 outside A or the list.
   __device__ __forceinline__ float A(int r, int c) const {
     if (m0 + r >= m || s0 + c >= kept) return 0.0f;
-    const float d = ToFloat(a[(m0 + r) * k + w0 + list[s0 + c]]) - offset;
-    return Kept(d, threshold) ? d : 0.0f;
+    const int64_t channel = w0 + list[s0 + c];
+    const float d = Diff(ToFloat(a[(m0 + r) * k + channel]), rule, channel);
+    return KeptAt(d, rule, channel) ? d : 0.0f;
   }
   // The 16 bytes of the step's B tile at row r, column c (zero outside B or the list).
   __device__ __forceinline__ uint4 B(int r, int c) const {
@@ -418,7 +419,7 @@ template <class Tile>
 __global__ void __launch_bounds__(kThreads)
     GemmKernel(const typename Tile::T* __restrict__ a, const typename Tile::T* __restrict__ b,
                const typename Tile::T* __restrict__ bias, typename Tile::T* __restrict__ y, int64_t m, int64_t k,
-               int64_t n, float threshold, float offset, GemmPlan plan, bool vector_ok, int* counters,
+               int64_t n, DropRule rule, GemmPlan plan, bool vector_ok, int* counters,
                float* partials) {
   using T = typename Tile::T;
   __shared__ int kept_idx[kWindow];
@@ -441,11 +442,13 @@ __global__ void __launch_bounds__(kThreads)
       bool keep = false;
       if (i < len) {
         const T* column = a + w0 + i;
-        for (int64_t row = m0; row < m1 && !keep; ++row) keep = Kept(ToFloat(column[row * k]) - offset, threshold);
+        for (int64_t row = m0; row < m1 && !keep; ++row) {
+          keep = KeptAt(Diff(ToFloat(column[row * k]), rule, w0 + i), rule, w0 + i);
+        }
       }
       kept = AppendRound(keep, i, 0.0f, kept, kept_idx, nullptr, masks);
     }
-    StepSource<T> src{a, b, m, k, n, m0, n0, w0, kept_idx, kept, 0, threshold, offset, vector_ok};
+    StepSource<T> src{a, b, m, k, n, m0, n0, w0, kept_idx, kept, 0, rule, vector_ok};
     const int steps = static_cast<int>(CeilDiv(kept, Tile::kBk));
     if (steps > 0) Tile::Load(stage, src);
     for (int s = 0; s < steps; ++s) {
@@ -530,6 +533,7 @@ cudaError_t EnqueueTyped(const Problem& p, const T* a, const T* b, const T* bias
   float* partials = reinterpret_cast<float*>(scratch + l.layout.partials);
   const bool vector_ok = p.n % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
   const int64_t splits = l.gemv ? l.gemv_plan.splits : l.gemm_plan.splits;
+  const DropRule rule{p.threshold, p.offset, p.threshold_scale, p.channel_offset};
   if (splits > 1 && !kept_counters) {
     const cudaError_t e = cudaMemsetAsync(counters, 0, static_cast<size_t>(tiles) * sizeof(int), stream);
     if (e != cudaSuccess) return e;
@@ -537,12 +541,11 @@ cudaError_t EnqueueTyped(const Problem& p, const T* a, const T* b, const T* bias
   if (l.gemv) {
     const GemvPlan& g = l.gemv_plan;
     Launch(GemvKernel<T>, dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.splits)), stream, a, b, bias, y,
-           p.k, p.n, p.threshold, p.offset, g, vector_ok, counters, partials);
+           p.k, p.n, rule, g, vector_ok, counters, partials);
   } else {
     const GemmPlan& g = l.gemm_plan;
     const dim3 grid(static_cast<unsigned>(g.ntiles), static_cast<unsigned>(g.mtiles), static_cast<unsigned>(g.splits));
-    Launch(GemmKernel<Tile>, grid, stream, a, b, bias, y, p.m, p.k, p.n, p.threshold, p.offset, g, vector_ok,
-           counters, partials);
+    Launch(GemmKernel<Tile>, grid, stream, a, b, bias, y, p.m, p.k, p.n, rule, g, vector_ok, counters, partials);
   }
   return cudaGetLastError();
 }
@@ -565,6 +568,10 @@ int Enqueue(const Problem& p, const void* a, const void* b, const void* bias, vo
   }
   return EnqueueTyped<float, FloatTile>(p, static_cast<const float*>(a), static_cast<const float*>(b),
                                         static_cast<const float*>(bias), static_cast<float*>(y), s, counters, sm_count, st);
+}
+
+int CopyToHost(void* host, const void* device, size_t bytes) {
+  return static_cast<int>(cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost));
 }
 
 int SmCount(int device) {

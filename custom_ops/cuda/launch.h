@@ -11,12 +11,19 @@ namespace cuda {
 
 enum class DType { kFloat32, kFloat16 };
 
-// Y [m, n] = drop(A [m, k] - offset) @ B [k, n] (+ bias [n]), row-major, T = dtype.
+// Y [m, n] = drop(A [m, k] - offset - channel_offset) @ B [k, n] (+ bias [n]), row-major, T = dtype;
+// threshold_scale and channel_offset: [k] float32 on the device, or null (op_base.h).
 struct Problem {
   DType dtype;
   int64_t m, k, n;
   float threshold, offset;
+  const float* threshold_scale = nullptr;
+  const float* channel_offset = nullptr;
 };
+
+// Copies `bytes` from device memory to the host, synchronously (kernel creation only, never in a
+// call); returns a cudaError_t as int (0: success).
+int CopyToHost(void* host, const void* device, size_t bytes);
 
 // Bytes of device scratch a call needs (0 when none); sm_count: the device's multiprocessors.
 size_t ScratchBytes(const Problem& problem, int sm_count);

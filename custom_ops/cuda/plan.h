@@ -30,6 +30,32 @@ constexpr int64_t kGemmMinSplitK = 512;
 // The drop rule on d = a - offset: d is dropped iff |d| <= threshold, so NaN is always kept.
 SCAP_HD bool Kept(float d, float threshold) { return !(d <= threshold && -d <= threshold); }
 
+// A node's drop rule with its optional per-channel vectors (device memory, [K] float32, or null):
+// d[k] = a[k] - offset - channel_offset[k], dropped iff |d[k]| <= threshold * threshold_scale[k]
+// (where that is 0 * inf, the scale decides). The contract: custom_ops/op_base.h.
+struct DropRule {
+  float threshold, offset;
+  const float* threshold_scale;
+  const float* channel_offset;
+};
+
+SCAP_HD float ChannelThreshold(float threshold, float scale) {
+  const float product = threshold * scale;
+  return product != product ? scale : product;
+}
+
+// d[k] for the value a of channel k.
+SCAP_HD float Diff(float a, const DropRule& rule, int64_t k) {
+  const float d = a - rule.offset;
+  return rule.channel_offset != nullptr ? d - rule.channel_offset[k] : d;
+}
+
+// Whether d[k] is kept.
+SCAP_HD bool KeptAt(float d, const DropRule& rule, int64_t k) {
+  return Kept(d, rule.threshold_scale != nullptr ? ChannelThreshold(rule.threshold, rule.threshold_scale[k])
+                                                 : rule.threshold);
+}
+
 SCAP_HD int Popc(uint32_t x) {
 #if defined(__CUDA_ARCH__)
   return __popc(x);

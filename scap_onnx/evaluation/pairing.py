@@ -23,7 +23,8 @@ from ..errors import ScapError
 from ..graph.model_io import has_external, load_proto, tensor_head
 from ..graph.targets import MATMUL_NBITS, Target, find_all_targets, layer_of, role_of
 from ..graph.view import GraphView
-from ..op.contract import OP_TYPE, TARGETS_KEY, is_float_node, node_attribute, scap_nodes, source_input_of, targets_of
+from ..op.contract import (OP_TYPE, TARGETS_KEY, channel_vectors, is_float_node, node_attribute, scap_nodes,
+                           source_input_of, targets_of)
 from ..op.nbits import matmul_nbits_scales
 from .sparsity import fc_weight_bytes
 
@@ -150,7 +151,18 @@ class _Pairing:
             self._check_weight(node, ts[0])
         else:
             self._check_fused_weight(node, members, ts)
-        return [_entry(node, t, m) for m, t in zip(members, ts)]
+        try:
+            vectors = channel_vectors(node, self._sparse_constant)
+        except ValueError as e:
+            raise self._mismatch(str(e)) from None
+        return [{**_entry(node, t, m), **vectors} for m, t in zip(members, ts)]
+
+    def _sparse_constant(self, name: str) -> np.ndarray:
+        """An initializer of the sparse model (KeyError when there is none of that name)."""
+        t = self.s_inits[name]
+        if has_external(t):
+            return numpy_helper.to_array(t, base_dir=str(self.sparse.parent))
+        return numpy_helper.to_array(t)
 
     def _check_weight(self, node: onnx.NodeProto, t: Target) -> None:
         origin = self.s_view.resolve(node.input[1])

@@ -20,7 +20,8 @@ from ..errors import ScapError
 from ..graph.model_io import ModelSource
 from ..graph.targets import MATMUL_NBITS, layer_of, role_of
 from ..graph.view import GraphView
-from ..op.contract import OP_TYPE, is_float_node, node_attribute, scap_nodes, targets_of
+from ..op.contract import OP_TYPE, channel_vectors, is_float_node, node_attribute, scap_nodes, targets_of
+from ..op.reference import drop_rule
 from ..op.session import base_options, open_session, run_session
 from ..progress import NullProgress, Progress
 
@@ -50,7 +51,8 @@ def fc_weight_bytes(model: onnx.ModelProto) -> int:
 
 
 class SparsityCounter:
-    """Per target (dicts with name, input, threshold, offset): dropped / total input elements."""
+    """Per target (dicts with name, input, threshold, offset and optionally threshold_scale /
+    channel_offset): dropped / total input elements, by the op's own rule (scap_onnx.op.reference)."""
 
     def __init__(self, entries: list[dict]):
         self.entries = entries
@@ -61,8 +63,8 @@ class SparsityCounter:
         """``captured``: input tensor name -> the values the op read in one batch."""
         for e in self.entries:
             x = captured[e["input"]]
-            d = np.abs(x.astype(np.float32, copy=False) - np.float32(e["offset"]))
-            self.dropped[e["name"]] += int(np.count_nonzero(d <= np.float32(e["threshold"])))
+            _, dropped = drop_rule(x, e["threshold"], e["offset"], e.get("threshold_scale"), e.get("channel_offset"))
+            self.dropped[e["name"]] += int(np.count_nonzero(dropped))
             self.total[e["name"]] += int(x.size)
 
     def measured(self) -> dict[str, float]:
@@ -128,9 +130,13 @@ def measure_sparsity(model: str | Path, data, *, threads: int | None = None, use
             raise ScapError(f"{model} has no {OP_TYPE} nodes")
         entries = []
         for n in nodes:
+            try:
+                vectors = channel_vectors(n, src.weight)
+            except ValueError as e:
+                raise ScapError(f"cannot measure sparsity: {e}") from None
             for name in targets_of(n) or [n.name]:
                 entries.append({"name": name, "input": n.input[0], "threshold": node_attribute(n, "threshold"),
-                                "offset": node_attribute(n, "offset")})
+                                "offset": node_attribute(n, "offset"), **vectors})
         view = src.view
         # A's type: that of a ScapSparseMatMul's B; of a ScapSparseMatMulNBits' bias (its scales are float32)
         elem = {n.input[0]: (view.elem_type(n.input[1]) if is_float_node(n) else

@@ -14,8 +14,10 @@ and for float32 but not float16 tensors (0.15.2 aborts the process on a float16 
 node becomes
 
 - ``ai.onnx.contrib::ScapSparseMatMul`` (A, B) or ``ai.onnx.contrib::ScapSparseMatMulBias``
-  (A, B, bias), both float32, with the attributes threshold, offset and node (the original node's
-  name, for error messages);
+  (A, B, bias), or, for a node with a per-channel input, ``ai.onnx.contrib::ScapSparseMatMulChannels``
+  (A, B, bias, threshold_scale, channel_offset, an absent one replaced by an empty float32 tensor,
+  which means the same), all float32, with the attributes threshold, offset and node (the original
+  node's name, for error messages);
 - preceded by ``Cast`` to float32 of its inputs and followed by a cast back (``Cast`` to float16,
   or ``CastLike`` the original A where the type of A is not declared in the model), unless A is
   known to be float32. The reference computes in float32 from float16 inputs either way.
@@ -36,16 +38,18 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..graph.view import declared_elem_types
-from .contract import DOMAIN, OP_TYPE, check_attributes
+from .contract import DOMAIN, OP_TYPE, check_attributes, check_channel_vectors, trim_inputs
 from .reference import scap_sparse_matmul
 
 FALLBACK_DOMAIN = "ai.onnx.contrib"  # onnxruntime_extensions.default_opset_domain()
 FALLBACK_OP_TYPE = OP_TYPE  # inputs A, B
 FALLBACK_OP_TYPE_BIAS = OP_TYPE + "Bias"  # inputs A, B, bias
+FALLBACK_OP_TYPE_CHANNELS = OP_TYPE + "Channels"  # inputs A, B, bias, threshold_scale, channel_offset
 
 _log = logging.getLogger(__name__)
 _registered = False
@@ -53,13 +57,15 @@ _register_lock = threading.Lock()
 _errors = threading.local()  # errors of the PyOps run on this thread since FallbackSession.run began
 
 
-def _compute(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, threshold: float, offset: float, node: str):
+def _compute(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None, threshold: float, offset: float, node: str,
+             threshold_scale: np.ndarray | None = None, channel_offset: np.ndarray | None = None):
     """The PyOp body: the numpy reference, in float32. Never raises (that would abort onnxruntime)."""
     try:
         if bias is not None and b.ndim == 2 and bias.shape != (b.shape[1],):
             raise ValueError(f"bias must have shape [{b.shape[1]}], got {list(bias.shape)}")
         with np.errstate(all="ignore"):  # NaN / Inf in A are data, not warnings (which may be errors)
-            return scap_sparse_matmul(a, b, bias, threshold=threshold, offset=offset).astype(np.float32)
+            return scap_sparse_matmul(a, b, bias, threshold_scale, channel_offset, threshold=threshold,
+                                      offset=offset).astype(np.float32)
     except BaseException as e:  # noqa: BLE001 - see the module docstring
         message = f"{OP_TYPE} node '{node}': {e}"
         _log.error("%s", message)
@@ -90,7 +96,31 @@ def _register_ops() -> None:
         def _scap_sparse_matmul_bias(a, b, bias, threshold=0.0, offset=0.0, node=""):
             return _compute(a, b, bias, threshold, offset, node)
 
+        def present(v):  # an empty tensor stands for an absent input (module docstring)
+            return v if v.size else None
+
+        @onnx_op(op_type=FALLBACK_OP_TYPE_CHANNELS, inputs=[f32] * 5, outputs=[f32], attrs=attrs)
+        def _scap_sparse_matmul_channels(a, b, bias, threshold_scale, channel_offset, threshold=0.0, offset=0.0,
+                                         node=""):
+            return _compute(a, b, present(bias), threshold, offset, node, present(threshold_scale),
+                            present(channel_offset))
+
         _registered = True
+
+
+def _check_constant_vectors(graph: onnx.GraphProto, inputs: list[str], label: str) -> None:
+    """Per-channel inputs that are initializers are checked now (ValueError naming the node); others
+    when the op runs."""
+    constants = {t.name: t for t in graph.initializer}
+    b = constants.get(inputs[1])
+    vectors = [onnx.numpy_helper.to_array(constants[n]) if n in constants else None
+               for n in (inputs + ["", "", ""])[3:5]]
+    if b is None or len(b.dims) != 2 or all(v is None for v in vectors):
+        return
+    try:
+        check_channel_vectors(b.dims[0], *vectors)
+    except ValueError as e:
+        raise ValueError(f"{OP_TYPE} node '{label}': {e}") from None
 
 
 def _convert_graph(graph: onnx.GraphProto, default_opset: int) -> int:
@@ -126,11 +156,19 @@ def _convert_graph(graph: onnx.GraphProto, default_opset: int) -> int:
             check_attributes(threshold, offset)
         except ValueError as e:
             raise ValueError(f"{OP_TYPE} node '{label}': {e}") from None
-        inputs = list(node.input)
-        while inputs and not inputs[-1]:
-            inputs.pop()  # an omitted optional bias
-        if len(inputs) not in (2, 3) or not all(inputs):
-            raise ValueError(f"{OP_TYPE} node '{label}': expected inputs (A, B[, bias]), got {list(node.input)}")
+        inputs = trim_inputs(node.input)  # without omitted optional inputs at the end
+        channels = len(inputs) > 3
+        if len(inputs) not in (2, 3, 4, 5) or not all(inputs[:2]) or (not channels and not all(inputs)):
+            raise ValueError(f"{OP_TYPE} node '{label}': expected inputs (A, B[, bias][, threshold_scale]"
+                             f"[, channel_offset]), got {list(node.input)}")
+        if channels:
+            _check_constant_vectors(graph, inputs, label)
+            inputs += [""] * (5 - len(inputs))
+            if "" in inputs:  # an absent optional input: an empty float32 tensor
+                empty = fresh("scap_fallback_absent")
+                new_nodes.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(
+                    empty, TensorProto.FLOAT, [0], [])))
+                inputs = [name or empty for name in inputs]
         a_type = types.get(inputs[0])
         if a_type not in (None, TensorProto.FLOAT, TensorProto.FLOAT16):
             raise ValueError(f"{OP_TYPE} node '{label}': A must be float32 or float16")
@@ -146,7 +184,8 @@ def _convert_graph(graph: onnx.GraphProto, default_opset: int) -> int:
             op_output = fresh(y)
         new_nodes.append(
             helper.make_node(
-                FALLBACK_OP_TYPE_BIAS if len(inputs) == 3 else FALLBACK_OP_TYPE,
+                (FALLBACK_OP_TYPE_CHANNELS if channels else
+                 FALLBACK_OP_TYPE_BIAS if len(inputs) == 3 else FALLBACK_OP_TYPE),
                 op_inputs,
                 [op_output],
                 name=node.name,

@@ -2,11 +2,14 @@
 without the compiled library.
 
 - :func:`sparsified_input`: x' = Where(|x - m| <= tau, m, x) (token-scaled: Where(|x / n - m| <= tau,
-  m * n, x)), which the unchanged MatMul turns into drop(x - m) @ W + m * colsum(W): what the op
-  with the rewriter's folded bias computes. Calibration sparsifies upstream targets this way.
-- :func:`lower_node` / :func:`lower_model`: the op itself, D = A - offset, dropped elements 0,
-  D @ B (+ bias). A dropped element skips its row of B in the kernels and the reference, so an
-  Inf or NaN in that row must not turn into 0 * Inf = NaN: where B is not known to be finite the
+  m * n, x)), which the unchanged MatMul turns into drop(x - m) @ W + m @ W: what the op with the
+  rewriter's folded bias computes (m = offset + channel_offset, tau = threshold * threshold_scale,
+  per channel where the Sparsification has those vectors). Calibration sparsifies upstream targets
+  this way.
+- :func:`lower_node` / :func:`lower_model`: the op itself, D = A - offset - channel_offset, dropped
+  elements 0, D @ B (+ bias), with the optional per-channel inputs read from the graph. A dropped
+  element skips its row of B in the kernels and the reference, so an Inf or NaN in that row must
+  not turn into 0 * Inf = NaN: where B is not known to be finite the
   lowering adds the non-finite products separately (counts of kept +Inf / -Inf / NaN products per
   output, from 0/1 matrices), at the price of five more MatMuls.
 
@@ -25,33 +28,54 @@ from onnx import helper
 from ..errors import ScapError
 from ..graph.builder import GraphBuilder, ProtoBuilder
 from ..graph.view import GraphView, declared_elem_types
-from .contract import OP_TYPE_NBITS, Sparsification, is_float_node, is_scap_node, node_sparsification
+from .contract import (OP_TYPE_NBITS, Sparsification, channel_input_names, is_float_node, is_scap_node,
+                       node_sparsification)
 from .token_norm import default_opset, token_norm
 
 LOWERED_PREFIX = "scap_lowered::"
 
 
+def _drop_rule(b: GraphBuilder, z, s: Sparsification, elem_type: int, threshold_scale=None, channel_offset=None):
+    """(D, drop): D = z - offset - channel_offset and whether each element is dropped, in T.
+    threshold_scale / channel_offset: float32 [K] graph values, or None."""
+    np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+
+    def as_t(v):
+        return v if elem_type == onnx.TensorProto.FLOAT else b.op("Cast", [v], to=elem_type)
+
+    d = b.op("Sub", [z, b.const("offset", np.asarray(s.offset, np_dtype))])
+    if channel_offset is not None:
+        d = b.op("Sub", [d, as_t(channel_offset)])
+    if threshold_scale is None:
+        tau = b.const("threshold", np.asarray(s.threshold, np_dtype))
+    else:  # threshold * scale, where that is 0 * inf the scale itself (reference.channel_thresholds)
+        product = b.op("Mul", [b.const("threshold", np.asarray(s.threshold, np.float32)), threshold_scale])
+        tau = as_t(b.op("Where", [b.op("IsNaN", [product]), threshold_scale, product]))
+    return d, b.op("LessOrEqual", [b.op("Abs", [d]), tau])
+
+
 def sparsified_input(b: GraphBuilder, x, s: Sparsification, elem_type: int, opset: int, *, output=None):
     """x' (see the module doc): what the original MatMul must read to compute the op's result."""
     np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
-    m = b.const("offset", np.asarray(s.offset, np_dtype))
-    t = b.const("threshold", np.asarray(s.threshold, np_dtype))
-    z, fill = x, m
+    scale = None if s.threshold_scale is None else b.const("threshold_scale", s.scale_array())
+    channel_offset = None if s.channel_offset is None else b.const("channel_offset", s.channel_offset_array())
+    fill = b.const("centre", np.asarray(s.centre(), np_dtype))
+    z = x
     if s.token_scaled:
         z, n = token_norm(b, x, elem_type, opset)
-        fill = b.op("Mul", [n, m])
-    drop = b.op("LessOrEqual", [b.op("Abs", [b.op("Sub", [z, m])]), t])
+        fill = b.op("Mul", [n, fill])
+    _, drop = _drop_rule(b, z, s, elem_type, scale, channel_offset)
     return b.op("Where", [drop, fill, x], output=output)
 
 
 def lower_node(b: GraphBuilder, a, weight, bias, s: Sparsification, elem_type: int, *, finite_weight: bool,
-               output=None):
+               output=None, threshold_scale=None, channel_offset=None):
     """Y = D_kept @ B (+ bias) in standard ops (``s.token_scaled`` is not part of the op: the
-    rewriter puts the token norm around it)."""
+    rewriter puts the token norm around it). threshold_scale / channel_offset: the node's optional
+    float32 [K] inputs (names), or None."""
     np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     zero = b.const("zero", np.asarray(0, np_dtype))
-    d = b.op("Sub", [a, b.const("offset", np.asarray(s.offset, np_dtype))])
-    drop = b.op("LessOrEqual", [b.op("Abs", [d]), b.const("threshold", np.asarray(s.threshold, np_dtype))])
+    d, drop = _drop_rule(b, a, s, elem_type, threshold_scale, channel_offset)
     kept = b.op("Where", [drop, zero, d])
     last = output if bias is None else None
     if finite_weight:
@@ -115,8 +139,9 @@ def lower_model(model: onnx.ModelProto, weight_is_finite: Callable[[str], bool] 
         finite = weight_is_finite is not None and origin is not None and weight_is_finite(origin.name)
         b = ProtoBuilder(f"{LOWERED_PREFIX}{i}/")
         bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        scale, channel_offset = channel_input_names(n)
         lower_node(b, n.input[0], weight, bias, node_sparsification(n), elem_type, finite_weight=finite,
-                   output=n.output[0])
+                   output=n.output[0], threshold_scale=scale, channel_offset=channel_offset)
         new_nodes += b.nodes
         initializers += b.initializers
     del model.graph.node[:]

@@ -29,7 +29,7 @@ from onnx import helper
 
 from ..errors import ScapError
 from ..graph.targets import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES, Target
-from .contract import DOMAIN, OP_TYPE_NBITS, check_attributes
+from .contract import DOMAIN, OP_TYPE_NBITS, check_attributes, trim_inputs
 
 
 def check_nbits_attributes(k: int, n: int, bits: int, block_size: int) -> None:
@@ -180,14 +180,16 @@ def make_nbits_node(
     offset: float = 0.0,
     zero_points: str | None = None,
     bias: str | None = None,
+    threshold_scale: str | None = None,
+    channel_offset: str | None = None,
     name: str | None = None,
 ) -> onnx.NodeProto:
-    """A ScapSparseMatMulNBits node: Y = drop(A - offset) @ W (+ bias), W from the packed weights."""
+    """A ScapSparseMatMulNBits node: Y = drop(A - offset - channel_offset) @ W (+ bias), W from the
+    packed weights, the threshold scaled per channel by threshold_scale (inputs 5 and 6)."""
     check_attributes(threshold, offset)
     check_nbits_attributes(k, n, bits, block_size)
-    inputs = [a, b_packed, scales, zero_points or "", bias or ""]
-    while inputs[-1] == "":
-        inputs.pop()
+    inputs = trim_inputs([a, b_packed, scales, zero_points or "", bias or "", threshold_scale or "",
+                          channel_offset or ""])
     return helper.make_node(
         OP_TYPE_NBITS, inputs, [output], name=name, domain=DOMAIN,
         K=int(k), N=int(n), bits=int(bits), block_size=int(block_size),

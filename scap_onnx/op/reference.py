@@ -1,7 +1,8 @@
 """Numpy reference of ScapSparseMatMul: the oracle for every kernel and for the rewriter.
 
-Semantics (shared/DESIGN.md): D = A - offset; D[i] is dropped iff |D[i]| <= threshold;
-Y = D_kept @ B (+ bias). Arithmetic in float32 whatever T is, the result cast back to T.
+Semantics (scap_onnx.op.contract): D[..., k] = A[..., k] - offset - channel_offset[k]; D[..., k] is
+dropped iff |D[..., k]| <= threshold * threshold_scale[k]; Y = D_kept @ B (+ bias); the two vectors
+optional (float32 [K]). Arithmetic in float32 whatever T is, the result cast back to T.
 ScapSparseMatMulNBits (scap_onnx.op.nbits) is the same rule over W dequantised in float32.
 """
 
@@ -10,15 +11,35 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from .contract import DOMAIN, OP_TYPE, check_attributes
+from .contract import DOMAIN, OP_TYPE, check_attributes, check_channel_vectors
 from .nbits import OP_TYPE_NBITS, check_nbits_attributes, dequantize_packed, k_blocks, row_bytes
 
 
-def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0) -> np.ndarray:
-    """D = A - offset in float32 with the dropped elements set to 0 (NaN is never dropped)."""
-    d = a.astype(np.float32) - np.float32(offset)
-    with np.errstate(invalid="ignore"):
-        dropped = np.abs(d) <= np.float32(threshold)
+def channel_thresholds(threshold: float, threshold_scale: np.ndarray) -> np.ndarray:
+    """threshold * threshold_scale[k] in float32; where that is 0 * inf the scale decides (0: keep
+    the channel's non-zeros, +inf: drop the channel), as in every kernel."""
+    scale = np.asarray(threshold_scale, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        tau = np.float32(threshold) * scale
+    return np.where(np.isnan(tau), scale, tau)
+
+
+def drop_rule(a: np.ndarray, threshold: float, offset: float = 0.0, threshold_scale: np.ndarray | None = None,
+              channel_offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(D, dropped): D = A - offset - channel_offset in float32 (the subtractions in that order, each
+    rounded to float32, as in the kernels) and whether each element is dropped (NaN never is)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.asarray(a).astype(np.float32, copy=False) - np.float32(offset)
+        if channel_offset is not None:
+            d = d - np.asarray(channel_offset, np.float32)
+        tau = np.float32(threshold) if threshold_scale is None else channel_thresholds(threshold, threshold_scale)
+        return d, np.abs(d) <= tau
+
+
+def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0, threshold_scale: np.ndarray | None = None,
+             channel_offset: np.ndarray | None = None) -> np.ndarray:
+    """D (see :func:`drop_rule`) with the dropped elements set to 0."""
+    d, dropped = drop_rule(a, threshold, offset, threshold_scale, channel_offset)
     return np.where(dropped, np.float32(0), d)
 
 
@@ -26,6 +47,8 @@ def scap_sparse_matmul(
     a: np.ndarray,
     b: np.ndarray,
     bias: np.ndarray | None = None,
+    threshold_scale: np.ndarray | None = None,
+    channel_offset: np.ndarray | None = None,
     *,
     threshold: float,
     offset: float = 0.0,
@@ -38,7 +61,8 @@ def scap_sparse_matmul(
         raise ValueError(f"A's last dimension must equal B's first ({b.shape[0]}), got shape {a.shape}")
     if bias is not None and bias.shape != (b.shape[1],):
         raise ValueError(f"bias must have shape ({b.shape[1]},), got {bias.shape}")
-    d = sparsify(a, threshold, offset)
+    check_channel_vectors(b.shape[0], threshold_scale, channel_offset)
+    d = sparsify(a, threshold, offset, threshold_scale, channel_offset)
     # float64 accumulation keeps the oracle more exact than the kernels it judges.
     d64 = d.astype(np.float64)
     b64 = b.astype(np.float64)
@@ -65,10 +89,11 @@ class ScapSparseMatMul(OpRun):
     op_domain = DOMAIN
     op_type = OP_TYPE
 
-    def _run(self, a, b, bias=None, threshold=None, offset=0.0):  # noqa: D401 - OpRun signature
+    def _run(self, a, b, bias=None, threshold_scale=None, channel_offset=None, threshold=None,  # noqa: D401
+             offset=0.0):
         if threshold is None:
             raise ValueError("ScapSparseMatMul requires the 'threshold' attribute")
-        return (scap_sparse_matmul(a, b, bias, threshold=threshold, offset=offset),)
+        return (scap_sparse_matmul(a, b, bias, threshold_scale, channel_offset, threshold=threshold, offset=offset),)
 
 
 ScapSparseMatMulOpRun = ScapSparseMatMul
@@ -80,6 +105,8 @@ def scap_sparse_matmul_nbits(
     scales: np.ndarray,
     zero_points: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    threshold_scale: np.ndarray | None = None,
+    channel_offset: np.ndarray | None = None,
     *,
     k: int,
     n: int,
@@ -98,7 +125,7 @@ def scap_sparse_matmul_nbits(
     if zero_points is not None and zero_points.shape != (kb, n):
         raise ValueError(f"zero_points must have shape ({kb}, {n}), got {zero_points.shape}")
     w = dequantize_packed(b_packed, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
-    return scap_sparse_matmul(a, w, bias, threshold=threshold, offset=offset)
+    return scap_sparse_matmul(a, w, bias, threshold_scale, channel_offset, threshold=threshold, offset=offset)
 
 
 class ScapSparseMatMulNBits(OpRun):
@@ -107,9 +134,10 @@ class ScapSparseMatMulNBits(OpRun):
     op_domain = DOMAIN
     op_type = OP_TYPE_NBITS
 
-    def _run(self, a, b_packed, scales, zero_points=None, bias=None, K=None, N=None, bits=None,  # noqa: N803
-             block_size=None, threshold=None, offset=0.0):
+    def _run(self, a, b_packed, scales, zero_points=None, bias=None, threshold_scale=None,  # noqa: N803
+             channel_offset=None, K=None, N=None, bits=None, block_size=None, threshold=None, offset=0.0):
         if None in (K, N, bits, block_size, threshold):
             raise ValueError("ScapSparseMatMulNBits requires the K, N, bits, block_size and threshold attributes")
-        return (scap_sparse_matmul_nbits(a, b_packed, scales, zero_points, bias, k=K, n=N, bits=bits,
+        return (scap_sparse_matmul_nbits(a, b_packed, scales, zero_points, bias, threshold_scale, channel_offset,
+                                         k=K, n=N, bits=bits,
                                          block_size=block_size, threshold=threshold, offset=offset),)

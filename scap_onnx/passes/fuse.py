@@ -1,11 +1,14 @@
 """Fuse ScapSparseMatMul nodes that sparsify one input the same way into one node.
 
-Targets that read one activation with one threshold and offset (Llama's gate and up projections;
-q, k and v at one sparsity) drop the same elements, so they skip the same weight rows. One node
+Targets that read one activation with one threshold and offset, and equal per-channel vectors
+(threshold_scale, channel_offset: both absent, or constants of equal values) (Llama's gate and up
+projections; q, k and v at one sparsity) drop the same elements, so they skip the same weight rows. One node
 over their weights side by side, followed by a Split, sparsifies the input once and streams each
 kept row of all the weights in one pass:
 
     Y_i = ScapSparseMatMul(X, B_i, b_i)   ->   [Y_1, Y_2] = Split(ScapSparseMatMul(X, [B_1 B_2], [b_1 b_2]))
+
+(the first member's vectors, equal to the others', go to the fused node as they are).
 
 (SmolLM2's decode step with gate and up fused: 4-19% shorter than with them apart, in four
 interleaved runs; docs/results.md.) The fused weight is concatenated only when the model is
@@ -52,8 +55,9 @@ def fuse_shared_inputs(model: ir.Model) -> int:
 
 def _fusion_key(node: ir.Node) -> tuple | None:
     """Nodes with equal keys drop the same elements of the same input: one id of A, threshold,
-    offset and weight type. None for nodes that cannot take part (B not an initializer, e.g. the
-    Transpose the rewriter puts on a Gemm's transB weight, or a bias that is not one)."""
+    offset, per-channel vectors (their bytes) and weight type. None for nodes that cannot take part
+    (B not an initializer, e.g. the Transpose the rewriter puts on a Gemm's transB weight, or a bias
+    or per-channel vector that is not one)."""
     if not contract.is_float_node(node) or len(contract.targets_of(node)) != 1:  # NBits nodes stay apart
         return None
     a, b = node.inputs[0], node.inputs[1]
@@ -62,9 +66,19 @@ def _fusion_key(node: ir.Node) -> tuple | None:
         return None
     if bias is not None and (bias.const_value is None or len(bias.const_value.shape) != 1 or bias.is_graph_input()):
         return None
+    vectors = []
+    for v in _channel_inputs(node):
+        if v is not None and (v.const_value is None or v.is_graph_input()):
+            return None
+        vectors.append(None if v is None else v.const_value.numpy().astype("<f4").tobytes())
     threshold = node.attributes["threshold"].value
     offset = node.attributes["offset"].value if "offset" in node.attributes else 0.0
-    return (id(a), float(threshold), float(offset), b.const_value.dtype, int(b.const_value.shape[0]))
+    return (id(a), float(threshold), float(offset), *vectors, b.const_value.dtype, int(b.const_value.shape[0]))
+
+
+def _channel_inputs(node: ir.Node) -> list[ir.Value | None]:
+    """The node's threshold_scale and channel_offset values (None where absent)."""
+    return [node.inputs[i] if len(node.inputs) > i else None for i in contract.CHANNEL_INPUTS[OP_TYPE]]
 
 
 def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: int) -> None:
@@ -82,13 +96,16 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
     w_val.type = ir.TensorType(dtype)
     w_val.shape = ir.Shape([depth, sum(widths)])
     graph.register_initializer(w_val)
-    inputs = [members[0].inputs[0], w_val]
+    bias = None
     if any(len(m.inputs) > 2 and m.inputs[2] is not None for m in members):
         np_dtype = dtype.numpy()
         parts = [m.inputs[2].const_value.numpy().astype(np_dtype) if len(m.inputs) > 2 and m.inputs[2] is not None
                  else np.zeros(w, np_dtype) for m, w in zip(members, widths)]
-        inputs.append(new_initializer(graph, unique_name(members[0].inputs[1].name + "/scap_fused_bias", used_names),
-                                      np.concatenate(parts)))
+        bias = new_initializer(graph, unique_name(members[0].inputs[1].name + "/scap_fused_bias", used_names),
+                               np.concatenate(parts))
+    inputs = [members[0].inputs[0], w_val, bias, *_channel_inputs(members[0])]
+    while inputs[-1] is None:
+        inputs.pop()
     names = [t for m in members for t in contract.targets_of(m)]
     fused = ir.Node(DOMAIN, OP_TYPE, inputs, attributes=list(members[0].attributes.values()),
                     name=unique_name(" + ".join(names), used_names), num_outputs=1,
@@ -106,7 +123,7 @@ def _fuse(graph: ir.Graph, members: list[ir.Node], used_names: set[str], opset: 
         split = ir.Node("", "Split", [fused.outputs[0]],
                         attributes=[ir.AttrInt64("axis", -1), ir.AttrInt64s("split", widths)],
                         name=split_name, num_outputs=len(members))
-    old_weights = [m.inputs[1] for m in members] + [m.inputs[2] for m in members if len(m.inputs) > 2]
+    old_weights = [m.inputs[1] for m in members] + [v for m in members for v in m.inputs[2:]]
     # The new nodes go where the first member was: every consumer of a member comes after it.
     ir.convenience.replace_nodes_and_values(graph, members[0], members, [fused, split],
                                             [m.outputs[0] for m in members], list(split.outputs))

@@ -5,6 +5,10 @@ stays memory-mapped; weights are read only to fold biases):
 
     Y = X @ B (+ b)   ->   ScapSparseMatMul(X, B, b + offset * colsum(B)), threshold, offset
 
+With per-channel vectors in the plan (threshold_scale, channel_offset: float32 [K]) they become
+initializers read by the op's inputs 3 and 4 (ScapSparseMatMulNBits: 5 and 6), and the folded bias is
+b + (offset + channel_offset) @ B.
+
 The folded bias makes the new node compute the original function wherever nothing is dropped
 (shared/DESIGN.md). A MatMulNBits becomes a ScapSparseMatMulNBits over its weights repacked
 (scap_onnx.op.nbits; computed when the model is saved, one weight at a time), its folded bias from
@@ -60,11 +64,13 @@ class ScapRewritePass(ir.passes.InPlacePass):
         self.rewritten = []
         norms: dict[int, tuple[ir.Value, ir.Value, list[str]]] = {}  # id of x -> (x / n, n, node names)
         opset = model.opset_imports.get("", 13)
-        for name, (threshold, offset, token_scaled) in ((k, (v.threshold, v.offset, v.token_scaled))
-                                                         for k, v in self.plan.items()):
+        for name, s in self.plan.items():
+            threshold, offset, token_scaled = s.threshold, s.offset, s.token_scaled
             if not (np.isfinite(threshold) and threshold >= 0 and np.isfinite(offset)):
                 raise ScapError(f"target {name!r}: invalid threshold {threshold} / offset {offset}")
             t = targets[name]
+            _check_vectors(name, t, s)
+            centred = offset != 0.0 or s.channel_offset is not None
             mm = nodes[name]
             a_val = mm.inputs[0]
             new_nodes = []
@@ -96,11 +102,15 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 after = [("Mul", "scap_token_scale", norm)]
                 if bias_val is not None:
                     after.append(("Add", "scap_bias_add", bias_val))
-                bias_val = _folded_bias(graph, view, t, offset, None, used_names) if offset != 0.0 else None
-            elif offset != 0.0 or not _is_vector(graph, view, bias_val, t.n):
-                bias_val = _folded_bias(graph, view, t, offset, bias_val, used_names)
-            inputs = [a_in, *weight_inputs] + ([bias_val] if bias_val is not None else [])
-            while inputs[-1] is None:  # an absent zero point before no bias
+                bias_val = _folded_bias(graph, view, t, s, None, used_names) if centred else None
+            elif centred or not _is_vector(graph, view, bias_val, t.n):
+                bias_val = _folded_bias(graph, view, t, s, bias_val, used_names)
+            vectors = [None if v is None else
+                       new_initializer(graph, unique_name(f"{t.weight}/scap_{label}", used_names), v)
+                       for label, v in (("threshold_scale", s.scale_array()),
+                                        ("channel_offset", s.channel_offset_array()))]
+            inputs = [a_in, *weight_inputs, bias_val, *vectors]
+            while inputs[-1] is None:  # absent optional inputs at the end
                 inputs.pop()
             fused = f"; fused bias Add {t.bias_add!r}" if t.bias_add is not None else ""
             new = ir.Node(
@@ -215,14 +225,34 @@ def _is_vector(graph: ir.Graph, view: GraphView, bias_val: ir.Value | None, n: i
     return bias_val is None or _const_array(graph, view, bias_val).shape == (n,)
 
 
-def _folded_bias(graph: ir.Graph, view: GraphView, t: Target, offset: float, bias_val: ir.Value | None,
+def _check_vectors(name: str, t: Target, s: Sparsification) -> None:
+    """ScapError for per-channel vectors of a plan entry that the op would reject, or a channel
+    offset that is not finite (it is folded into the bias)."""
+    try:
+        contract.check_channel_vectors(t.k, s.scale_array(), s.channel_offset_array())
+    except ValueError as e:
+        raise ScapError(f"target {name!r}: {e}") from None
+    if s.channel_offset is not None and not np.isfinite(s.channel_offset_array()).all():
+        raise ScapError(f"target {name!r}: channel_offset must be finite")
+
+
+# Rows of the weight per float64 product when folding a per-channel centre (bounds the copy).
+_FOLD_ROWS = 1024
+
+
+def _folded_bias(graph: ir.Graph, view: GraphView, t: Target, s: Sparsification, bias_val: ir.Value | None,
                  used_names: set[str]) -> ir.Value:
-    """A new [N] initializer: bias + offset * (column sums of the weight as float32 [K, N], a
-    MatMulNBits weight dequantised)."""
+    """A new [N] initializer: bias + (offset + channel_offset) @ W, W the weight as float32 [K, N] (a
+    MatMulNBits weight dequantised); a scalar centre times W's column sums."""
     folded = np.zeros(t.n, np.float64)
-    if offset != 0.0:
+    centre = s.centre()
+    if np.any(centre != 0.0):
         w = weight_kn(t, lambda name: _constant_tensor(graph, name).numpy())
-        folded += np.float64(offset) * w.sum(axis=0, dtype=np.float64)
+        if centre.ndim == 0:
+            folded += centre * w.sum(axis=0, dtype=np.float64)
+        else:
+            for k0 in range(0, t.k, _FOLD_ROWS):
+                folded += centre[k0:k0 + _FOLD_ROWS] @ w[k0:k0 + _FOLD_ROWS].astype(np.float64)
         del w
     if bias_val is not None:
         folded += _const_array(graph, view, bias_val).astype(np.float64).reshape(t.n)
