@@ -30,8 +30,9 @@ _ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.Tensor
 
 def fc_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every MatMul / Gemm weight that is a constant 2-D tensor, also through Identity,
-    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose), and of every
-    MatMulNBits' codes: what a decode step streams from memory for its fully-connected layers."""
+    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose), of every
+    MatMulNBits' codes and every MatMul's QDQ weight (a DequantizeLinear of a constant): what a
+    decode step streams from memory for its fully-connected layers."""
     view = GraphView.from_proto(model)
     total = 0
     for n in view.nodes:
@@ -41,6 +42,8 @@ def fc_weight_bytes(model: onnx.ModelProto) -> int:
         if n.op_type not in ("MatMul", "Gemm") or len(n.inputs) < 2 or view.resolve(n.inputs[0]) is not None:
             continue
         origin = view.resolve(n.inputs[1])
+        if origin is None and n.op_type == "MatMul" and (dq := view.dequantized(n.inputs[1])) is not None:
+            origin = dq.x
         if origin is None:
             continue
         dims, elem = view.initializers[origin.name]

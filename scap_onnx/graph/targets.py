@@ -14,6 +14,14 @@ has no ``g_idx``: K, N, bits and block_size come from its attributes, the dtype 
 (of A's type), its optional bias input is carried like a Gemm's C. ``weight_format`` says how a
 target's weight is stored ("float32", "int4 block 32", "int4 block 32 asym" with zero points).
 
+A MatMul whose B is an int8 or uint8 constant dequantised by a DequantizeLinear (QDQ, as
+onnxruntime.quantization's quantize_static writes weights), per tensor or per output column, with
+constant scales and zero points, through the Identity and Transpose nodes GraphView follows, is a
+target too: ``weight`` is the quantized constant (``trans_b`` when it is stored [N, K]),
+``scales`` and ``zero_points`` the DequantizeLinear's, ``bits`` 8 and ``block_size`` the block the
+rewrite repacks it in (:func:`qdq_block_size`). Block-wise DequantizeLinear (``block_size``), other
+integer types and non-constant scales are not (:func:`unsupported_weights` says why).
+
 Works on an ``onnx.ModelProto`` (weights not needed: load with ``load_external_data=False``) and
 on an ``onnx_ir.Model`` through the small :class:`GraphView` adapter.
 """
@@ -39,10 +47,13 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", 
 DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head", "router"})
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+_ELEM_OF = {v: k for k, v in _FLOAT_TYPES.items()}
 #: What ScapSparseMatMulNBits takes (scap_onnx.op.nbits checks its nodes by these).
 NBITS_BITS = (4, 8)
 NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
 MATMUL_NBITS = "MatMulNBits"
+#: Quantized types of a DequantizeLinear weight that are targets (repacked as 8-bit codes).
+QDQ_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
 
 
 @dataclass(frozen=True)
@@ -62,19 +73,32 @@ class Target:
     bias_add: str | None = None  # name of that Add node (None for Gemm's C)
     bias_output: str | None = None  # output of that Add node
     op: str = "MatMul"  # "MatMul" | "Gemm" | "MatMulNBits"
-    trans_b: bool = False  # Gemm with transB = 1: the weight is stored [N, K]
-    weight_format: str = ""  # "float32" | "float16" | "int4 block 32" | "int8 block 128 asym" ...
-    # MatMulNBits only: B above holds the codes (onnxruntime's layout), with these
+    trans_b: bool = False  # the weight is stored [N, K] (Gemm with transB = 1, a QDQ weight transposed)
+    weight_format: str = ""  # "float32" | "float16" | "int4 block 32" | "int8 block 128 asym" | "int8 per-channel QDQ"
+    # Quantized weights only (MatMulNBits, or a MatMul's QDQ weight): B above holds the codes (in
+    # onnxruntime's layout), with these; for QDQ, block_size is the one the rewrite repacks in
     bits: int | None = None
     block_size: int | None = None
     scales: str | None = None
     zero_points: str | None = None
 
     @property
+    def quantized(self) -> bool:
+        """Rewritten to ScapSparseMatMulNBits: a MatMulNBits or a MatMul with a QDQ weight."""
+        return self.bits is not None
+
+    @property
+    def qdq(self) -> bool:
+        """A MatMul whose B is a DequantizeLinear of a constant int8 / uint8 weight."""
+        return self.bits is not None and self.op != MATMUL_NBITS
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of the weight's values (the codes of a quantized weight; scales not counted)."""
-        if self.bits is not None:
+        if self.op == MATMUL_NBITS:
             return self.n * -(-self.k // self.block_size) * self.block_size * self.bits // 8
+        if self.qdq:
+            return self.k * self.n
         return self.k * self.n * (2 if self.dtype == "float16" else 4)
 
     def to_dict(self) -> dict:
@@ -253,6 +277,49 @@ def _matmul_nbits(view: GraphView, n: Node) -> tuple[dict | None, str | None]:
                 weight_format=fmt, bits=bits, block_size=block, scales=scales, zero_points=zp), None
 
 
+def qdq_block_size(k: int) -> int:
+    """The block a per-tensor or per-channel QDQ weight is repacked in: scales repeat per block, so
+    the largest block the op takes (256: 4 bytes of scale per 256 codes) or, for a smaller K, the
+    smallest power of two that holds all of K."""
+    return next((b for b in NBITS_BLOCK_SIZES if b >= k), NBITS_BLOCK_SIZES[-1])
+
+
+def _qdq_weight(view: GraphView, b_in: str) -> tuple[dict | None, str | None]:
+    """(the Target fields of a QDQ weight read as MatMul's B, None) when it is a target; (None, why
+    not) when it is a constant weight scap-onnx cannot take; (None, None) when B is no
+    DequantizeLinear of a constant (an activation, as in attention's QDQ MatMuls)."""
+    dq = view.dequantized(b_in)
+    if dq is None:
+        return None, None
+    dims, xtype = view.initializers[dq.x.name]
+    if len(dims) != 2:
+        return None, None
+    if xtype not in QDQ_TYPES:
+        tname = onnx.TensorProto.DataType.Name(xtype).lower()
+        return None, f"has {tname} DequantizeLinear weights (int8 and uint8 are supported)"
+    if int(dq.node.attr("block_size", 0)):
+        return None, f"has a block-wise DequantizeLinear (block_size = {int(dq.node.attr('block_size', 0))}), " \
+                     "which is not supported"
+    ins = list(dq.node.inputs) + [""]
+    scales, zp = view.constant(ins[1]), (view.constant(ins[2]) if ins[2] else None)
+    if scales is None or (ins[2] and zp is None):
+        return None, "has DequantizeLinear scales or zero points that are not constants"
+    stype = view.initializers[scales][1]
+    if stype not in _FLOAT_TYPES:
+        return None, "has DequantizeLinear scales that are neither float32 nor float16"
+    k, n_cols = (dims[1], dims[0]) if dq.transposes % 2 else (dims[0], dims[1])
+    n_axis = 0 if sum(op == "Transpose" for op in dq.after) % 2 else 1  # N's axis in the DequantizeLinear's input
+    axis = int(dq.node.attr("axis", 1)) % 2
+    size = int(np.prod(view.initializers[scales][0]))
+    if size != 1 and (axis != n_axis or tuple(view.initializers[scales][0]) != (n_cols,)):
+        return None, "has a DequantizeLinear per input channel (scales along K), which is not supported"
+    if zp is not None and (view.initializers[zp][1] != xtype or int(np.prod(view.initializers[zp][0])) != size):
+        return None, "has DequantizeLinear zero points that do not match its weight and scales"
+    fmt = f"{QDQ_TYPES[xtype]} per-{'tensor' if size == 1 else 'channel'} QDQ"
+    return dict(weight=dq.x.name, k=int(k), n=int(n_cols), dtype=_FLOAT_TYPES[stype], trans_b=bool(dq.transposes % 2),
+                weight_format=fmt, bits=8, block_size=qdq_block_size(int(k)), scales=scales, zero_points=zp), None
+
+
 def find_all_targets(view: GraphView) -> list[Target]:
     """Every MatMul (or equivalent Gemm) with a constant 2-D float B, and every MatMulNBits that
     ScapSparseMatMulNBits can replace, in graph order, lm_head included."""
@@ -279,6 +346,15 @@ def find_all_targets(view: GraphView) -> list[Target]:
         else:
             continue
         b = view.constant(b_in)
+        if b is None and n.op_type == "MatMul" and view.constant(a) is None:
+            fields, _ = _qdq_weight(view, b_in)
+            if fields is not None:
+                bias, bias_add, bias_output = _following_bias(view, consumers, out, fields["n"],
+                                                              _ELEM_OF[fields["dtype"]])
+                role, layer = _classify([n.name, out, fields["weight"]])
+                targets.append(Target(name=n.name or out, input=a, output=out, role=role, layer=layer, bias=bias,
+                                      bias_add=bias_add, bias_output=bias_output, **fields))
+            continue
         if b is None or view.constant(a) is not None:
             continue
         dims, dtype = view.initializers[b]
@@ -347,14 +423,29 @@ _QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "Ma
                   "DequantizeLinear", "GatherBlockQuantized")
 
 
-def _why_no_targets(view: GraphView) -> str:
-    """A hint for models whose MatMuls scap-onnx cannot see: MatMulNBits it cannot take (the first
-    named), other quantized ones, or ones in subgraphs."""
+def unsupported_weights(view: GraphView) -> list[tuple[str, str, str]]:
+    """(op, node name, why) of every quantized weight MatMul that is no target and stays dense: a
+    MatMulNBits or a MatMul's QDQ weight of a form ScapSparseMatMulNBits cannot take."""
+    found = []
     for n in view.nodes:
+        why = None
         if n.op_type == MATMUL_NBITS and n.domain == "com.microsoft":
             why = _matmul_nbits(view, n)[1]
-            if why is not None:
-                return f"; MatMulNBits {n.name or n.outputs[0]!r} {why}"
+        elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and len(n.inputs) == 2 \
+                and view.constant(n.inputs[0]) is None:
+            why = _qdq_weight(view, n.inputs[1])[1]
+        if why is not None:
+            found.append((n.op_type, n.name or n.outputs[0], why))
+    return found
+
+
+def _why_no_targets(view: GraphView) -> str:
+    """A hint for models whose MatMuls scap-onnx cannot see: quantized weights it cannot take (the
+    first named), other quantized ops, or MatMuls in subgraphs."""
+    unsupported = unsupported_weights(view)
+    if unsupported:
+        op, name, why = unsupported[0]
+        return f"; {op} {name!r} {why}"
     ops = [n.op_type for n in view.nodes]
     quantized = sorted({op for op in ops if op in _QUANTIZED_OPS})
     if quantized:
@@ -383,6 +474,6 @@ def find_targets(model, patterns: str | Sequence[str] | None = None, *, require:
         if not all_targets or patterns is None:
             besides = f" besides {', '.join(sorted({t.role for t in all_targets}))}" if all_targets else ""
             raise ScapError(f"the model has no target MatMuls{besides} (a MatMul or Gemm whose B is a constant "
-                            "2-D float initializer, or a 4- or 8-bit MatMulNBits)" + _why_no_targets(view))
+                            "2-D float initializer or an int8 DequantizeLinear of one, or a 4- or 8-bit MatMulNBits)" + _why_no_targets(view))
         raise ScapError(f"--targets {patterns!r} matches none of the model's {len(all_targets)} target MatMuls")
     return chosen
