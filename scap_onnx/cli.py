@@ -31,7 +31,8 @@ from .evaluation.validate import default_report_path, targets_from_spec, validat
 from .experiments import demo, sweep, sweep_report
 from .graph.fileio import check_output_file, same_file
 from .graph.model_io import load_proto
-from .graph.targets import find_targets, group_sites, unsupported_weights
+from .graph.quantized import unsupported_weights
+from .graph.targets import find_targets, group_sites
 from .graph.view import GraphView
 from .op.contract import node_attribute, scap_nodes, targets_of
 from .progress import make_progress

@@ -36,7 +36,8 @@ from conftest import SMOL_SPEC, run_cli
 from scap_onnx.calibration.data import open_data
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.graph.model_io import ModelSource, load_model, save_model
-from scap_onnx.graph.targets import find_all_targets, find_targets, unsupported_weights
+from scap_onnx.graph.quantized import unsupported_weights
+from scap_onnx.graph.targets import find_all_targets, find_targets
 from scap_onnx.graph.view import GraphView
 from scap_onnx.op.contract import OP_TYPE_NBITS, scap_nodes
 from scap_onnx.op.nbits import dequantize_packed, weight_kn
@@ -229,22 +230,28 @@ def test_threshold_zero_gives_the_qdq_logits(tiny_qdq, kind, tmp_path):
 
 
 @needs_library
-@pytest.mark.parametrize("zero_point", [0, 7])
+@pytest.mark.parametrize("dtype, zero_point", [(np.int8, 0), (np.int8, 7), (np.int8, None), (np.uint8, 128),
+                                               (np.uint8, 3), (np.uint8, None)])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, zero_point):
-    """One MatMul over a DequantizeLinear (int8, a zero point of 0 or not, stored [N, K] behind a
-    Transpose) with a bias Add, rewritten with an offset: at threshold 0 the dense output; with a
-    threshold, the op's drop rule over the same dequantised weight."""
+def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, dtype, zero_point):
+    """One MatMul over a DequantizeLinear (int8 or uint8, a zero point given or not, stored [N, K]
+    behind a Transpose) with a bias Add, rewritten with an offset: at threshold 0 the dense output;
+    with a threshold, the op's drop rule over the same dequantised weight."""
     rng = np.random.default_rng(0)
     k, n = 80, 40
-    q = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    info = np.iinfo(dtype)
+    q = rng.integers(info.min, info.max + 1, (n, k)).astype(dtype)
     scale = (rng.random(n if per_channel else 1) * 0.05 + 0.01).astype(np.float32)
-    zp = np.full(scale.shape, zero_point, np.int8)
+    zp = np.full(scale.shape, zero_point or 0, dtype)
     if not per_channel:
         scale, zp = scale.reshape(()), zp.reshape(())
     inits = [numpy_helper.from_array(q, "W_q"), numpy_helper.from_array(scale, "W_scale"),
-             numpy_helper.from_array(zp, "W_zp"), numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
-    nodes = [helper.make_node("DequantizeLinear", ["W_q", "W_scale", "W_zp"], ["W_nk"], axis=0),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
+    dq_inputs = ["W_q", "W_scale"]
+    if zero_point is not None:
+        inits.append(numpy_helper.from_array(zp, "W_zp"))
+        dq_inputs.append("W_zp")
+    nodes = [helper.make_node("DequantizeLinear", dq_inputs, ["W_nk"], axis=0),
              helper.make_node("Transpose", ["W_nk"], ["W"], perm=[1, 0]),
              helper.make_node("MatMul", ["X", "W"], ["XW"], name="/model/layers.0/mlp/up_proj/MatMul"),
              helper.make_node("Add", ["XW", "b"], ["Y"], name="/model/layers.0/mlp/up_proj/Add")]
@@ -254,16 +261,19 @@ def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, ze
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model))
     (t,) = find_targets(onnx.load(str(model)))
     assert t.trans_b and t.bias == "b" and (t.k, t.n, t.block_size) == (k, n, 128)
+    assert t.weight_format == f"{np.dtype(dtype).name} per-{'channel' if per_channel else 'tensor'} QDQ"
     rewritten, done = rewrite_model(load_model(model), {t.name: (0.0, 0.75)})
     save_model(rewritten, tmp_path / "s.onnx")
     proto = onnx.load(str(tmp_path / "s.onnx"))
     (node,) = proto.graph.node  # the DequantizeLinear, Transpose and Add are gone
     arr = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    assert node.op_type == OP_TYPE_NBITS and (len(node.input) > 3 and node.input[3] != "") == (zero_point != 0)
+    # the op's default zero point 128 is that of int8 codes with z = 0
+    default = (zero_point or 0) + (128 if dtype == np.int8 else 0) == 128
+    assert node.op_type == OP_TYPE_NBITS and (len(node.input) > 3 and node.input[3] != "") != default
     assert not {"W_q", "W_scale", "W_zp", "b"} & set(arr)
     w = dequantize_packed(arr[node.input[1]], arr[node.input[2]], arr[node.input[3]] if node.input[3] else None,
                           k=k, n=n, bits=8, block_size=128)
-    np.testing.assert_array_equal(w, ((q.astype(np.float32) - np.float32(zero_point)) * scale.reshape(-1, 1)).T)
+    np.testing.assert_array_equal(w, ((q.astype(np.float32) - np.float32(zero_point or 0)) * scale.reshape(-1, 1)).T)
     x = rng.standard_normal((5, k)).astype(np.float32) + 0.75
     dense = open_session(model, options=_float_options(), use_library=False).run(None, {"X": x})[0]
     sparse = open_session(proto, use_library=True).run(None, {"X": x})[0]

@@ -18,7 +18,8 @@ import onnx
 from ..calibration.capture import build_capture_model, CAPTURE_PREFIX
 from ..errors import ScapError
 from ..graph.model_io import ModelSource
-from ..graph.targets import MATMUL_NBITS, layer_of, role_of
+from ..graph.quantized import MATMUL_NBITS
+from ..graph.targets import layer_of, role_of
 from ..graph.view import GraphView
 from ..op.contract import OP_TYPE, is_float_node, node_attribute, scap_nodes, targets_of
 from ..op.session import base_options, open_session, run_session

@@ -63,14 +63,9 @@ class Dequantized:
 
     @property
     def transposes(self) -> int:
-        """How many 2-D transposes lie between the stored constant and the value."""
+        """How many Transpose nodes lie between the stored constant and the value (odd: a weight
+        read as [K, N] is stored [N, K])."""
         return sum(op == "Transpose" for op in (*self.x.through, *self.after))
-
-
-def _proto_attr(a: onnx.AttributeProto):
-    if a.type == onnx.AttributeProto.FLOAT:
-        return a.f
-    return tuple(a.ints) if a.type == onnx.AttributeProto.INTS else a.i
 
 
 @dataclass
@@ -96,7 +91,8 @@ class GraphView:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         inits[n.output[0]] = (tuple(int(d) for d in a.t.dims), a.t.data_type)
         nodes = [Node(n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output),
-                      tuple((a.name, _proto_attr(a)) for a in n.attribute if a.name in _ATTRS)) for n in g.node]
+                      tuple((a.name, a.f if a.type == onnx.AttributeProto.FLOAT else a.i)
+                            for a in n.attribute if a.name in _ATTRS)) for n in g.node]
         return cls(nodes, inits, {o.name for o in g.output})._index()
 
     @classmethod
@@ -120,8 +116,7 @@ class GraphView:
                     n.domain,
                     tuple(v.name if v is not None else "" for v in n.inputs),
                     tuple(v.name for v in n.outputs),
-                    tuple((k, tuple(a.value) if isinstance(a.value, (list, tuple)) else a.value)
-                          for k, a in n.attributes.items() if k in _ATTRS),
+                    tuple((k, a.value) for k, a in n.attributes.items() if k in _ATTRS),
                 )
             )
         return cls(nodes, inits, {o.name for o in g.outputs})._index()

@@ -32,7 +32,8 @@ import onnx
 from onnx import helper
 
 from ..errors import ScapError
-from ..graph.targets import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES, Target
+from ..graph.quantized import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES
+from ..graph.targets import Target
 from .contract import DOMAIN, OP_TYPE_NBITS, check_attributes
 
 
@@ -171,10 +172,11 @@ def qdq_scales(scale, *, k: int, n: int, block_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(scale, (k_blocks(k, block_size), n)))
 
 
-def qdq_zero_points(zero_point, *, k: int, n: int, block_size: int) -> np.ndarray | None:
-    """A DequantizeLinear's int8 / uint8 zero point (one, or one per output column) -> uint8
-    [k_blocks, N] (int8 z -> z + 128); None when every one is 128, the op's default."""
-    zp = np.asarray(zero_point).reshape(-1)
+def qdq_zero_points(zero_point, x_dtype, *, k: int, n: int, block_size: int) -> np.ndarray | None:
+    """A DequantizeLinear's int8 / uint8 zero point (one, or one per output column; None: its
+    default, 0 of the weight's type ``x_dtype``) -> uint8 [k_blocks, N] (int8 z -> z + 128); None
+    when every one is 128, the op's default."""
+    zp = np.zeros(1, x_dtype) if zero_point is None else np.asarray(zero_point).reshape(-1)
     if zp.dtype not in (np.int8, np.uint8) or zp.size not in (1, n):
         raise ScapError(f"QDQ zero points must be 1 or N = {n} int8 / uint8 values, got {zp.dtype} {zp.size}")
     zp = zp.view(np.uint8) ^ np.uint8(0x80) if zp.dtype == np.int8 else zp
@@ -191,9 +193,7 @@ def unpack_qdq(x, scale, zero_point, *, k: int, n: int, block_size: int, trans: 
     if q.shape != (k, n):
         raise ScapError(f"QDQ weight of shape {np.shape(x)} is not [K, N] = [{k}, {n}]")
     shape = dict(k=k, n=n, block_size=block_size)
-    if zero_point is None:  # DequantizeLinear's default: 0 of x's type
-        zero_point = np.zeros(1, np.asarray(x).dtype)
-    return q, qdq_scales(scale, **shape), qdq_zero_points(zero_point, **shape)
+    return q, qdq_scales(scale, **shape), qdq_zero_points(zero_point, np.asarray(x).dtype, **shape)
 
 
 def quantized_weights(target: Target, read):

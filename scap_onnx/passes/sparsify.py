@@ -28,7 +28,8 @@ import onnx_ir as ir
 
 from ..errors import ScapError
 from ..graph.builder import IrBuilder, new_initializer, unique_name
-from ..graph.targets import MATMUL_NBITS, Target, find_all_targets
+from ..graph.quantized import MATMUL_NBITS
+from ..graph.targets import Target, find_all_targets
 from ..graph.view import GraphView
 from ..op import contract
 from ..op.contract import DOMAIN, OP_TYPE, OP_TYPE_NBITS, OPSET_VERSION, Sparsification
@@ -211,8 +212,7 @@ def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value
     b, scales = _constant_tensor(graph, t.weight), _constant_tensor(graph, t.scales)
     zp = _constant_tensor(graph, t.zero_points) if t.zero_points else None
     if t.qdq:
-        zero = zp.numpy() if zp is not None else np.zeros(1, b.dtype.numpy())
-        zp_arr = qdq_zero_points(zero, **shape)
+        zp_arr = qdq_zero_points(zp.numpy() if zp is not None else None, b.dtype.numpy(), **shape)
         codes = lambda: qdq_codes(b.numpy(), trans=t.trans_b)
         scales_of = lambda: qdq_scales(scales.numpy(), **shape)
         zp_of = None if zp_arr is None else (lambda: zp_arr)
