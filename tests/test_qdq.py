@@ -313,6 +313,20 @@ def test_calibrate_rewrite_validate_through_the_cli(tiny_qdq, kind, tmp_path):
     assert 0 < r["sparsity"]["weighted"] < 1
 
 
+@needs_library
+def test_validate_refuses_another_quantization(tiny_qdq, tmp_path):
+    """Pairing checks a rewritten QDQ weight's scales against its target's: the per-channel
+    model's rewrite does not pair with the per-tensor one (same graph names and shapes)."""
+    stats = tmp_path / "stats.json"
+    run_cli("calibrate", tiny_qdq["channel_w"], "--data", tiny_qdq["calib"], "--tokens", 512, "--seq-len", 64,
+            "--passes", 1, "-o", stats, check=True)
+    run_cli("rewrite", tiny_qdq["channel_w"], "--stats", stats, "-o", tmp_path / "s.onnx", check=True)
+    p = run_cli("validate", tiny_qdq["tensor_w"], tmp_path / "s.onnx", "--data", tiny_qdq["eval"], "--tokens", 128,
+                "--seq-len", 64)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "(its scales) differs" in lines[0], p.stderr
+
+
 # ----------------------------------------------------------------------------- forms that stay dense
 def _int4_qdq(src: Path, out: Path) -> Path:
     """MatMulNBitsQuantizer's QDQ format: block-wise int4 DequantizeLinear (block_size 32)."""
