@@ -31,7 +31,9 @@ from .evaluation.validate import default_report_path, targets_from_spec, validat
 from .experiments import demo, sweep, sweep_report
 from .graph.fileio import check_output_file, same_file
 from .graph.model_io import load_proto
+from .graph.quantized import unsupported_weights
 from .graph.targets import find_targets, group_sites
+from .graph.view import GraphView
 from .op.contract import channel_input_names, node_attribute, scap_nodes, targets_of
 from .progress import make_progress
 
@@ -234,9 +236,11 @@ def inspect(
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="With --stats: SPEC to show thresholds for."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """List target MatMuls: role, layer, K, N, bias, and which share an input."""
+    """List target MatMuls: role, layer, K, N, weight format, bias, and which share an input; and
+    quantized MatMuls that stay dense, with why."""
     proto = load_proto(model)
     existing = scap_nodes(proto)
+    dense = [{"op": op, "name": name, "why": why} for op, name, why in unsupported_weights(GraphView.from_proto(proto))]
     try:
         found = find_targets(proto, targets)
     except ScapError:
@@ -270,7 +274,7 @@ def inspect(
                   **{k: v is not None for k, v in zip(("threshold_scale", "channel_offset"), channel_input_names(n))}}
                  for n in existing]
     if as_json:
-        typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten}, indent=1))
+        typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten, "stay_dense": dense}, indent=1))
         return
     if rows:
         typer.echo(f"{len(rows)} targets, {len(sites)} distinct inputs")
@@ -291,6 +295,8 @@ def inspect(
         computed = sum(len(r["targets"]) for r in rewritten)
         ops = " + ".join(f"{c} {op}" for op, c in Counter(r["op"] for r in rewritten).items())
         typer.echo(f"{ops} nodes already in the model, computing {computed} targets")
+    for d in dense:  # quantized weights of a form the NBits op cannot take
+        typer.echo(f"stays dense: {d['op']} {d['name']!r} {d['why']}")
 
 
 @app.command("validate")

@@ -5,8 +5,9 @@ replaces and the activation they read; the pairing follows that, never node name
 target must be a MatMul or Gemm of DENSE reading that activation, and the node's weight must be the
 target's (the constant resolver of scap_onnx.graph.view follows Identity nodes and the rewriter's
 Transpose; the first bytes are compared, so a model of the same shape with other weights is refused).
-A ScapSparseMatMulNBits reads repacked weights: its attributes must be the MatMulNBits target's and
-its scales the target's, as scap_onnx.op.nbits repacks them (compared on the first block's).
+A ScapSparseMatMulNBits reads repacked weights: its attributes must be the quantized target's
+(MatMulNBits, or MatMul of a QDQ weight) and its scales the target's, as scap_onnx.op.nbits repacks
+them (compared on the first block's).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from onnx import numpy_helper
 from ..calibration.data import model_inputs
 from ..errors import ScapError
 from ..graph.model_io import has_external, load_proto, tensor_head
-from ..graph.targets import MATMUL_NBITS, Target, find_all_targets, layer_of, role_of
+from ..graph.targets import Target, find_all_targets, layer_of, role_of
 from ..graph.view import GraphView
 from ..op.contract import (OP_TYPE, TARGETS_KEY, channel_vectors, is_float_node, node_attribute, scap_nodes,
                            source_input_of, targets_of)
-from ..op.nbits import matmul_nbits_scales
+from ..op.nbits import matmul_nbits_scales, qdq_scales
 from .sparsity import fc_weight_bytes
 
 
@@ -142,10 +143,10 @@ class _Pairing:
             if t is None or t.input != activation:
                 raise self._mismatch(f"sparse node {node.name!r} replaces {m!r}, which is no MatMul or Gemm "
                                      f"reading {activation!r} in {self.dense.name}")
-        if (ts[0].op == MATMUL_NBITS) == is_float_node(node):
+        if ts[0].quantized == is_float_node(node):
             raise self._mismatch(f"sparse node {node.name!r} ({node.op_type}) cannot compute {members[0]!r}, a "
-                                 f"{ts[0].op} in {self.dense.name}")
-        if ts[0].op == MATMUL_NBITS:
+                                 f"{ts[0].op} of {ts[0].weight_format} weights in {self.dense.name}")
+        if ts[0].quantized:
             self._check_nbits_weight(node, ts[0])
         elif len(ts) == 1:
             self._check_weight(node, ts[0])
@@ -192,7 +193,7 @@ class _Pairing:
         if a is not None and b is not None:
             dense = numpy_helper.to_array(a, base_dir=str(self.dense.parent)) if has_external(a) \
                 else numpy_helper.to_array(a)
-            first = matmul_nbits_scales(dense, k=t.k, n=t.n, block_size=t.block_size)[0]
+            first = (qdq_scales if t.qdq else matmul_nbits_scales)(dense, k=t.k, n=t.n, block_size=t.block_size)[0]
             nbytes = min(64, 4 * t.n)
             if b.data_type != onnx.TensorProto.FLOAT or \
                     tensor_head(b, self.sparse.parent, nbytes) != np.ascontiguousarray(first).tobytes()[:nbytes]:

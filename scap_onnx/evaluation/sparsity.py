@@ -18,7 +18,8 @@ import onnx
 from ..calibration.capture import build_capture_model, CAPTURE_PREFIX
 from ..errors import ScapError
 from ..graph.model_io import ModelSource
-from ..graph.targets import MATMUL_NBITS, layer_of, role_of
+from ..graph.quantized import MATMUL_NBITS
+from ..graph.targets import layer_of, role_of
 from ..graph.view import GraphView
 from ..op.contract import OP_TYPE, channel_vectors, is_float_node, node_attribute, scap_nodes, targets_of
 from ..op.reference import drop_rule
@@ -31,8 +32,9 @@ _ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.Tensor
 
 def fc_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every MatMul / Gemm weight that is a constant 2-D tensor, also through Identity,
-    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose), and of every
-    MatMulNBits' codes: what a decode step streams from memory for its fully-connected layers."""
+    Transpose or Cast nodes (a tied lm_head reads the embedding through a Transpose), of every
+    MatMulNBits' codes and every MatMul's QDQ weight (a DequantizeLinear of a constant): what a
+    decode step streams from memory for its fully-connected layers."""
     view = GraphView.from_proto(model)
     total = 0
     for n in view.nodes:
@@ -42,6 +44,8 @@ def fc_weight_bytes(model: onnx.ModelProto) -> int:
         if n.op_type not in ("MatMul", "Gemm") or len(n.inputs) < 2 or view.resolve(n.inputs[0]) is not None:
             continue
         origin = view.resolve(n.inputs[1])
+        if origin is None and n.op_type == "MatMul" and (dq := view.dequantized(n.inputs[1])) is not None:
+            origin = dq.x
         if origin is None:
             continue
         dims, elem = view.initializers[origin.name]

@@ -8,11 +8,7 @@ that exporters (optimum / torch.onnx, transformers module paths) give nodes and 
 ``/model/layers.3/mlp/down_proj/MatMul`` or ``model.layers.3.mlp.down_proj.weight``. A MatMul
 followed by an Add of a constant 1-D bias of length N carries that bias (fused at rewrite time).
 
-onnxruntime's block-quantized ``MatMulNBits`` (com.microsoft) is a target too when its B, scales
-and zero points are constants, its bits and block_size are ones ScapSparseMatMulNBits takes and it
-has no ``g_idx``: K, N, bits and block_size come from its attributes, the dtype from its scales
-(of A's type), its optional bias input is carried like a Gemm's C. ``weight_format`` says how a
-target's weight is stored ("float32", "int4 block 32", "int4 block 32 asym" with zero points).
+Quantized weights (MatMulNBits, int8 QDQ) are targets too: scap_onnx.graph.quantized says which.
 
 Works on an ``onnx.ModelProto`` (weights not needed: load with ``load_external_data=False``) and
 on an ``onnx_ir.Model`` through the small :class:`GraphView` adapter.
@@ -30,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..errors import ScapError
+from .quantized import ELEM_OF, FLOAT_TYPES, MATMUL_NBITS, matmul_nbits_fields, qdq_fields, unsupported_weights
 from .view import GraphView, Node
 
 #: Roles in a stable order (also the order `inspect` prints them).
@@ -37,12 +34,6 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "lm_head", 
 #: Roles left out unless --targets asks for them: the output head, and MoE routers (a dropped
 #: input could change the experts chosen, for a saving of K x experts weights).
 DEFAULT_EXCLUDED_ROLES = frozenset({"lm_head", "router"})
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
-#: What ScapSparseMatMulNBits takes (scap_onnx.op.nbits checks its nodes by these).
-NBITS_BITS = (4, 8)
-NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
-MATMUL_NBITS = "MatMulNBits"
 
 
 @dataclass(frozen=True)
@@ -62,19 +53,32 @@ class Target:
     bias_add: str | None = None  # name of that Add node (None for Gemm's C)
     bias_output: str | None = None  # output of that Add node
     op: str = "MatMul"  # "MatMul" | "Gemm" | "MatMulNBits"
-    trans_b: bool = False  # Gemm with transB = 1: the weight is stored [N, K]
-    weight_format: str = ""  # "float32" | "float16" | "int4 block 32" | "int8 block 128 asym" ...
-    # MatMulNBits only: B above holds the codes (onnxruntime's layout), with these
+    trans_b: bool = False  # the weight is stored [N, K] (Gemm with transB = 1, a QDQ weight transposed)
+    weight_format: str = ""  # "float32" | "float16" | "int4 block 32" | "int8 block 128 asym" | "int8 per-channel QDQ"
+    # Quantized weights only (MatMulNBits, or a MatMul's QDQ weight): B above holds the codes (in
+    # onnxruntime's layout), with these; for QDQ, block_size is the one the rewrite repacks in
     bits: int | None = None
     block_size: int | None = None
     scales: str | None = None
     zero_points: str | None = None
 
     @property
+    def quantized(self) -> bool:
+        """Rewritten to ScapSparseMatMulNBits: a MatMulNBits or a MatMul with a QDQ weight."""
+        return self.bits is not None
+
+    @property
+    def qdq(self) -> bool:
+        """A MatMul whose B is a DequantizeLinear of a constant int8 / uint8 weight."""
+        return self.bits is not None and self.op != MATMUL_NBITS
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of the weight's values (the codes of a quantized weight; scales not counted)."""
-        if self.bits is not None:
+        if self.op == MATMUL_NBITS:
             return self.n * -(-self.k // self.block_size) * self.block_size * self.bits // 8
+        if self.qdq:
+            return self.k * self.n
         return self.k * self.n * (2 if self.dtype == "float16" else 4)
 
     def to_dict(self) -> dict:
@@ -218,41 +222,6 @@ def _following_bias(view: GraphView, consumers: dict[str, list[Node]], out: str,
     return const, u.name or u.outputs[0], u.outputs[0]
 
 
-def _matmul_nbits(view: GraphView, n: Node) -> tuple[dict | None, str | None]:
-    """(the Target fields of a MatMulNBits, None) when it is a target; (None, why not) when it is
-    one scap-onnx cannot take; (None, None) when it is not a weight MatMul at all."""
-    ins = list(n.inputs) + [""] * (6 - len(n.inputs))
-    a, b_in, s_in, zp_in, g_idx, bias_in = ins[:6]
-    b, scales = view.constant(b_in), view.constant(s_in)
-    if b is None or scales is None or view.constant(a) is not None:
-        return None, None
-    k, n_cols, bits, block = (int(n.attr(x, 0)) for x in ("K", "N", "bits", "block_size"))
-    if g_idx:
-        return None, "has g_idx (act-order), which is not supported"
-    if bits not in NBITS_BITS:
-        return None, f"has bits = {bits} (4 and 8 are supported)"
-    if block not in NBITS_BLOCK_SIZES:
-        return None, f"has block_size = {block} (powers of two from 16 to 256 are supported)"
-    stype = view.initializers[scales][1]
-    if stype not in _FLOAT_TYPES:
-        return None, "has scales that are neither float32 nor float16"
-    kb = -(-k // block) if k > 0 and n_cols > 0 else 0
-    zp = view.constant(zp_in) if zp_in else None
-    if zp_in and (zp is None or view.initializers[zp][1] != onnx.TensorProto.UINT8):
-        return None, "has zero points that are not a constant uint8 tensor"
-    sizes = [(b, n_cols * kb * block * bits // 8), (scales, n_cols * kb)] + \
-            ([(zp, n_cols * -(-kb * bits // 8))] if zp else [])
-    if not kb or any(int(np.prod(view.initializers[c][0])) != size for c, size in sizes):
-        return None, f"has weights whose sizes do not match K = {k}, N = {n_cols}, bits = {bits}"
-    bias = view.constant(bias_in) if bias_in else None
-    if bias_in and (bias is None or view.initializers[bias][1] != stype
-                    or int(np.prod(view.initializers[bias][0])) != n_cols):
-        return None, "has a bias that is not a constant [N] tensor"
-    fmt = f"int{bits} block {block}" + (" asym" if zp else "")
-    return dict(input=a, weight=b, k=k, n=n_cols, dtype=_FLOAT_TYPES[stype], bias=bias, op=MATMUL_NBITS,
-                weight_format=fmt, bits=bits, block_size=block, scales=scales, zero_points=zp), None
-
-
 def find_all_targets(view: GraphView) -> list[Target]:
     """Every MatMul (or equivalent Gemm) with a constant 2-D float B, and every MatMulNBits that
     ScapSparseMatMulNBits can replace, in graph order, lm_head included."""
@@ -265,7 +234,7 @@ def find_all_targets(view: GraphView) -> list[Target]:
     for n in view.nodes:
         out = n.outputs[0] if n.outputs else ""
         if n.op_type == MATMUL_NBITS and n.domain == "com.microsoft":
-            fields, _ = _matmul_nbits(view, n)
+            fields, _ = matmul_nbits_fields(view, n)
             if fields is not None:
                 role, layer = _classify([n.name, out, fields["weight"]])
                 targets.append(Target(name=n.name or out, output=out, role=role, layer=layer, **fields))
@@ -279,10 +248,19 @@ def find_all_targets(view: GraphView) -> list[Target]:
         else:
             continue
         b = view.constant(b_in)
+        if b is None and n.op_type == "MatMul" and view.constant(a) is None:
+            fields, _ = qdq_fields(view, b_in)
+            if fields is not None:
+                bias, bias_add, bias_output = _following_bias(view, consumers, out, fields["n"],
+                                                              ELEM_OF[fields["dtype"]])
+                role, layer = _classify([n.name, out, fields["weight"]])
+                targets.append(Target(name=n.name or out, input=a, output=out, role=role, layer=layer, bias=bias,
+                                      bias_add=bias_add, bias_output=bias_output, **fields))
+            continue
         if b is None or view.constant(a) is not None:
             continue
         dims, dtype = view.initializers[b]
-        if len(dims) != 2 or dtype not in _FLOAT_TYPES:
+        if len(dims) != 2 or dtype not in FLOAT_TYPES:
             continue
         k, n_cols = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
         if n.op_type == "Gemm":
@@ -304,13 +282,13 @@ def find_all_targets(view: GraphView) -> list[Target]:
                 layer=layer,
                 k=int(k),
                 n=int(n_cols),
-                dtype=_FLOAT_TYPES[dtype],
+                dtype=FLOAT_TYPES[dtype],
                 bias=bias,
                 bias_add=bias_add,
                 bias_output=bias_output,
                 op=n.op_type,
                 trans_b=trans_b,
-                weight_format=_FLOAT_TYPES[dtype],
+                weight_format=FLOAT_TYPES[dtype],
             )
         )
     return targets
@@ -348,13 +326,12 @@ _QUANTIZED_OPS = ("MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "Ma
 
 
 def _why_no_targets(view: GraphView) -> str:
-    """A hint for models whose MatMuls scap-onnx cannot see: MatMulNBits it cannot take (the first
-    named), other quantized ones, or ones in subgraphs."""
-    for n in view.nodes:
-        if n.op_type == MATMUL_NBITS and n.domain == "com.microsoft":
-            why = _matmul_nbits(view, n)[1]
-            if why is not None:
-                return f"; MatMulNBits {n.name or n.outputs[0]!r} {why}"
+    """A hint for models whose MatMuls scap-onnx cannot see: quantized weights it cannot take (the
+    first named), other quantized ops, or MatMuls in subgraphs."""
+    unsupported = unsupported_weights(view)
+    if unsupported:
+        op, name, why = unsupported[0]
+        return f"; {op} {name!r} {why}"
     ops = [n.op_type for n in view.nodes]
     quantized = sorted({op for op in ops if op in _QUANTIZED_OPS})
     if quantized:
@@ -383,6 +360,6 @@ def find_targets(model, patterns: str | Sequence[str] | None = None, *, require:
         if not all_targets or patterns is None:
             besides = f" besides {', '.join(sorted({t.role for t in all_targets}))}" if all_targets else ""
             raise ScapError(f"the model has no target MatMuls{besides} (a MatMul or Gemm whose B is a constant "
-                            "2-D float initializer, or a 4- or 8-bit MatMulNBits)" + _why_no_targets(view))
+                            "2-D float initializer or an int8 DequantizeLinear of one, or a 4- or 8-bit MatMulNBits)" + _why_no_targets(view))
         raise ScapError(f"--targets {patterns!r} matches none of the model's {len(all_targets)} target MatMuls")
     return chosen

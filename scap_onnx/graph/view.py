@@ -6,7 +6,8 @@ and the one resolver of constant weights.
 Constant nodes, with dims and element type) and graph outputs. :meth:`GraphView.resolve` follows a
 value back through the nodes that pass a constant on (Identity, Transpose, Cast) to the constant
 it comes from; every question of the form "which constant weight does this MatMul read" goes
-through it.
+through it. :meth:`GraphView.dequantized` is its twin for a weight stored quantized: the
+DequantizeLinear a value comes from (through Identity and Transpose nodes) and the constant it reads.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 
 import onnx
 
-#: Attributes target finding reads: Gemm's, and MatMulNBits' shape and format.
-_ATTRS = ("alpha", "beta", "transA", "transB", "K", "N", "bits", "block_size")
+#: Attributes target finding reads: Gemm's, MatMulNBits' shape and format, DequantizeLinear's axis
+#: and block_size.
+_ATTRS = ("alpha", "beta", "transA", "transB", "K", "N", "bits", "block_size", "axis")
 #: Nodes through which a value is still "that constant": copied, transposed (the rewriter's B of a
 #: Gemm with transB, a tied lm_head reading the embedding) or cast.
 PASS_THROUGH = ("Identity", "Transpose", "Cast")
+DEQUANTIZE = "DequantizeLinear"
 _MAX_CHAIN = 8
 
 
@@ -47,6 +50,22 @@ class Origin:
     def unchanged(self) -> bool:
         """The value is the constant itself (only Identity nodes in between)."""
         return all(op == "Identity" for op in self.through)
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """A value computed by a DequantizeLinear from a constant: the node, the constant its x input
+    comes from, and the pass-through ops between the node's output and the value."""
+
+    node: Node
+    x: Origin
+    after: tuple[str, ...] = ()
+
+    @property
+    def transposes(self) -> int:
+        """How many Transpose nodes lie between the stored constant and the value (odd: a weight
+        read as [K, N] is stored [N, K])."""
+        return sum(op == "Transpose" for op in (*self.x.through, *self.after))
 
 
 @dataclass
@@ -104,7 +123,7 @@ class GraphView:
 
     def _index(self) -> "GraphView":
         for n in self.nodes:
-            if n.op_type in PASS_THROUGH and n.domain in ("", "ai.onnx") and n.inputs and n.outputs:
+            if n.op_type in (*PASS_THROUGH, DEQUANTIZE) and n.domain in ("", "ai.onnx") and n.inputs and n.outputs:
                 self.producers[n.outputs[0]] = n
         return self
 
@@ -113,11 +132,26 @@ class GraphView:
         through: list[str] = []
         while name not in self.initializers:
             node = self.producers.get(name)
-            if node is None or len(through) >= _MAX_CHAIN:
+            if node is None or node.op_type == DEQUANTIZE or len(through) >= _MAX_CHAIN:
                 return None
             through.append(node.op_type)
             name = node.inputs[0]
         return Origin(name, tuple(through))
+
+    def dequantized(self, name: str) -> Dequantized | None:
+        """The DequantizeLinear that computes a value from a constant, through Identity and
+        Transpose nodes on either side (a Cast would change the weight's type); None otherwise."""
+        after: list[str] = []
+        node = self.producers.get(name)
+        while node is not None and node.op_type in ("Identity", "Transpose") and len(after) < _MAX_CHAIN:
+            after.append(node.op_type)
+            node = self.producers.get(node.inputs[0])
+        if node is None or node.op_type != DEQUANTIZE:
+            return None
+        x = self.resolve(node.inputs[0])
+        if x is None or "Cast" in x.through:
+            return None
+        return Dequantized(node, x, tuple(after))
 
     def constant(self, name: str) -> str | None:
         """The constant a value is (through Identity nodes only); None if it is not one."""

@@ -16,6 +16,10 @@ block_size) cut at K):
   MatMulNBits' default.
 - W[k, j] = (q[k, j] - zero_points[k // block_size, j]) * scales[k // block_size, j], float32.
 
+A MatMul's int8 QDQ weight (DequantizeLinear of a constant, per tensor or per output column) is
+this op at bits 8, exactly: an int8 code q with zero point z is the uint8 code q + 128 with zero
+point z + 128, and the per-tensor or per-column scales repeat in every block (:func:`unpack_qdq`).
+
 Also the one place that dequantises weights: :func:`dequantize_packed` (this layout),
 :func:`dequantize_matmul_nbits` (MatMulNBits' layout) and :func:`weight_kn` (any target's weight
 as float32 [K, N], which calibration and the rewriter's bias folding read).
@@ -28,7 +32,8 @@ import onnx
 from onnx import helper
 
 from ..errors import ScapError
-from ..graph.targets import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES, Target
+from ..graph.quantized import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES
+from ..graph.targets import Target
 from .contract import DOMAIN, OP_TYPE_NBITS, check_attributes, trim_inputs
 
 
@@ -149,13 +154,65 @@ def dequantize_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int
     return _dequantize(q, s, zp, k=k, bits=bits, block_size=block_size)
 
 
+def qdq_codes(x, *, trans: bool) -> np.ndarray:
+    """A QDQ weight's int8 or uint8 values (stored [N, K] when ``trans``) -> codes uint8 [K, N]
+    (int8 q -> q + 128)."""
+    x = np.asarray(x)
+    if x.dtype not in (np.int8, np.uint8) or x.ndim != 2:
+        raise ScapError(f"a QDQ weight must be a 2-D int8 or uint8 tensor, got {x.dtype} {x.shape}")
+    codes = x.view(np.uint8) ^ np.uint8(0x80) if x.dtype == np.int8 else x
+    return np.ascontiguousarray(codes.T if trans else codes)
+
+
+def qdq_scales(scale, *, k: int, n: int, block_size: int) -> np.ndarray:
+    """A DequantizeLinear's scale (one, or one per output column) -> float32 [k_blocks, N]."""
+    scale = np.asarray(scale).astype(np.float32).reshape(-1)
+    if scale.size not in (1, n):
+        raise ScapError(f"QDQ scales must hold 1 or N = {n} values, got {scale.size}")
+    return np.ascontiguousarray(np.broadcast_to(scale, (k_blocks(k, block_size), n)))
+
+
+def qdq_zero_points(zero_point, x_dtype, *, k: int, n: int, block_size: int) -> np.ndarray | None:
+    """A DequantizeLinear's int8 / uint8 zero point (one, or one per output column; None: its
+    default, 0 of the weight's type ``x_dtype``) -> uint8 [k_blocks, N] (int8 z -> z + 128); None
+    when every one is 128, the op's default."""
+    zp = np.zeros(1, x_dtype) if zero_point is None else np.asarray(zero_point).reshape(-1)
+    if zp.dtype not in (np.int8, np.uint8) or zp.size not in (1, n):
+        raise ScapError(f"QDQ zero points must be 1 or N = {n} int8 / uint8 values, got {zp.dtype} {zp.size}")
+    zp = zp.view(np.uint8) ^ np.uint8(0x80) if zp.dtype == np.int8 else zp
+    if np.all(zp == default_zero_point(8)):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(zp, (k_blocks(k, block_size), n)))
+
+
+def unpack_qdq(x, scale, zero_point, *, k: int, n: int, block_size: int, trans: bool):
+    """A QDQ weight (x int8 / uint8, [K, N] or, when ``trans``, [N, K]; scale and zero point per
+    tensor or per output column) -> (codes uint8 [K, N], scales float32 [k_blocks, N], zero points
+    uint8 [k_blocks, N] or None): the same W at bits 8 in blocks of ``block_size``."""
+    q = qdq_codes(x, trans=trans)
+    if q.shape != (k, n):
+        raise ScapError(f"QDQ weight of shape {np.shape(x)} is not [K, N] = [{k}, {n}]")
+    shape = dict(k=k, n=n, block_size=block_size)
+    return q, qdq_scales(scale, **shape), qdq_zero_points(zero_point, np.asarray(x).dtype, **shape)
+
+
+def quantized_weights(target: Target, read):
+    """A quantized target's (codes uint8 [K, N], scales float32 [k_blocks, N], zero points uint8
+    [k_blocks, N] or None), from a MatMulNBits' weights or a QDQ weight."""
+    zp = read(target.zero_points) if target.zero_points else None
+    shape = dict(k=target.k, n=target.n, block_size=target.block_size)
+    if target.op == MATMUL_NBITS:
+        return unpack_matmul_nbits(read(target.weight), read(target.scales), zp, bits=target.bits, **shape)
+    return unpack_qdq(read(target.weight), read(target.scales), zp, trans=target.trans_b, **shape)
+
+
 def weight_kn(target: Target, read) -> np.ndarray:
     """A target's weight as float32 [K, N]: a float weight as it is (transposed for a Gemm with
-    transB), a MatMulNBits weight dequantised. ``read(name)``: the array of the constant ``name``."""
-    if target.op == MATMUL_NBITS:
-        zp = read(target.zero_points) if target.zero_points else None
-        return dequantize_matmul_nbits(read(target.weight), read(target.scales), zp, k=target.k, n=target.n,
-                                       bits=target.bits, block_size=target.block_size)
+    transB), a quantized weight (MatMulNBits, QDQ) dequantised. ``read(name)``: the array of the
+    constant ``name``."""
+    if target.quantized:
+        q, s, zp = quantized_weights(target, read)
+        return _dequantize(q, s, zp, k=target.k, bits=target.bits, block_size=target.block_size)
     w = read(target.weight).astype(np.float32, copy=False)
     return np.ascontiguousarray(w.T) if target.trans_b else w
 

@@ -12,9 +12,12 @@ b + (offset + channel_offset) @ B.
 The folded bias makes the new node compute the original function wherever nothing is dropped
 (shared/DESIGN.md). A MatMulNBits becomes a ScapSparseMatMulNBits over its weights repacked
 (scap_onnx.op.nbits; computed when the model is saved, one weight at a time), its folded bias from
-the column sums of the dequantised weight; its own bias input is carried like a Gemm's C. A Gemm's C is its bias; a Gemm with transB reads its [N, K] weight through a
-Transpose node, which onnxruntime folds into a constant when it loads the model, so the file keeps
-the original weight. Node names are those of the original MatMuls; outputs keep their names, types
+the column sums of the dequantised weight; its own bias input is carried like a Gemm's C. A MatMul
+whose B is an int8 QDQ weight becomes a ScapSparseMatMulNBits at bits 8 over the same codes (the
+DequantizeLinear and the nodes between it and the MatMul go when nothing else reads them; QDQ
+pairs on the activation stay in front of the new node). A Gemm's C is its bias; a Gemm with transB
+reads its [N, K] weight through a Transpose node, which onnxruntime folds into a constant when it
+loads the model, so the file keeps the original weight. Node names are those of the original MatMuls; outputs keep their names, types
 and shapes (the Add's output when a bias Add was fused). Each new node records in its metadata
 which target it replaces, the activation that target read and the standard nodes that belong to it
 (scap_onnx.op.contract), so that validate pairs it with the dense model without guessing from names.
@@ -29,12 +32,13 @@ import onnx_ir as ir
 
 from ..errors import ScapError
 from ..graph.builder import IrBuilder, new_initializer, unique_name
-from ..graph.targets import MATMUL_NBITS, Target, find_all_targets
+from ..graph.quantized import MATMUL_NBITS
+from ..graph.targets import Target, find_all_targets
 from ..graph.view import GraphView
 from ..op import contract
 from ..op.contract import DOMAIN, OP_TYPE, OP_TYPE_NBITS, OPSET_VERSION, Sparsification
 from ..op.nbits import (check_nbits_attributes, matmul_nbits_codes, matmul_nbits_scales, matmul_nbits_zero_points,
-                        pack_rows, weight_kn)
+                        pack_rows, qdq_codes, qdq_scales, qdq_zero_points, weight_kn)
 from ..op.token_norm import NORM_TAG, token_norm
 
 
@@ -62,6 +66,7 @@ class ScapRewritePass(ir.passes.InPlacePass):
         nodes = {_node_key(n): n for n in graph}
         used_names = {v.name for n in graph for v in n.outputs} | set(graph.initializers)
         self.rewritten = []
+        dequantized: list[ir.Value] = []  # the B of rewritten QDQ targets: a DequantizeLinear's output
         norms: dict[int, tuple[ir.Value, ir.Value, list[str]]] = {}  # id of x -> (x / n, n, node names)
         opset = model.opset_imports.get("", 13)
         for name, s in self.plan.items():
@@ -74,7 +79,9 @@ class ScapRewritePass(ir.passes.InPlacePass):
             mm = nodes[name]
             a_val = mm.inputs[0]
             new_nodes = []
-            if t.op == MATMUL_NBITS:
+            if t.qdq:
+                dequantized.append(mm.inputs[1])
+            if t.quantized:
                 op_type, weight_inputs = OP_TYPE_NBITS, _repacked(graph, t, used_names)
                 attrs = [ir.AttrInt64(k, v) for k, v in (("K", t.k), ("N", t.n), ("bits", t.bits),
                                                            ("block_size", t.block_size))]
@@ -136,10 +143,12 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 out.type = ir.TensorType(ir.DataType.from_numpy(np.dtype(t.dtype)))
             ir.convenience.replace_nodes_and_values(graph, mm, old_nodes, new_nodes, [old_out], [out])
             self.rewritten.append(name)
-        # Drop original biases that were folded, and MatMulNBits weights that were repacked, that
-        # nothing reads any more.
+        # Drop original biases that were folded, and quantized weights that were repacked (with
+        # the DequantizeLinear of a QDQ weight), that nothing reads any more.
+        for value in dequantized:
+            _remove_unread(graph, value)
         done = [targets[n] for n in self.rewritten]
-        replaced = {t.bias for t in done} | {nm for t in done if t.op == MATMUL_NBITS
+        replaced = {t.bias for t in done} | {nm for t in done if t.quantized
                                              for nm in (t.weight, t.scales, t.zero_points)}
         for nm in sorted(replaced - {None}):
             v = graph.initializers.get(nm)
@@ -193,22 +202,41 @@ def _const_array(graph: ir.Graph, view: GraphView, val: ir.Value) -> np.ndarray:
     return _constant_tensor(graph, name).numpy()
 
 
+def _remove_unread(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove the nodes that computed ``value`` (a QDQ weight: Identity, Transpose and
+    DequantizeLinear nodes) back from it, as long as nothing else reads their outputs."""
+    node = value.producer()
+    while (node is not None and node.graph is graph and node.op_type in ("Identity", "Transpose", "DequantizeLinear")
+           and not any(o.uses() or o.is_graph_output() for o in node.outputs)):
+        x = node.inputs[0]
+        graph.remove(node, safe=True)
+        node = x.producer() if x is not None else None
+
+
 def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value | None]:
     """ScapSparseMatMulNBits' B_packed, scales and zero points (None when absent) of a MatMulNBits
-    target: new initializers computed from the original ones when the model is saved."""
+    or QDQ target: new initializers computed from the original ones when the model is saved (a QDQ
+    weight's zero points are read now: absent when all are the op's default)."""
     check_nbits_attributes(t.k, t.n, t.bits, t.block_size)
     shape = dict(k=t.k, n=t.n, block_size=t.block_size)
     b, scales = _constant_tensor(graph, t.weight), _constant_tensor(graph, t.scales)
     zp = _constant_tensor(graph, t.zero_points) if t.zero_points else None
+    if t.qdq:
+        zp_arr = qdq_zero_points(zp.numpy() if zp is not None else None, b.dtype.numpy(), **shape)
+        codes = lambda: qdq_codes(b.numpy(), trans=t.trans_b)
+        scales_of = lambda: qdq_scales(scales.numpy(), **shape)
+        zp_of = None if zp_arr is None else (lambda: zp_arr)
+    else:
+        codes = lambda: matmul_nbits_codes(b.numpy(), bits=t.bits, **shape)
+        scales_of = lambda: matmul_nbits_scales(scales.numpy(), **shape)
+        zp_of = None if zp is None else (lambda: matmul_nbits_zero_points(zp.numpy(), bits=t.bits, **shape))
     parts = [
         ("packed", ir.DataType.UINT8, (t.k, t.n if t.bits == 8 else 16 * -(-t.n // 32)),
-         lambda: pack_rows(matmul_nbits_codes(b.numpy(), bits=t.bits, **shape), t.bits)),
-        ("scales", ir.DataType.FLOAT, (-(-t.k // t.block_size), t.n),
-         lambda: matmul_nbits_scales(scales.numpy(), **shape)),
+         lambda: pack_rows(codes(), t.bits)),
+        ("scales", ir.DataType.FLOAT, (-(-t.k // t.block_size), t.n), scales_of),
     ]
-    if zp is not None:
-        parts.append(("zero_points", ir.DataType.UINT8, (-(-t.k // t.block_size), t.n),
-                      lambda: matmul_nbits_zero_points(zp.numpy(), bits=t.bits, **shape)))
+    if zp_of is not None:
+        parts.append(("zero_points", ir.DataType.UINT8, (-(-t.k // t.block_size), t.n), zp_of))
     values = []
     for suffix, dtype, dims, compute in parts:
         name = unique_name(f"{t.weight}/scap_{suffix}", used_names)
@@ -217,7 +245,7 @@ def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value
         value.type, value.shape = ir.TensorType(dtype), ir.Shape(dims)
         graph.register_initializer(value)
         values.append(value)
-    return values + ([None] if zp is None else [])
+    return values + ([None] if zp_of is None else [])
 
 
 def _is_vector(graph: ir.Graph, view: GraphView, bias_val: ir.Value | None, n: int) -> bool:
@@ -243,7 +271,7 @@ _FOLD_ROWS = 1024
 def _folded_bias(graph: ir.Graph, view: GraphView, t: Target, s: Sparsification, bias_val: ir.Value | None,
                  used_names: set[str]) -> ir.Value:
     """A new [N] initializer: bias + (offset + channel_offset) @ W, W the weight as float32 [K, N] (a
-    MatMulNBits weight dequantised); a scalar centre times W's column sums."""
+    quantized weight dequantised); a scalar centre times W's column sums."""
     folded = np.zeros(t.n, np.float64)
     centre = s.centre()
     if np.any(centre != 0.0):
