@@ -392,6 +392,7 @@ def demo_command(
     repeats: int = typer.Option(20, "--repeats", help="Timed decode rounds (dense and sparse interleaved)."),
     threads: Optional[int] = TimingThreadsOpt,
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate again even if matching statistics exist."),
+    int4: bool = typer.Option(False, "--int4", help="SmolLM2 built int4 by onnxruntime-genai's model builder: the genai folder rewritten, decode also through og.Generator (default output ~/.cache/scap-onnx/demo-int4)."),
     quiet: bool = QuietOpt,
 ):
     """The embedded default end to end: prepare SmolLM2-135M, calibrate, rewrite (up=0.35,gate=0.35,down=0.55), validate; prints perplexity, decode tokens/s and speedup."""
@@ -399,7 +400,8 @@ def demo_command(
     progress = make_progress(quiet)
     try:
         res = demo.run_demo(output, sparsity=sparsity, tokens=tokens, eval_text=eval_text, eval_tokens=eval_tokens,
-                       kv_len=kv_len, repeats=repeats, threads=threads, recalibrate=recalibrate, progress=progress,
+                       kv_len=kv_len, repeats=repeats, threads=threads, recalibrate=recalibrate, int4=int4,
+                       progress=progress,
                        log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     finally:
         _stop(progress)
@@ -408,7 +410,7 @@ def demo_command(
         typer.echo(line)
     files = res["files"]
     typer.echo(f"report: {files['json']} (+ {files['markdown'].name}" + "".join(f", {p.name}" for p in files["plots"])
-               + f"); sparse model: {res['sparse']}; {time.perf_counter() - t0:.0f}s in all")
+               + f"); sparse {'folder' if int4 else 'model'}: {res['sparse']}; {time.perf_counter() - t0:.0f}s in all")
 
 
 def main(argv: list[str] | None = None) -> None:

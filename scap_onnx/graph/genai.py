@@ -148,7 +148,7 @@ def write_genai_folder(src: GenaiFolder, output: str | Path, write_model: Callab
 
     ``write_model(path)`` writes the new decoder model at ``path`` (its external data beside it);
     ``skip``: the input's model file and its external data files, not copied. Every other file of the
-    input folder is copied; ``library`` is copied in and named in the config. An existing ``output``
+    input folder is copied but hidden ones; ``library`` is copied in and named in the config. An existing ``output``
     is replaced only when it is a genai folder itself.
     """
     output = Path(output)
@@ -162,8 +162,8 @@ def write_genai_folder(src: GenaiFolder, output: str | Path, write_model: Callab
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         for item in src.folder.iterdir():
-            if item.resolve() in skip_names or item.name == CONFIG_NAME:
-                continue
+            if item.resolve() in skip_names or item.name == CONFIG_NAME or item.name.startswith("."):
+                continue  # hidden files: markers and leftovers of other tools, not the model's
             if item.is_dir():
                 shutil.copytree(item, tmp / item.name)
             else:
