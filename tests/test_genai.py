@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from conftest import SMOL_SPEC, prepared, run_cli, under_ci
@@ -100,9 +101,12 @@ def test_rewritten_folder_generates_text_after_a_move(genai_folder, sparse_folde
     dense_config["model"]["decoder"]["session_options"]["custom_ops_library"] = lib
     assert config == dense_config  # nothing else changed
 
-    moved = tmp_path / "somewhere" / "else"
+    # a copy (the module's other tests use the folder) renamed into another folder: nothing in it may
+    # point at where it was written (the config names the library by file name alone)
+    first, moved = tmp_path / "first", tmp_path / "somewhere" / "else"
+    shutil.copytree(sparse_folder, first)
     moved.parent.mkdir()
-    shutil.copytree(sparse_folder, moved)  # a copy: the module's other tests use the folder
+    first.rename(moved)
     model = load_genai_model(moved)
     tokenizer = og.Tokenizer(model)
     prompt = _prompts(texts["fortunes"], moved, 1, 48)[0]
@@ -112,25 +116,49 @@ def test_rewritten_folder_generates_text_after_a_move(genai_folder, sparse_folde
     assert len(new) >= 8 and sum(c.isalpha() for c in text) >= 10
 
 
+def _accuracy_level_0(src: Path, out: Path) -> Path:
+    """The genai folder ``src`` with every MatMulNBits at accuracy level 0 (dequantised weights, float
+    accumulation: the op's numerics), written as a rewritten folder is."""
+    folder = open_genai_folder(src)
+
+    def write(path: Path) -> None:
+        model = load_model(folder.model_path)
+        for n in model.graph.all_nodes():
+            if n.op_type == "MatMulNBits":
+                n.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
+        save_model(model, path)
+
+    return write_genai_folder(folder, out, write, get_library_path(),
+                              [folder.model_path] + external_files(load_model(folder.model_path)))
+
+
 @needs_library
 def test_threshold_zero_gives_the_dense_tokens(genai_folder, genai_stats, texts, tmp_path):
-    """Threshold 0 with the calibrated offsets and token scaling, written as a folder: greedy search
-    gives the dense folder's tokens. (The op accumulates dequantised weights in float32, the dense
-    MatMulNBits at accuracy level 4 quantises activations to int8: close logits, the same argmax on
-    these prompts.)"""
-    folder = open_genai_folder(genai_folder)
+    """Threshold 0 with the calibrated offsets and token scaling: greedy search through og.Generator
+    gives the dense model's tokens, the dense model at accuracy level 0. At the builder's accuracy
+    level 4 every MatMulNBits quantises its activations to int8, and a change at float rounding
+    upstream (the folded offsets) flips int8 roundings downstream: logits move by a few percent
+    (measured: a float32-rounding change of one gate projection of layer 0 moves SmolLM2's logits
+    by 3%), so greedy tokens part after a while; that is printed, not bound."""
+    level0 = _accuracy_level_0(genai_folder, tmp_path / "level0")
+    folder = open_genai_folder(level0)
     plan = {name: (0.0, p.offset, p.token_scaled) for name, p in Stats.load(genai_stats).plan(SMOL_SPEC).items()}
     assert len(plan) == 90 and sum(off != 0 for _, off, _ in plan.values()) >= 30
 
-    def write(path: Path) -> None:
+    def threshold_zero(path: Path) -> None:
         save_model(rewrite_model(load_model(folder.model_path), plan)[0], path)
 
-    out = write_genai_folder(folder, tmp_path / "t0", write, get_library_path(),
-                             [folder.model_path] + external_files(load_model(folder.model_path)))
-    dense, sparse = load_genai_model(genai_folder), load_genai_model(out)
+    t0 = load_genai_model(write_genai_folder(folder, tmp_path / "t0", threshold_zero, get_library_path(),
+                                             [folder.model_path] + external_files(load_model(folder.model_path))))
+    dense0, dense4 = load_genai_model(level0), load_genai_model(genai_folder)
+    same_as_level4 = 0
     for prompt in _prompts(texts["kjv"], genai_folder, 3, 32):
-        want = greedy_tokens(dense, prompt, 16)
-        assert greedy_tokens(sparse, prompt, 16) == want
+        got = greedy_tokens(t0, prompt, 16)
+        assert got == greedy_tokens(dense0, prompt, 16)
+        want4 = greedy_tokens(dense4, prompt, 16)
+        same_as_level4 += next((i for i, (a, b) in enumerate(zip(got, want4)) if a != b), len(got))
+    print(f"threshold 0 against the builder's accuracy level 4: {same_as_level4} of 48 greedy tokens the same "
+          "before they part")
 
 
 @needs_library

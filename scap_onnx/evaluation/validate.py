@@ -50,7 +50,7 @@ from .accuracy import DenseCache, measure_accuracy
 from .environment import environment
 from .eval_data import open_eval_data
 from .genai_decode import GenaiDecodeJob, measure_genai_decode
-from .latency import DECODE_TOKENS, measure_latency
+from .latency import DECODE_TOKENS, measure_latency, token_stream
 from .options import ValidateOptions
 from .pairing import open_pair
 
@@ -101,8 +101,8 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path | DataReade
         report["latency"] = measure_latency(pair, ds, opts, seen, progress)
         for key in ("thread_pool", "spinning"):  # what the timing really ran on
             report["environment"][key] = report["latency"][key]
-        if folders is not None and seen:
-            prompt = np.concatenate(seen)[: opts.kv_len].astype(np.int64).tolist()
+        if folders is not None:
+            prompt = token_stream(ds, opts.kv_len, seen)[0].tolist()
             task = progress.task("latency: decode through og.Generator (in a separate process)", None)
             report["latency"]["genai_decode"] = measure_genai_decode(GenaiDecodeJob(
                 folders[0], folders[1], prompt, warmup=max(1, opts.warmup), repeats=opts.repeats, threads=threads))
