@@ -18,10 +18,12 @@ from .calibration.stats import Stats, TargetPlan
 from .calibration.text import find_tokenizer
 from .errors import ScapError
 from .graph.fileio import missing_model_message, same_file
-from .graph.model_io import fingerprint, load_proto
+from .graph.genai import GenaiFolder, is_genai_folder, open_genai_folder, resolve_model, write_genai_folder
+from .graph.model_io import external_files, fingerprint, load_model, load_proto
 from .graph.targets import Target, find_all_targets, find_targets, group_sites, select_targets
 from .graph.view import GraphView
-from .passes.pipeline import rewrite_file
+from .op.library import get_library_path
+from .passes.pipeline import Rewritten, rewrite_file
 from .prepare import prepare_texts
 from .progress import NullProgress, Progress
 
@@ -30,6 +32,7 @@ __all__ = ["calibrate", "rewrite", "inspect", "model_fingerprint", "RewriteResul
 
 def model_fingerprint(model: str | Path) -> str:
     """The identity stats files record (see scap_onnx.graph.model_io.fingerprint)."""
+    model = resolve_model(model)
     proto = load_proto(model)
     return fingerprint(proto, Path(model).resolve().parent)
 
@@ -61,9 +64,15 @@ def rewrite(
     from calibrating on ``data`` (a file, or a list of text files to mix; neither: the built-in
     corpus, :func:`default_calibration_data`). ``sparsity`` re-targets
     (default: the calibration SPEC). ``fuse``: targets that drop the same elements of one input
-    (gate and up) become one node (scap_onnx.passes.fuse)."""
+    (gate and up) become one node (scap_onnx.passes.fuse).
+
+    ``model`` may be an onnxruntime-genai folder (genai_config.json, the decoder model, tokenizer
+    files): ``output`` is then a folder that ``og.Model(output)`` loads as it is (scap_onnx.graph.genai)."""
     model = Path(model)
     output = Path(output)
+    folder = open_genai_folder(model) if is_genai_folder(model) else None
+    if folder is not None:
+        model = folder.model_path
     if same_file(model, output):
         raise ScapError(f"output {output} would overwrite the input model")
     progress = progress or NullProgress()
@@ -93,10 +102,26 @@ def rewrite(
     if not plan:
         raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
     task = progress.task("rewrite", len(plan))
-    done = rewrite_file(model, output, plan, fuse=fuse, check=check)
+    if folder is None:
+        done = rewrite_file(model, output, plan, fuse=fuse, check=check)
+    else:
+        done = _rewrite_folder(folder, output, plan, fuse=fuse, check=check)
     task.advance(len(done.rewritten))
     task.close()
     return RewriteResult(done.output, done.external_data, plan, stats, done.rewritten, done.nodes)
+
+
+def _rewrite_folder(folder: GenaiFolder, output: Path, plan: dict, *, fuse: bool, check: bool) -> Rewritten:
+    """The rewritten genai folder ``output``, written atomically, with the op library copied in."""
+    try:
+        library = get_library_path()
+    except FileNotFoundError as e:
+        raise ScapError(str(e)) from None
+    skip = [folder.model_path] + external_files(load_model(folder.model_path))
+    done: list[Rewritten] = []
+    write_genai_folder(folder, output, lambda path: done.append(rewrite_file(folder.model_path, path, plan, fuse=fuse,
+                                                                             check=check)), library, skip)
+    return Rewritten(output, None, done[0].rewritten, done[0].nodes)
 
 
 #: The built-in calibration corpus of `rewrite MODEL` without --data: CPython's documentation,
@@ -123,7 +148,7 @@ def default_calibration_data(model: str | Path, tokenizer: str | Path | None = N
 
 def inspect(model: str | Path, targets: str | None = None) -> list[Target]:
     """Target MatMuls of a model (``targets`` patterns as in --targets; all but lm_head and routers by default)."""
-    proto = load_proto(model)
+    proto = load_proto(resolve_model(model))
     return find_targets(proto, targets)
 
 

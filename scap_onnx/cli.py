@@ -30,6 +30,7 @@ from .evaluation.report import write_report
 from .evaluation.validate import default_report_path, targets_from_spec, validate
 from .experiments import demo, sweep, sweep_report
 from .graph.fileio import check_output_file, same_file
+from .graph.genai import is_genai_folder, resolve_model
 from .graph.model_io import load_proto
 from .graph.quantized import unsupported_weights
 from .graph.targets import find_targets, group_sites
@@ -133,7 +134,7 @@ def _summary_lines(stats, plan) -> list[str]:
 @app.command()
 @handle_errors
 def calibrate(
-    model: Path = typer.Argument(..., help="ONNX model (as optimum exports it, tokenizer.json beside it)."),
+    model: Path = typer.Argument(..., help="ONNX model (as optimum exports it, tokenizer.json beside it) or onnxruntime-genai folder."),
     data: Optional[List[Path]] = DataOpt,
     output: Path = typer.Option(..., "--output", "-o", help="stats.json to write."),
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="SPEC: one number for every target (0.5) or per role (up=0.35,gate=0.35,down=0.55)."),
@@ -174,11 +175,11 @@ def calibrate(
 @app.command()
 @handle_errors
 def rewrite(
-    model: Path = typer.Argument(..., help="ONNX model to rewrite (never modified)."),
+    model: Path = typer.Argument(..., help="ONNX model or onnxruntime-genai folder to rewrite (never modified)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="stats.json from `scap-onnx calibrate`."),
     data: Optional[List[Path]] = DataOpt,
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC to re-target (default: the calibration SPEC)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL_scap.onnx beside MODEL)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL_scap.onnx beside MODEL); for a genai folder, the output folder (default: FOLDER_scap)."),
     targets: Optional[str] = TargetsOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
     tokens: int = TokensOpt,
@@ -198,15 +199,16 @@ def rewrite(
     """Replace target MatMuls by ScapSparseMatMul with calibrated thresholds and offsets."""
     if sparsity is not None:
         parse_spec(sparsity)
+    folder = is_genai_folder(model)
     if output is None:
-        output = model.with_name(model.stem + "_scap.onnx")
-    for path in (output, save_stats):
+        output = model.with_name(model.name + "_scap") if folder else model.with_name(model.stem + "_scap.onnx")
+    for path in (None if folder else output, save_stats):
         if path is not None:
             check_output_file(path)
     kwargs = {}
     data = data or None
     if data is None and stats is None:
-        data = api.default_calibration_data(model, tokenizer)
+        data = api.default_calibration_data(resolve_model(model), tokenizer)
         typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} ({tokens} tokens, "
                    f"SPEC {sparsity or '0.5'})", err=True)
     if data is not None:
@@ -230,7 +232,7 @@ def rewrite(
 @app.command()
 @handle_errors
 def inspect(
-    model: Path = typer.Argument(..., help="ONNX model."),
+    model: Path = typer.Argument(..., help="ONNX model or onnxruntime-genai folder."),
     targets: Optional[str] = TargetsOpt,
     stats: Optional[Path] = typer.Option(None, "--stats", help="Also show offset and threshold from this stats.json."),
     sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="With --stats: SPEC to show thresholds for."),
@@ -238,6 +240,7 @@ def inspect(
 ):
     """List target MatMuls: role, layer, K, N, weight format, bias, and which share an input; and
     quantized MatMuls that stay dense, with why."""
+    model = resolve_model(model)
     proto = load_proto(model)
     existing = scap_nodes(proto)
     dense = [{"op": op, "name": name, "why": why} for op, name, why in unsupported_weights(GraphView.from_proto(proto))]
@@ -302,8 +305,8 @@ def inspect(
 @app.command("validate")
 @handle_errors
 def validate_command(
-    dense: Path = typer.Argument(..., help="The original (dense) ONNX model."),
-    sparse: Path = typer.Argument(..., help="The rewritten model with ScapSparseMatMul nodes."),
+    dense: Path = typer.Argument(..., help="The original (dense) ONNX model or onnxruntime-genai folder."),
+    sparse: Path = typer.Argument(..., help="The rewritten model (or genai folder) with ScapSparseMatMul nodes."),
     data: Path = typer.Option(..., "--data", "-d", help="Held-out data: a text file (.txt, .jsonl) or an .npz of input feeds."),
     report: Optional[Path] = typer.Option(None, "--report", "-r", help="Report JSON (default: SPARSE.report.json beside SPARSE); .md and .png files are written beside it."),
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -397,6 +400,7 @@ def demo_command(
     repeats: int = typer.Option(20, "--repeats", help="Timed decode rounds (dense and sparse interleaved)."),
     threads: Optional[int] = TimingThreadsOpt,
     recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate again even if matching statistics exist."),
+    int4: bool = typer.Option(False, "--int4", help="SmolLM2 built int4 by onnxruntime-genai's model builder: the genai folder rewritten, decode also through og.Generator (default output ~/.cache/scap-onnx/demo-int4)."),
     quiet: bool = QuietOpt,
 ):
     """The embedded default end to end: prepare SmolLM2-135M, calibrate, rewrite (up=0.35,gate=0.35,down=0.55), validate; prints perplexity, decode tokens/s and speedup."""
@@ -404,7 +408,8 @@ def demo_command(
     progress = make_progress(quiet)
     try:
         res = demo.run_demo(output, sparsity=sparsity, tokens=tokens, eval_text=eval_text, eval_tokens=eval_tokens,
-                       kv_len=kv_len, repeats=repeats, threads=threads, recalibrate=recalibrate, progress=progress,
+                       kv_len=kv_len, repeats=repeats, threads=threads, recalibrate=recalibrate, int4=int4,
+                       progress=progress,
                        log=(lambda m: None) if quiet else (lambda m: typer.echo(m, err=True)))
     finally:
         _stop(progress)
@@ -413,7 +418,7 @@ def demo_command(
         typer.echo(line)
     files = res["files"]
     typer.echo(f"report: {files['json']} (+ {files['markdown'].name}" + "".join(f", {p.name}" for p in files["plots"])
-               + f"); sparse model: {res['sparse']}; {time.perf_counter() - t0:.0f}s in all")
+               + f"); sparse {'folder' if int4 else 'model'}: {res['sparse']}; {time.perf_counter() - t0:.0f}s in all")
 
 
 def main(argv: list[str] | None = None) -> None:

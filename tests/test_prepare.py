@@ -214,7 +214,7 @@ def _module_level_imports(tree: ast.Module) -> list[tuple[int, str, int]]:
 
 
 #: The modules of scap_onnx.prepare; each imports only modules before it.
-ORDER = ("cache", "export", "models", "prose", "texts", "__init__")
+ORDER = ("cache", "export", "models", "genai", "prose", "texts", "__init__")
 
 
 def test_prepare_package_is_portable_and_a_leaf():

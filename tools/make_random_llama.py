@@ -25,18 +25,25 @@ Nothing is downloaded: transformers builds the model from a LlamaConfig, optimum
     .complete         what was built and how, written last
 
 Prints the folder on stdout. Repeated runs return at once unless --force.
+
+``--genai-int4`` also builds the model with onnxruntime-genai's model builder (int4, CPU, block 32,
+accuracy level 4: what scap_onnx.prepare builds SmolLM2 with) from ``hf/`` plus a word-level
+tokenizer over the vocabulary (``w3`` ... for ids 3 ...; the builder needs one), into the sibling
+folder ``...-genai-int4/`` (genai_config.json, model.onnx, tokenizer files), and prints that folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scap_onnx.prepare import (  # noqa: E402  (shares the cache, lock and export helpers)
+    build_genai_int4,
     cache_dir,
     cached_build,
     check_close,
@@ -83,6 +90,39 @@ def make_random_llama(
         return tmp / "onnx", info
 
     return cached_build(final, REQUIRED, build, force=force, label="random Llama")
+
+
+def make_random_llama_genai_int4(force: bool = False, **shape) -> Path:
+    """The genai int4 folder of the random Llama of ``shape`` (see the module docstring)."""
+    from scap_onnx.prepare.genai import GENAI_FILES
+
+    src = make_random_llama(**shape)
+    vocab = json.loads((src / "hf" / "config.json").read_text())["vocab_size"]
+
+    def build(tmp: Path) -> tuple[Path, dict]:
+        hf = tmp / "hf"
+        shutil.copytree(src / "hf", hf)
+        with transformers_offline():
+            _write_word_tokenizer(hf, vocab)
+        out = tmp / "genai"
+        info = build_genai_int4(hf, out, tmp / "work")
+        info["source"] = src.name
+        return out, info
+
+    return cached_build(src.parent / f"{src.name}-genai-int4", GENAI_FILES, build, force=force,
+                        label="random Llama int4 (onnxruntime-genai)")
+
+
+def _write_word_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer over ``vocab`` ids (<unk>, <s>, </s>, then w3, w4, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
 
 
 def _build(tmp: Path, layers, hidden, intermediate, heads, kv_heads, vocab, seed,
@@ -150,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--genai-int4", action="store_true",
+                    help="also build the onnxruntime-genai int4 folder and print it")
     a = ap.parse_args(argv)
+    shape = dict(layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
+                 kv_heads=a.kv_heads, vocab=a.vocab, seed=a.seed)
     try:
-        path = make_random_llama(a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads, a.vocab, a.seed,
-                                 force=a.force)
+        if a.genai_int4:
+            path = make_random_llama_genai_int4(force=a.force, **shape)
+        else:
+            path = make_random_llama(**shape, force=a.force)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -162,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(path)
     info = json.loads((path / ".complete").read_text())
-    print(f"parameters: {info.get('parameters')}", file=sys.stderr)
+    if info.get("parameters"):
+        print(f"parameters: {info.get('parameters')}", file=sys.stderr)
     return 0
 
 

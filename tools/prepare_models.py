@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prepare (once, cached outside the repository) the real models and texts scap-onnx uses.
 
-    python tools/prepare_models.py [smollm2|minilm|texts|all] [--force]
+    python tools/prepare_models.py [smollm2|smollm2-int4|minilm|texts|all] [--force]
 
 Prints the resulting paths on stdout; progress goes to stderr. The cache lives in
 $SCAP_ONNX_CACHE or ~/.cache/scap-onnx. Nothing is downloaded from a model hub: the models
@@ -22,17 +22,18 @@ from scap_onnx.prepare import (  # noqa: E402
     cache_dir,
     prepare_minilm,
     prepare_smollm2,
+    prepare_smollm2_int4,
     prepare_texts,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description="Prepare the SmolLM2 / MiniLM ONNX models and the calibration texts "
+        description="Prepare the SmolLM2 (float and onnxruntime-genai int4) / MiniLM ONNX models and the calibration texts "
         "(cached; repeated runs return at once)."
     )
     ap.add_argument("what", nargs="?", default="all",
-                    choices=["smollm2", "minilm", "texts", "all"],
+                    choices=["smollm2", "smollm2-int4", "minilm", "texts", "all"],
                     help="what to prepare (default: all)")
     ap.add_argument("--force", action="store_true", help="rebuild even if already cached")
     args = ap.parse_args(argv)
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minilm: {prepare_minilm(force=args.force)}")
         if args.what in ("smollm2", "all"):
             print(f"smollm2: {prepare_smollm2(force=args.force)}")
+        if args.what in ("smollm2-int4", "all"):  # onnxruntime-genai's int4 build (the 'genai' extra)
+            print(f"smollm2-int4: {prepare_smollm2_int4(force=args.force)}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

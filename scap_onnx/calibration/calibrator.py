@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
+from ..graph.genai import resolve_model
 from ..errors import ScapError
 from ..graph.model_io import ModelSource
 from ..graph.targets import Site, find_targets, group_sites
@@ -229,6 +230,7 @@ def calibrate(
     token's norm (scap_onnx.op.token_norm; default o and down); () keeps every threshold static.
     """
     spec = parse_spec(sparsity)
+    model = resolve_model(model)  # an onnxruntime-genai folder: its decoder model
     if passes < 1:
         raise ScapError("--passes must be at least 1")
     if sample_rows < 1:

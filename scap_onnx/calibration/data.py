@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ScapError
+from ..graph.genai import genai_config_beside, past_dims
 from .text import CHUNK_CHARS, TEXT_SUFFIXES, find_tokenizer, load_tokenizer, spread_windows, token_windows
 
 
@@ -37,8 +38,9 @@ class InputInfo:
         return len(self.dims)
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
-    """Graph inputs that are not initializers, with dtypes and dims."""
+def model_inputs(model: onnx.ModelProto, genai_config: dict | None = None) -> list[InputInfo]:
+    """Graph inputs that are not initializers, with dtypes and dims (the symbolic head count and
+    head size of past key/values filled from ``genai_config``, an onnxruntime-genai folder's config)."""
     inits = {t.name for t in model.graph.initializer}
     out = []
     for i in model.graph.input:
@@ -49,7 +51,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
         dims = tuple(
             (d.dim_value if d.HasField("dim_value") else (d.dim_param or None)) for d in tt.shape.dim
         ) if tt.HasField("shape") else ()
-        out.append(InputInfo(i.name, dtype, dims))
+        out.append(InputInfo(i.name, dtype, past_dims(genai_config, i.name, dims)))
     return out
 
 
@@ -310,7 +312,7 @@ def open_data(
         raise ScapError("--batch-size must be at least 1")
     if sampling not in ("spread", "contiguous"):
         raise ScapError(f"--sampling must be 'spread' or 'contiguous', not {sampling!r}")
-    inputs = model_inputs(model)
+    inputs = model_inputs(model, genai_config_beside(model_path))
     if path.suffix.lower() == ".npz":
         return DataSource(path, inputs, None, seq_len, max_tokens, batch_size, skip_tokens, sampling, phase)
     if path.suffix.lower() not in TEXT_SUFFIXES:

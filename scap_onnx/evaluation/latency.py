@@ -65,7 +65,7 @@ def _compare(times: dict[str, list[float]], tokens: int | None, warmup: int) -> 
     return out
 
 
-def _token_stream(ds, need: int, seen: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
+def token_stream(ds, need: int, seen: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
     """At least ``need`` token ids from the data (windows concatenated; tiled when too few)."""
     chunks = list(seen or [])
     have = sum(c.size for c in chunks)
@@ -107,7 +107,7 @@ def _decoder_feeds(pair: ModelPair, ids: np.ndarray, past_len: int, past: dict[s
 def _latency_plan(pair: ModelPair, ds, opts: ValidateOptions, tokens_seen: list[np.ndarray] | None) -> dict:
     """What to time, from the data: token ids for a decoder with a KV cache, else one batch of feeds."""
     if pair.kind == "causal-lm" and pair.past:
-        ids, tiled = _token_stream(ds, opts.kv_len + DECODE_TOKENS, tokens_seen)
+        ids, tiled = token_stream(ds, opts.kv_len + DECODE_TOKENS, tokens_seen)
         return {"ids": ids, "tiled": tiled}
     feeds, n_tok = next(batches(ds))  # the first batch (batches raises ScapError when there is none)
     return {"feeds": feeds, "tokens": n_tok}

@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..calibration.data import model_inputs
+from ..graph.genai import genai_config_beside
 from ..errors import ScapError
 from ..graph.model_io import has_external, load_proto, tensor_head
 from ..graph.targets import Target, find_all_targets, layer_of, role_of
@@ -102,7 +103,7 @@ def open_pair(dense: str | Path, sparse: str | Path) -> ModelPair:
                         f"{sparse.name} was not rewritten from {dense.name}")
     pairing = _Pairing(dp, sp, dense, sparse)
     scap = [entry for n in snodes for entry in pairing.targets(n)]
-    inputs = model_inputs(dp)
+    inputs = model_inputs(dp, genai_config_beside(dense))
     names = [i.name for i in inputs]
     outputs = list(d_out)
     has_ids = any("input_ids" in n for n in names)

@@ -42,7 +42,10 @@ milliseconds, sparsities fractions in [0, 1]:
                        with ``dense_ms`` / ``sparse_ms`` {``median``, ``p10``, ``p90``, ``mean``,
                        ``min``, ``n``}, ``speedup`` (ratio of medians), ``paired_speedup`` (median of
                        per-round ratios), ``dense_tokens_per_s`` / ``sparse_tokens_per_s``,
-                       ``warmup``, ``repeats``
+                       ``warmup``, ``repeats``; ``genai_decode`` (onnxruntime-genai folders: decode
+                       through og.Generator, scap_onnx.evaluation.genai_decode): ``prompt_tokens``,
+                       ``new_tokens``, ``dense_tokens_per_s`` / ``sparse_tokens_per_s`` (medians),
+                       ``speedup``, ``paired_speedup``, the per-round rates
 ``seconds``            wall time of the whole validation
 
 The sweep report (``format: "scap-onnx-sweep"``) is described in :mod:`scap_onnx.experiments.sweep`.
@@ -131,6 +134,10 @@ def markdown(report: dict) -> str:
                      f"{d['sparse_tokens_per_s']:.2f} | **{d['speedup']:.2f}x** |")
         lines.append(f"| decode step ms, median [p10-p90] | {_ms(d['dense_ms'])} | {_ms(d['sparse_ms'])} | "
                      f"paired {d['paired_speedup']:.2f}x |")
+    if "genai_decode" in lat:
+        d = lat["genai_decode"]
+        lines.append(f"| og.Generator decode tokens/s ({d['prompt_tokens']}-token prompt, {d['new_tokens']} new) | "
+                     f"{d['dense_tokens_per_s']:.2f} | {d['sparse_tokens_per_s']:.2f} | **{d['speedup']:.2f}x** |")
     if "prefill" in lat:
         d = lat["prefill"]
         lines.append(f"| prefill tokens/s ({d['tokens']} tokens) | {d['dense_tokens_per_s']:.1f} | "

@@ -19,6 +19,9 @@ lm_head included) that the kernels skip, with the speedup that share would give 
 were nothing but reading FC weights (``ideal_fc_speedup``).
 
 Latency: both models in sessions with the same options, interleaved (scap_onnx.evaluation.latency).
+onnxruntime-genai folders (genai_config.json beside the model; DENSE and SPARSE may name the folders)
+also get decode tokens/s through ``og.Generator`` (scap_onnx.evaluation.genai_decode), the prompt the
+first ``kv_len`` tokens of the data.
 
 The report (JSON; keys in :mod:`scap_onnx.evaluation.report`) names the CPU model and ISA, the
 kernel the op library chose, thread count, onnxruntime version and execution provider.
@@ -38,6 +41,7 @@ import numpy as np
 
 from ..calibration.data import DataReader
 from ..calibration.spec import parse_spec
+from ..graph.genai import is_genai_folder, resolve_model
 from ..graph.targets import ROLES
 from ..op.contract import scap_nodes
 from ..op.session import default_threads, provider_name
@@ -45,7 +49,8 @@ from ..progress import NullProgress, Progress
 from .accuracy import DenseCache, measure_accuracy
 from .environment import environment
 from .eval_data import open_eval_data
-from .latency import DECODE_TOKENS, measure_latency
+from .genai_decode import GenaiDecodeJob, measure_genai_decode
+from .latency import DECODE_TOKENS, measure_latency, token_stream
 from .options import ValidateOptions
 from .pairing import open_pair
 
@@ -60,6 +65,8 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path | DataReade
     opts.check()
     progress = progress or NullProgress()
     started = time.perf_counter()
+    folders = (Path(dense), Path(sparse)) if is_genai_folder(dense) and is_genai_folder(sparse) else None
+    dense, sparse = resolve_model(dense), resolve_model(sparse)
     pair = open_pair(dense, sparse)
     provider = provider_name(opts.provider)
     threads = opts.threads or default_threads()
@@ -94,6 +101,12 @@ def validate(dense: str | Path, sparse: str | Path, data: str | Path | DataReade
         report["latency"] = measure_latency(pair, ds, opts, seen, progress)
         for key in ("thread_pool", "spinning"):  # what the timing really ran on
             report["environment"][key] = report["latency"][key]
+        if folders is not None:
+            prompt = token_stream(ds, opts.kv_len, seen)[0].tolist()
+            task = progress.task("latency: decode through og.Generator (in a separate process)", None)
+            report["latency"]["genai_decode"] = measure_genai_decode(GenaiDecodeJob(
+                folders[0], folders[1], prompt, warmup=max(1, opts.warmup), repeats=opts.repeats, threads=threads))
+            task.close()
     report["environment"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report

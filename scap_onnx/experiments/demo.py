@@ -13,6 +13,11 @@
 
 Everything goes to ``--output`` (default ``$SCAP_ONNX_CACHE/demo``, i.e. ``~/.cache/scap-onnx/demo``):
 ``stats.json``, ``model_scap.onnx``, ``report.json`` / ``report.md`` / ``report_*.png``.
+
+``--int4`` runs the same steps on what an int4 user deploys: SmolLM2 built by onnxruntime-genai's
+model builder (int4, block 32, accuracy level 4; :func:`scap_onnx.prepare.prepare_smollm2_int4`),
+rewritten into the onnxruntime-genai folder ``model_scap/`` (the op library inside), validated as
+above plus decode through ``og.Generator``; default output ``$SCAP_ONNX_CACHE/demo-int4``.
 Statistics are reused when the model, text and settings are unchanged (``--recalibrate`` forces).
 """
 
@@ -28,15 +33,15 @@ from ..errors import ScapError
 from ..evaluation.options import ValidateOptions
 from ..evaluation.report import write_report
 from ..evaluation.validate import targets_from_spec, validate
-from ..prepare import cache_dir, prepare_smollm2, prepare_texts
+from ..prepare import cache_dir, prepare_smollm2, prepare_smollm2_int4, prepare_texts
 from .cached import reusable_stats
 
 DEFAULT_SPEC = "up=0.35,gate=0.35,down=0.55"
 EVAL_TEXTS = ("fortunes", "kjv", "pydoc")
 
 
-def default_output() -> Path:
-    return cache_dir() / "demo"
+def default_output(int4: bool = False) -> Path:
+    return cache_dir() / ("demo-int4" if int4 else "demo")
 
 
 def run_demo(
@@ -52,6 +57,7 @@ def run_demo(
     repeats: int = 20,
     threads: int | None = None,
     recalibrate: bool = False,
+    int4: bool = False,
     progress=None,
     log=print,
 ) -> dict:
@@ -59,16 +65,18 @@ def run_demo(
     spec = str(parse_spec(sparsity))
     if eval_text not in EVAL_TEXTS:
         raise ScapError(f"--eval-text must be one of {', '.join(EVAL_TEXTS)}, got {eval_text!r}")
-    output = Path(output) if output else default_output()
+    output = Path(output) if output else default_output(int4)
     output.mkdir(parents=True, exist_ok=True)
     times = {}
     t0 = time.perf_counter()
-    log("[1/4] preparing SmolLM2-135M-Instruct and the texts (cached after the first run) ...")
+    what = "SmolLM2-135M-Instruct int4 (onnxruntime-genai builder)" if int4 else "SmolLM2-135M-Instruct"
+    log(f"[1/4] preparing {what} and the texts (cached after the first run) ...")
     try:
-        folder = prepare_smollm2()
+        folder = prepare_smollm2_int4() if int4 else prepare_smollm2()
         texts = prepare_texts()
     except ImportError as e:
-        raise ScapError(f"preparing the demo model needs the 'prepare' extra ({e}); see README") from None
+        extra = "'prepare' and 'genai' extras" if int4 else "'prepare' extra"
+        raise ScapError(f"preparing the demo model needs the {extra} ({e}); see README") from None
     model = folder / "model.onnx"
     times["prepare"] = round(time.perf_counter() - t0, 1)
 
@@ -89,9 +97,10 @@ def run_demo(
     times["calibrate"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    sparse = output / "model_scap.onnx"
+    # int4: the whole onnxruntime-genai folder, which og.Model loads as it is
+    dense, sparse = (folder, output / "model_scap") if int4 else (model, output / "model_scap.onnx")
     log(f"[3/4] rewriting -> {sparse}")
-    result = api.rewrite(model, sparse, stats=stats, sparsity=spec, check=False)
+    result = api.rewrite(dense, sparse, stats=stats, sparsity=spec, check=False)
     times["rewrite"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
@@ -100,8 +109,8 @@ def run_demo(
     log(f"[4/4] validating on {eval_data.name} ({eval_tokens} tokens), then timing decode (KV cache {kv_len}) ...")
     opts = ValidateOptions(max_tokens=eval_tokens, seq_len=seq_len, phase=phase, kv_len=kv_len,
                            repeats=repeats, threads=threads, targets=targets_from_spec(spec))
-    rep = validate(model, sparse, eval_data, opts, progress=progress)
-    rep["demo"] = {"spec": spec, "rewritten": len(result.rewritten), "calibration_text": str(cal_data),
+    rep = validate(dense, sparse, eval_data, opts, progress=progress)
+    rep["demo"] = {"spec": spec, "int4": int4, "rewritten": len(result.rewritten), "calibration_text": str(cal_data),
                    "calibration_tokens": stats.calibration.get("tokens"), "seconds": times}
     times["validate"] = round(time.perf_counter() - t0, 1)
     files = write_report(rep, output / "report.json")
@@ -120,6 +129,11 @@ def summary_lines(rep: dict) -> list[str]:
         lines.append(f"decode       dense {dec['dense_tokens_per_s']:.2f} tok/s   sparse {dec['sparse_tokens_per_s']:.2f} "
                      f"tok/s   speedup {dec['speedup']:.2f}x   (KV cache {dec['kv_len']}, "
                      f"{rep['environment']['threads']} threads)")
+    og = rep.get("latency", {}).get("genai_decode")
+    if og:
+        lines.append(f"og.Generator dense {og['dense_tokens_per_s']:.2f} tok/s   sparse {og['sparse_tokens_per_s']:.2f} "
+                     f"tok/s   speedup {og['speedup']:.2f}x   ({og['prompt_tokens']}-token prompt, "
+                     f"{og['new_tokens']} new tokens)")
     sp = rep.get("sparsity")
     if sp:
         lines.append(f"sparsity     {100 * sp['weighted']:.1f}% of FC weight bytes skipped (measured)")

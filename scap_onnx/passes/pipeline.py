@@ -38,6 +38,7 @@ def rewrite_file(model: str | Path, output: str | Path, plan: Mapping[str, objec
     if same_file(model, output):
         raise ScapError(f"output {output} would overwrite the input model")
     ir_model = load_model(model)
+    input_ops = {n.op_type for n in ir_model.graph.all_nodes()}
     external, sources = wants_external_data(ir_model), external_files(ir_model)
     rewrite = ScapRewritePass(plan)
     _run(ir.passes.PassManager([rewrite, FusePass()] if fuse else [rewrite]), ir_model)
@@ -46,7 +47,7 @@ def rewrite_file(model: str | Path, output: str | Path, plan: Mapping[str, objec
     data = save_model(ir_model, output, external=external, inputs_to_keep=[model] + sources)
     del ir_model
     if check:
-        check_model(output)
+        check_model(output, input_ops)
     return Rewritten(output, data, names, nodes)
 
 

