@@ -13,7 +13,8 @@ from random_llama import tiny_llama
 from scap_onnx.op.session import library_available
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
-from scap_onnx.experiments.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec
+from scap_onnx.calibration.methods import get_method
+from scap_onnx.experiments.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def test_sweep_cli_rows_tables_and_chart(llama_sweep):
         if library_available():
             assert r["speedup"] > 0 and r["latency_kind"] == "decode"
     assert res["calibration"]["teal"]["passes"] == 1 and res["calibration"]["scap"]["passes"] == 2
+    assert set(res["calibration"]) == set(stats_kinds(2))
     md = (out / "sweep.md").read_text()
     assert "TEAL-style" in md and "SCAP, mode-centred, per-role" in md and "verdict" in md
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -123,22 +125,26 @@ def test_sweep_comparison_from_rows(llama_sweep):
 
 def test_sweep_plans(llama_sweep):
     _, out, _ = llama_sweep
-    scap, teal = Stats.load(out / "stats_scap.json"), Stats.load(out / "stats_teal.json")
+    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in stats_kinds(2)}
+    scap = stats["scap"]
     names = {t["name"] for s in scap.sites for t in s.targets}
     for m in METHODS:
-        plan, spec = plan_for(m, 0.4, scap, teal)
+        plan, spec = plan_for(m, 0.4, stats)
         assert set(plan) == names, m
         if m in ("teal", "scap-zero"):
             assert all(off == 0.0 for _, off, _ in plan.values())
-        # the TEAL-style baseline keeps static thresholds; SCAP's statistics token-scale o and down
+        if m == "oneshot":  # the mode for down's inputs only
+            assert {n for n, (_, off, _) in plan.items() if off != 0.0} <= {n for n in names if "down_proj" in n}
+        # the TEAL-style statistics and the default's are static; SCAP's token-scale o and down
         scaled = {name for name, (_, _, token_scaled) in plan.items() if token_scaled}
-        assert scaled == (set() if m == "teal" else {n for n in names if "o_proj" in n or "down_proj" in n}), m
+        static = m in ("teal", "oneshot") or (m == "default" and not get_method(None).token_scaled_roles)
+        assert scaled == (set() if static else {n for n in names if "o_proj" in n or "down_proj" in n}), m
     # teal thresholds come from the dense-activation statistics, scap-zero's from the upstream-aware ones
-    t_plan, _ = plan_for("teal", 0.4, scap, teal)
-    z_plan, _ = plan_for("scap-zero", 0.4, scap, teal)
+    t_plan, _ = plan_for("teal", 0.4, stats)
+    z_plan, _ = plan_for("scap-zero", 0.4, stats)
     assert t_plan != z_plan
     # mode-centring picks non-zero centres somewhere
-    m_plan, _ = plan_for("scap-mode", 0.4, scap, teal)
+    m_plan, _ = plan_for("scap-mode", 0.4, stats)
     assert any(off != 0.0 for _, off, _ in m_plan.values())
 
 

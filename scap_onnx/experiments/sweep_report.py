@@ -9,8 +9,10 @@ from pathlib import Path
 from ..evaluation.report import environment_line, pyplot, save_figure
 from ..graph.fileio import atomic_write_text
 
-LABELS = {"dense": "dense", "teal": "TEAL-style (zero-centred, uniform)", "scap-zero": "SCAP, no mode-centering",
-          "scap-mode": "SCAP, mode-centred", "scap-role": "SCAP, mode-centred, per-role"}
+LABELS = {"dense": "dense", "teal": "TEAL-style (zero-centred, uniform)",
+          "oneshot": "one-shot (dense, static, mode for down)", "scap-zero": "SCAP, no mode-centering",
+          "scap-mode": "SCAP, mode-centred", "scap-role": "SCAP, mode-centred, per-role",
+          "default": "default method"}
 
 
 def row_line(r: dict) -> str:
