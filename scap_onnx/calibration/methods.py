@@ -24,14 +24,16 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
+    Method("scap-margin", 2, (), 16384, "margin",
+           "upstream-aware, static thresholds, a centre other than zero only where it cuts the output error by 10 %"),
     Method("balanced", 2, (), 16384, "balanced",
-           "upstream-aware, static thresholds, centres whose dropped values average zero"),
+           "upstream-aware, static thresholds, centres whose dropped values average them"),
     Method("scap-search", 2, DEFAULT_TOKEN_SCALED_ROLES, 16384, "search",
            "upstream-aware, token-scaled o/down, least-output-error offset candidate (the default until issue 16)"),
     Method("oneshot", 1, (), 2048, "mode-down",
            "dense activations, 2,048 tokens, static thresholds, histogram mode for down only"),
 )}
-DEFAULT_METHOD = "balanced"
+DEFAULT_METHOD = "scap-margin"
 
 
 def get_method(name: str | None) -> Method:

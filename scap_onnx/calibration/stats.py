@@ -27,11 +27,20 @@ VERSION = 1
 #: Candidate order used to break ties in output error (zero first: no change unless it helps).
 CANDIDATE_ORDER = ("zero", "median", "mode", "kde")
 #: How a site's centre m is chosen (SiteStats.centring; docs/calibration.md compares them):
+#: ``margin``    the least-error offset candidate where it cuts the output error by CENTRE_MIN_GAIN
+#:               or more against zero, else zero;
 #: ``balanced``  the centre whose dropped values average it (histogram.balanced_centre), per sparsity;
 #: ``search``    the offset candidate with the least output error on the sampled rows (SCAP's search);
 #: ``mode-down`` the histogram's mode for inputs of down projections, zero elsewhere (the one-shot);
 #: ``zero``      no centring (TEAL).
-CENTRINGS = ("balanced", "search", "mode-down", "zero")
+CENTRINGS = ("margin", "balanced", "search", "mode-down", "zero")
+#: A non-zero centre costs more than the output error on the sampled rows shows: every dropped
+#: element of a channel that sits near zero becomes -m, the same error at every token, which the
+#: residual stream carries to all later layers. Centres that cut that error by under 2 % (every
+#: input of SmolLM2, MiniLM's q/k/v, o and up) cost 1-2 points of perplexity end to end, those that
+#: cut it by over 50 % (MiniLM's post-GELU down inputs) gain several; any margin in between makes
+#: the same choices (docs/calibration.md).
+CENTRE_MIN_GAIN = 0.1
 
 
 def same_sparsity(a: float, b: float) -> bool:
@@ -89,9 +98,16 @@ class SiteStats:
             return ("mode", fine_mode(self.histogram)) if "down" in self.roles else ("zero", 0.0)
         if rule == "balanced":
             return "balanced", balanced_centre(self.histogram, sparsity)
-        if rule != "search":
+        if rule not in ("search", "margin"):
             raise ScapError(f"unknown centring {rule!r} (known: {', '.join(CENTRINGS)})")
-        return self._least_error_candidate(sparsity)
+        kind, m = self._least_error_candidate(sparsity)
+        if rule == "margin" and kind != "zero" and "zero" in self.errors:
+            grid = np.asarray(self.error_grid)
+            zero = float(np.interp(sparsity, grid, np.asarray(self.errors["zero"])))
+            best = float(np.interp(sparsity, grid, np.asarray(self.errors[kind])))
+            if best > (1.0 - CENTRE_MIN_GAIN) * zero:
+                return "zero", 0.0
+        return kind, m
 
     def _least_error_candidate(self, sparsity: float) -> tuple[str, float]:
         """Candidate with the least output error at ``sparsity`` (errors interpolated on the grid)."""
