@@ -195,3 +195,20 @@ def test_sweep_bad_input(tmp_path):
     with pytest.raises(ScapError, match=r"sparsity level 0\.0 is outside \(0, 1\)"):
         parse_levels([0.0, 0.5])
     assert np.allclose(parse_levels("0.5,0.3,0.5"), [0.3, 0.5])
+
+
+def test_sweep_against_teal(llama_sweep):
+    """Every other point against TEAL-style at its own measured sparsity, recomputed from the rows."""
+    _, out, _ = llama_sweep
+    res = json.loads((out / "sweep.json").read_text())
+    rows = res["rows"]
+    got = res["against_teal"]
+    assert [(c["method"], c["level"]) for c in got] == \
+           [(r["method"], r["level"]) for r in rows if r["method"] not in ("dense", "teal")]
+    for c in got:
+        same = _teal_quality_at(rows, c["sparsity"])
+        assert (c["baseline_quality"] is None) == (same is None), c
+        if same is not None:
+            assert c["baseline_quality"] == pytest.approx(same, rel=1e-12)
+            assert c["ratio"] == pytest.approx(c["quality"] / same, rel=1e-12)
+    assert "against TEAL-style at the same measured sparsity" in (out / "sweep.md").read_text()

@@ -6,7 +6,9 @@ fixed-size reservoir of rows (memory independent of the number of tokens). Offse
 from the histogram (mode of a fine histogram, mode of a smoother box-kernel density, median,
 zero); each is scored by the relative error it causes at the layer's output on the reservoir rows,
 ``||drop(x - m, tau_m) @ W|| / ||x @ W||`` with ``tau_m = quantile(|x - m|, s)``, at a grid of
-sparsities, and the best is chosen at the SPEC's sparsity.
+sparsities; the site's centring (stats.CENTRINGS, from the calibration method: methods.py) then
+picks the centre at the SPEC's sparsity, by default the best candidate only where it cuts that
+error by a clear margin, else zero.
 
 Upstream-aware calibration (``passes`` >= 2): pass p runs the model with every site already
 sparsified with the thresholds and offsets of pass p-1 (in standard ONNX ops), so each site's

@@ -41,7 +41,8 @@ Output folder: ``sweep.json`` (format ``scap-onnx-sweep``), ``sweep.md`` (tables
 encoders), and the report's ``perplexity_dense`` / ``perplexity_sparse`` / ``top1_agreement`` /
 ``kl_mean`` / ``cosine_mean`` / ``cosine_min``, ``speedup`` (decode step, or one batch for
 encoders), ``dense_tokens_per_s`` / ``sparse_tokens_per_s``, ``report``), ``comparison`` (per
-level: teal vs scap-mode quality and whether SCAP is at or above the baseline), ``seconds``.
+level: teal vs scap-mode quality and whether SCAP is at or above the baseline), ``against_teal``
+(every other point against TEAL-style at its measured sparsity: quality, TEAL's, ratio), ``seconds``.
 """
 
 from __future__ import annotations
@@ -239,11 +240,27 @@ def compare(rows: list[dict], levels: list[float]) -> list[dict]:
     return out
 
 
+def against_baseline(rows: list[dict], baseline: str = "teal") -> list[dict]:
+    """Every point of the other methods against ``baseline`` at the same measured sparsity (the
+    baseline interpolated between its points and dense): its quality, the baseline's there and their
+    ratio (lower is better; None beyond the baseline's points)."""
+    out = []
+    for r in rows:
+        if r["method"] in ("dense", baseline) or r.get("quality") is None or r.get("sparsity") is None:
+            continue
+        base = _interp_quality(rows, baseline, r["sparsity"])
+        ratio = r["quality"] / base if base not in (None, 0.0) else None
+        out.append({"method": r["method"], "level": r["level"], "sparsity": r["sparsity"], "quality": r["quality"],
+                    "baseline": baseline, "baseline_quality": base, "ratio": ratio})
+    return out
+
+
 def redraw(out_dir: str | Path) -> dict:
     """Recompute the comparison and rewrite sweep.json / sweep.md / pareto.png of a finished sweep."""
     out_dir = Path(out_dir)
     res = json.loads((out_dir / "sweep.json").read_text())
     res["comparison"] = compare(res["rows"], res["levels"])
+    res["against_teal"] = against_baseline(res["rows"])
     return write_sweep(res, out_dir)
 
 
@@ -350,6 +367,7 @@ def sweep(
         "levels": levels, "methods": methods, "role_profile": ROLE_PROFILE,
         "calibration": calibration, "environment": env, "rows": rows,
         "comparison": compare(rows, levels),
+        "against_teal": against_baseline(rows),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_sweep(result, out_dir)
