@@ -214,15 +214,14 @@ def test_sweep_against_teal(llama_sweep):
     assert "against TEAL-style at the same measured sparsity" in (out / "sweep.md").read_text()
 
 
-def test_sweep_default_beats_the_one_shot(llama_sweep):
-    """The ordering the sweep measures on this model (fixed seeds: deterministic): the default
-    method loses clearly less perplexity than issue 16's one-shot at both levels, at no less than
-    0.6 point below its sparsity. Measured: 0.015 % against 0.049 % at 0.3 (25.6 % of FC bytes
-    skipped both), 0.076 % against 0.113 % at 0.5 (42.5 % against 43.0 %): ratios 0.31 and 0.67."""
+def test_sweep_default_is_teal_on_random_weights(llama_sweep):
+    """On this random-weight model no offset candidate cuts the output error by the margin, so the
+    default (one pass, static, ``margin``) reads the TEAL-style statistics and keeps zero centres:
+    the same points as TEAL-style; the one-shot's mode for down loses a little more at 0.5
+    (measured 0.113 % against 0.106 %)."""
     _, out, _ = llama_sweep
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     for level in (0.3, 0.5):
         (d,) = [r for r in rows if r["method"] == "default" and r["level"] == level]
-        (o,) = [r for r in rows if r["method"] == "oneshot" and r["level"] == level]
-        assert d["sparsity"] > o["sparsity"] - 0.006, (d, o)
-        assert 0 < d["quality"] < 0.8 * o["quality"], (d, o)
+        (t,) = [r for r in rows if r["method"] == "teal" and r["level"] == level]
+        assert (d["sparsity"], d["quality"]) == (t["sparsity"], t["quality"])

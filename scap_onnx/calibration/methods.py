@@ -24,8 +24,8 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
-    Method("scap-margin", 2, DEFAULT_TOKEN_SCALED_ROLES, 16384, "margin",
-           "upstream-aware, token-scaled o/down, a centre other than zero only where it cuts the output error by 10 %"),
+    Method("scap-margin", 1, (), 16384, "margin",
+           "dense activations, static thresholds, a centre other than zero only where it cuts the output error by 10 %"),
     Method("balanced", 2, (), 16384, "balanced",
            "upstream-aware, static thresholds, centres whose dropped values average them"),
     Method("scap-search", 2, DEFAULT_TOKEN_SCALED_ROLES, 16384, "search",
