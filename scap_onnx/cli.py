@@ -22,6 +22,7 @@ from typing import List, Optional
 import typer
 
 from . import api
+from .calibration.methods import DEFAULT_METHOD, METHODS, get_method
 from .calibration.spec import parse_roles, parse_spec
 from .calibration.stats import Stats
 from .errors import ScapError
@@ -91,11 +92,12 @@ def _stop(progress) -> None:
 DataOpt = typer.Option(None, "--data", "-d", help="Calibration data: a text file (.txt, .jsonl with a 'text' field) or an .npz of input feeds. Repeat it for several text files: their windows are mixed, --tokens split evenly between them.")
 TokenizerOpt = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: beside the model).")
 TargetsOpt = typer.Option(None, "--targets", help="Comma-separated patterns on node name, weight name or role (e.g. 'down,*mlp*', '!*layers.0/*'); default: every target but lm_head and MoE routers.")
-TokensOpt = typer.Option(16384, "--tokens", help="Calibration tokens to read (windows of --seq-len).")
+TokensOpt = typer.Option(None, "--tokens", help="Calibration tokens to read (windows of --seq-len; default: the --method's).")
 SeqLenOpt = typer.Option(256, "--seq-len", help="Tokens per calibration window.")
 BatchOpt = typer.Option(1, "--batch-size", help="Windows per onnxruntime run.")
 SamplingOpt = typer.Option("spread", "--sampling", help="Where text windows come from: 'spread' (evenly across the whole file) or 'contiguous' (from its start).")
-PassesOpt = typer.Option(2, "--passes", help="1: calibrate on dense activations; each further pass recalibrates with upstream targets sparsified.")
+PassesOpt = typer.Option(None, "--passes", help="1: calibrate on dense activations; each further pass recalibrates with upstream targets sparsified (default: the --method's).")
+MethodOpt = typer.Option(None, "--method", help=f"Calibration method: {', '.join(METHODS)} (default {DEFAULT_METHOD}; docs/calibration.md).")
 SampleRowsOpt = typer.Option(128, "--sample-rows", help="Activation rows kept per input to score offset candidates by output error.")
 ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
@@ -103,15 +105,18 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 KvLenOpt = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache.")
 TimingThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores).")
 ProviderOpt = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda or a full onnxruntime provider name.")
-TokenScaledOpt = typer.Option("o,down", "--token-scaled",
+TokenScaledOpt = typer.Option(None, "--token-scaled",
                               help="Roles whose thresholds scale with each token's norm (their inputs are not "
-                                   "normalised), so that the sparsity holds on other texts; 'none': all static.")
+                                   "normalised), e.g. 'o,down', so that the sparsity holds on other texts; 'none': "
+                                   "all static (default: the --method's).")
 
 
 def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
-                      token_scaled) -> dict:
+                      token_scaled, method) -> dict:
+    get_method(method)  # a one-line error now for an unknown method
     return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
-                passes=passes, sample_rows=sample_rows, threads=threads, token_scaled_roles=parse_roles(token_scaled))
+                passes=passes, sample_rows=sample_rows, threads=threads, method=method,
+                token_scaled_roles=None if token_scaled is None else parse_roles(token_scaled))
 
 
 def _summary_lines(stats, plan) -> list[str]:
@@ -140,14 +145,15 @@ def calibrate(
     sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="SPEC: one number for every target (0.5) or per role (up=0.35,gate=0.35,down=0.55)."),
     tokenizer: Optional[Path] = TokenizerOpt,
     targets: Optional[str] = TargetsOpt,
-    tokens: int = TokensOpt,
+    tokens: Optional[int] = TokensOpt,
     seq_len: int = SeqLenOpt,
     batch_size: int = BatchOpt,
     sampling: str = SamplingOpt,
-    passes: int = PassesOpt,
+    passes: Optional[int] = PassesOpt,
     sample_rows: int = SampleRowsOpt,
     threads: Optional[int] = ThreadsOpt,
-    token_scaled: str = TokenScaledOpt,
+    token_scaled: Optional[str] = TokenScaledOpt,
+    method: Optional[str] = MethodOpt,
     quiet: bool = QuietOpt,
 ):
     """Collect activation statistics and choose offsets and thresholds; write stats.json."""
@@ -161,7 +167,7 @@ def calibrate(
     try:
         stats = api.calibrate(model, data, sparsity=spec, targets=targets, progress=progress,
                     **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
-                                        token_scaled))
+                                        token_scaled, method))
     finally:
         _stop(progress)
     stats.save(output)
@@ -182,14 +188,15 @@ def rewrite(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL_scap.onnx beside MODEL); for a genai folder, the output folder (default: FOLDER_scap)."),
     targets: Optional[str] = TargetsOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
-    tokens: int = TokensOpt,
+    tokens: Optional[int] = TokensOpt,
     seq_len: int = SeqLenOpt,
     batch_size: int = BatchOpt,
     sampling: str = SamplingOpt,
-    passes: int = PassesOpt,
+    passes: Optional[int] = PassesOpt,
     sample_rows: int = SampleRowsOpt,
     threads: Optional[int] = ThreadsOpt,
-    token_scaled: str = TokenScaledOpt,
+    token_scaled: Optional[str] = TokenScaledOpt,
+    method: Optional[str] = MethodOpt,
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="With --data: also write the stats.json."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run onnx.checker on the result."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
@@ -209,11 +216,12 @@ def rewrite(
     data = data or None
     if data is None and stats is None:
         data = api.default_calibration_data(resolve_model(model), tokenizer)
-        typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} ({tokens} tokens, "
+        typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} "
+                   f"({tokens or get_method(method).max_tokens} tokens, method {get_method(method).name}, "
                    f"SPEC {sparsity or '0.5'})", err=True)
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
-                                   token_scaled)
+                                   token_scaled, method)
     progress = make_progress(quiet)
     try:
         result = api.rewrite(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,

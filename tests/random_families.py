@@ -19,6 +19,12 @@ CONFIGS = {
     "gpt2": ("GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB)),
     "opt": ("OPTConfig", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=176,
                               word_embed_proj_dim=64, vocab_size=VOCAB)),
+    # GeGLU (gelu-tanh gate) and Qwen2 (SwiGLU, q/k/v biases): decoders of other families for calibration.
+    "gemma": ("GemmaConfig", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=16, vocab_size=VOCAB,
+                                  hidden_activation="gelu_pytorch_tanh")),
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=VOCAB)),
 }
 REQUIRED = ("model.onnx", "calib.npz", "eval.npz")
 

@@ -175,3 +175,26 @@ def test_quantized_model_is_named_as_such(tmp_path):
     model.ir_version = 10
     onnx.save(model, tmp_path / "q.onnx")
     _bad("inspect", tmp_path / "q.onnx", match="already quantized (MatMulInteger)")
+
+
+def test_calibrate_method(tiny, tmp_path):
+    """--method picks passes, tokens, token scaling and centring; an explicit option overrides its part;
+    an unknown method is a one-line error."""
+    out = tmp_path / "oneshot.json"
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "-s", "up=0.35,gate=0.35,down=0.55",
+                "--method", "oneshot", "--seq-len", 64, "-o", out, check=True)
+    assert "1 pass(es)" in p.stdout
+    d = json.loads(out.read_text())
+    cal = d["calibration"]
+    assert (cal["method"], cal["centring"], cal["passes"], cal["token_scaled_roles"]) == ("oneshot", "mode-down", 1, [])
+    assert cal["tokens"] <= 2048
+    for s in d["sites"]:
+        assert s["centring"] == "mode-down" and not s["token_scaled"]
+        if s["sparsity"] is not None:
+            assert (s["offset_kind"] == "mode") == ("down" in s["roles"]), s["roles"]
+            assert s["offset_kind"] == "mode" or s["offset"] == 0.0
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--method", "oneshot", "--passes", 2,
+                "--seq-len", 64, "-o", tmp_path / "two.json", check=True)
+    assert json.loads((tmp_path / "two.json").read_text())["calibration"]["passes"] == 2
+    _bad("calibrate", tiny["decoder"], "--data", tiny["calib"], "--method", "magic", "-o", tmp_path / "x.json",
+         match="unknown calibration method 'magic'")

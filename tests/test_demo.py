@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from scap_onnx.calibration.methods import DEFAULT_METHOD, get_method
 from conftest import run_cli
 from scap_onnx.op.session import library_available
 
@@ -28,8 +29,8 @@ def test_demo_prints_headline_numbers(smollm2, texts, tmp_path):
     from scap_onnx.experiments.cached import reusable_stats
 
     stats = tmp_path / "stats.json"
-    want = {"spec": rep["demo"]["spec"], "tokens": 512, "seq_len": 256, "passes": 2,
-            "data": str(texts["pydoc"].resolve()), "token_scaled_roles": ["o", "down"]}
+    want = {"spec": rep["demo"]["spec"], "tokens": 512, "seq_len": 256, "passes": get_method(None).passes,
+            "data": str(texts["pydoc"].resolve()), "method": DEFAULT_METHOD}
     assert reusable_stats(stats, smollm2, "demo", want) is not None
     assert reusable_stats(stats, smollm2, "demo", {**want, "tokens": 1024}) is None
     assert reusable_stats(stats, smollm2, "demo", {**want, "data": str(texts["kjv"].resolve())}) is None

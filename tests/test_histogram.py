@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from scap_onnx.calibration.histogram import Histogram, bin_counts
+from scap_onnx.calibration.histogram import Histogram, balanced_centre, bin_counts
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,33 @@ def test_bad_sparsity():
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got " + str(bad)):
             h.threshold(bad)
+
+
+@pytest.mark.parametrize("lo,hi", [(-0.2, -0.05), (-0.01, 0.01), (-1.0, 1.0), (0.0, 50.0)])
+def test_window_mean_matches_numpy(data, lo, hi):
+    """Mean of the values in [lo, hi] (zeros a point mass, bins taken as uniformly filled)."""
+    h = Histogram().add(data)
+    inside = data[(data >= lo) & (data <= hi)].astype(np.float64)
+    assert abs(h.window_mean(lo, hi) - inside.mean()) <= 0.01 * (hi - lo)
+    assert np.isnan(h.window_mean(1e6, 2e6))  # an empty window
+
+
+@pytest.mark.parametrize("s", [0.35, 0.55])
+def test_balanced_centre_is_the_mean_of_what_it_drops(s):
+    """A GELU-like input: a spike just below zero and a long positive tail (the inputs of GPT-2's down
+    projections). Zero drops values that average well below zero; the balanced centre's dropped
+    values average the centre itself, and it moves towards the spike."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([-np.abs(rng.normal(0, 0.04, 300_000)), rng.exponential(0.5, 200_000)]).astype(np.float32)
+    h = Histogram().add(x)
+    m = balanced_centre(h, s)
+    tau = h.threshold(s, m)
+    dropped = x[np.abs(x - np.float32(m)) <= tau].astype(np.float64)
+    assert abs(dropped.mean() - m) < 0.02 * tau
+    assert abs(np.mean(np.abs(x - m) <= tau) - s) < 0.005  # and it keeps the sparsity
+    t0 = h.threshold(s, 0.0)
+    zero_bias = x[np.abs(x) <= t0].astype(np.float64).mean()
+    assert zero_bias < -0.2 * t0 and m < 0  # zero's dropped values are biased; the centre moves below 0
+    # a symmetric bulk: the balanced centre is its centre
+    sym = Histogram().add(rng.normal(0.3, 0.1, 200_000).astype(np.float32))
+    assert abs(balanced_centre(sym, s) - 0.3) < 0.005

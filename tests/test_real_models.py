@@ -186,5 +186,6 @@ def test_rewrite_alone_calibrates_on_the_built_in_corpus(family, request, fresh_
     corpus = fresh_cache / "texts" / "pydoc.txt"
     assert corpus.is_file()
     line = [x for x in p.stderr.splitlines() if "built-in corpus" in x]
-    assert line == [f"rewrite: no --stats or --data: calibrating on the built-in corpus {corpus} (512 tokens, SPEC 0.5)"]
+    assert line == [f"rewrite: no --stats or --data: calibrating on the built-in corpus {corpus} (512 tokens, "
+                    f"method scap-margin, SPEC 0.5)"]
     assert "rewrote" in p.stdout and len(open_pair(model, out).scap) > 0

@@ -6,7 +6,9 @@ fixed-size reservoir of rows (memory independent of the number of tokens). Offse
 from the histogram (mode of a fine histogram, mode of a smoother box-kernel density, median,
 zero); each is scored by the relative error it causes at the layer's output on the reservoir rows,
 ``||drop(x - m, tau_m) @ W|| / ||x @ W||`` with ``tau_m = quantile(|x - m|, s)``, at a grid of
-sparsities, and the best is chosen at the SPEC's sparsity.
+sparsities; the site's centring (stats.CENTRINGS, from the calibration method: methods.py) then
+picks the centre at the SPEC's sparsity, by default the best candidate only where it cuts that
+error by a clear margin, else zero.
 
 Upstream-aware calibration (``passes`` >= 2): pass p runs the model with every site already
 sparsified with the thresholds and offsets of pass p-1 (in standard ONNX ops), so each site's
@@ -14,7 +16,8 @@ statistics are those of the inputs it will see at run time. A site's input depen
 upstream of it, so after p passes the first p-1 layers are exactly calibrated layer by layer; in
 practice the thresholds settle after one refinement pass. Measured on SmolLM2 (docs/calibration.md):
 with 2 passes, held-out text of the calibration domain reaches the targets within 0.1 point at every
-layer (1 pass: about 1 point off in deep layers), at slightly lower perplexity; hence the default.
+layer (1 pass: about 1 point off in deep layers). The default method calibrates in one pass all the
+same: at equal measured sparsity one pass lost no quality (docs/calibration.md, issue 16).
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ from ..op.session import base_options
 from ..progress import NullProgress, Progress
 from .capture import Capture, Upstream
 from .data import DataReader, open_data
-from .histogram import Histogram, robust_scale
-from .spec import DEFAULT_TOKEN_SCALED_ROLES, Spec, parse_spec, shared_sparsity
+from .histogram import Histogram, fine_mode, robust_scale
+from .methods import get_method
+from .spec import Spec, parse_spec, shared_sparsity
 from .stats import CANDIDATE_ORDER, SiteStats, Stats
 
 #: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
 ERROR_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DEFAULT_PASSES = 2
 DEFAULT_SAMPLE_ROWS = 128
 _ELEM = {"float32": 1, "float16": 10}
 
@@ -83,7 +86,7 @@ def offset_candidates(h: Histogram) -> dict[str, float]:
     scale = robust_scale(h)
     raw = {"zero": 0.0, "median": float(h.quantile(0.5))}
     if scale > 0:
-        raw["mode"] = h.mode(scale / 100)
+        raw["mode"] = fine_mode(h)
         raw["kde"] = h.mode(scale / 10)
     out: dict[str, float] = {}
     tol = 1e-3 * scale if scale > 0 else 0.0
@@ -180,7 +183,7 @@ def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, optio
 
 
 def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: float | None, grid: list[float],
-            token_scaled: bool):
+            token_scaled: bool, centring: str):
     cands = offset_candidates(hist)
     errs = output_errors(sample, weights, hist, cands, grid) if grid and sample.size else {}
     st = SiteStats(
@@ -193,6 +196,7 @@ def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: 
         errors=errs,
         sparsity=sparsity,
         token_scaled=token_scaled,
+        centring=centring,
     )
     if sparsity is not None:
         st.offset_kind, st.offset = st.choose_offset(sparsity)
@@ -208,15 +212,16 @@ def calibrate(
     targets: str | None = None,
     tokenizer: str | Path | None = None,
     seq_len: int = 256,
-    max_tokens: int | None = 16384,
+    max_tokens: int | None = None,
     batch_size: int = 1,
     sampling: str = "spread",
-    passes: int = DEFAULT_PASSES,
+    passes: int | None = None,
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
     progress: Progress | None = None,
     threads: int | None = None,
     providers: list[str] | None = None,
-    token_scaled_roles: Sequence[str] = DEFAULT_TOKEN_SCALED_ROLES,
+    token_scaled_roles: Sequence[str] | None = None,
+    method: str | None = None,
 ) -> Stats:
     """Calibrate ``model`` on ``data`` for ``sparsity`` (a SPEC) and return the statistics.
 
@@ -227,8 +232,16 @@ def calibrate(
     upstream sites sparsified as the previous pass decided.
 
     ``token_scaled_roles``: sites read by a target of these roles get thresholds relative to each
-    token's norm (scap_onnx.op.token_norm; default o and down); () keeps every threshold static.
+    token's norm (scap_onnx.op.token_norm); () keeps every threshold static.
+
+    ``method``: a name of scap_onnx.calibration.methods.METHODS (default DEFAULT_METHOD); it sets
+    ``passes``, ``max_tokens``, ``token_scaled_roles`` where they are None, and the centring.
     """
+    chosen_method = get_method(method)
+    passes = chosen_method.passes if passes is None else passes
+    max_tokens = chosen_method.max_tokens if max_tokens is None else max_tokens
+    if token_scaled_roles is None:
+        token_scaled_roles = chosen_method.token_scaled_roles
     spec = parse_spec(sparsity)
     model = resolve_model(model)  # an onnxruntime-genai folder: its decoder model
     if passes < 1:
@@ -271,7 +284,7 @@ def calibrate(
                     grid = [sp] if sp is not None else []
                 w = weights_of(s) if grid else []
                 decided[s.input] = _decide(s, result.histograms[s.input], result.samples[s.input], w, sp, grid,
-                                           s.input in scaled)
+                                           s.input in scaled, chosen_method.centring)
                 del w
             history.append({
                 "pass": p, "tokens": result.tokens, "seconds": round(result.seconds, 2),
@@ -286,6 +299,7 @@ def calibrate(
                    "targets": len(chosen), "sites": len(sites)},
             calibration={
                 "spec": str(spec), "data": ds.describe(), "tokens": result.tokens, "batches": result.batches,
+                "method": chosen_method.name, "centring": chosen_method.centring,
                 "passes": passes, "sample_rows": sample_rows, "targets": targets,
                 "token_scaled_roles": list(token_scaled_roles),
                 "seconds": round(time.perf_counter() - started, 2),

@@ -240,6 +240,25 @@ class Histogram:
         lo = self._count_below(np.array([m - t]), True)
         return float((hi - lo)[0] / n)
 
+    def window_mean(self, lo: float, hi: float) -> float:
+        """Mean of the non-NaN values in [lo, hi] (uniform within bins, point masses exact); NaN when
+        the window holds none."""
+        knots, fk, pts, pcum, n = self._model()
+        if n == 0 or not hi >= lo:
+            return float("nan")
+        # continuous part: between consecutive breakpoints the density is constant, so each piece
+        # contributes its mass times its midpoint
+        xs = np.unique(np.clip(np.concatenate([[lo, hi], knots]), lo, hi))
+        f = np.interp(xs, knots, fk) if knots.size else np.zeros_like(xs)
+        dm = np.diff(f)
+        total = float(dm.sum())
+        moment = float((dm * 0.5 * (xs[1:] + xs[:-1])).sum())
+        pc = np.diff(np.concatenate([[0.0], pcum]))
+        inside = (pts >= lo) & (pts <= hi)
+        total += float(pc[inside].sum())
+        moment += float((pc[inside] * pts[inside]).sum())
+        return moment / total if total > 0 else float("nan")
+
     def mode(self, bandwidth: float) -> float:
         """Peak of the density smoothed with a box kernel of half-width ``bandwidth``, searched
         between the 1st and 99th percentiles on a grid finer than the bandwidth."""
@@ -292,3 +311,34 @@ def robust_scale(h: Histogram) -> float:
     if iqr > 0 and math.isfinite(iqr):
         return iqr
     return float(q[3] - q[0]) if math.isfinite(q[3] - q[0]) else 0.0
+
+
+def fine_mode(h: Histogram) -> float:
+    """The histogram's mode at a bandwidth of 1 % of its robust scale (the ``mode`` offset candidate)."""
+    scale = robust_scale(h)
+    return h.mode(scale / 100) if scale > 0 else float(h.quantile(0.5))
+
+
+def balanced_centre(h: Histogram, sparsity: float, start: float = 0.0, iterations: int = 60) -> float:
+    """The centre m whose dropped values average m itself: m = mean of x over |x - m| <= tau(m), with
+    tau(m) the threshold giving ``sparsity`` (a mean shift with a box window that keeps the
+    sparsity; from ``start``, until m moves by less than 1e-4 tau).
+
+    Then the dropped parts of x - m average zero over the tensor, so dropping adds no error common
+    to every token: a constant error at every token is a bias that the residual stream carries
+    to every later layer, while zero-mean errors partly cancel. A centre picked by output error
+    alone (mode, KDE mode, median) can sit off that point and add such a bias (docs/calibration.md).
+    """
+    if not 0.0 < sparsity < 1.0 or h.total - h.nan == 0:
+        return float(start)
+    m = float(start)
+    for _ in range(iterations):
+        tau = h.threshold(sparsity, m)
+        new = h.window_mean(m - tau, m + tau)
+        if not math.isfinite(new):
+            break
+        done = abs(new - m) <= 1e-4 * tau
+        m = float(new)
+        if done:
+            break
+    return m

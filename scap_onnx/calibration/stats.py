@@ -19,13 +19,28 @@ import numpy as np
 
 from ..errors import ScapError
 from ..graph.fileio import atomic_write_text
-from .histogram import Histogram
+from .histogram import Histogram, balanced_centre, fine_mode
 from .spec import Spec, parse_spec, shared_sparsity
 
 FORMAT = "scap-onnx-stats"
 VERSION = 1
 #: Candidate order used to break ties in output error (zero first: no change unless it helps).
 CANDIDATE_ORDER = ("zero", "median", "mode", "kde")
+#: How a site's centre m is chosen (SiteStats.centring; docs/calibration.md compares them):
+#: ``margin``    the least-error offset candidate where it cuts the output error by CENTRE_MIN_GAIN
+#:               or more against zero, else zero;
+#: ``balanced``  the centre whose dropped values average it (histogram.balanced_centre), per sparsity;
+#: ``search``    the offset candidate with the least output error on the sampled rows (SCAP's search);
+#: ``mode-down`` the histogram's mode for inputs of down projections, zero elsewhere (the one-shot);
+#: ``zero``      no centring (TEAL).
+CENTRINGS = ("margin", "balanced", "search", "mode-down", "zero")
+#: A non-zero centre costs more than the output error on the sampled rows shows: every dropped
+#: element of a channel that sits near zero becomes -m, the same error at every token, which the
+#: residual stream carries to all later layers. Centres that cut that error by under 2 % (every
+#: input of SmolLM2, MiniLM's q/k/v, o and up) cost 1-2 points of perplexity end to end, those that
+#: cut it by over 50 % (MiniLM's post-GELU down inputs) gain several; any margin in between makes
+#: the same choices (docs/calibration.md).
+CENTRE_MIN_GAIN = 0.1
 
 
 def same_sparsity(a: float, b: float) -> bool:
@@ -47,6 +62,7 @@ class SiteStats:
     offset_kind: str = "zero"
     threshold: float = 0.0
     token_scaled: bool = False  # histogram, offset and threshold are of x / ||x|| (scap_onnx.op.token_norm)
+    centring: str = "search"  # one of CENTRINGS
 
     @property
     def roles(self) -> list[str]:
@@ -73,7 +89,27 @@ class SiteStats:
         vals = [v for v in vals if v is not None]
         return shared_sparsity(vals)
 
-    def choose_offset(self, sparsity: float) -> tuple[str, float]:
+    def choose_offset(self, sparsity: float, centring: str | None = None) -> tuple[str, float]:
+        """(kind, centre) at ``sparsity`` by ``centring`` (default: the site's own; see CENTRINGS)."""
+        rule = centring or self.centring
+        if rule == "zero":
+            return "zero", 0.0
+        if rule == "mode-down":
+            return ("mode", fine_mode(self.histogram)) if "down" in self.roles else ("zero", 0.0)
+        if rule == "balanced":
+            return "balanced", balanced_centre(self.histogram, sparsity)
+        if rule not in ("search", "margin"):
+            raise ScapError(f"unknown centring {rule!r} (known: {', '.join(CENTRINGS)})")
+        kind, m = self._least_error_candidate(sparsity)
+        if rule == "margin" and kind != "zero" and "zero" in self.errors:
+            grid = np.asarray(self.error_grid)
+            zero = float(np.interp(sparsity, grid, np.asarray(self.errors["zero"])))
+            best = float(np.interp(sparsity, grid, np.asarray(self.errors[kind])))
+            if best > (1.0 - CENTRE_MIN_GAIN) * zero:
+                return "zero", 0.0
+        return kind, m
+
+    def _least_error_candidate(self, sparsity: float) -> tuple[str, float]:
         """Candidate with the least output error at ``sparsity`` (errors interpolated on the grid)."""
         if not self.candidates:
             return "zero", 0.0
@@ -101,6 +137,7 @@ class SiteStats:
             "offset_kind": self.offset_kind,
             "threshold": self.threshold,
             "token_scaled": self.token_scaled,
+            "centring": self.centring,
             "candidates": self.candidates,
             "error_grid": self.error_grid,
             "errors": self.errors,
@@ -123,6 +160,7 @@ class SiteStats:
             offset_kind=d.get("offset_kind", "zero"),
             threshold=float(d.get("threshold", 0.0)),
             token_scaled=bool(d.get("token_scaled", False)),
+            centring=str(d.get("centring", "search")),  # files written before centrings existed searched
         )
 
 
@@ -147,14 +185,17 @@ class Stats:
     sites: list[SiteStats]
 
     # -- re-targeting
-    def plan(self, spec: Spec | str | float | None = None) -> dict[str, TargetPlan]:
-        """Per target name: threshold and offset for ``spec`` (None: the calibration SPEC's values).
+    def plan(self, spec: Spec | str | float | None = None, centring: str | None = None) -> dict[str, TargetPlan]:
+        """Per target name: threshold and offset for ``spec`` (None: the calibration SPEC's values),
+        centres by ``centring`` (default: each site's own, CENTRINGS).
 
         Only targets whose role the SPEC names are in the plan. Targets sharing an input share the
         offset; they share the threshold too unless the SPEC gives their roles different sparsities
         (Phi-2's q/k/v and fc1 read one input): each then gets its own quantile.
         """
         out: dict[str, TargetPlan] = {}
+        if spec is None and centring is not None:
+            spec = self.calibration.get("spec")
         if spec is None:
             cal = parse_spec(self.calibration["spec"]) if self.calibration.get("spec") else None
             for s in self.sites:
@@ -171,7 +212,7 @@ class Stats:
             sp = s.sparsity_for(spec)
             if sp is None:
                 continue
-            kind, m = s.choose_offset(sp)
+            kind, m = s.choose_offset(sp, centring)
             tau = s.histogram.threshold(sp, m)
             for t in s.targets:
                 wanted = spec.sparsity(t["role"])
@@ -234,6 +275,8 @@ class Stats:
         for s in sites:
             if not math.isfinite(s.threshold) or s.threshold < 0 or not math.isfinite(s.offset):
                 raise ScapError(f"{where}: site {s.input!r} has an invalid threshold/offset")
+            if s.centring not in CENTRINGS:
+                raise ScapError(f"{where}: site {s.input!r} has an unknown centring {s.centring!r}")
         if "fingerprint" not in model:
             raise ScapError(f"{where}: stats file does not record its model")
         return cls(model, cal, sites)

@@ -2,7 +2,8 @@
 
 1. prepare SmolLM2 (ONNX with KV cache) and the two texts if they are not cached yet
    (:mod:`scap_onnx.prepare`; needs the ``prepare`` extra the first time);
-2. calibrate on the Python documentation (``--tokens``, default 16384, upstream-aware, 2 passes);
+2. calibrate on the Python documentation (``--tokens``, default 16384) by the default calibration
+   method (scap_onnx.calibration.methods);
 3. rewrite at ``--sparsity`` (default ``up=0.35,gate=0.35,down=0.55``, the paper's Llama-2 setting);
 4. validate on another text, Debian's fortunes (modern English, like the calibration text, so the
    SPEC's sparsities hold there: docs/calibration.md); ``--eval-text kjv`` takes the King James
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from .. import api
 from ..calibration.calibrator import calibrate
-from ..calibration.spec import DEFAULT_TOKEN_SCALED_ROLES as TOKEN_ROLES, parse_spec
+from ..calibration.methods import DEFAULT_METHOD, get_method
+from ..calibration.spec import parse_spec
 from ..errors import ScapError
 from ..evaluation.options import ValidateOptions
 from ..evaluation.report import write_report
@@ -50,7 +52,7 @@ def run_demo(
     sparsity: str = DEFAULT_SPEC,
     tokens: int = 16384,
     seq_len: int = 256,
-    passes: int = 2,
+    passes: int | None = None,
     eval_text: str = "fortunes",
     eval_tokens: int = 4096,
     kv_len: int = 256,
@@ -83,13 +85,14 @@ def run_demo(
     t0 = time.perf_counter()
     stats_path = output / "stats.json"
     cal_data = texts["pydoc"]
+    passes = get_method(None).passes if passes is None else passes
     want = {"spec": spec, "tokens": tokens, "seq_len": seq_len, "passes": passes, "data": str(cal_data.resolve()),
-            "token_scaled_roles": list(TOKEN_ROLES)}
+            "method": DEFAULT_METHOD}
     stats = None if recalibrate else reusable_stats(stats_path, model, "demo", want)
     if stats is None:
         log(f"[2/4] calibrating on {cal_data.name} ({tokens} tokens, {passes} passes, SPEC {spec}) ...")
         stats = calibrate(model, cal_data, sparsity=spec, max_tokens=tokens, seq_len=seq_len, passes=passes,
-                          threads=threads, progress=progress)
+                          threads=threads, progress=progress, method=DEFAULT_METHOD)
         stats.calibration["demo"] = want
         stats.save(stats_path)
     else:

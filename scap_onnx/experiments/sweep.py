@@ -6,24 +6,32 @@ Methods (each at every level s, all targets but lm_head):
 
 ``teal``       TEAL-style baseline: zero-centred static thresholds (offset 0), the same sparsity s
                for every role, from activations of the dense model (one calibration pass).
+``oneshot``    the one-shot of issue 16: the TEAL-style statistics (dense activations, static), the
+               histogram's mode as the centre of down projections' inputs, zero elsewhere.
 ``scap-zero``  SCAP without mode-centering: offset 0, sparsity s for every role, thresholds from
                upstream-aware calibration (the later passes see upstream targets sparsified),
-               token-scaled for o and down (scap_onnx.op.token_norm) as calibrate does by default.
-``scap-mode``  SCAP with mode-centering: as scap-zero, but each input's centre is the calibrated
-               candidate (histogram mode, KDE mode, median or zero) with the least output error.
+               token-scaled for o and down (scap_onnx.op.token_norm), the calibration of method
+               ``scap-search`` (scap_onnx.calibration.methods), the default until issue 16.
+``scap-mode``  SCAP with mode-centering as it was the default until issue 16: as scap-zero, but each
+               input's centre is the calibrated candidate (histogram mode, KDE mode, median or zero)
+               with the least output error.
 ``scap-role``  SCAP per role: mode-centred, with per-role sparsities in the proportions of the
                paper's Llama-2 setting (up/gate 0.35 : down 0.55, attention at the mean), scaled
                so that the weight-byte-weighted mean sparsity over the targets is s.
+``default``    the default calibration method (``calibrate`` without ``--method``), its statistics
+               and centring.
 
-Calibration happens once per kind of statistics: dense activations for ``teal`` (1 pass) and
-upstream-aware for the SCAP methods (``--passes``, default 2, at the middle level of the sweep);
-every point then takes its thresholds from the stored histograms (stats.json keeps them), so
-the methods differ only in centring and sparsity allocation. The dense model runs once over the
-evaluation data (its outputs are cached on disk for the whole sweep); latency is measured for
-every point against the dense model, interleaved, as `scap-onnx validate` does.
+Calibration happens once per kind of statistics: dense activations for ``teal`` and ``oneshot``
+(1 pass, static), upstream-aware token-scaled for the SCAP methods (``--passes``, default 2), the
+default method's own (shared with another kind when its settings are the same), each at the
+middle level of the sweep; every point then takes its thresholds from the stored histograms
+(stats.json keeps them), so the methods differ only in centring and sparsity allocation. The
+dense model runs once over the evaluation data (its outputs are cached on disk for the whole
+sweep); latency is measured for every point against the dense model, interleaved, as
+`scap-onnx validate` does.
 
 Output folder: ``sweep.json`` (format ``scap-onnx-sweep``), ``sweep.md`` (tables),
-``pareto.png``, ``stats_teal.json`` / ``stats_scap.json`` and ``reports/<method>_<level>.json``
+``pareto.png``, ``stats_<kind>.json`` (teal, scap, default) and ``reports/<method>_<level>.json``
 (+ .md) per point. ``sweep.json`` keys: ``model``, ``data`` (calibration), ``eval_data``,
 ``levels``, ``methods``, ``calibration`` (per stats kind: tokens, passes, spec, seconds),
 ``environment`` (as in validate), ``rows`` (one per point, the dense row first: ``method``,
@@ -33,7 +41,8 @@ Output folder: ``sweep.json`` (format ``scap-onnx-sweep``), ``sweep.md`` (tables
 encoders), and the report's ``perplexity_dense`` / ``perplexity_sparse`` / ``top1_agreement`` /
 ``kl_mean`` / ``cosine_mean`` / ``cosine_min``, ``speedup`` (decode step, or one batch for
 encoders), ``dense_tokens_per_s`` / ``sparse_tokens_per_s``, ``report``), ``comparison`` (per
-level: teal vs scap-mode quality and whether SCAP is at or above the baseline), ``seconds``.
+level: teal vs scap-mode quality and whether SCAP is at or above the baseline), ``against_teal``
+(every other point against TEAL-style at its measured sparsity: quality, TEAL's, ratio), ``seconds``.
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ from pathlib import Path
 import numpy as np
 
 from ..calibration.calibrator import calibrate
-from ..calibration.spec import DEFAULT_TOKEN_SCALED_ROLES, Spec
+from ..calibration.methods import get_method
+from ..calibration.spec import Spec
 from ..errors import ScapError
 from ..evaluation.accuracy import DenseCache
 from ..evaluation.options import ValidateOptions
@@ -61,7 +71,16 @@ from .sweep_report import row_line, write_sweep
 
 FORMAT = "scap-onnx-sweep"
 VERSION = 1
-METHODS = ("teal", "scap-zero", "scap-mode", "scap-role")
+#: method -> (kind of statistics, centring (stats.CENTRINGS; None: the statistics' own), per-role SPEC)
+METHOD_PLANS = {
+    "teal": ("teal", "zero", False),
+    "oneshot": ("teal", "mode-down", False),
+    "scap-zero": ("scap", "zero", False),
+    "scap-mode": ("scap", "search", False),
+    "scap-role": ("scap", "search", True),
+    "default": ("default", None, False),
+}
+METHODS = tuple(METHOD_PLANS)
 DEFAULT_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
 #: Per-role sparsity relative to the mean, after the paper's Llama-2-7B setting (up/gate 35 %,
 #: down 55 %; attention at the MLP mean); scaled per model so the byte-weighted mean is the level.
@@ -105,29 +124,48 @@ def role_spec(stats, level: float) -> dict[str, float]:
     return {r: round(min(MAX_SPARSITY, level * ROLE_PROFILE.get(r, 1.0) * c), 4) for r in nbytes}
 
 
-def plan_for(method: str, level: float, scap_stats, teal_stats) -> tuple[dict[str, tuple], str]:
-    """(plan: target -> (threshold, offset, token-scaled), SPEC text) for one sweep point."""
-    if method in ("teal", "scap-zero"):
-        st = teal_stats if method == "teal" else scap_stats
-        plan = {}
-        for s in st.sites:
-            tau = float(s.histogram.threshold(level, 0.0))
-            for t in s.targets:
-                plan[t["name"]] = (tau, 0.0, s.token_scaled)
-        return plan, f"{level:g} (offset 0)"
-    if method == "scap-mode":
-        p = scap_stats.plan(level)
-        return {k: (v.threshold, v.offset, v.token_scaled) for k, v in p.items()}, f"{level:g}"
-    if method == "scap-role":
-        roles = role_spec(scap_stats, level)
-        spec = Spec(roles=roles)
-        p = scap_stats.plan(spec)
-        return {k: (v.threshold, v.offset, v.token_scaled) for k, v in p.items()}, str(spec)
-    raise ScapError(f"unknown method {method!r}")
+def stats_kinds(passes: int) -> dict[str, tuple[int, tuple[str, ...], str]]:
+    """Kind of statistics -> (passes, token-scaled roles, calibration method). ``default`` (the
+    default method's settings) is left out when another kind has its settings: see :func:`kind_for`."""
+    scap = get_method("scap-search")
+    kinds = {"teal": (1, (), "scap-search"), "scap": (passes, scap.token_scaled_roles, "scap-search")}
+    if kind_for("default", kinds) == "default":
+        d = get_method(None)
+        kinds["default"] = (d.passes, d.token_scaled_roles, d.name)
+    return kinds
+
+
+def kind_for(kind: str, kinds: dict) -> str:
+    """The kind of statistics that serves ``kind``: ``default`` is served by another kind calibrated
+    with the default method's passes and token scaling (the centring is applied when planning)."""
+    if kind != "default":
+        return kind
+    d = get_method(None)
+    for k, (p, roles, _) in kinds.items():
+        if k != "default" and (p, tuple(roles)) == (d.passes, d.token_scaled_roles):
+            return k
+    return "default"
+
+
+def plan_for(method: str, level: float, stats: dict) -> tuple[dict[str, tuple], str]:
+    """(plan: target -> (threshold, offset, token-scaled), SPEC text) for one sweep point, from
+    ``stats`` (kind of statistics -> Stats)."""
+    if method not in METHOD_PLANS:
+        raise ScapError(f"unknown method {method!r}")
+    kind, centring, per_role = METHOD_PLANS[method]
+    kinds = {k: (st.calibration.get("passes"), tuple(st.calibration.get("token_scaled_roles", ())), None)
+             for k, st in stats.items()}
+    st = stats[kind_for(kind, kinds)]
+    if centring is None:
+        centring = get_method(None).centring
+    spec = Spec(roles=role_spec(st, level)) if per_role else Spec(default=level)
+    p = st.plan(spec, centring=centring)
+    text = str(spec) + (" (offset 0)" if centring == "zero" else "")
+    return {k: (v.threshold, v.offset, v.token_scaled) for k, v in p.items()}, text
 
 
 def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, opts: dict, progress,
-                token_roles: tuple[str, ...]) -> tuple:
+                token_roles: tuple[str, ...], method: str) -> tuple:
     """Stats from ``path`` when it matches the model and settings, else calibrate and save them.
     ``token_roles``: roles with token-scaled thresholds (none for the TEAL-style baseline)."""
     want = {"passes": passes, "spec": f"{level:g}", "tokens": opts["max_tokens"], "seq_len": opts["seq_len"],
@@ -136,7 +174,7 @@ def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, 
     if st is not None:
         return st, True
     st = calibrate(model, data, sparsity=level, passes=passes, progress=progress, token_scaled_roles=token_roles,
-                   **opts)
+                   method=method, **opts)
     st.calibration["sweep"] = want
     st.save(path)
     return st, False
@@ -202,11 +240,27 @@ def compare(rows: list[dict], levels: list[float]) -> list[dict]:
     return out
 
 
+def against_baseline(rows: list[dict], baseline: str = "teal") -> list[dict]:
+    """Every point of the other methods against ``baseline`` at the same measured sparsity (the
+    baseline interpolated between its points and dense): its quality, the baseline's there and their
+    ratio (lower is better; None beyond the baseline's points)."""
+    out = []
+    for r in rows:
+        if r["method"] in ("dense", baseline) or r.get("quality") is None or r.get("sparsity") is None:
+            continue
+        base = _interp_quality(rows, baseline, r["sparsity"])
+        ratio = r["quality"] / base if base not in (None, 0.0) else None
+        out.append({"method": r["method"], "level": r["level"], "sparsity": r["sparsity"], "quality": r["quality"],
+                    "baseline": baseline, "baseline_quality": base, "ratio": ratio})
+    return out
+
+
 def redraw(out_dir: str | Path) -> dict:
     """Recompute the comparison and rewrite sweep.json / sweep.md / pareto.png of a finished sweep."""
     out_dir = Path(out_dir)
     res = json.loads((out_dir / "sweep.json").read_text())
     res["comparison"] = compare(res["rows"], res["levels"])
+    res["against_teal"] = against_baseline(res["rows"])
     return write_sweep(res, out_dir)
 
 
@@ -249,21 +303,19 @@ def sweep(
     mid = float(levels[len(levels) // 2])
     cal_opts = dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, threads=vopts.threads)
     calibration = {}
-    scap_methods = [m for m in methods if m != "teal"]
-    scap_stats = teal_stats = None
-    if scap_methods:
+    kinds = stats_kinds(passes)
+    wanted = {kind_for(METHOD_PLANS[m][0], kinds) for m in methods}
+    stats: dict = {}
+    for kind, (kpasses, token_roles, cal_method) in kinds.items():
+        if kind not in wanted:
+            continue
         t0 = time.perf_counter()
-        scap_stats, reused = _calibrated(model, data, out_dir / "stats_scap.json", passes, mid, cal_opts, progress,
-                                         DEFAULT_TOKEN_SCALED_ROLES)
-        calibration["scap"] = {"passes": passes, "spec": f"{mid:g}", "tokens": scap_stats.calibration.get("tokens"),
-                               "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
-        log(f"SCAP statistics: {calibration['scap']}")
-    if "teal" in methods:
-        t0 = time.perf_counter()
-        teal_stats, reused = _calibrated(model, data, out_dir / "stats_teal.json", 1, mid, cal_opts, progress, ())
-        calibration["teal"] = {"passes": 1, "spec": f"{mid:g}", "tokens": teal_stats.calibration.get("tokens"),
-                               "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
-        log(f"TEAL-style statistics (dense activations): {calibration['teal']}")
+        stats[kind], reused = _calibrated(model, data, out_dir / f"stats_{kind}.json", kpasses, mid, cal_opts,
+                                          progress, token_roles, cal_method)
+        calibration[kind] = {"passes": kpasses, "spec": f"{mid:g}", "tokens": stats[kind].calibration.get("tokens"),
+                             "token_scaled_roles": list(token_roles),
+                             "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+        log(f"{kind} statistics: {calibration[kind]}")
     cache = DenseCache(out_dir / ".dense_cache")
     rows: list[dict] = []
     env = None
@@ -272,7 +324,7 @@ def sweep(
     try:
         for method in methods:
             for lv in levels:
-                plan, spec = plan_for(method, lv, scap_stats, teal_stats)
+                plan, spec = plan_for(method, lv, stats)
                 name = f"{method}_{lv:g}"
                 sparse_path = out_dir / "models" / f"{name}.onnx"
                 rewrite_file(model, sparse_path, plan, check=False)
@@ -315,6 +367,7 @@ def sweep(
         "levels": levels, "methods": methods, "role_profile": ROLE_PROFILE,
         "calibration": calibration, "environment": env, "rows": rows,
         "comparison": compare(rows, levels),
+        "against_teal": against_baseline(rows),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_sweep(result, out_dir)

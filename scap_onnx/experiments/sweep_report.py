@@ -9,8 +9,10 @@ from pathlib import Path
 from ..evaluation.report import environment_line, pyplot, save_figure
 from ..graph.fileio import atomic_write_text
 
-LABELS = {"dense": "dense", "teal": "TEAL-style (zero-centred, uniform)", "scap-zero": "SCAP, no mode-centering",
-          "scap-mode": "SCAP, mode-centred", "scap-role": "SCAP, mode-centred, per-role"}
+LABELS = {"dense": "dense", "teal": "TEAL-style (zero-centred, uniform)",
+          "oneshot": "one-shot (dense, static, mode for down)", "scap-zero": "SCAP, no mode-centering",
+          "scap-mode": "SCAP, mode-centred", "scap-role": "SCAP, mode-centred, per-role",
+          "default": "default method"}
 
 
 def row_line(r: dict) -> str:
@@ -68,6 +70,14 @@ def sweep_markdown(res: dict) -> str:
             lines.append(f"| {c['level']:.2f} | {c['teal_quality']:+.3f} ({100 * c['teal_sparsity']:.1f}% skipped) | "
                          f"{'-' if same is None else f'{same:+.3f}'} | "
                          f"{c['scap_mode_quality']:+.3f} ({100 * c['scap_mode_sparsity']:.1f}% skipped) | {verdict} |")
+    vs = [c for c in res.get("against_teal") or [] if c.get("ratio") is not None]
+    if vs:
+        lines += ["", f"Each point against TEAL-style at the same measured sparsity (TEAL interpolated between its "
+                  f"points and dense; ratio of {qname}, below 1 is better):", "",
+                  "| method | level | FC bytes skipped | quality | TEAL there | ratio |", "|---|---:|---:|---:|---:|---:|"]
+        for c in vs:
+            lines.append(f"| {LABELS.get(c['method'], c['method'])} | {c['level']:.2f} | {100 * c['sparsity']:.1f}% | "
+                         f"{c['quality']:+.3f} | {c['baseline_quality']:+.3f} | {c['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +87,7 @@ def plot_pareto(res: dict, path: Path) -> Path:
     qname = next((r.get("quality_name") for r in rows if r.get("quality_name")), "quality change")
     kind = next((r.get("latency_kind") for r in rows if r.get("latency_kind")), "decode")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    markers = {"teal": "s", "scap-zero": "^", "scap-mode": "o", "scap-role": "D"}
+    markers = {"teal": "s", "oneshot": "v", "scap-zero": "^", "scap-mode": "o", "scap-role": "D", "default": "*"}
     for m in res["methods"]:
         pts = sorted([r for r in rows if r["method"] == m], key=lambda r: r["level"])
         if not pts:
