@@ -61,7 +61,7 @@ def genai_folder(texts) -> Path:
 def genai_stats(genai_folder, texts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("genai_stats") / "stats.json"
     run_cli("calibrate", genai_folder, "--data", texts["pydoc"], "--sparsity", SMOL_SPEC, "--tokens", 2048,
-            "--seq-len", 128, "--passes", 2, "-o", out, check=True)
+            "--seq-len", 128, "--passes", 2, "--method", "scap-search", "-o", out, check=True)
     return out
 
 

@@ -197,7 +197,7 @@ def test_threshold_zero_gives_the_qdq_logits(tiny_qdq, kind, tmp_path):
     model = tiny_qdq[kind]
     stats = tmp_path / "stats.json"
     run_cli("calibrate", model, "--data", tiny_qdq["calib"], "--sparsity", "0.5", "--tokens", 1024,
-            "--seq-len", 64, "--passes", 1, "-o", stats, check=True)
+            "--seq-len", 64, "--passes", 1, "--method", "scap-search", "-o", stats, check=True)
     plan = _threshold_zero(model, stats, tmp_path / "t0.onnx")
     assert len(plan) == 14 and sum(scaled for _, _, scaled in plan.values()) == 4  # o and down of 2 layers
     # offsets are folded (on quantized activations, calibration may choose 0 for all)

@@ -179,7 +179,7 @@ def test_threshold_zero_gives_the_int4_logits(tiny_int4, kind, tmp_path):
     model = tiny_int4[kind]
     stats = tmp_path / "stats.json"
     run_cli("calibrate", model, "--data", tiny_int4["calib"], "--sparsity", "0.5", "--tokens", 1024,
-            "--seq-len", 64, "--passes", 1, "-o", stats, check=True)
+            "--seq-len", 64, "--passes", 1, "--method", "scap-search", "-o", stats, check=True)
     plan = _threshold_zero(model, stats, tmp_path / "t0.onnx")
     assert len(plan) == 14 and sum(off != 0 for _, off, _ in plan.values()) >= 4
     assert sum(scaled for _, _, scaled in plan.values()) == 4  # o and down of 2 layers
@@ -303,7 +303,7 @@ def smol_int4(smollm2, tmp_path_factory) -> Path:
 def smol_int4_stats(smol_int4, texts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol_int4_stats") / "stats.json"
     run_cli("calibrate", smol_int4, "--data", texts["pydoc"], "--sparsity", SMOL_SPEC, "--tokens", 2048,
-            "--seq-len", 128, "--passes", 2, "-o", out, check=True)
+            "--seq-len", 128, "--passes", 2, "--method", "scap-search", "-o", out, check=True)
     return out
 
 
