@@ -21,6 +21,7 @@
 #include <intrin.h>
 #endif
 
+#include "prefetch.h"
 #include "sparse_gemm.h"
 
 #ifndef SCAP_KERNEL_NS
@@ -35,14 +36,6 @@ inline float ToFloat(uint16_t x) { return HalfToFloat(x); }
 
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Asks for the cache line at p to be fetched into L2 (a hint; nothing where the compiler has none).
-inline void PrefetchL2(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 2);
-#else
-  (void)p;
-#endif
-}
 
 // The cache lines of the next panel of B (kept rows [i0, i0 + count), columns [n0, n0 + w)),
 // prefetched a share at a time while the current panel is multiplied, so that the next copy reads

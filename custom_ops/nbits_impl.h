@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "prefetch.h"
 #include "nbits_kernels.h"
 
 #ifndef SCAP_KERNEL_NS
@@ -180,14 +181,6 @@ constexpr int64_t kChunkRows = 16;
 // Far prefetches step by a cache line (their tile's bytes are fewer on AVX2).
 constexpr int64_t kFarStep = 64;
 
-// Asks for the cache line at p to be fetched into L2 (a hint; nothing where the compiler has none).
-inline void PrefetchL2(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 2);
-#else
-  (void)p;
-#endif
-}
 
 // The size of the chunk that starts at kept[i] (up to i1).
 inline int64_t ChunkRows(const NBitsRow& w, int64_t i, int64_t i1) {

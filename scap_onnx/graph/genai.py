@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ScapError
+from ..prepare.cache import replace_folder
 
 CONFIG_NAME = "genai_config.json"
 
@@ -175,13 +176,7 @@ def write_genai_folder(src: GenaiFolder, output: str | Path, write_model: Callab
         config["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = lib.name
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        old = None
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.rename(output, old)
-        os.rename(tmp, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

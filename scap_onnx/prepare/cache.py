@@ -222,8 +222,9 @@ def _build_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install(src: Path, final: Path) -> None:
-    """Put the finished folder ``src`` at ``final`` by renames (replacing an old one)."""
+def replace_folder(src: Path, final: Path) -> None:
+    """Put the finished folder ``src`` at ``final`` by renames (replacing an old one): readers see
+    the old folder or the new one, never a half-written one."""
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -274,7 +275,7 @@ def cached_build(
             info = dict(info)
             info.setdefault("build_seconds", round(time.monotonic() - t0, 1))
             _write_marker(out, info)
-            _install(out, final)
+            replace_folder(out, final)
         if label:
             log(f"{label} ready: {final} ({folder_size(final) / 1e6:.0f} MB, "
                 f"{time.monotonic() - t0:.0f}s)")
