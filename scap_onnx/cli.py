@@ -116,7 +116,7 @@ def _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, 
     get_method(method)  # a one-line error now for an unknown method
     return dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, batch_size=batch_size, sampling=sampling,
                 passes=passes, sample_rows=sample_rows, threads=threads, method=method,
-                token_scaled_roles=None if token_scaled is None else parse_roles(token_scaled))
+                token_scaled_roles=parse_roles(token_scaled))
 
 
 def _summary_lines(stats, plan) -> list[str]:

@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--also-spec", nargs="*", default=[], help="SPECs calibrated directly (with the last --passes value)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--token-scaled", default=None,
-                    help="roles with thresholds relative to each token's norm (default o,down; 'none')")
+                    help="roles with thresholds relative to each token's norm (default: the method's own; 'none')")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/scap-measure"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

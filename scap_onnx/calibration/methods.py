@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ScapError
-from .spec import DEFAULT_TOKEN_SCALED_ROLES
+from .spec import TOKEN_SCALED_ROLES
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ METHODS = {m.name: m for m in (
            "dense activations, static thresholds, a centre other than zero only where it cuts the output error by 10 %"),
     Method("balanced", 2, (), 16384, "balanced",
            "upstream-aware, static thresholds, centres whose dropped values average them"),
-    Method("scap-search", 2, DEFAULT_TOKEN_SCALED_ROLES, 16384, "search",
+    Method("scap-search", 2, TOKEN_SCALED_ROLES, 16384, "search",
            "upstream-aware, token-scaled o/down, least-output-error offset candidate (the default until issue 16)"),
     Method("oneshot", 1, (), 2048, "mode-down",
            "dense activations, 2,048 tokens, static thresholds, histogram mode for down only"),

@@ -16,10 +16,10 @@ from ..graph.targets import ROLES
 
 #: Roles whose inputs are not the output of a normalisation in pre-norm (Llama, GPT-2) and
 #: post-norm (BERT) transformers: the attention output (o) and the MLP's hidden activation (down).
-#: The default of calibrate's ``token_scaled_roles`` (``--token-scaled``; ``none`` for SCAP's static
-#: rule everywhere): with it, thresholds calibrated on one text hold on others (docs/calibration.md;
-#: the rule itself: scap_onnx.op.token_norm).
-DEFAULT_TOKEN_SCALED_ROLES: tuple[str, ...] = ("o", "down")
+#: The roles the ``scap-search`` method scales per token (``--token-scaled o,down`` for any method):
+#: thresholds calibrated on one text then hold better on others, at some cost in quality, which is why
+#: the default method leaves it out (docs/calibration.md; the rule itself: scap_onnx.op.token_norm).
+TOKEN_SCALED_ROLES: tuple[str, ...] = ("o", "down")
 
 #: Fused roles and the roles they fuse.
 FUSED_ROLES = {"gate_up": ("gate", "up"), "qkv": ("q", "k", "v")}
@@ -106,9 +106,10 @@ def parse_spec(text: str | float | Spec) -> Spec:
     return Spec(default=default, roles=roles)
 
 
-def parse_roles(value: str | None) -> tuple[str, ...]:
-    """``"o,down"`` -> ("o", "down"); ``"none"`` or "" -> () (static thresholds); None -> the default."""
+def parse_roles(value: str | None) -> tuple[str, ...] | None:
+    """``"o,down"`` -> ("o", "down"); ``"none"`` or "" -> () (static thresholds); None -> None (the
+    calibration method's own roles)."""
     if value is None:
-        return DEFAULT_TOKEN_SCALED_ROLES
+        return None
     roles = tuple(r.strip() for r in value.split(",") if r.strip())
     return () if roles in (("none",), ()) else roles
