@@ -2,11 +2,13 @@
 """Compare calibration centrings on one model at one SPEC, every plan from the same statistics.
 
     python tools/compare_centrings.py MODEL --calib CAL --eval EVAL --spec SPEC --out OUT.json \
-        PASSES:TOKEN_SCALED:TOKENS:CENTRING ...
+        PASSES:TOKEN_SCALED:TOKENS:CENTRING[:METHOD] ...
 
 Each configuration names the statistics (calibration passes, token-scaled roles joined by '+' or
-'none', calibration tokens) and a centring of scap_onnx.calibration.stats.CENTRINGS; statistics
-are calibrated once per (passes, token-scaled, tokens) and cached beside OUT. Every plan is
+'none', calibration tokens) and a centring of scap_onnx.calibration.stats.CENTRINGS, optionally the
+calibration method whose statistics to collect (default scap-search; ``wina`` adds weight-aware
+scores, and its sites keep their calibrated centre); statistics are calibrated once per (passes,
+token-scaled, tokens, method) and cached beside OUT. Every plan is
 rewritten and validated (accuracy only) on the same evaluation windows: measured share of FC
 bytes skipped, per-role sparsity and quality (perplexity change, or 1 - cosine for encoders).
 docs/calibration.md (issue 16) has the runs.
@@ -34,7 +36,7 @@ from scap_onnx.passes.pipeline import rewrite_file  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
-    ap.add_argument("configs", nargs="+", help="PASSES:TOKEN_SCALED:TOKENS:CENTRING, e.g. 2:none:2048:margin")
+    ap.add_argument("configs", nargs="+", help="PASSES:TOKEN_SCALED:TOKENS:CENTRING[:METHOD], e.g. 2:none:2048:margin")
     ap.add_argument("--calib", type=Path, required=True)
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--spec", default="up=0.35,gate=0.35,down=0.55")
@@ -49,17 +51,19 @@ def main() -> None:
     res = {"model": str(args.model), "spec": args.spec, "calib": str(args.calib), "eval": str(args.eval), "rows": []}
     stats: dict = {}
     for cfg in args.configs:
-        passes, scaled, tokens, centring = cfg.split(":")
-        key = (passes, scaled, tokens)
+        passes, scaled, tokens, centring, *rest = cfg.split(":")
+        method = rest[0] if rest else "scap-search"
+        key = (passes, scaled, tokens, method)
         if key not in stats:
-            path = work / f"stats_{args.model.parent.name}_{passes}_{scaled}_{tokens}_{args.spec.replace(',', '_')}.json"
+            tag = "" if method == "scap-search" else f"_{method}"
+            path = work / f"stats_{args.model.parent.name}_{passes}_{scaled}_{tokens}{tag}_{args.spec.replace(',', '_')}.json"
             if path.exists():
                 stats[key] = Stats.load(path)
             else:
                 stats[key] = calibrate(args.model, args.calib, sparsity=args.spec, passes=int(passes),
                                        token_scaled_roles=parse_roles(scaled.replace("+", ",")),
                                        max_tokens=int(tokens), seq_len=args.seq_len, threads=args.threads,
-                                       method="scap-search")
+                                       method=method)
                 stats[key].save(path)
         plan = stats[key].plan(args.spec, centring=centring)
         sparse = work / f"sparse_{args.model.parent.name}.onnx"

@@ -10,6 +10,11 @@ sparsities; the site's centring (stats.CENTRINGS, from the calibration method: m
 picks the centre at the SPEC's sparsity, by default the best candidate only where it cuts that
 error by a clear margin, else zero.
 
+Weight-aware thresholds (method ``wina``, scap_onnx.calibration.weighting): the targets' weight row
+norms are read before the pass, and a second histogram per site streams the scores (x - m) * w. The
+centre is decided from the first histogram after the pass; the pass scores at centre 0, so a site
+whose centre comes out non-zero gets one more pass over the data, for those sites only.
+
 Upstream-aware calibration (``passes`` >= 2): pass p runs the model with every site already
 sparsified with the thresholds and offsets of pass p-1 (in standard ONNX ops), so each site's
 statistics are those of the inputs it will see at run time. A site's input depends only on sites
@@ -45,6 +50,7 @@ from .histogram import Histogram, fine_mode, robust_scale
 from .methods import get_method
 from .spec import Spec, parse_spec, shared_sparsity
 from .stats import CANDIDATE_ORDER, SiteStats, Stats
+from .weighting import channel_norms, scores
 
 #: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
 ERROR_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -140,6 +146,7 @@ def output_errors(
 class PassResult:
     histograms: dict[str, Histogram]
     samples: dict[str, np.ndarray]
+    score_histograms: dict[str, Histogram]  # sites scored: histogram of (x - m) * w
     tokens: int
     batches: int
     seconds: float
@@ -154,14 +161,17 @@ def upstream_entries(site: SiteStats, spec: Spec) -> list[Upstream]:
         if wanted is not None:
             tau = site.threshold_for(wanted, site.offset, site.sparsity, site.threshold)
             by_threshold.setdefault(tau, []).append(t["name"])
-    return [Upstream(site.input, Sparsification(tau, site.offset, site.token_scaled), _ELEM[site.dtype], names)
+    return [Upstream(site.input, Sparsification(tau, site.offset, site.token_scaled, site.threshold_scale),
+                     _ELEM[site.dtype], names)
             for tau, names in by_threshold.items()]
 
 
 def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, options, providers,
-              token_scaled: set[str]) -> PassResult:
+              token_scaled: set[str], scored: dict[str, tuple[float, np.ndarray]]) -> PassResult:
+    """One run over the data; ``scored``: site input -> (centre, channel norms) whose scores to histogram."""
     capture = Capture(source, {s.input: _ELEM[s.dtype] for s in sites}, sparsify, options, providers, token_scaled)
     hists = {s.input: Histogram() for s in sites}
+    score_hists = {name: Histogram() for name in scored if name in hists}
     res = {s.input: RowReservoir(s.k, sample_rows, seed=i) for i, s in enumerate(sites)}
     t0 = time.perf_counter()
     tokens = batches = 0
@@ -172,6 +182,8 @@ def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, optio
             for name, arr in outs.items():
                 hists[name].add(arr)
                 res[name].add(arr)
+                if name in score_hists:
+                    score_hists[name].add(scores(arr, *scored[name]))
             del outs
             tokens += n_tok
             batches += 1
@@ -179,7 +191,8 @@ def _run_pass(source, sites, data, sparsify, sample_rows, progress, label, optio
     finally:
         task.close()
     del capture
-    return PassResult(hists, {k: r.sample.copy() for k, r in res.items()}, tokens, batches, time.perf_counter() - t0)
+    return PassResult(hists, {k: r.sample.copy() for k, r in res.items()}, score_hists, tokens, batches,
+                      time.perf_counter() - t0)
 
 
 def _decide(site: Site, hist: Histogram, sample: np.ndarray, weights, sparsity: float | None, grid: list[float],
@@ -267,13 +280,16 @@ def calibrate(
             # (float32 [K, N]: a MatMulNBits weight dequantised)
             return [weight_kn(t, source.weight) for t in site.targets]
 
+        # weight-aware: w_k per site, read one site at a time before the passes (None: unweighted)
+        norms = {s.input: channel_norms(weights_of(s)) for s in sites} if chosen_method.weighted else {}
         sparsify = None
         result: PassResult | None = None
         history = []
         decided: dict[str, SiteStats] = {}
         for p in range(1, passes + 1):
             result = _run_pass(source, sites, ds, sparsify, sample_rows, progress,
-                               f"calibrate pass {p}/{passes}", base_options(threads), providers, scaled)
+                               f"calibrate pass {p}/{passes}", base_options(threads), providers, scaled,
+                               {k: (0.0, w) for k, w in norms.items()})
             last = p == passes
             decided = {}
             for s in sites:
@@ -286,6 +302,11 @@ def calibrate(
                 decided[s.input] = _decide(s, result.histograms[s.input], result.samples[s.input], w, sp, grid,
                                            s.input in scaled, chosen_method.centring)
                 del w
+            if norms:
+                _add_scores(decided, result, norms, lambda todo: _run_pass(
+                    source, todo, ds, sparsify, sample_rows, progress, f"score pass {p}/{passes}",
+                    base_options(threads), providers, scaled,
+                    {s.input: (decided[s.input].offset, norms[s.input]) for s in todo}), sites, site_sparsity)
             history.append({
                 "pass": p, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                 "thresholds": {k: v.threshold for k, v in decided.items() if v.sparsity is not None},
@@ -310,6 +331,23 @@ def calibrate(
             sites=[decided[s.input] for s in sites],
         )
     return stats
+
+
+def _add_scores(decided: dict[str, SiteStats], result: PassResult, norms: dict[str, np.ndarray], rerun,
+                sites: list[Site], site_sparsity: dict) -> None:
+    """Attach the weight-aware scores to the decided sites and set their thresholds from them. Sites
+    whose centre is not 0 are scored again at their centre (``rerun(sites)``: a pass over the data)."""
+    hists = dict(result.score_histograms)
+    todo = [s for s in sites if decided[s.input].offset != 0.0]
+    if todo:
+        hists.update(rerun(todo).score_histograms)
+    for s in sites:
+        st = decided[s.input]
+        st.channel_norms = norms[s.input].tolist()
+        st.score_histogram = hists[s.input]
+        st.score_centre = st.offset
+        if site_sparsity[s.input] is not None:
+            st.threshold = st.tau(site_sparsity[s.input], st.offset)
 
 
 def _threshold_change(history: list[dict]) -> list[float]:

@@ -21,6 +21,7 @@ class Method:
     max_tokens: int
     centring: str  # stats.CENTRINGS
     summary: str
+    weighted: bool = False  # thresholds on |x_k - m| * ||W_k|| (calibration.weighting)
 
 
 METHODS = {m.name: m for m in (
@@ -32,6 +33,9 @@ METHODS = {m.name: m for m in (
            "upstream-aware, token-scaled o/down, least-output-error offset candidate (the default until issue 16)"),
     Method("oneshot", 1, (), 2048, "mode-down",
            "dense activations, 2,048 tokens, static thresholds, histogram mode for down only"),
+    Method("wina", 1, (), 16384, "margin",
+           "as scap-margin, but each channel's threshold divided by the norm of its weight row (WINA-style)",
+           weighted=True),
 )}
 DEFAULT_METHOD = "scap-margin"
 

@@ -3,7 +3,9 @@
 Per site (an input tensor shared by one or more target MatMuls): its targets (name, role, layer,
 weight, K, N, bias), the histogram of its values, the offset candidates (mode, kde, median, zero)
 with the relative output error each causes at a grid of sparsities, and the offset/threshold
-chosen for the calibration SPEC. ``plan(spec)`` re-targets any SPEC from the stored histograms and
+chosen for the calibration SPEC; for the ``wina`` method (calibration.weighting) also the
+channels' weight norms and a histogram of the score (x - m) * w at the site's centre m, which then
+give the thresholds and threshold_scale. ``plan(spec)`` re-targets any SPEC from the stored histograms and
 errors without running the model again. ``model.fingerprint`` identifies the source model; a
 stats file is refused for any other model.
 """
@@ -20,6 +22,7 @@ import numpy as np
 from ..errors import ScapError
 from ..graph.fileio import atomic_write_text
 from .histogram import Histogram, balanced_centre, fine_mode
+from .weighting import norm_constant, threshold_scale
 from .spec import Spec, parse_spec, shared_sparsity
 
 FORMAT = "scap-onnx-stats"
@@ -63,6 +66,11 @@ class SiteStats:
     threshold: float = 0.0
     token_scaled: bool = False  # histogram, offset and threshold are of x / ||x|| (scap_onnx.op.token_norm)
     centring: str = "search"  # one of CENTRINGS
+    # weight-aware thresholds (method wina): w_k per input channel, and the histogram of (x - m) * w
+    # at m = score_centre, the site's centre whatever the SPEC (the scores were collected at it)
+    channel_norms: list[float] | None = None
+    score_histogram: Histogram | None = None
+    score_centre: float = 0.0
 
     @property
     def roles(self) -> list[str]:
@@ -76,12 +84,28 @@ class SiteStats:
     def k(self) -> int:
         return int(self.targets[0]["k"])
 
+    @property
+    def weighted(self) -> bool:
+        return self.score_histogram is not None and self.channel_norms is not None
+
+    @property
+    def threshold_scale(self) -> tuple[float, ...] | None:
+        """The op's threshold_scale for weight-aware thresholds (c / w_k), None otherwise."""
+        return tuple(threshold_scale(np.asarray(self.channel_norms)).tolist()) if self.weighted else None
+
+    def tau(self, sparsity: float, offset: float) -> float:
+        """The op's threshold giving ``sparsity`` on the calibration data: the quantile of |x - offset|,
+        or for weight-aware sites the quantile of the score divided by the norm constant c."""
+        if self.weighted:
+            return self.score_histogram.threshold(sparsity, 0.0) / norm_constant(np.asarray(self.channel_norms))
+        return self.histogram.threshold(sparsity, offset)
+
     def threshold_for(self, sparsity: float, offset: float, site_sparsity: float, site_threshold: float) -> float:
         """A target's threshold at ``sparsity``: the site's own when the site was decided for it (to
-        float formatting), else the quantile of the site's histogram."""
+        float formatting), else :meth:`tau`."""
         if same_sparsity(sparsity, site_sparsity):
             return site_threshold
-        return self.histogram.threshold(sparsity, offset)
+        return self.tau(sparsity, offset)
 
     def sparsity_for(self, spec: Spec) -> float | None:
         """The site's sparsity under ``spec``: mean over its targets that the SPEC names."""
@@ -91,6 +115,8 @@ class SiteStats:
 
     def choose_offset(self, sparsity: float, centring: str | None = None) -> tuple[str, float]:
         """(kind, centre) at ``sparsity`` by ``centring`` (default: the site's own; see CENTRINGS)."""
+        if self.weighted:  # the scores were collected at this centre
+            return self.offset_kind, self.score_centre
         rule = centring or self.centring
         if rule == "zero":
             return "zero", 0.0
@@ -143,6 +169,8 @@ class SiteStats:
             "errors": self.errors,
             "count": self.histogram.total,
             "histogram": self.histogram.to_dict(),
+            **({"channel_norms": self.channel_norms, "score_centre": self.score_centre,
+                "score_histogram": self.score_histogram.to_dict()} if self.weighted else {}),
         }
 
     @classmethod
@@ -161,6 +189,9 @@ class SiteStats:
             threshold=float(d.get("threshold", 0.0)),
             token_scaled=bool(d.get("token_scaled", False)),
             centring=str(d.get("centring", "search")),  # files written before centrings existed searched
+            channel_norms=[float(v) for v in d["channel_norms"]] if "channel_norms" in d else None,
+            score_histogram=Histogram.from_dict(d["score_histogram"]) if "score_histogram" in d else None,
+            score_centre=float(d.get("score_centre", 0.0)),
         )
 
 
@@ -176,6 +207,7 @@ class TargetPlan:
     sparsity: float
     offset_kind: str
     token_scaled: bool = False  # the drop rule applies to the input divided by its norm per token
+    threshold_scale: tuple[float, ...] | None = None  # per input channel (weight-aware thresholds)
 
 
 @dataclass
@@ -213,7 +245,7 @@ class Stats:
             if sp is None:
                 continue
             kind, m = s.choose_offset(sp, centring)
-            tau = s.histogram.threshold(sp, m)
+            tau = s.tau(sp, m)
             for t in s.targets:
                 wanted = spec.sparsity(t["role"])
                 if wanted is not None:
@@ -225,7 +257,8 @@ class Stats:
                      site_sparsity: float, kind: str) -> TargetPlan:
         tau = site.threshold_for(wanted, offset, site_sparsity, site_tau)
         sparsity = site_sparsity if same_sparsity(wanted, site_sparsity) else wanted
-        return TargetPlan(target["name"], target["role"], site.input, tau, offset, sparsity, kind, site.token_scaled)
+        return TargetPlan(target["name"], target["role"], site.input, tau, offset, sparsity, kind, site.token_scaled,
+                          site.threshold_scale)
 
     # -- identity
     def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:
@@ -275,6 +308,10 @@ class Stats:
         for s in sites:
             if not math.isfinite(s.threshold) or s.threshold < 0 or not math.isfinite(s.offset):
                 raise ScapError(f"{where}: site {s.input!r} has an invalid threshold/offset")
+            if s.channel_norms is not None:
+                norms = np.asarray(s.channel_norms)
+                if norms.shape != (s.k,) or not (np.isfinite(norms) & (norms >= 0)).all():
+                    raise ScapError(f"{where}: site {s.input!r} has invalid channel_norms")
             if s.centring not in CENTRINGS:
                 raise ScapError(f"{where}: site {s.input!r} has an unknown centring {s.centring!r}")
         if "fingerprint" not in model:
