@@ -15,6 +15,13 @@ struct Isa {
   static constexpr int64_t kWidth = 16;
   static Vec Set(float x) { return _mm512_set1_ps(x); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory
+  // operand and so load it once per FMA (the pair lists' walk is bound by loads).
+  static Vec LoadShared(const float* p) {
+    Vec v = _mm512_loadu_ps(p);
+    SCAP_IN_REGISTER(v, "v");
+    return v;
+  }
   static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static Vec LoadB(const float* p) { return _mm512_loadu_ps(p); }
   static Vec LoadB(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }

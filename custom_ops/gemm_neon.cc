@@ -16,6 +16,13 @@ struct Isa {
   static constexpr int64_t kWidth = 4;
   static Vec Set(float x) { return vdupq_n_f32(x); }
   static Vec Load(const float* p) { return vld1q_f32(p); }
+  // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory
+  // operand and so load it once per FMA (the pair lists' walk is bound by loads).
+  static Vec LoadShared(const float* p) {
+    Vec v = vld1q_f32(p);
+    SCAP_IN_REGISTER(v, "w");
+    return v;
+  }
   static void Store(float* p, Vec v) { vst1q_f32(p, v); }
   static Vec LoadB(const float* p) { return vld1q_f32(p); }
   static Vec LoadB(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }

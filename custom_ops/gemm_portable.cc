@@ -25,6 +25,7 @@ struct Isa {
     return r;
   }
   static void Store(float* p, const Vec& v) { std::memcpy(p, v.v, sizeof v.v); }
+  static Vec LoadShared(const float* p) { return Load(p); }
   static Vec LoadB(const float* p) { return Load(p); }
   static Vec LoadB(const uint16_t* p) {
     Vec r;

@@ -229,26 +229,41 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
   }
 
   // B packed once (float32 strips of tile_columns), two column ranges; over the union of kept rows,
-  // then each row of A over its own kept rows (RowLists of D's non-zeros).
+  // then each pair of rows of A over the union of its kept rows (RowPairLists of D's non-zeros).
   const int64_t strips = scap::RoundUp(c.n, ks.tile_columns) / ks.tile_columns;
   std::vector<float> packed(static_cast<size_t>(strips * c.depth * ks.tile_columns));
   std::vector<uint8_t> finite(static_cast<size_t>(c.depth));
   ks.pack(b.data(), c.depth, c.n, 0, c.depth / 2, packed.data(), finite.data());
   ks.pack(b.data(), c.depth, c.n, c.depth / 2, c.depth, packed.data(), finite.data());
   const scap::PackedB packed_b{packed.data(), finite.data(), c.depth, ks.tile_columns};
-  std::vector<int32_t> list_k(static_cast<size_t>(c.rows * c.depth));
-  std::vector<float> list_value(static_cast<size_t>(c.rows * c.depth));
-  std::vector<int64_t> list_count(static_cast<size_t>(c.rows), 0);
-  for (int64_t m = 0; m < c.rows; ++m)
+  const int64_t pairs = (c.rows + 1) / 2;
+  std::vector<int32_t> list_k(static_cast<size_t>(pairs * c.depth));
+  std::vector<float> list_value(static_cast<size_t>(2 * pairs * c.depth));
+  std::vector<int64_t> list_count(static_cast<size_t>(pairs), 0);
+  for (int64_t p = 0; p < pairs; ++p)
     for (int64_t k = 0; k < c.depth; ++k) {
-      const float v = d[static_cast<size_t>(m * c.depth + k)];
-      if (v == 0.0f) continue;
-      const size_t at = static_cast<size_t>(m * c.depth + list_count[static_cast<size_t>(m)]++);
+      const float v0 = d[static_cast<size_t>(2 * p * c.depth + k)];
+      const float v1 = 2 * p + 1 < c.rows ? d[static_cast<size_t>((2 * p + 1) * c.depth + k)] : 0.0f;
+      if (v0 == 0.0f && v1 == 0.0f) continue;
+      const size_t at = static_cast<size_t>(p * c.depth + list_count[static_cast<size_t>(p)]++);
       list_k[at] = static_cast<int32_t>(k);
-      list_value[at] = v;
+      list_value[2 * at] = v0;
+      list_value[2 * at + 1] = v1;
     }
-  const scap::RowLists lists{list_k.data(), list_value.data(), list_count.data(), c.depth};
-  for (const scap::RowLists* per_row : {static_cast<const scap::RowLists*>(nullptr), &lists}) {
+  const int64_t blocks = (c.depth + scap::kPairListBlock - 1) / scap::kPairListBlock;
+  std::vector<int64_t> list_start(static_cast<size_t>(pairs * (blocks + 1)));
+  for (int64_t p = 0; p < pairs; ++p) {
+    int64_t e = 0;
+    for (int64_t block = 0; block <= blocks; ++block) {
+      while (e < list_count[static_cast<size_t>(p)] &&
+             list_k[static_cast<size_t>(p * c.depth + e)] < block * scap::kPairListBlock)
+        ++e;
+      list_start[static_cast<size_t>(p * (blocks + 1) + block)] = block == blocks ? list_count[static_cast<size_t>(p)] : e;
+    }
+  }
+  const scap::RowPairLists lists{list_k.data(), list_value.data(), list_count.data(), pairs, c.depth,
+                                 list_start.data(), blocks};
+  for (const scap::RowPairLists* per_row : {static_cast<const scap::RowPairLists*>(nullptr), &lists}) {
     const int64_t cut = split >= c.n ? c.n : split;
     for (const auto& range : {std::pair<int64_t, int64_t>{0, cut}, std::pair<int64_t, int64_t>{cut, c.n}}) {
       if (range.first == range.second) continue;
@@ -256,7 +271,7 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
           tiles * tile_rows, scap::RoundUp(range.second - range.first, ks.tile_columns))));
       ks.tiles_packed(act, per_row, packed_b, c.n, bias_ptr, y.data(), range.first, range.second, work.data());
     }
-    Compare(isa, per_row == nullptr ? "tiles-packed" : "tiles-packed-row-lists", c, y, ref, tol);
+    Compare(isa, per_row == nullptr ? "tiles-packed" : "tiles-packed-pair-lists", c, y, ref, tol);
   }
 }
 
