@@ -5,7 +5,8 @@
 // a namespace of its own: code compiled with -mavx512f must never be picked by the linker for a
 // caller on a CPU without it. For the same reason nothing here calls std:: templates.
 //
-// An Isa provides: Vec, kWidth, Set, Load, LoadShared (a load kept in a register), Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
+// An Isa provides: Vec, kWidth, Set, Load, LoadShared (a load kept in a register), KeptPair
+// (KeptPairColumns over kWidth columns, whole vectors stored), Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
 // zeroed), ChannelThreshold (threshold * scale per lane, the scale where that is NaN: 0 * inf),
 // and the register block of the several-rows kernel: kTileRows rows of A by
@@ -239,6 +240,29 @@ int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, const DropRule& rule,
     }
   }
   return count;
+}
+
+// Bits set in x.
+inline int PopCount(uint32_t x) {
+  x = x - ((x >> 1) & 0x55555555u);
+  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
+// Appends, of kCount columns j, j + 1, ... of two rows of D, those either row keeps (non-zero; NaN
+// is kept) to k, v0, v1; returns how many. Branch-free: it writes every column's slot and advances
+// past the kept ones only (an Isa's KeptPair where it has no compress instruction).
+template <int64_t kCount>
+inline int64_t KeptPairColumns(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < kCount; ++i) {
+    const float a0 = d0[i], a1 = d1[i];
+    k[c] = j + static_cast<int32_t>(i);
+    v0[c] = a0;
+    v1[c] = a1;
+    c += (a0 != 0.0f) | (a1 != 0.0f) ? 1 : 0;
+  }
+  return c;
 }
 
 // Rows of B up to this long are prefetched a group ahead when decoding (Axpy8Prefetch).
@@ -590,8 +614,8 @@ void PackRows(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, flo
 // once for both rows of A: a walk of one row's own kept rows is bound by those loads (about half the
 // FMA rate on Zen 4), and two rows share them while still skipping what both drop.
 template <class Isa, int64_t kStrips>
-inline void PairListBlock(const float* const* strips, const int32_t* k, const float* value, int64_t count, float* acc0,
-                          float* acc1, int64_t strip_step) {
+inline void PairListBlock(const float* const* strips, const int32_t* k, const float* value0, const float* value1,
+                          int64_t count, float* acc0, float* acc1, int64_t strip_step) {
   constexpr int64_t kVecs = Isa::kTileVecs;
   constexpr int64_t kW = Isa::kWidth;
   constexpr int64_t kBlock = kVecs * kW;
@@ -602,7 +626,7 @@ inline void PairListBlock(const float* const* strips, const int32_t* k, const fl
       sum1[s][v] = Isa::Load(acc1 + s * strip_step + v * kW);
     }
   for (int64_t j = 0; j < count; ++j) {
-    const auto d0 = Isa::Set(value[2 * j]), d1 = Isa::Set(value[2 * j + 1]);
+    const auto d0 = Isa::Set(value0[j]), d1 = Isa::Set(value1[j]);
     const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
     for (int64_t s = 0; s < kStrips; ++s)
       for (int64_t v = 0; v < kVecs; ++v) {
@@ -630,19 +654,20 @@ constexpr int64_t PairListStrips() {
 // of B with Inf or NaN: such a row meets only the rows of A that keep it (0 * Inf must not make NaN).
 template <class Isa, int64_t kStrips>
 void PairListBlockNonFinite(const float* const* strips, const uint8_t* row_finite, int64_t live, const int32_t* k,
-                            const float* value, int64_t count, float* acc0, float* acc1, int64_t strip_step) {
+                            const float* value0, const float* value1, int64_t count, float* acc0, float* acc1,
+                            int64_t strip_step) {
   constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
   for (int64_t j = 0; j < count; ++j) {
     if (row_finite[k[j]] != 0) {
       for (int64_t s = 0; s < live; ++s) {
-        PairListBlock<Isa, 1>(strips + s, k + j, value + 2 * j, 1, acc0 + s * strip_step, acc1 + s * strip_step,
-                              strip_step);
+        PairListBlock<Isa, 1>(strips + s, k + j, value0 + j, value1 + j, 1, acc0 + s * strip_step,
+                              acc1 + s * strip_step, strip_step);
       }
       continue;
     }
     const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
     for (int64_t s = 0; s < live; ++s) {
-      NonFiniteRow(strips[s] + o, kBlock, value + 2 * j, 1, 2, acc0 + s * strip_step, acc1 - acc0);
+      NonFiniteRow(strips[s] + o, kBlock, value0 + j, value1 - value0, 2, acc0 + s * strip_step, acc1 - acc0);
     }
   }
 }
@@ -671,21 +696,56 @@ void PairListColumns(const RowPairLists& lists, const PackedB& b, int64_t w_stri
         const int64_t* start = lists.start + p * (lists.blocks + 1) + block;
         const int64_t j0 = start[0], count = start[1] - j0;
         if (count == 0) continue;
-        const int32_t* k = lists.k + p * lists.depth + j0;
-        const float* value = lists.value + 2 * (p * lists.depth + j0);
+        const int32_t* k = lists.k + p * lists.stride + j0;
+        const float* value0 = lists.value + 2 * p * lists.stride + j0;
+        const float* value1 = value0 + lists.stride;
         float* acc0 = acc + 2 * p * stride + s * kBlock;
         float* acc1 = acc0 + stride;
         if (!finite) {
-          PairListBlockNonFinite<Isa, kStrips>(strips, b.row_finite, live, k, value, count, acc0, acc1, kBlock);
+          PairListBlockNonFinite<Isa, kStrips>(strips, b.row_finite, live, k, value0, value1, count, acc0, acc1, kBlock);
         } else if (live == kStrips) {
-          PairListBlock<Isa, kStrips>(strips, k, value, count, acc0, acc1, kBlock);
+          PairListBlock<Isa, kStrips>(strips, k, value0, value1, count, acc0, acc1, kBlock);
         } else {
           for (int64_t i = 0; i < live; ++i) {
-            PairListBlock<Isa, 1>(strips + i, k, value, count, acc0 + i * kBlock, acc1 + i * kBlock, kBlock);
+            PairListBlock<Isa, 1>(strips + i, k, value0, value1, count, acc0 + i * kBlock, acc1 + i * kBlock, kBlock);
           }
         }
       }
     }
+  }
+}
+
+// RowPairLists of pairs [p0, p1) of D's rows, lists `stride` entries apart: per vector of kWidth
+// columns, Isa::KeptPair appends the columns either row keeps (storing whole vectors, so that stride
+// is depth + kPairListSlack).
+template <class Isa>
+void PairLists(const float* d, int64_t rows, int64_t depth, int64_t stride, int64_t p0, int64_t p1, int32_t* k,
+               float* value, int64_t* count, int64_t* start) {
+  constexpr int64_t kW = Isa::kWidth;
+  static_assert(kPairListBlock % kW == 0 && kPairListSlack >= kW, "blocks of whole vectors");
+  const int64_t blocks = (depth + kPairListBlock - 1) / kPairListBlock;
+  alignas(64) static const float kZeros[kW] = {};
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* d0 = d + 2 * p * depth;
+    const float* d1 = 2 * p + 1 < rows ? d0 + depth : nullptr;
+    int32_t* pk = k + p * stride;
+    float* v0 = value + 2 * p * stride;
+    float* v1 = v0 + stride;
+    int64_t* pstart = start + p * (blocks + 1);
+    int64_t c = 0;
+    int64_t j = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      pstart[block] = c;
+      const int64_t j1 = Min(depth, (block + 1) * kPairListBlock);
+      for (; j + kW <= j1; j += kW) {
+        c += Isa::KeptPair(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), pk + c, v0 + c, v1 + c);
+      }
+      for (; j < j1; ++j) {  // the tail of K
+        c += KeptPairColumns<1>(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), pk + c, v0 + c, v1 + c);
+      }
+    }
+    pstart[blocks] = c;
+    count[p] = c;
   }
 }
 
@@ -764,7 +824,7 @@ constexpr KernelSet<TW> MakeKernelSet() {
   return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, PairListStrips<Isa>() * Isa::kTileVecs * Isa::kWidth,
                        &Sparsify<Isa, TW>, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
                        &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>, &TilesPartialDirect<Isa, TW>,
-                       &PackRows<Isa, TW>, &TilesPacked<Isa, TW>};
+                       &PackRows<Isa, TW>, &TilesPacked<Isa, TW>, &PairLists<Isa>};
 }
 
 }  // namespace SCAP_KERNEL_NS

@@ -237,32 +237,54 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
   ks.pack(b.data(), c.depth, c.n, c.depth / 2, c.depth, packed.data(), finite.data());
   const scap::PackedB packed_b{packed.data(), finite.data(), c.depth, ks.tile_columns};
   const int64_t pairs = (c.rows + 1) / 2;
-  std::vector<int32_t> list_k(static_cast<size_t>(pairs * c.depth));
-  std::vector<float> list_value(static_cast<size_t>(2 * pairs * c.depth));
+  const int64_t list_stride = c.depth + scap::kPairListSlack;
+  const int64_t blocks = (c.depth + scap::kPairListBlock - 1) / scap::kPairListBlock;
+  std::vector<int32_t> list_k(static_cast<size_t>(pairs * list_stride));
+  std::vector<float> list_value(static_cast<size_t>(2 * pairs * list_stride));
   std::vector<int64_t> list_count(static_cast<size_t>(pairs), 0);
-  for (int64_t p = 0; p < pairs; ++p)
+  std::vector<int64_t> list_start(static_cast<size_t>(pairs * (blocks + 1)));
+  for (int64_t p = 0; p < pairs; ++p) {
+    int64_t& count = list_count[static_cast<size_t>(p)];
     for (int64_t k = 0; k < c.depth; ++k) {
+      if (k % scap::kPairListBlock == 0) list_start[static_cast<size_t>(p * (blocks + 1) + k / scap::kPairListBlock)] = count;
       const float v0 = d[static_cast<size_t>(2 * p * c.depth + k)];
       const float v1 = 2 * p + 1 < c.rows ? d[static_cast<size_t>((2 * p + 1) * c.depth + k)] : 0.0f;
       if (v0 == 0.0f && v1 == 0.0f) continue;
-      const size_t at = static_cast<size_t>(p * c.depth + list_count[static_cast<size_t>(p)]++);
-      list_k[at] = static_cast<int32_t>(k);
-      list_value[2 * at] = v0;
-      list_value[2 * at + 1] = v1;
+      list_k[static_cast<size_t>(p * list_stride + count)] = static_cast<int32_t>(k);
+      list_value[static_cast<size_t>(2 * p * list_stride + count)] = v0;
+      list_value[static_cast<size_t>((2 * p + 1) * list_stride + count)] = v1;
+      ++count;
     }
-  const int64_t blocks = (c.depth + scap::kPairListBlock - 1) / scap::kPairListBlock;
-  std::vector<int64_t> list_start(static_cast<size_t>(pairs * (blocks + 1)));
-  for (int64_t p = 0; p < pairs; ++p) {
-    int64_t e = 0;
-    for (int64_t block = 0; block <= blocks; ++block) {
-      while (e < list_count[static_cast<size_t>(p)] &&
-             list_k[static_cast<size_t>(p * c.depth + e)] < block * scap::kPairListBlock)
-        ++e;
-      list_start[static_cast<size_t>(p * (blocks + 1) + block)] = block == blocks ? list_count[static_cast<size_t>(p)] : e;
+    list_start[static_cast<size_t>(p * (blocks + 1) + blocks)] = count;
+  }
+  const scap::RowPairLists lists{list_k.data(), list_value.data(), list_count.data(), pairs, list_stride,
+                                 list_start.data(), blocks};
+  // The kernels' own list builder, in two ranges of pairs, against the lists above.
+  {
+    ++g_checks;
+    std::vector<int32_t> got_k(list_k.size(), -1);
+    std::vector<float> got_value(list_value.size(), 0.0f);
+    std::vector<int64_t> got_count(list_count.size(), -1), got_start(list_start.size(), -1);
+    ks.pair_lists(d.data(), c.rows, c.depth, list_stride, 0, pairs / 2, got_k.data(), got_value.data(), got_count.data(),
+                  got_start.data());
+    ks.pair_lists(d.data(), c.rows, c.depth, list_stride, pairs / 2, pairs, got_k.data(), got_value.data(), got_count.data(),
+                  got_start.data());
+    bool same = got_count == list_count && got_start == list_start;
+    for (int64_t p = 0; same && p < pairs; ++p) {
+      for (int64_t j = 0; j < list_count[static_cast<size_t>(p)]; ++j) {
+        const size_t at = static_cast<size_t>(p * list_stride + j);
+        const size_t v0 = static_cast<size_t>(2 * p * list_stride + j), v1 = static_cast<size_t>((2 * p + 1) * list_stride + j);
+        same = same && got_k[at] == list_k[at] &&
+               std::memcmp(&got_value[v0], &list_value[v0], sizeof(float)) == 0 &&
+               std::memcmp(&got_value[v1], &list_value[v1], sizeof(float)) == 0;
+      }
+    }
+    if (!same) {
+      ++g_failures;
+      std::printf("FAIL %s pair-lists rows=%lld depth=%lld: the builder's lists differ\n", isa, static_cast<long long>(c.rows),
+                  static_cast<long long>(c.depth));
     }
   }
-  const scap::RowPairLists lists{list_k.data(), list_value.data(), list_count.data(), pairs, c.depth,
-                                 list_start.data(), blocks};
   for (const scap::RowPairLists* per_row : {static_cast<const scap::RowPairLists*>(nullptr), &lists}) {
     const int64_t cut = split >= c.n ? c.n : split;
     for (const auto& range : {std::pair<int64_t, int64_t>{0, cut}, std::pair<int64_t, int64_t>{cut, c.n}}) {

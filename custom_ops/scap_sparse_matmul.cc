@@ -251,8 +251,8 @@ void RunPairListTask(void* data, size_t index) {
   SparseTiles tiles = job.tiles;
   tiles.rows = rows;
   tiles.tiles = (rows + tiles.tile_rows - 1) / tiles.tile_rows;
-  const RowPairLists lists{all.k + p0 * all.depth, all.value + 2 * p0 * all.depth, all.count + p0, p1 - p0,
-                           all.depth, all.start + p0 * (all.blocks + 1), all.blocks};
+  const RowPairLists lists{all.k + p0 * all.stride, all.value + 2 * p0 * all.stride, all.count + p0, p1 - p0,
+                           all.stride, all.start + p0 * (all.blocks + 1), all.blocks};
   const int64_t block = job.kernels->tile_columns;
   thread_local std::vector<float> work;  // per pool thread: the accumulators
   work.resize(static_cast<size_t>(PackedWorkFloats(tiles.tiles * tiles.tile_rows, RoundUp(n1 - n0, block))));
@@ -261,8 +261,9 @@ void RunPairListTask(void* data, size_t index) {
 
 // RowPairLists of rows of D (dropped elements are 0, kept ones never are), a range of pairs per task.
 struct ListJob {
+  const KernelSet<float>* kernels;
   const float* d;
-  int64_t rows, depth, pairs, blocks, tasks;
+  int64_t rows, depth, stride, pairs, tasks;
   int32_t* k;
   float* value;
   int64_t* count;
@@ -272,42 +273,24 @@ struct ListJob {
 void RunListTask(void* data, size_t index) {
   const auto& job = *static_cast<const ListJob*>(data);
   const auto [p0, p1] = TaskRange(index, job.tasks, job.pairs);
-  for (int64_t p = p0; p < p1; ++p) {
-    const float* d0 = job.d + 2 * p * job.depth;
-    const float* d1 = 2 * p + 1 < job.rows ? d0 + job.depth : nullptr;
-    int32_t* k = job.k + p * job.depth;
-    float* value = job.value + 2 * p * job.depth;
-    int64_t* start = job.start + p * (job.blocks + 1);
-    int64_t c = 0;
-    for (int64_t block = 0; block < job.blocks; ++block) {
-      start[block] = c;
-      const int64_t j1 = std::min(job.depth, (block + 1) * kPairListBlock);
-      for (int64_t j = block * kPairListBlock; j < j1; ++j) {  // branch-free: half the elements may be kept
-        const float v0 = d0[j], v1 = d1 != nullptr ? d1[j] : 0.0f;
-        k[c] = static_cast<int32_t>(j);
-        value[2 * c] = v0;
-        value[2 * c + 1] = v1;
-        c += (v0 != 0.0f) | (v1 != 0.0f) ? 1 : 0;
-      }
-    }
-    start[job.blocks] = c;
-    job.count[p] = c;
-  }
+  job.kernels->pair_lists(job.d, job.rows, job.depth, job.stride, p0, p1, job.k, job.value, job.count, job.start);
 }
 
 // The RowPairLists of the `rows` rows of A that Sparsify left in s.d, in s's list buffers.
-RowPairLists MakePairLists(Ort::KernelContext& context, int64_t rows, int64_t depth, Scratch& s) {
+RowPairLists MakePairLists(Ort::KernelContext& context, const KernelSet<float>& kernels, int64_t rows, int64_t depth,
+                           Scratch& s) {
   const int64_t pairs = (rows + 1) / 2;
   const int64_t blocks = (depth + kPairListBlock - 1) / kPairListBlock;
-  s.list_k.resize(static_cast<size_t>(pairs * depth));
-  s.list_value.resize(static_cast<size_t>(2 * pairs * depth));
+  const int64_t stride = depth + kPairListSlack;
+  s.list_k.resize(static_cast<size_t>(pairs * stride));
+  s.list_value.resize(static_cast<size_t>(2 * pairs * stride));
   s.list_count.resize(static_cast<size_t>(pairs));
   s.list_start.resize(static_cast<size_t>(pairs * (blocks + 1)));
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kTargetTasks, rows * depth / kMinWorkForThreads));
-  ListJob job{s.d.data(), rows, depth, pairs, blocks, std::min(tasks, pairs), s.list_k.data(), s.list_value.data(),
-              s.list_count.data(), s.list_start.data()};
+  ListJob job{&kernels, s.d.data(), rows, depth, stride, pairs, std::min(tasks, pairs), s.list_k.data(),
+              s.list_value.data(), s.list_count.data(), s.list_start.data()};
   RunTasks(context, &RunListTask, job.tasks, &job);
-  return RowPairLists{s.list_k.data(), s.list_value.data(), s.list_count.data(), pairs, depth, s.list_start.data(), blocks};
+  return RowPairLists{s.list_k.data(), s.list_value.data(), s.list_count.data(), pairs, stride, s.list_start.data(), blocks};
 }
 
 // Packing of B's rows, a range per task.
@@ -685,7 +668,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       if (policy == GemmPolicy::kPackedRows ||
           (policy == GemmPolicy::kChoose && pass_rows >= kPairListsFewRows &&
            PairListsWin(pass_rows, depth, CountKept(scratch.d.data(), pass_rows * depth)))) {
-        const RowPairLists lists = MakePairLists(context, pass_rows, depth, scratch);
+        const RowPairLists lists = MakePairLists(context, Kernels<float>(), pass_rows, depth, scratch);
         const ListSplit split = threaded ? PairListSplit(n, kernels.list_columns, lists.pairs) : ListSplit{1, 1};
         job.lists = &lists;
         job.pair_tasks = split.pair_tasks;

@@ -89,16 +89,17 @@ struct PackedB {
 };
 
 // Several rows of A as lists over pairs of rows (pair p: rows 2p and 2p + 1, the second all zeros
-// past the last row): the union of the pair's kept elements, k[p * depth + j] for j < count[p], k
-// ascending, with both rows' values at value[2 * (p * depth + j)] and the next float (0 where that
-// row drops k). For tiles_packed to skip per pair of rows of A instead of per union of a tile: at
-// 50% sparsity the union of 8 rows keeps nearly every row of B, that of two rows three quarters.
+// past the last row): the union of the pair's kept elements, k[p * stride + j] for j < count[p], k
+// ascending, with the first row's values at value[2 * p * stride + j] and the second's at
+// value[(2 * p + 1) * stride + j] (0 where that row drops k). For tiles_packed to skip per pair of
+// rows of A instead of per union of a tile: at 50% sparsity the union of 8 rows keeps nearly every
+// row of B, that of two rows three quarters.
 struct RowPairLists {
   const int32_t* k;
   const float* value;
   const int64_t* count;
   int64_t pairs;
-  int64_t depth;  // entries between two pairs' lists
+  int64_t stride;  // entries between two lists: K + kPairListSlack
   // Pair p's first entry with k >= b * kPairListBlock at start[p * (blocks + 1) + b], for b <= blocks
   // (the last: count[p]), so that every column task walks the lists block by block without a search.
   const int64_t* start;
@@ -107,6 +108,8 @@ struct RowPairLists {
 
 // Rows of B per block of the pair lists' walk: the block of a few strips stays in L1.
 constexpr int64_t kPairListBlock = 64;
+// Room past each list for its builder, which stores whole vectors.
+constexpr int64_t kPairListSlack = 16;
 
 // The kernels for weights of one type TW: float, or uint16_t holding IEEE binary16 bit patterns.
 // B is row-major [K, N]; Y is row-major [rows, N] of TW; bias is float32 or nullptr.
@@ -145,6 +148,11 @@ struct KernelSet {
   // of their kept rows of B, or (lists not nullptr) each pair of rows of A over the union of its kept rows.
   void (*tiles_packed)(const SparseTiles& act, const RowPairLists* lists, const PackedB& b, int64_t n, const float* bias,
                        TW* y, int64_t n0, int64_t n1, float* work);
+  // Writes pairs [p0, p1) of RowPairLists (k, value, count, start; lists `stride` >= depth +
+  // kPairListSlack entries apart) for the `rows` rows of D ([rows, depth], dropped elements 0, kept
+  // ones never 0).
+  void (*pair_lists)(const float* d, int64_t rows, int64_t depth, int64_t stride, int64_t p0, int64_t p1, int32_t* k,
+                     float* value, int64_t* count, int64_t* start);
 };
 
 // Floats of work space tiles_packed needs for `rows` padded rows of A over `columns` columns.
