@@ -242,9 +242,12 @@ template <typename Bits>
 void RunPairListTask(void* data, size_t index) {
   const auto& job = *static_cast<const Job<Bits>*>(data);
   const RowPairLists& all = *job.lists;
+  // Consecutive tasks share their columns of B: onnxruntime hands each thread a run of consecutive
+  // tasks, which then reads those columns from memory once and from its cache after that.
   const int64_t column_tasks = job.tasks / job.pair_tasks;
-  const auto [n0, n1] = TaskRange(index % static_cast<size_t>(column_tasks), column_tasks, job.n, job.kernels->list_columns);
-  const auto [p0, p1] = TaskRange(index / static_cast<size_t>(column_tasks), job.pair_tasks, all.pairs);
+  const size_t pair_tasks = static_cast<size_t>(job.pair_tasks);
+  const auto [n0, n1] = TaskRange(index / pair_tasks, column_tasks, job.n, job.kernels->list_columns);
+  const auto [p0, p1] = TaskRange(index % pair_tasks, job.pair_tasks, all.pairs);
   if (n0 == n1 || p0 == p1) return;
   // The pairs' rows of A (and of Y) as a pass of their own.
   const int64_t row0 = 2 * p0, rows = std::min(2 * p1, job.tiles.rows) - row0;
@@ -470,13 +473,14 @@ constexpr double kPackedFewRowsShare = 0.98;
 // (RowPairLists) rather than the register tiles the union of 8 rows (AVX-512; 4 on AVX2): at 50%
 // sparsity the tiles' union keeps nearly all of K, a pair's three quarters. A pair's walk loads each
 // kept row of B once for 2 FMAs a vector where the tiles load it once for 8, so it pays only when
-// the rows drop enough. Measured on a Zen 4 EPYC, one thread, CPU time against onnxruntime's MatMul
-// (--gemm packed against packed_rows, K x N in 1536x576, 576x1536, 4096x4096; docs/kernel_benchmarks.md,
-// "Pair lists"): at 256 rows the pairs win from 50% sparsity (1.03-1.14x against 0.94-1.09x; at 70%
-// 1.33-1.53x against 0.96-1.07x) and lose at 30% (0.89-0.99x against 0.95-1.06x); at 32 rows over
-// 4096x4096, where B streams from memory, they lose at 50% (0.90x against 1.02x) and tie at 70%.
+// the rows drop enough. Measured on a Zen 4 EPYC against onnxruntime's MatMul (tools/bench_kernel.py
+// with --gemm packed packed_rows, and --baseline-library against the tiles; docs/kernel_benchmarks.md,
+// "Pair lists"): from 128 rows the pairs tie or win at 50% sparsity (0.92-1.08x against 0.85-0.97x
+// on 1536x384 / 1536x576, 1.28x against 1.17x on 4096x4096) and win at 70% (1.09-1.92x against
+// 0.94-1.80x), and lose at 30-35% (0.89-0.99x against 0.95-1.06x); at 32 rows over 4096x4096, where B
+// streams from memory, they lose at 50% (0.90x against 1.02x) and tie at 70%.
 constexpr int64_t kPairListsMinRows = 64;
-constexpr double kPairListsMaxShare = 0.6;
+constexpr double kPairListsMaxShare = 0.55;
 constexpr int64_t kPairListsFewRows = 32;
 constexpr double kPairListsFewRowsShare = 0.25;
 
