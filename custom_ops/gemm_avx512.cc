@@ -13,6 +13,7 @@ struct Isa {
   static constexpr int64_t kTileRows = 8;
   static constexpr int64_t kTileVecs = 3;
   static constexpr int64_t kWidth = 16;
+  static constexpr int64_t kRegisters = 32;  // vector registers
   static Vec Set(float x) { return _mm512_set1_ps(x); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
   // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory

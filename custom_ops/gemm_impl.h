@@ -10,7 +10,7 @@
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
 // zeroed), ChannelThreshold (threshold * scale per lane, the scale where that is NaN: 0 * inf),
 // and the register block of the several-rows kernel: kTileRows rows of A by
-// kTileVecs vectors of columns.
+// kTileVecs vectors of columns, and kRegisters (how many vector registers it has).
 //
 // (Long because every kernel of every ISA is here, once: the file is the kernels.)
 #pragma once
@@ -643,11 +643,11 @@ inline void PairListBlock(const float* const* strips, const int32_t* k, const fl
 }
 
 // Strips of packed B that a pair of rows walks together in PairListBlock: two rows' accumulators of
-// every strip, plus one strip's loads, must fit in the vector registers (AVX-512: 2 strips of 3
-// vectors, 12 accumulators of 32 registers; AVX2: 2 of 2, 8 of 16; NEON: 1 of 4).
+// every strip, one strip's loads and the two broadcasts must fit in the vector registers (AVX-512:
+// 2 strips of 3 vectors, 12 accumulators of 32 registers; AVX2: 1 strip of 3; NEON: 1 of 4).
 template <class Isa>
 constexpr int64_t PairListStrips() {
-  return Isa::kTileVecs >= 4 ? 1 : 2;
+  return 2 * 2 * Isa::kTileVecs + 2 + 2 <= Isa::kRegisters ? 2 : 1;
 }
 
 // The kept rows [j0, j0 + count) of one pair's list over `live` strips, where the block holds a row

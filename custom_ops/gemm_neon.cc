@@ -14,6 +14,7 @@ struct Isa {
   static constexpr int64_t kTileRows = 4;
   static constexpr int64_t kTileVecs = 4;
   static constexpr int64_t kWidth = 4;
+  static constexpr int64_t kRegisters = 32;  // vector registers
   static Vec Set(float x) { return vdupq_n_f32(x); }
   static Vec Load(const float* p) { return vld1q_f32(p); }
   // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory

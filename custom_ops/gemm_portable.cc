@@ -11,6 +11,7 @@ struct Isa {
   static constexpr int64_t kTileRows = 4;
   static constexpr int64_t kTileVecs = 2;
   static constexpr int64_t kWidth = 8;
+  static constexpr int64_t kRegisters = 16;  // vector registers
   struct Vec {
     float v[8];
   };

@@ -502,8 +502,9 @@ bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
   const char* isa = SelectKernels().isa;
   if (std::strcmp(isa, "avx512") != 0 && std::strcmp(isa, "avx2") != 0) return false;
   if (rows >= kPackedAlwaysRows) return true;
-  // AVX2's strips are one cache line wide: few rows read them slower than whole rows of B (M = 8,
-  // K = N = 4096: 0.51x against 0.80x for the direct kernel at 0%, 0.52x against 1.07x at 50%).
+  // AVX2's narrow strips: few rows read them slower than whole rows of B (M = 8, K = N = 4096, with
+  // strips of 16 columns: 0.51x against 0.80x for the direct kernel at 0%, 0.52x against 1.07x at
+  // 50%; not measured again with the 24 columns of the 4 x 24 tile).
   if (std::strcmp(isa, "avx512") != 0) return false;
   return rows >= kPackedFewRows && static_cast<double>(kept) >= kPackedFewRowsShare * static_cast<double>(depth);
 }
