@@ -398,6 +398,13 @@ void CheckKernels(const scap::GemmKernels& kernels) {
           RunCase(isa, kernels.f32, c, rng, 1e-5);
           RunCase(isa, kernels.f16, c, rng, 3e-3);
         }
+  // K beyond one block of the packed kernels (kPackedBlockRows) and over many blocks of the pair lists.
+  for (int64_t rows : {9, 33})
+    for (const auto& attr : attrs) {
+      ++variant;
+      const Case c{rows, 1100, 70, attr[0], attr[1], variant % 2 == 0, variant % 3 == 0, variant % 5 == 0};
+      RunCase(isa, kernels.f32, c, rng, 1e-5);
+    }
   CheckFloat16Exact(isa, kernels.f16);
 }
 
