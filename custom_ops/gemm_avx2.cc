@@ -11,10 +11,21 @@ namespace {
 struct Isa {
   using Vec = __m256;
   static constexpr int64_t kTileRows = 4;
-  static constexpr int64_t kTileVecs = 2;
+  // 4 x 24: 12 accumulators, 3 loads of B a step (4 x 16 left FMA latency exposed: on one Zen 4 thread
+  // at M = 32-128 the tiles went from 0.63-0.76x to 0.74-0.86x of onnxruntime's MatMul at 0%, and
+  // the pair lists, with 2 strips of 3, from 0.83-1.01x to 0.93-1.11x at 50%).
+  static constexpr int64_t kTileVecs = 3;
   static constexpr int64_t kWidth = 8;
+  static constexpr int64_t kRegisters = 16;  // vector registers
   static Vec Set(float x) { return _mm256_set1_ps(x); }
   static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+  // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory
+  // operand and so load it once per FMA (the pair lists' walk is bound by loads).
+  static Vec LoadShared(const float* p) {
+    Vec v = _mm256_loadu_ps(p);
+    SCAP_IN_REGISTER(v, "x");
+    return v;
+  }
   static void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static Vec LoadB(const float* p) { return _mm256_loadu_ps(p); }
   static Vec LoadB(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -31,6 +42,9 @@ struct Isa {
     const Vec keep = _mm256_cmp_ps(abs, threshold, _CMP_NLE_UQ);  // NaN: kept
     *kept = _mm256_and_ps(keep, diff);
     return static_cast<uint32_t>(_mm256_movemask_ps(keep));
+  }
+  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+    return KeptPairColumns<kWidth>(d0, d1, j, k, v0, v1);
   }
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

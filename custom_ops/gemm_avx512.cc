@@ -13,8 +13,16 @@ struct Isa {
   static constexpr int64_t kTileRows = 8;
   static constexpr int64_t kTileVecs = 3;
   static constexpr int64_t kWidth = 16;
+  static constexpr int64_t kRegisters = 32;  // vector registers
   static Vec Set(float x) { return _mm512_set1_ps(x); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+  // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory
+  // operand and so load it once per FMA (the pair lists' walk is bound by loads).
+  static Vec LoadShared(const float* p) {
+    Vec v = _mm512_loadu_ps(p);
+    SCAP_IN_REGISTER(v, "v");
+    return v;
+  }
   static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static Vec LoadB(const float* p) { return _mm512_loadu_ps(p); }
   static Vec LoadB(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -30,6 +38,17 @@ struct Isa {
     const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(diff), threshold, _CMP_NLE_UQ);  // NaN: kept
     *kept = _mm512_maskz_mov_ps(keep, diff);
     return keep;
+  }
+  // Compressed in registers, then stored whole: Zen 4 runs vcompressps to memory in microcode.
+  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+    const Vec a0 = _mm512_loadu_ps(d0), a1 = _mm512_loadu_ps(d1), zero = _mm512_setzero_ps();
+    const __mmask16 keep = _mm512_cmp_ps_mask(a0, zero, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(a1, zero, _CMP_NEQ_UQ);
+    const __m512i columns = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                                        11, 12, 13, 14, 15));
+    _mm512_storeu_si512(k, _mm512_maskz_compress_epi32(keep, columns));
+    _mm512_storeu_ps(v0, _mm512_maskz_compress_ps(keep, a0));
+    _mm512_storeu_ps(v1, _mm512_maskz_compress_ps(keep, a1));
+    return PopCount(keep);
   }
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

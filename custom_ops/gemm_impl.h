@@ -5,11 +5,12 @@
 // a namespace of its own: code compiled with -mavx512f must never be picked by the linker for a
 // caller on a CPU without it. For the same reason nothing here calls std:: templates.
 //
-// An Isa provides: Vec, kWidth, Set, Load, Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
+// An Isa provides: Vec, kWidth, Set, Load, LoadShared (a load kept in a register), KeptPair
+// (KeptPairColumns over kWidth columns, whole vectors stored), Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
 // zeroed), ChannelThreshold (threshold * scale per lane, the scale where that is NaN: 0 * inf),
 // and the register block of the several-rows kernel: kTileRows rows of A by
-// kTileVecs vectors of columns.
+// kTileVecs vectors of columns, and kRegisters (how many vector registers it has).
 //
 // (Long because every kernel of every ISA is here, once: the file is the kernels.)
 #pragma once
@@ -239,6 +240,29 @@ int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, const DropRule& rule,
     }
   }
   return count;
+}
+
+// Bits set in x.
+inline int PopCount(uint32_t x) {
+  x = x - ((x >> 1) & 0x55555555u);
+  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
+// Appends, of kCount columns j, j + 1, ... of two rows of D, those either row keeps (non-zero; NaN
+// is kept) to k, v0, v1; returns how many. Branch-free: it writes every column's slot and advances
+// past the kept ones only (an Isa's KeptPair where it has no compress instruction).
+template <int64_t kCount>
+inline int64_t KeptPairColumns(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < kCount; ++i) {
+    const float a0 = d0[i], a1 = d1[i];
+    k[c] = j + static_cast<int32_t>(i);
+    v0[c] = a0;
+    v1[c] = a1;
+    c += (a0 != 0.0f) | (a1 != 0.0f) ? 1 : 0;
+  }
+  return c;
 }
 
 // Rows of B up to this long are prefetched a group ahead when decoding (Axpy8Prefetch).
@@ -584,104 +608,162 @@ void PackRows(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, flo
   }
 }
 
-// acc[0 : kStrips * kBlock] += sum over j < count of value[j] * B[k[j], strip columns], for one row of A
-// over kStrips strips of packed B (strips[s]: the strip's row 0; strip_step floats between two strips'
-// accumulators in acc). With fewer than 6 vectors a kept row, two sets of accumulators, so that
-// consecutive kept rows do not wait on each other's FMA latency.
+// For one pair of rows of A over kStrips strips of packed B (strips[s]: the strip's row 0):
+// acc0[0 : kStrips * kBlock] += sum over j < count of value[2j] * B[k[j], strip columns], and acc1 the
+// same with value[2j + 1] (strip_step floats between two strips' accumulators). Each row of B is loaded
+// once for both rows of A: a walk of one row's own kept rows is bound by those loads (about half the
+// FMA rate on Zen 4), and two rows share them while still skipping what both drop.
 template <class Isa, int64_t kStrips>
-inline void RowListBlock(const float* const* strips, const int32_t* k, const float* value, int64_t count, float* acc,
-                         int64_t strip_step) {
+inline void PairListBlock(const float* const* strips, const int32_t* k, const float* value0, const float* value1,
+                          int64_t count, float* acc0, float* acc1, int64_t strip_step) {
   constexpr int64_t kVecs = Isa::kTileVecs;
   constexpr int64_t kW = Isa::kWidth;
   constexpr int64_t kBlock = kVecs * kW;
-  constexpr bool kTwoSets = kStrips * kVecs < 6;
-  typename Isa::Vec sum[kStrips][kVecs], sum2[kStrips][kVecs];
+  typename Isa::Vec sum0[kStrips][kVecs], sum1[kStrips][kVecs];
   for (int64_t s = 0; s < kStrips; ++s)
     for (int64_t v = 0; v < kVecs; ++v) {
-      sum[s][v] = Isa::Load(acc + s * strip_step + v * kW);
-      if (kTwoSets) sum2[s][v] = Isa::Set(0.0f);
+      sum0[s][v] = Isa::Load(acc0 + s * strip_step + v * kW);
+      sum1[s][v] = Isa::Load(acc1 + s * strip_step + v * kW);
     }
-  int64_t j = 0;
-  if (kTwoSets) {
-    for (; j + 2 <= count; j += 2) {
-      const auto d0 = Isa::Set(value[j]), d1 = Isa::Set(value[j + 1]);
-      const int64_t o0 = static_cast<int64_t>(k[j]) * kBlock, o1 = static_cast<int64_t>(k[j + 1]) * kBlock;
-      for (int64_t s = 0; s < kStrips; ++s)
-        for (int64_t v = 0; v < kVecs; ++v) {
-          sum[s][v] = Isa::Fma(Isa::Load(strips[s] + o0 + v * kW), d0, sum[s][v]);
-          sum2[s][v] = Isa::Fma(Isa::Load(strips[s] + o1 + v * kW), d1, sum2[s][v]);
-        }
-    }
-  }
-  for (; j < count; ++j) {
-    const auto d0 = Isa::Set(value[j]);
-    const int64_t o0 = static_cast<int64_t>(k[j]) * kBlock;
+  for (int64_t j = 0; j < count; ++j) {
+    const auto d0 = Isa::Set(value0[j]), d1 = Isa::Set(value1[j]);
+    const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
     for (int64_t s = 0; s < kStrips; ++s)
-      for (int64_t v = 0; v < kVecs; ++v) sum[s][v] = Isa::Fma(Isa::Load(strips[s] + o0 + v * kW), d0, sum[s][v]);
+      for (int64_t v = 0; v < kVecs; ++v) {
+        const auto bv = Isa::LoadShared(strips[s] + o + v * kW);
+        sum0[s][v] = Isa::Fma(bv, d0, sum0[s][v]);
+        sum1[s][v] = Isa::Fma(bv, d1, sum1[s][v]);
+      }
   }
   for (int64_t s = 0; s < kStrips; ++s)
     for (int64_t v = 0; v < kVecs; ++v) {
-      Isa::Store(acc + s * strip_step + v * kW, kTwoSets ? Isa::Add(sum[s][v], sum2[s][v]) : sum[s][v]);
+      Isa::Store(acc0 + s * strip_step + v * kW, sum0[s][v]);
+      Isa::Store(acc1 + s * strip_step + v * kW, sum1[s][v]);
     }
 }
 
-// Strips of packed B that one row of A walks together in RowListBlock: about 6 vectors per kept row
-// (AVX-512: 2 strips of 3, AVX2: 3 of 2), so that its index and broadcast loads are shared by several FMAs.
+// Strips of packed B that a pair of rows walks together in PairListBlock: two rows' accumulators of
+// every strip, one strip's loads and the two broadcasts must fit in the vector registers (AVX-512:
+// 2 strips of 3 vectors, 12 accumulators of 32 registers; AVX2: 1 strip of 3; NEON: 1 of 4).
 template <class Isa>
-constexpr int64_t RowListStrips() {
-  return Isa::kTileVecs >= 6 ? 1 : 6 / Isa::kTileVecs;
+constexpr int64_t PairListStrips() {
+  return 2 * 2 * Isa::kTileVecs + 2 + 2 <= Isa::kRegisters ? 2 : 1;
 }
 
-// Rows of B per block of the row lists' walk: the block of RowListStrips strips stays in L1.
-constexpr int64_t kRowListBlock = 64;
-
-// TilesPacked with each row of A over its own kept rows of B (lists): per block of kRowListBlock rows
-// of B and group of strips, each row of A adds the kept rows of the block that it keeps. A row of B
-// with Inf or NaN is visited only by the rows of A that keep it. cursor: 2 * rows of work space.
-template <class Isa>
-void RowListColumns(const RowLists& lists, int64_t rows, const PackedB& b, int64_t w_strips, int64_t first_strip,
-                    float* acc, int64_t stride, int64_t* cursor) {
+// The kept rows [j0, j0 + count) of one pair's list over `live` strips, where the block holds a row
+// of B with Inf or NaN: such a row meets only the rows of A that keep it (0 * Inf must not make NaN).
+template <class Isa, int64_t kStrips>
+void PairListBlockNonFinite(const float* const* strips, const uint8_t* row_finite, int64_t live, const int32_t* k,
+                            const float* value0, const float* value1, int64_t count, float* acc0, float* acc1,
+                            int64_t strip_step) {
   constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
-  constexpr int64_t kStrips = RowListStrips<Isa>();
-  int64_t* end = cursor + rows;
-  for (int64_t m = 0; m < rows; ++m) cursor[m] = 0;
-  const float* strips[kStrips];
-  for (int64_t k0 = 0; k0 < b.depth; k0 += kRowListBlock) {
-    const int64_t k1 = k0 + kRowListBlock;
-    for (int64_t m = 0; m < rows; ++m) {
-      const int32_t* k = lists.k + m * lists.depth;
-      int64_t e = cursor[m];
-      while (e < lists.count[m] && k[e] < k1) ++e;
-      end[m] = e;
+  for (int64_t j = 0; j < count; ++j) {
+    if (row_finite[k[j]] != 0) {
+      for (int64_t s = 0; s < live; ++s) {
+        PairListBlock<Isa, 1>(strips + s, k + j, value0 + j, value1 + j, 1, acc0 + s * strip_step,
+                              acc1 + s * strip_step, strip_step);
+      }
+      continue;
     }
+    const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
+    for (int64_t s = 0; s < live; ++s) {
+      NonFiniteRow(strips[s] + o, kBlock, value0 + j, value1 - value0, 2, acc0 + s * strip_step, acc1 - acc0);
+    }
+  }
+}
+
+// TilesPacked with each pair of rows of A over the union of their own kept rows of B (lists): per
+// block of kPairListBlock rows of B and group of strips, each pair adds the kept rows of the block
+// that either of its rows keeps. acc holds every row of A (and the second row of an odd last pair),
+// `stride` floats apart.
+template <class Isa>
+void PairListColumns(const RowPairLists& lists, const PackedB& b, int64_t w_strips, int64_t first_strip, float* acc,
+                     int64_t stride) {
+  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
+  constexpr int64_t kStrips = PairListStrips<Isa>();
+  const int64_t pairs = lists.pairs;
+  const float* strips[kStrips];
+  for (int64_t block = 0; block < lists.blocks; ++block) {
+    const int64_t k0 = block * kPairListBlock, k1 = Min(k0 + kPairListBlock, b.depth);
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) finite = finite && b.row_finite[k] != 0;
     for (int64_t s = 0; s < w_strips; s += kStrips) {
       const int64_t live = Min(kStrips, w_strips - s);
-      for (int64_t i = 0; i < kStrips; ++i) strips[i] = b.data + (first_strip + s + Min(i, live - 1)) * b.depth * kBlock;
-      for (int64_t m = 0; m < rows; ++m) {
-        const int64_t j0 = cursor[m], count = end[m] - j0;
+      for (int64_t i = 0; i < kStrips; ++i) {
+        strips[i] = b.data + (first_strip + s + Min(i, live - 1)) * b.depth * kBlock;
+      }
+      for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t* start = lists.start + p * (lists.blocks + 1) + block;
+        const int64_t j0 = start[0], count = start[1] - j0;
         if (count == 0) continue;
-        const int32_t* k = lists.k + m * lists.depth + j0;
-        const float* value = lists.value + m * lists.depth + j0;
-        float* row_acc = acc + m * stride + s * kBlock;
-        if (live == kStrips) {
-          RowListBlock<Isa, kStrips>(strips, k, value, count, row_acc, kBlock);
+        const int32_t* k = lists.k + p * lists.stride + j0;
+        const float* value0 = lists.value + 2 * p * lists.stride + j0;
+        const float* value1 = value0 + lists.stride;
+        float* acc0 = acc + 2 * p * stride + s * kBlock;
+        float* acc1 = acc0 + stride;
+        if (!finite) {
+          PairListBlockNonFinite<Isa, kStrips>(strips, b.row_finite, live, k, value0, value1, count, acc0, acc1, kBlock);
+        } else if (live == kStrips) {
+          PairListBlock<Isa, kStrips>(strips, k, value0, value1, count, acc0, acc1, kBlock);
         } else {
-          for (int64_t i = 0; i < live; ++i) RowListBlock<Isa, 1>(strips + i, k, value, count, row_acc + i * kBlock, kBlock);
+          for (int64_t i = 0; i < live; ++i) {
+            PairListBlock<Isa, 1>(strips + i, k, value0, value1, count, acc0 + i * kBlock, acc1 + i * kBlock, kBlock);
+          }
         }
       }
     }
-    for (int64_t m = 0; m < rows; ++m) cursor[m] = end[m];
   }
 }
 
+// RowPairLists of pairs [p0, p1) of D's rows, lists `stride` entries apart: per vector of kWidth
+// columns, Isa::KeptPair appends the columns either row keeps (storing whole vectors, so that stride
+// is depth + kPairListSlack).
+template <class Isa>
+void PairLists(const float* d, int64_t rows, int64_t depth, int64_t stride, int64_t p0, int64_t p1, int32_t* k,
+               float* value, int64_t* count, int64_t* start) {
+  constexpr int64_t kW = Isa::kWidth;
+  static_assert(kPairListBlock % kW == 0 && kPairListSlack >= kW, "blocks of whole vectors");
+  const int64_t blocks = (depth + kPairListBlock - 1) / kPairListBlock;
+  alignas(64) static const float kZeros[kW] = {};
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* d0 = d + 2 * p * depth;
+    const float* d1 = 2 * p + 1 < rows ? d0 + depth : nullptr;
+    int32_t* pk = k + p * stride;
+    float* v0 = value + 2 * p * stride;
+    float* v1 = v0 + stride;
+    int64_t* pstart = start + p * (blocks + 1);
+    int64_t c = 0;
+    int64_t j = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      pstart[block] = c;
+      const int64_t j1 = Min(depth, (block + 1) * kPairListBlock);
+      for (; j + kW <= j1; j += kW) {
+        c += Isa::KeptPair(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), pk + c, v0 + c, v1 + c);
+      }
+      for (; j < j1; ++j) {  // the tail of K
+        c += KeptPairColumns<1>(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), pk + c, v0 + c, v1 + c);
+      }
+    }
+    pstart[blocks] = c;
+    count[p] = c;
+  }
+}
+
+// Kept rows of B per block of TilesPacked: a strip's block (96 KiB on AVX-512) streams from L2 in
+// order, so it need not fit L1 as a copied panel must, and longer blocks load and store the register
+// tiles' accumulators less often. One Zen 4 thread at 0% (CPU time against onnxruntime's MatMul,
+// against 128 rows in the same run): 512 rows 0.97-0.99x against 0.92-0.95x on 576x1536 / 1536x576
+// at M = 128-256, 1.20-1.32x against 1.16-1.21x on 4096x4096; 256 and 1024 rows in between.
+constexpr int64_t kPackedBlockRows = 512;
+
 // Several rows of A over the columns [n0, n1) of packed B (the compute-bound path, and the
 // memory-bound one for a few rows: B is read once, strip by strip). Without lists: for each block of
-// kPanelRows kept rows and each strip, every tile of A multiplies the strip's block (24 KiB on
-// AVX-512, in L1) into float32 accumulators for all rows (work), stored to Y at the end; a row of B
+// kPackedBlockRows kept rows and each strip, every tile of A multiplies the strip's block (from L2)
+// into float32 accumulators for all rows (work), stored to Y at the end; a row of B
 // with Inf or NaN goes alone, skipped by the rows of A that drop it (0 * Inf must not make NaN).
-// With lists: RowListColumns.
+// With lists: PairListColumns.
 template <class Isa, typename TW>
-void TilesPacked(const SparseTiles& act, const RowLists* lists, const PackedB& b, int64_t n, const float* bias, TW* y,
+void TilesPacked(const SparseTiles& act, const RowPairLists* lists, const PackedB& b, int64_t n, const float* bias, TW* y,
                  int64_t n0, int64_t n1, float* work) {
   constexpr int64_t kRows = Isa::kTileRows;
   constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
@@ -690,13 +772,12 @@ void TilesPacked(const SparseTiles& act, const RowLists* lists, const PackedB& b
   float* acc = work;
   std::memset(acc, 0, static_cast<size_t>(act.tiles * kRows * stride) * sizeof(float));
   if (lists != nullptr) {
-    int64_t* cursor = reinterpret_cast<int64_t*>(acc + act.tiles * kRows * stride);
-    RowListColumns<Isa>(*lists, act.rows, b, RoundUp(w, kBlock) / kBlock, n0 / kBlock, acc, stride, cursor);
+    PairListColumns<Isa>(*lists, b, RoundUp(w, kBlock) / kBlock, n0 / kBlock, acc, stride);
   } else {
     const int64_t d_stride = act.row_stride;
-    const float* rows[kPanelRows];
-    for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPanelRows) {
-      const int64_t count = Min(kPanelRows, act.kept_count - i0);
+    const float* rows[kPackedBlockRows];
+    for (int64_t i0 = 0; i0 < act.kept_count; i0 += kPackedBlockRows) {
+      const int64_t count = Min(kPackedBlockRows, act.kept_count - i0);
       const int32_t* kept = act.kept + i0;
       bool all_finite = true;
       for (int64_t i = 0; i < count; ++i) all_finite = all_finite && b.row_finite[kept[i]] != 0;
@@ -747,9 +828,10 @@ void ReducePartials(const float* partials, int64_t parts, int64_t part_stride, i
 
 template <class Isa, typename TW>
 constexpr KernelSet<TW> MakeKernelSet() {
-  return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, &Sparsify<Isa, TW>, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
+  return KernelSet<TW>{Isa::kTileRows, Isa::kTileVecs * Isa::kWidth, PairListStrips<Isa>() * Isa::kTileVecs * Isa::kWidth,
+                       &Sparsify<Isa, TW>, &RowPartial<Isa, TW>, &ReducePartials<Isa, TW>,
                        &TileColumns<Isa, TW>, &TilesPartial<Isa, TW>, &TilesPartialDirect<Isa, TW>,
-                       &PackRows<Isa, TW>, &TilesPacked<Isa, TW>};
+                       &PackRows<Isa, TW>, &TilesPacked<Isa, TW>, &PairLists<Isa>};
 }
 
 }  // namespace SCAP_KERNEL_NS

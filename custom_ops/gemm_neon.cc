@@ -14,8 +14,16 @@ struct Isa {
   static constexpr int64_t kTileRows = 4;
   static constexpr int64_t kTileVecs = 4;
   static constexpr int64_t kWidth = 4;
+  static constexpr int64_t kRegisters = 32;  // vector registers
   static Vec Set(float x) { return vdupq_n_f32(x); }
   static Vec Load(const float* p) { return vld1q_f32(p); }
+  // A load that feeds several FMAs, held in a register: GCC would fold it into each FMA as a memory
+  // operand and so load it once per FMA (the pair lists' walk is bound by loads).
+  static Vec LoadShared(const float* p) {
+    Vec v = vld1q_f32(p);
+    SCAP_IN_REGISTER(v, "w");
+    return v;
+  }
   static void Store(float* p, Vec v) { vst1q_f32(p, v); }
   static Vec LoadB(const float* p) { return vld1q_f32(p); }
   static Vec LoadB(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
@@ -32,6 +40,9 @@ struct Isa {
     *kept = vreinterpretq_f32_u32(vandq_u32(keep, vreinterpretq_u32_f32(diff)));
     const uint32_t lane_bits[4] = {1, 2, 4, 8};
     return vaddvq_u32(vandq_u32(keep, vld1q_u32(lane_bits)));
+  }
+  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+    return KeptPairColumns<kWidth>(d0, d1, j, k, v0, v1);
   }
   static void StoreHalf(uint16_t* p, Vec v) {
     vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)));  // rounds to nearest even (FPCR default)

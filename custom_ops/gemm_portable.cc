@@ -11,6 +11,7 @@ struct Isa {
   static constexpr int64_t kTileRows = 4;
   static constexpr int64_t kTileVecs = 2;
   static constexpr int64_t kWidth = 8;
+  static constexpr int64_t kRegisters = 16;  // vector registers
   struct Vec {
     float v[8];
   };
@@ -25,6 +26,7 @@ struct Isa {
     return r;
   }
   static void Store(float* p, const Vec& v) { std::memcpy(p, v.v, sizeof v.v); }
+  static Vec LoadShared(const float* p) { return Load(p); }
   static Vec LoadB(const float* p) { return Load(p); }
   static Vec LoadB(const uint16_t* p) {
     Vec r;
@@ -64,6 +66,9 @@ struct Isa {
       bits |= static_cast<uint32_t>(keep) << i;
     }
     return bits;
+  }
+  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+    return KeptPairColumns<kWidth>(d0, d1, j, k, v0, v1);
   }
   static void StoreHalf(uint16_t* p, const Vec& v) {
     for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v.v[i]);

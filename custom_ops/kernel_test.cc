@@ -229,26 +229,63 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
   }
 
   // B packed once (float32 strips of tile_columns), two column ranges; over the union of kept rows,
-  // then each row of A over its own kept rows (RowLists of D's non-zeros).
+  // then each pair of rows of A over the union of its kept rows (RowPairLists of D's non-zeros).
   const int64_t strips = scap::RoundUp(c.n, ks.tile_columns) / ks.tile_columns;
   std::vector<float> packed(static_cast<size_t>(strips * c.depth * ks.tile_columns));
   std::vector<uint8_t> finite(static_cast<size_t>(c.depth));
   ks.pack(b.data(), c.depth, c.n, 0, c.depth / 2, packed.data(), finite.data());
   ks.pack(b.data(), c.depth, c.n, c.depth / 2, c.depth, packed.data(), finite.data());
   const scap::PackedB packed_b{packed.data(), finite.data(), c.depth, ks.tile_columns};
-  std::vector<int32_t> list_k(static_cast<size_t>(c.rows * c.depth));
-  std::vector<float> list_value(static_cast<size_t>(c.rows * c.depth));
-  std::vector<int64_t> list_count(static_cast<size_t>(c.rows), 0);
-  for (int64_t m = 0; m < c.rows; ++m)
+  const int64_t pairs = (c.rows + 1) / 2;
+  const int64_t list_stride = c.depth + scap::kPairListSlack;
+  const int64_t blocks = (c.depth + scap::kPairListBlock - 1) / scap::kPairListBlock;
+  std::vector<int32_t> list_k(static_cast<size_t>(pairs * list_stride));
+  std::vector<float> list_value(static_cast<size_t>(2 * pairs * list_stride));
+  std::vector<int64_t> list_count(static_cast<size_t>(pairs), 0);
+  std::vector<int64_t> list_start(static_cast<size_t>(pairs * (blocks + 1)));
+  for (int64_t p = 0; p < pairs; ++p) {
+    int64_t& count = list_count[static_cast<size_t>(p)];
     for (int64_t k = 0; k < c.depth; ++k) {
-      const float v = d[static_cast<size_t>(m * c.depth + k)];
-      if (v == 0.0f) continue;
-      const size_t at = static_cast<size_t>(m * c.depth + list_count[static_cast<size_t>(m)]++);
-      list_k[at] = static_cast<int32_t>(k);
-      list_value[at] = v;
+      if (k % scap::kPairListBlock == 0) list_start[static_cast<size_t>(p * (blocks + 1) + k / scap::kPairListBlock)] = count;
+      const float v0 = d[static_cast<size_t>(2 * p * c.depth + k)];
+      const float v1 = 2 * p + 1 < c.rows ? d[static_cast<size_t>((2 * p + 1) * c.depth + k)] : 0.0f;
+      if (v0 == 0.0f && v1 == 0.0f) continue;
+      list_k[static_cast<size_t>(p * list_stride + count)] = static_cast<int32_t>(k);
+      list_value[static_cast<size_t>(2 * p * list_stride + count)] = v0;
+      list_value[static_cast<size_t>((2 * p + 1) * list_stride + count)] = v1;
+      ++count;
     }
-  const scap::RowLists lists{list_k.data(), list_value.data(), list_count.data(), c.depth};
-  for (const scap::RowLists* per_row : {static_cast<const scap::RowLists*>(nullptr), &lists}) {
+    list_start[static_cast<size_t>(p * (blocks + 1) + blocks)] = count;
+  }
+  const scap::RowPairLists lists{list_k.data(), list_value.data(), list_count.data(), pairs, list_stride,
+                                 list_start.data(), blocks};
+  // The kernels' own list builder, in two ranges of pairs, against the lists above.
+  {
+    ++g_checks;
+    std::vector<int32_t> got_k(list_k.size(), -1);
+    std::vector<float> got_value(list_value.size(), 0.0f);
+    std::vector<int64_t> got_count(list_count.size(), -1), got_start(list_start.size(), -1);
+    ks.pair_lists(d.data(), c.rows, c.depth, list_stride, 0, pairs / 2, got_k.data(), got_value.data(), got_count.data(),
+                  got_start.data());
+    ks.pair_lists(d.data(), c.rows, c.depth, list_stride, pairs / 2, pairs, got_k.data(), got_value.data(), got_count.data(),
+                  got_start.data());
+    bool same = got_count == list_count && got_start == list_start;
+    for (int64_t p = 0; same && p < pairs; ++p) {
+      for (int64_t j = 0; j < list_count[static_cast<size_t>(p)]; ++j) {
+        const size_t at = static_cast<size_t>(p * list_stride + j);
+        const size_t v0 = static_cast<size_t>(2 * p * list_stride + j), v1 = static_cast<size_t>((2 * p + 1) * list_stride + j);
+        same = same && got_k[at] == list_k[at] &&
+               std::memcmp(&got_value[v0], &list_value[v0], sizeof(float)) == 0 &&
+               std::memcmp(&got_value[v1], &list_value[v1], sizeof(float)) == 0;
+      }
+    }
+    if (!same) {
+      ++g_failures;
+      std::printf("FAIL %s pair-lists rows=%lld depth=%lld: the builder's lists differ\n", isa, static_cast<long long>(c.rows),
+                  static_cast<long long>(c.depth));
+    }
+  }
+  for (const scap::RowPairLists* per_row : {static_cast<const scap::RowPairLists*>(nullptr), &lists}) {
     const int64_t cut = split >= c.n ? c.n : split;
     for (const auto& range : {std::pair<int64_t, int64_t>{0, cut}, std::pair<int64_t, int64_t>{cut, c.n}}) {
       if (range.first == range.second) continue;
@@ -256,7 +293,7 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
           tiles * tile_rows, scap::RoundUp(range.second - range.first, ks.tile_columns))));
       ks.tiles_packed(act, per_row, packed_b, c.n, bias_ptr, y.data(), range.first, range.second, work.data());
     }
-    Compare(isa, per_row == nullptr ? "tiles-packed" : "tiles-packed-row-lists", c, y, ref, tol);
+    Compare(isa, per_row == nullptr ? "tiles-packed" : "tiles-packed-pair-lists", c, y, ref, tol);
   }
 }
 
@@ -361,6 +398,13 @@ void CheckKernels(const scap::GemmKernels& kernels) {
           RunCase(isa, kernels.f32, c, rng, 1e-5);
           RunCase(isa, kernels.f16, c, rng, 3e-3);
         }
+  // K beyond one block of the packed kernels (kPackedBlockRows) and over many blocks of the pair lists.
+  for (int64_t rows : {9, 33})
+    for (const auto& attr : attrs) {
+      ++variant;
+      const Case c{rows, 1100, 70, attr[0], attr[1], variant % 2 == 0, variant % 3 == 0, variant % 5 == 0};
+      RunCase(isa, kernels.f32, c, rng, 1e-5);
+    }
   CheckFloat16Exact(isa, kernels.f16);
 }
 

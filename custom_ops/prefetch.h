@@ -15,3 +15,11 @@ static inline void PrefetchL2(const void* p) {
 }
 
 }  // namespace scap
+
+// Holds a vector value in a register (constraint: "v"/"x" on x86, "w" on ARM64) so that the compiler
+// cannot fold its load into each instruction that uses it. GCC and Clang only; elsewhere a no-op.
+#if defined(__GNUC__)
+#define SCAP_IN_REGISTER(value, constraint) asm("" : "+" constraint(value))
+#else
+#define SCAP_IN_REGISTER(value, constraint) ((void)0)
+#endif

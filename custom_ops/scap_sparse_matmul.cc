@@ -1,6 +1,6 @@
 // CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs the
 // row-skipping kernels (sparse_gemm.h) as tasks in ONNX Runtime's intra-op thread pool.
-// Several rows of float32 A over a constant B multiply over B packed once (PackedWins, RowListsWin);
+// Several rows of float32 A over a constant B multiply over B packed once (PackedWins, PairListsWin);
 // several rows that keep most of K between them go to onnxruntime's own Gemm through
 // OrtApi::InvokeOp instead, where measured faster (DenseWins). (Long because every path's task
 // split and choice lives here, beside the one Compute that picks among them.)
@@ -40,6 +40,7 @@ constexpr int64_t kKSplitTasks = 8;
 constexpr int64_t kKSplitMaxRows = 16;
 constexpr int64_t kMinKeptRowsPerTask = 16;
 constexpr int64_t kAmxColumnsPerTask = 1024;
+constexpr int64_t kMinPairsPerTask = 8;
 
 // Per-thread scratch, reused across calls so that decoding does not allocate per token.
 struct Scratch {
@@ -51,9 +52,10 @@ struct Scratch {
   std::vector<float> partials;    // per-task partial sums of a decoding call
   std::vector<uint16_t> parts;    // bfloat16 parts of the activations (AMX)
   std::vector<char> split_ok;     // per split task: no Inf or NaN met (AMX)
-  std::vector<int32_t> list_k;    // each row's own kept columns (RowLists)
+  std::vector<int32_t> list_k;    // each pair of rows' kept columns (RowPairLists)
   std::vector<float> list_value;  // and their values
   std::vector<int64_t> list_count;
+  std::vector<int64_t> list_start;  // where each pair's list enters each block of B's rows
 };
 
 Scratch& ThreadScratch() {
@@ -132,7 +134,8 @@ struct Job {
   int64_t part_stride;   // floats between two tasks' partial sums
   bool direct = false;   // several rows split over K: tiles_partial_direct
   const PackedB* packed = nullptr;  // several rows over packed B (tiles_packed)
-  const RowLists* lists = nullptr;  // ... each row of A over its own kept rows of B
+  const RowPairLists* lists = nullptr;  // ... each pair of rows of A over its own kept rows of B
+  int64_t pair_tasks = 1;               // ... the split over those pairs (tasks = columns * pairs)
 };
 
 // Whether values hold Inf or NaN.
@@ -218,44 +221,79 @@ void RunPackedColumnTask(void* data, size_t index) {
   if (n0 == n1) return;
   thread_local std::vector<float> work;  // per pool thread: the accumulators
   work.resize(static_cast<size_t>(PackedWorkFloats(job.tiles.tiles * job.tiles.tile_rows, RoundUp(n1 - n0, block))));
-  job.kernels->tiles_packed(job.tiles, job.lists, *job.packed, job.n, job.bias, job.y, n0, n1, work.data());
+  job.kernels->tiles_packed(job.tiles, nullptr, *job.packed, job.n, job.bias, job.y, n0, n1, work.data());
 }
 
-// RowLists of rows of D (dropped elements are 0, kept ones never are), a range of rows per task.
+// Tasks of the pair lists over packed B: column ranges of whole groups of list_columns (a range of
+// single strips would walk every list once per strip, at half the FMAs per entry), times ranges of
+// pairs where there are fewer column ranges than kTargetTasks.
+struct ListSplit {
+  int64_t column_tasks, pair_tasks;
+};
+
+ListSplit PairListSplit(int64_t n, int64_t list_columns, int64_t pairs) {
+  const int64_t groups = (n + list_columns - 1) / list_columns;
+  const int64_t columns = std::min(groups, kTargetTasks);
+  const int64_t rows = std::max<int64_t>(1, std::min(kTargetTasks / columns, pairs / kMinPairsPerTask));
+  return {columns, rows};
+}
+
+template <typename Bits>
+void RunPairListTask(void* data, size_t index) {
+  const auto& job = *static_cast<const Job<Bits>*>(data);
+  const RowPairLists& all = *job.lists;
+  // Consecutive tasks share their columns of B: onnxruntime hands each thread a run of consecutive
+  // tasks, which then reads those columns from memory once and from its cache after that.
+  const int64_t column_tasks = job.tasks / job.pair_tasks;
+  const size_t pair_tasks = static_cast<size_t>(job.pair_tasks);
+  const auto [n0, n1] = TaskRange(index / pair_tasks, column_tasks, job.n, job.kernels->list_columns);
+  const auto [p0, p1] = TaskRange(index % pair_tasks, job.pair_tasks, all.pairs);
+  if (n0 == n1 || p0 == p1) return;
+  // The pairs' rows of A (and of Y) as a pass of their own.
+  const int64_t row0 = 2 * p0, rows = std::min(2 * p1, job.tiles.rows) - row0;
+  SparseTiles tiles = job.tiles;
+  tiles.rows = rows;
+  tiles.tiles = (rows + tiles.tile_rows - 1) / tiles.tile_rows;
+  const RowPairLists lists{all.k + p0 * all.stride, all.value + 2 * p0 * all.stride, all.count + p0, p1 - p0,
+                           all.stride, all.start + p0 * (all.blocks + 1), all.blocks};
+  const int64_t block = job.kernels->tile_columns;
+  thread_local std::vector<float> work;  // per pool thread: the accumulators
+  work.resize(static_cast<size_t>(PackedWorkFloats(tiles.tiles * tiles.tile_rows, RoundUp(n1 - n0, block))));
+  job.kernels->tiles_packed(tiles, &lists, *job.packed, job.n, job.bias, job.y + row0 * job.n, n0, n1, work.data());
+}
+
+// RowPairLists of rows of D (dropped elements are 0, kept ones never are), a range of pairs per task.
 struct ListJob {
+  const KernelSet<float>* kernels;
   const float* d;
-  int64_t rows, depth, tasks;
+  int64_t rows, depth, stride, pairs, tasks;
   int32_t* k;
   float* value;
   int64_t* count;
+  int64_t* start;
 };
 
 void RunListTask(void* data, size_t index) {
   const auto& job = *static_cast<const ListJob*>(data);
-  const auto [m0, m1] = TaskRange(index, job.tasks, job.rows);
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* d = job.d + m * job.depth;
-    int32_t* k = job.k + m * job.depth;
-    float* value = job.value + m * job.depth;
-    int64_t c = 0;
-    for (int64_t j = 0; j < job.depth; ++j) {  // branch-free: half the elements may be kept
-      k[c] = static_cast<int32_t>(j);
-      value[c] = d[j];
-      c += d[j] != 0.0f ? 1 : 0;
-    }
-    job.count[m] = c;
-  }
+  const auto [p0, p1] = TaskRange(index, job.tasks, job.pairs);
+  job.kernels->pair_lists(job.d, job.rows, job.depth, job.stride, p0, p1, job.k, job.value, job.count, job.start);
 }
 
-// The RowLists of the `rows` rows of A that Sparsify left in s.d, in s's list buffers.
-RowLists MakeRowLists(Ort::KernelContext& context, int64_t rows, int64_t depth, Scratch& s) {
-  s.list_k.resize(static_cast<size_t>(rows * depth));
-  s.list_value.resize(static_cast<size_t>(rows * depth));
-  s.list_count.resize(static_cast<size_t>(rows));
+// The RowPairLists of the `rows` rows of A that Sparsify left in s.d, in s's list buffers.
+RowPairLists MakePairLists(Ort::KernelContext& context, const KernelSet<float>& kernels, int64_t rows, int64_t depth,
+                           Scratch& s) {
+  const int64_t pairs = (rows + 1) / 2;
+  const int64_t blocks = (depth + kPairListBlock - 1) / kPairListBlock;
+  const int64_t stride = depth + kPairListSlack;
+  s.list_k.resize(static_cast<size_t>(pairs * stride));
+  s.list_value.resize(static_cast<size_t>(2 * pairs * stride));
+  s.list_count.resize(static_cast<size_t>(pairs));
+  s.list_start.resize(static_cast<size_t>(pairs * (blocks + 1)));
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kTargetTasks, rows * depth / kMinWorkForThreads));
-  ListJob job{s.d.data(), rows, depth, tasks, s.list_k.data(), s.list_value.data(), s.list_count.data()};
-  RunTasks(context, &RunListTask, tasks, &job);
-  return RowLists{s.list_k.data(), s.list_value.data(), s.list_count.data(), depth};
+  ListJob job{&kernels, s.d.data(), rows, depth, stride, pairs, std::min(tasks, pairs), s.list_k.data(),
+              s.list_value.data(), s.list_count.data(), s.list_start.data()};
+  RunTasks(context, &RunListTask, job.tasks, &job);
+  return RowPairLists{s.list_k.data(), s.list_value.data(), s.list_count.data(), pairs, stride, s.list_start.data(), blocks};
 }
 
 // Packing of B's rows, a range per task.
@@ -431,18 +469,25 @@ constexpr int64_t kPackedAlwaysRows = 16;
 constexpr int64_t kPackedFewRows = 4;
 constexpr double kPackedFewRowsShare = 0.98;
 
-// Over packed B, whether each row of A should walk its own kept rows of B (RowLists) rather than the
-// register tiles the union of the rows' kept rows: measured as above with --gemm packed packed_rows
-// (K = N = 4096): the lists win from 32 rows when a row keeps at most a fifth of K on average (M = 64
-// and 128 at 80% sparsity: 1.28-1.33x against 0.93-1.14x; at 90%: 1.70-1.86x against 1.09-1.13x);
-// at 70% they tie or lose (M = 128: 1.00x against 1.35x), and at 50% or less they lose clearly
-// (0.6-0.85x against 1.0-1.1x): a row's FMAs then share no load of B with other rows.
-constexpr int64_t kRowListsMinRows = 32;
-constexpr double kRowListsMaxShare = 0.2;
+// Over packed B, whether each pair of rows of A should walk the union of its own kept rows of B
+// (RowPairLists) rather than the register tiles the union of 8 rows (AVX-512; 4 on AVX2): at 50%
+// sparsity the tiles' union keeps nearly all of K, a pair's three quarters. A pair's walk loads each
+// kept row of B once for 2 FMAs a vector where the tiles load it once for 8, so it pays only when
+// the rows drop enough. Measured on a Zen 4 EPYC against onnxruntime's MatMul (tools/bench_kernel.py
+// with --gemm packed packed_rows, and --baseline-library against the tiles; docs/kernel_benchmarks.md,
+// "Pair lists"): from 128 rows the pairs tie or win at 50% sparsity (0.92-1.08x against 0.85-0.97x
+// on 1536x384 / 1536x576, 1.28x against 1.17x on 4096x4096) and win at 70% (1.09-1.92x against
+// 0.94-1.80x), and lose at 30-35% (0.89-0.99x against 0.95-1.06x); at 32 rows over 4096x4096, where B
+// streams from memory, they lose at 50% (0.90x against 1.02x) and tie at 70%.
+constexpr int64_t kPairListsMinRows = 64;
+constexpr double kPairListsMaxShare = 0.55;
+constexpr int64_t kPairListsFewRows = 32;
+constexpr double kPairListsFewRowsShare = 0.25;
 
-bool RowListsWin(int64_t rows, int64_t depth, int64_t kept_elements) {
-  return rows >= kRowListsMinRows &&
-         static_cast<double>(kept_elements) <= kRowListsMaxShare * static_cast<double>(rows * depth);
+bool PairListsWin(int64_t rows, int64_t depth, int64_t kept_elements) {
+  const double share = static_cast<double>(kept_elements) / static_cast<double>(rows * depth);
+  return (rows >= kPairListsMinRows && share <= kPairListsMaxShare) ||
+         (rows >= kPairListsFewRows && share <= kPairListsFewRowsShare);
 }
 
 // Kept (non-zero) elements of D's first `count` values.
@@ -457,8 +502,9 @@ bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
   const char* isa = SelectKernels().isa;
   if (std::strcmp(isa, "avx512") != 0 && std::strcmp(isa, "avx2") != 0) return false;
   if (rows >= kPackedAlwaysRows) return true;
-  // AVX2's strips are one cache line wide: few rows read them slower than whole rows of B (M = 8,
-  // K = N = 4096: 0.51x against 0.80x for the direct kernel at 0%, 0.52x against 1.07x at 50%).
+  // AVX2's narrow strips: few rows read them slower than whole rows of B (M = 8, K = N = 4096, with
+  // strips of 16 columns: 0.51x against 0.80x for the direct kernel at 0%, 0.52x against 1.07x at
+  // 50%; not measured again with the 24 columns of the 4 x 24 tile).
   if (std::strcmp(isa, "avx512") != 0) return false;
   return rows >= kPackedFewRows && static_cast<double>(kept) >= kPackedFewRowsShare * static_cast<double>(depth);
 }
@@ -623,14 +669,18 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
          (policy == GemmPolicy::kChoose && PackedWins(pass_rows, depth, job.tiles.kept_count))) &&
         (job.packed = Packed(raw_context)) != nullptr) {
       // B packed once into strips: Y's columns split over tasks, each reading its strips once.
-      RowLists lists;
-      if (policy == GemmPolicy::kPackedRows ||
-          (policy == GemmPolicy::kChoose && pass_rows >= kRowListsMinRows &&
-           RowListsWin(pass_rows, depth, CountKept(scratch.d.data(), pass_rows * depth)))) {
-        lists = MakeRowLists(context, pass_rows, depth, scratch);
-        job.lists = &lists;
-      }
       const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
+      if (policy == GemmPolicy::kPackedRows ||
+          (policy == GemmPolicy::kChoose && pass_rows >= kPairListsFewRows &&
+           PairListsWin(pass_rows, depth, CountKept(scratch.d.data(), pass_rows * depth)))) {
+        const RowPairLists lists = MakePairLists(context, Kernels<float>(), pass_rows, depth, scratch);
+        const ListSplit split = threaded ? PairListSplit(n, kernels.list_columns, lists.pairs) : ListSplit{1, 1};
+        job.lists = &lists;
+        job.pair_tasks = split.pair_tasks;
+        job.tasks = split.column_tasks * split.pair_tasks;
+        RunTasks(context, &RunPairListTask<Bits>, job.tasks, &job);
+        continue;
+      }
       job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
       RunTasks(context, &RunPackedColumnTask<Bits>, job.tasks, &job);
       continue;

@@ -88,15 +88,28 @@ struct PackedB {
   int64_t strip;  // columns per strip: the kernels' tile_columns
 };
 
-// Several rows of A as lists of their own kept elements (row m: k[m * depth + j], value[m * depth + j]
-// for j < count[m], k ascending), for tiles_packed to skip per row of A instead of per union of rows:
-// at 50% sparsity the union of 8 rows keeps nearly every row of B, each row of A only half.
-struct RowLists {
+// Several rows of A as lists over pairs of rows (pair p: rows 2p and 2p + 1, the second all zeros
+// past the last row): the union of the pair's kept elements, k[p * stride + j] for j < count[p], k
+// ascending, with the first row's values at value[2 * p * stride + j] and the second's at
+// value[(2 * p + 1) * stride + j] (0 where that row drops k). For tiles_packed to skip per pair of
+// rows of A instead of per union of a tile: at 50% sparsity the union of 8 rows keeps nearly every
+// row of B, that of two rows three quarters.
+struct RowPairLists {
   const int32_t* k;
   const float* value;
   const int64_t* count;
-  int64_t depth;  // entries between two rows' lists
+  int64_t pairs;
+  int64_t stride;  // entries between two lists: K + kPairListSlack
+  // Pair p's first entry with k >= b * kPairListBlock at start[p * (blocks + 1) + b], for b <= blocks
+  // (the last: count[p]), so that every column task walks the lists block by block without a search.
+  const int64_t* start;
+  int64_t blocks;
 };
+
+// Rows of B per block of the pair lists' walk: the block of a few strips stays in L1.
+constexpr int64_t kPairListBlock = 64;
+// Room past each list for its builder, which stores whole vectors.
+constexpr int64_t kPairListSlack = 16;
 
 // The kernels for weights of one type TW: float, or uint16_t holding IEEE binary16 bit patterns.
 // B is row-major [K, N]; Y is row-major [rows, N] of TW; bias is float32 or nullptr.
@@ -104,6 +117,7 @@ template <typename TW>
 struct KernelSet {
   int64_t tile_rows;     // rows per tile that `tiles` expects
   int64_t tile_columns;  // columns of its register block: column ranges should be multiples of it
+  int64_t list_columns;  // columns a pair of rows walks at once over packed B (tiles_packed with lists)
   // The drop rule on `rows` rows of A (TW as well), `depth` elements each: d = A - offset -
   // channel_offset with the dropped elements (see DropRule; NaN is kept) set to 0. Writes the
   // ascending union of the rows' kept columns to kept[0 .. returned count); seen: SeenWords(depth)
@@ -131,14 +145,18 @@ struct KernelSet {
   void (*pack)(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, float* packed, uint8_t* row_finite);
   // Several rows of A over packed B: Y[:, n0:n1] = D @ B[:, n0:n1] (+ bias[n0:n1]), n0 a multiple of
   // tile_columns, with PackedWorkFloats of work space: register tiles of rows of A over the union
-  // of their kept rows of B, or (lists not nullptr) each row of A over its own kept rows.
-  void (*tiles_packed)(const SparseTiles& act, const RowLists* lists, const PackedB& b, int64_t n, const float* bias,
+  // of their kept rows of B, or (lists not nullptr) each pair of rows of A over the union of its kept rows.
+  void (*tiles_packed)(const SparseTiles& act, const RowPairLists* lists, const PackedB& b, int64_t n, const float* bias,
                        TW* y, int64_t n0, int64_t n1, float* work);
+  // Writes pairs [p0, p1) of RowPairLists (k, value, count, start; lists `stride` >= depth +
+  // kPairListSlack entries apart) for the `rows` rows of D ([rows, depth], dropped elements 0, kept
+  // ones never 0).
+  void (*pair_lists)(const float* d, int64_t rows, int64_t depth, int64_t stride, int64_t p0, int64_t p1, int32_t* k,
+                     float* value, int64_t* count, int64_t* start);
 };
 
 // Floats of work space tiles_packed needs for `rows` padded rows of A over `columns` columns.
-// (The row lists' cursors, 2 * rows int64_t, come after the accumulators.)
-inline int64_t PackedWorkFloats(int64_t rows, int64_t columns) { return rows * PanelStride(columns) + 4 * rows; }
+inline int64_t PackedWorkFloats(int64_t rows, int64_t columns) { return rows * PanelStride(columns); }
 
 struct GemmKernels {
   KernelSet<float> f32;

@@ -8,7 +8,7 @@ down here. The shapes cover every path of the CPU kernel:
   of kept rows of B (K = 300 keeps more than 256 at low thresholds); earlier versions sent float32
   A of 16 rows or more to onnxruntime's MatMul on the sparsified A: the heights cover that too;
 - several rows of float32 A over a constant B (an initializer): B packed once into strips, by
-  register tiles over the rows' union of kept rows or by each row's own kept rows (forced with
+  register tiles over the rows' union of kept rows or by each pair of rows' own kept rows (forced with
   SCAP_ONNX_GEMM=packed|packed_rows in capped subprocesses, chosen by default where measured faster);
 - K and N off the vector widths, K = 1, N = 1, no rows at all; 1 to 4 threads;
 - on CPUs with AMX-BF16, tall float32 A runs on the tile unit (bfloat16 parts of float32 values),
@@ -372,7 +372,7 @@ def test_threshold_zero_offset_zero_is_matmul(shape, n, with_bias):
 @pytest.mark.parametrize("special", SPECIALS)
 def test_constant_weights_match_reference(special, threshold, offset, threads, shape, n):
     """B as a constant initializer, float32: several rows may run over B packed once (tiles_packed),
-    by register tiles over the rows' union of kept rows or by each row's own kept rows."""
+    by register tiles over the rows' union of kept rows or by each pair of rows' own kept rows."""
     check_case_constant(np.float32, True, threshold, offset, threads, shape, n, special)
 
 
@@ -508,7 +508,7 @@ def test_isa_cap(isa):
 @pytest.mark.parametrize("gemm", ["sparse", "panels", "dense", "packed", "packed_rows"])
 def test_several_rows_both_ways(gemm):
     """Several rows run the row-skipping kernels over B as it lies, over B packed once (constant B;
-    register tiles over the union of kept rows, or each row's own kept rows), or onnxruntime's Gemm
+    register tiles over the union of kept rows, or each pair of rows' own kept rows), or onnxruntime's Gemm
     on the sparsified A (chosen per call from the shape and the kept share): each forced in turn
     passes the battery and the non-finite weights in dropped rows (the Gemm's 0 * Inf = NaN sends the
     call back to the row-skipping kernels)."""

@@ -15,7 +15,12 @@ also shows the bandwidth the op reached on the weight rows it kept.
     python tools/bench_kernel.py --shapes 4096x4096 --m 1 --sparsity 0.5 --channels none scale both
 
 With --gemm, each value of SCAP_ONNX_GEMM (read when a session is made) gets its own sparse session,
-and all of them are interleaved with the dense one: one row per value.
+and all of them are interleaved with the dense one: one row per value. With --baseline-library, each
+sparse variant runs on that other build of the op library as well (rows marked "baseline").
+
+Every row gives the speedup in wall time and in the process's CPU time (medians of each). On a host
+shared with other jobs the CPU-time ratio is the steadier one for compute-bound shapes on one thread
+(time spent waiting for a core does not count); wall time is what a user gets.
 
 --channels runs the op without per-channel inputs (none), with a threshold_scale of ones (scale),
 or with it and a channel_offset of zeros (both): the same elements dropped, so the rows differ by the
@@ -118,10 +123,16 @@ def read_bandwidth(total_bytes: int, threads: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def session(model: onnx.ModelProto, threads: int, sparse: bool, gemm: str | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int, sparse: bool, gemm: str | None = None,
+            library: Path | None = None) -> ort.InferenceSession:
     """A session of `threads` intra-op threads; gemm, when given, is SCAP_ONNX_GEMM while the sparse
-    kernels are made (they read it then)."""
-    options = scap_onnx.session_options(intra_op_threads=threads) if sparse else ort.SessionOptions()
+    kernels are made (they read it then); library, when given, is another build of the op library
+    (before / after a kernel change, in one run)."""
+    if library is not None:
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library))
+    else:
+        options = scap_onnx.session_options(intra_op_threads=threads) if sparse else ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -167,6 +178,13 @@ class Runner:
         self.sess.run_with_iobinding(self.binding)
         return time.perf_counter() - start
 
+    def times(self) -> tuple[float, float]:
+        """Wall time and the process's CPU time of one run. On a shared host the CPU time is the
+        steadier measure of work: time spent waiting for a core does not count."""
+        cpu = time.process_time()
+        wall = self.time()
+        return wall, time.process_time() - cpu
+
 
 def run_grid(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
@@ -188,9 +206,10 @@ def run_grid(args: argparse.Namespace) -> dict:
             for dname in args.dtypes:
                 copies = copies_for(k * n * np.dtype(dname).itemsize, cache)
                 model_for = {ch: build_model("sparse", k, n, copies, np.dtype(dname).type, ch) for ch in args.channels}
+                libraries = [None] + ([args.baseline_library] if args.baseline_library is not None else [])
                 sparse_sessions[dname] = (
-                    {(gemm, ch): session(model_for[ch], threads, sparse=True, gemm=gemm)
-                     for gemm in args.gemm for ch in args.channels}, copies)
+                    {(gemm, ch, lib): session(model_for[ch], threads, sparse=True, gemm=gemm, library=lib)
+                     for gemm in args.gemm for ch in args.channels for lib in libraries}, copies)
             for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
                 a32 = sparse_input(m, k, sparsity, np.float32, rng)
                 dense_runner = Runner(dense, {"A": a32})
@@ -198,32 +217,42 @@ def run_grid(args: argparse.Namespace) -> dict:
                     a = a32.astype(np.dtype(dname))
                     runners = {variant: Runner(sess, {"A": a}) for variant, sess in sessions.items()}
                     dense_t, sparse_t = [], {variant: [] for variant in runners}
+                    dense_cpu, sparse_cpu = [], {variant: [] for variant in runners}
                     order = list(runners)
                     for r in range(args.repeats):  # interleaved, the sparse variants in turns
-                        dense_t.append(dense_runner.time() / dense_copies)
+                        wall, cpu = dense_runner.times()
+                        dense_t.append(wall / dense_copies)
+                        dense_cpu.append(cpu / dense_copies)
                         for variant in order[r % len(order):] + order[:r % len(order)]:
-                            sparse_t[variant].append(runners[variant].time() / copies)
+                            wall, cpu = runners[variant].times()
+                            sparse_t[variant].append(wall / copies)
+                            sparse_cpu[variant].append(cpu / copies)
                     d_med = statistics.median(dense_t)
+                    d_cpu = statistics.median(dense_cpu)
                     kept_rows = np.count_nonzero(np.any(np.abs(a.astype(np.float32)) > THRESHOLD, axis=0))
                     kept_bytes = kept_rows * n * np.dtype(dname).itemsize
                     first = order[0]
-                    for (gemm, ch), times in sparse_t.items():
+                    for (gemm, ch, lib), times in sparse_t.items():
                         s_med = statistics.median(times)
                         kept_bw = kept_bytes / s_med / 1e9
                         row = dict(k=k, n=n, m=m, dtype=dname, threads=threads, sparsity=sparsity, channels=ch,
                                    copies=copies, dense_ms=d_med * 1e3, sparse_ms=s_med * 1e3, speedup=d_med / s_med,
+                                   cpu_speedup=d_cpu / statistics.median(sparse_cpu[(gemm, ch, lib)]),
                                    kept_gbps=kept_bw, bandwidth_share=kept_bw / bandwidth[threads])
                         if gemm is not None:
                             row["gemm"] = gemm
+                        if lib is not None:
+                            row["library"] = str(lib)
                         paired = ""
-                        if (gemm, ch) != first:  # against the first variant, repeat by repeat: drift cancels
+                        if (gemm, ch, lib) != first:  # against the first variant, repeat by repeat: drift cancels
                             row["vs_first"] = statistics.median(t / t0 for t, t0 in zip(times, sparse_t[first]))
                             paired = f"  vs first {row['vs_first']:.3f}"
                         results.append(row)
-                        label = (f" {gemm}" if gemm is not None else "") + f" {ch:<5}"
+                        label = (f" {gemm}" if gemm is not None else "") + (" baseline" if lib is not None else "") + f" {ch:<5}"
                         print(f"{k:>6}x{n:<6} M={m:<4} {dname:<8} t={threads} s={sparsity:.2f}{label}  "
                               f"dense {row['dense_ms']:8.3f} ms  sparse {row['sparse_ms']:8.3f} ms  "
-                              f"x{row['speedup']:5.2f}  kept {kept_bw:5.1f} GB/s ({row['bandwidth_share']:.0%})"
+                              f"x{row['speedup']:5.2f} (CPU x{row['cpu_speedup']:5.2f})  kept {kept_bw:5.1f} GB/s "
+                              f"({row['bandwidth_share']:.0%})"
                               f"{paired}", flush=True)
             del dense, sparse_sessions
     return dict(
@@ -238,15 +267,16 @@ def run_grid(args: argparse.Namespace) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| K x N | M | weights | threads | sparsity | per-channel | dense ms | sparse ms | speedup | kept GB/s | "
-             "share of read BW |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| K x N | M | weights | threads | sparsity | per-channel | dense ms | sparse ms | speedup | CPU-time speedup "
+             "| kept GB/s | share of read BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        gemm = f" ({r['gemm']})" if "gemm" in r else ""
-        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.2f}{gemm} | "
+        variant = " ".join(x for x in (r.get("gemm"), "baseline" if "library" in r else None) if x)
+        variant = f" ({variant})" if variant else ""
+        lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['dtype']} | {r['threads']} | {r['sparsity']:.2f}{variant} | "
                      f"{r.get('channels', 'none')} | "
-                     f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['kept_gbps']:.1f} | "
-                     f"{r['bandwidth_share']:.0%} |")
+                     f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | "
+                     f"{r['kept_gbps']:.1f} | {r['bandwidth_share']:.0%} |")
     return "\n".join(lines)
 
 
@@ -261,6 +291,8 @@ def main() -> None:
                         help="per-channel inputs of the sparse runs (module docstring)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gemm", nargs="+", default=[None], help="SCAP_ONNX_GEMM values to compare (forced paths)")
+    parser.add_argument("--baseline-library", type=Path, default=None,
+                        help="another build of the op library, timed as further sparse variants in the same run")
     parser.add_argument("--quick", action="store_true", help="K = N = 4096, M = 1 and 128, 2 threads")
     parser.add_argument("--json", type=Path, default=Path("bench_kernel.json"), help="where to write the results")
     args = parser.parse_args()

@@ -88,17 +88,6 @@ def build_model(kind: str, k: int, n: int, bits: int, block: int, weights: list,
     return model
 
 
-def baseline_session(model: onnx.ModelProto, library: Path, threads: int) -> ort.InferenceSession:
-    """The op's model on another build of the library (before / after a kernel change, one run)."""
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def run_grid(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     cache = last_level_cache_bytes()
@@ -120,7 +109,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         scap_model = build_model("scap", k, n, args.bits, args.block, scaps)
         sessions["scap"] = session(scap_model, args.threads, sparse=True)
         if args.baseline_library is not None:  # another build of the op library, same process
-            sessions["base"] = baseline_session(scap_model, args.baseline_library, args.threads)
+            sessions["base"] = session(scap_model, args.threads, sparse=True, library=args.baseline_library)
         del orts, scaps
         row_bytes = packed[0].shape[1]
         for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
