@@ -15,6 +15,7 @@ struct NBitsIsa {
   static constexpr int kWidth = 8;
   static constexpr int kRows = 4;  // several rows: a register tile of kRows rows by kVecs vectors
   static constexpr int kVecs = 2;
+  static constexpr bool kLanes = false;  // BlockTileLanes
   static constexpr int kTileGroups = 1;
   static Vec Zero() { return _mm256_setzero_ps(); }
   static Vec Set(float x) { return _mm256_set1_ps(x); }

@@ -16,6 +16,7 @@ struct NBitsIsa {
   static constexpr int kWidth = 16;
   static constexpr int kRows = 8;  // several rows: a register tile of kRows rows by kVecs vectors
   static constexpr int kVecs = 2;
+  static constexpr bool kLanes = true;  // BlockTileLanes
   static constexpr int kTileGroups = 4;
   static Vec Zero() { return _mm512_setzero_ps(); }
   static Vec Set(float x) { return _mm512_set1_ps(x); }
@@ -35,6 +36,31 @@ struct NBitsIsa {
     *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
   }
   static void Prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  // BlockTileLanes: a tile's 64 bytes as 16 lanes of 8 nibbles.
+  static IVec LoadI(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  // Nibble t of each lane, in place: the float q * 16^t (the top one unsigned).
+  static Vec NibbleAt(IVec x, int t) {
+    const IVec m = _mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFu << (4 * t))));
+    return t == 7 ? _mm512_cvtepu32_ps(m) : _mm512_cvtepi32_ps(m);
+  }
+  // acc[t] lane j holds column 32 (j / 4) + 16 (t % 2) + 4 (j % 4) + t / 2 of the tile: for each
+  // t % 2, a 4 x 4 transpose of 4-lane pieces in two rounds of vpermt2ps, into columns in order.
+  static void ToColumns(Vec* acc) {
+    const IVec i1[2] = {_mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                        _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)};
+    const IVec i2[2] = {_mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23),
+                        _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31)};
+    Vec out[8];
+    for (int h = 0; h < 2; ++h) {
+      Vec u[2][2];
+      for (int p = 0; p < 2; ++p) {
+        for (int gh = 0; gh < 2; ++gh) u[p][gh] = _mm512_permutex2var_ps(acc[4 * p + h], i1[gh], acc[4 * p + 2 + h]);
+      }
+      for (int g = 0; g < 4; ++g) out[2 * g + h] = _mm512_permutex2var_ps(u[0][g / 2], i2[g % 2], u[1][g / 2]);
+    }
+    for (int v = 0; v < 8; ++v) acc[v] = out[v];
+  }
 };
 
 }  // namespace
