@@ -41,6 +41,7 @@ struct NBitsIsa {
   static Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
   // Nibble t of each lane, in place: the float q * 16^t (the top one unsigned).
   static Vec NibbleAt(IVec x, int t) {
+    if (t == 0) return _mm512_permutexvar_ps(x, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const IVec m = _mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFu << (4 * t))));
     return t == 7 ? _mm512_cvtepu32_ps(m) : _mm512_cvtepi32_ps(m);
   }
