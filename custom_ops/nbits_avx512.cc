@@ -40,6 +40,7 @@ struct NBitsIsa {
   static IVec LoadI(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
   // Nibble t of each lane, in place: the float q * 16^t (the top one unsigned).
+  static constexpr float NibbleScale(int t) { return nbits::NibbleScaleAt(t); }
   static Vec NibbleAt(IVec x, int t) {
     if (t == 0) return _mm512_permutexvar_ps(x, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const IVec m = _mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFu << (4 * t))));

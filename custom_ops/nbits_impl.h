@@ -45,6 +45,9 @@ constexpr int64_t kRowsPerPass = 128;     // several rows: rows of A per pass ov
 #define SCAP_UNROLL
 #endif
 
+// 1 / 16^t: the factor of d for nibble t of a 32-bit lane read in place (BlockTileLanes).
+constexpr float NibbleScaleAt(int t) { return t == 0 ? 1.0f : NibbleScaleAt(t - 1) * 0.0625f; }
+
 inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 inline float Abs(float x) {
@@ -274,13 +277,13 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
     // NaN compares false: exact then too. 2^120 * 256 * 256 rows stays below FLT_MAX.
     const bool exact = !(dabs < 1.329228e36f);
     // BlockTileLanes where no d / 16^7 is subnormal: every nonzero |d| >= 2^-98.
-    bool lanes = Isa::kLanes && kBits == 4 && !exact;
-    if (lanes) {
-      for (int64_t r = 0; r < count; ++r) {
+    bool lanes = false;
+    if constexpr (Isa::kLanes && kBits == 4) {
+      lanes = !exact;
+      for (int64_t r = 0; lanes && r < count; ++r) {
         const float a = Abs(dv[r]);
         if (a != 0.0f && a < 3.1554436e-30f) lanes = false;
-        float f = dv[r];
-        for (int t = 0; t < 8; ++t, f *= 0.0625f) ds[r * 8 + t] = f;
+        for (int t = 0; t < 8; ++t) ds[r * 8 + t] = dv[r] * Isa::NibbleScale(t);
       }
     }
     auto prefetch_to = [&](int64_t want) {
