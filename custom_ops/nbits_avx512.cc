@@ -1,6 +1,6 @@
 // NBits kernels for AVX-512 (AVX512F/BW/VL), compiled with those flags only here. A register tile
 // is 128 columns: 8 float accumulators and 8 int32 zero-point vectors; a row's 64 bytes of 4-bit
-// codes are one cache line.
+// codes are one cache line, read at M = 1 as one vector of 16 lanes (BlockTileLanes).
 #include <immintrin.h>
 
 #define SCAP_KERNEL_NS avx512
@@ -23,6 +23,7 @@ struct NBitsIsa {
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
   static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static IVec Widen(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static IVec Low4(IVec x) { return _mm512_and_si512(x, _mm512_set1_epi32(0x0F)); }
@@ -39,7 +40,8 @@ struct NBitsIsa {
   // BlockTileLanes: a tile's 64 bytes as 16 lanes of 8 nibbles.
   static IVec LoadI(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
-  // Nibble t of each lane, in place: the float q * 16^t (the top one unsigned).
+  // Nibble t of each lane as the float q * 16^t, masked in place (the top one converted unsigned,
+  // exact: 4 significant bits); nibble 0 by vpermps, which reads only an index's low 4 bits.
   static constexpr float NibbleScale(int t) { return nbits::NibbleScaleAt(t); }
   static Vec NibbleAt(IVec x, int t) {
     if (t == 0) return _mm512_permutexvar_ps(x, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));

@@ -6,6 +6,8 @@
 // A policy provides: Vec (kWidth floats), IVec (kWidth int32), Zero, Set, Load, Store, Mul, Fma
 // (a*b+c), Widen (kWidth bytes to int32 lanes), Low4 / High4 (a lane's low / high nibble of its
 // byte), Nibbles (both as floats), SubI, Cvt (int32 to float), Prefetch, and kTileGroups: 32-column groups per register tile.
+// kLanes: whether M = 1 reads 4-bit tiles in place (BlockTileLanes: LoadI, Broadcast, NibbleAt,
+// NibbleScale, ToColumns).
 //
 // One row of A, per chunk of at most kChunkRows kept rows of one block of K: for each register
 // tile of columns, the chunk's d * (q - zp) are summed in registers, multiplied by the block's
@@ -150,15 +152,18 @@ inline void BlockTile(const uint8_t* const* rows, const float* dv, int64_t count
 }
 
 // 4 bits, a whole register tile: BlockTile without widening. The tile's codes are read as kW
-// 32-bit lanes, 8 nibbles each; nibble s of every lane is masked in place (x & 15 << 4s, the float
-// q * 16^s exactly) and multiplied by ds[i * 8 + s] = d_i / 16^s, so that each product is d_i * q as
-// in BlockTile, with no shuffle in the rows' loop (on Zen 4 the widening, shifts and vpermps of
-// BlockTile share two pipes and bound it). Accumulator s then holds, in lane j, the column of
-// nibble s of lane j's bytes; Isa::ToColumns puts the accumulators back in column order once per
-// chunk. Only where no d_i / 16^7 is subnormal (RowRangeBits checks).
+// 32-bit lanes of 8 nibbles; Isa::NibbleAt(x, t) gives nibble t of every lane as a float without
+// moving it (q * 16^t, masked in place, or q itself from vpermps for t = 0), and it is multiplied
+// by ds[i * 8 + t] = d_i * Isa::NibbleScale(t) = d_i / 16^t: each product is d_i * q exactly as in
+// BlockTile, with no widening and no shifts in the rows' loop. On Zen 4 that costs 8-10% less time
+// per weight in L2 (docs/kernel_benchmarks.md; BlockTile's vpmovzxbd, vpsrld and vpermps share two
+// pipes). Accumulator t then holds, in lane j, the column of nibble t of lane j's bytes;
+// Isa::ToColumns puts the accumulators in column order once per chunk. Only where no d_i / 16^7
+// is subnormal (RowRangeBits checks).
 template <class Isa>
 inline void BlockTileLanes(const uint8_t* const* rows, const float* ds, int64_t count, int64_t byte_off,
-                           const float* scale, const uint8_t* zp, float* y, bool first, float dsum) {
+                           const float* scale, const uint8_t* zp /* or nullptr: 8 */, float* y, bool first,
+                           float dsum) {
   using Vec = typename Isa::Vec;
   using IVec = typename Isa::IVec;
   constexpr int kW = Isa::kWidth;
@@ -181,10 +186,12 @@ inline void BlockTileLanes(const uint8_t* const* rows, const float* ds, int64_t 
   Isa::ToColumns(acc);
   constexpr int kV = kLoads * 8;
   const Vec minus_dsum = Isa::Set(-dsum);
+  const Vec minus_8dsum = Isa::Set(-8.0f * dsum);  // no zero points: 8 (exact: a power of two)
   SCAP_UNROLL
   for (int v = 0; v < kV; ++v) {
     const Vec s = Isa::Load(scale + v * kW);
-    const Vec r = Isa::Fma(Isa::Cvt(Isa::Widen(zp + v * kW)), minus_dsum, acc[v]);
+    const Vec r = zp != nullptr ? Isa::Fma(Isa::Cvt(Isa::Widen(zp + v * kW)), minus_dsum, acc[v])
+                                : Isa::Add(acc[v], minus_8dsum);
     Isa::Store(y + v * kW, first ? Isa::Mul(r, s) : Isa::Fma(r, s, Isa::Load(y + v * kW)));
   }
 }
@@ -251,7 +258,7 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
   const uint8_t* rows[kChunkRows];
   const uint8_t* next[kChunkRows];
   float dv[kChunkRows];
-  alignas(64) float ds[kChunkRows * 8];  // BlockTileLanes: dv[r] / 16^s
+  alignas(64) float ds[kChunkRows * 8];  // BlockTileLanes: dv[r] / 16^t
   int64_t i = i0;
   int64_t count = GatherBlock(w, i, i1, rows, dv, ChunkRows(w, i, i1));
   // The first block's first lines; later blocks' were prefetched during the block before.
@@ -302,7 +309,7 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
       bool lanes_done = false;
       if constexpr (Isa::kLanes) {
         if (lanes) {
-          BlockTileLanes<Isa>(rows, ds, count, bytes_of(c), scale + c, zp_row != nullptr ? zp_row + c : default_zp,
+          BlockTileLanes<Isa>(rows, ds, count, bytes_of(c), scale + c, zp_row != nullptr ? zp_row + c : nullptr,
                               y + c, first, dsum);
           lanes_done = true;
         }
