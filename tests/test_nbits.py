@@ -296,7 +296,7 @@ def run_battery() -> int:
                 except AssertionError as error:
                     failures += 1
                     print(f"FAIL {name} bits={bits} zp={with_zp}: {error}")
-    print(f"isa={os.environ.get('SCAP_ONNX_ISA')}: {failures} failures")
+    print(f"isa={scap_onnx.kernel_isa()}: {failures} failures")  # the kernels the library chose
     return failures
 
 
