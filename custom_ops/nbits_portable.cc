@@ -11,6 +11,7 @@ struct NBitsIsa {
   static constexpr int kWidth = 8;
   static constexpr int kRows = 4;  // several rows: a register tile of kRows rows by kVecs vectors
   static constexpr int kVecs = 1;
+  static constexpr bool kLanes = false;  // no BlockTileLanes
   static constexpr int kTileGroups = 1;
   struct Vec {
     float v[8];

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -235,16 +239,81 @@ def _matmul_nbits_model(dtype, k, n, bits, block, b, scales, zp):
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("bits", BITS)
 def test_threshold_zero_equals_matmul_nbits(bits, block, with_zp, dtype):
-    k, n = 2 * block + 7, 70
-    _, (b, s, z) = _matmul_nbits_weights(k, n, bits, block, with_zp, _seed("ort", k, n, bits, block, with_zp),
-                                         scale_dtype=dtype)
-    theirs = ort.InferenceSession(_matmul_nbits_model(dtype, k, n, bits, block, b, s, z).SerializeToString(),
-                                  providers=["CPUExecutionProvider"])
-    packed, scales, zp = repack_matmul_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block)
-    ours = _session(_model(dtype, k=k, n=n, bits=bits, block=block, threshold=0.0, with_zp=with_zp,
-                           with_bias=False, weights=(packed, scales, zp, None)), threads=2)
-    for rows in (1, 7, 64):
-        a = _activations((rows, k), dtype, _seed("ort-a", rows), nan=False)
-        (expected,) = theirs.run(None, {"a": a})
-        (y,) = ours.run(None, {"a": a})
-        _assert_close(y, expected, TOL[dtype])
+    # N = 70: 32-column groups only; N = 300: the whole register tiles of M = 1 too
+    for n in (70, 300):
+        k = 2 * block + 7
+        _, (b, s, z) = _matmul_nbits_weights(k, n, bits, block, with_zp, _seed("ort", k, n, bits, block, with_zp),
+                                             scale_dtype=dtype)
+        theirs = ort.InferenceSession(_matmul_nbits_model(dtype, k, n, bits, block, b, s, z).SerializeToString(),
+                                      providers=["CPUExecutionProvider"])
+        packed, scales, zp = repack_matmul_nbits(b, s, z, k=k, n=n, bits=bits, block_size=block)
+        ours = _session(_model(dtype, k=k, n=n, bits=bits, block=block, threshold=0.0, with_zp=with_zp,
+                               with_bias=False, weights=(packed, scales, zp, None)), threads=2)
+        for rows in (1, 7, 64):
+            a = _activations((rows, k), dtype, _seed("ort-a", rows), nan=False)
+            (expected,) = theirs.run(None, {"a": a})
+            (y,) = ours.run(None, {"a": a})
+            _assert_close(y, expected, TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- magnitudes and ISA caps
+# Activation magnitudes per row: the M = 1 kernel multiplies 4-bit codes read in place (q * 16^t)
+# by d / 16^t, and must leave that form where d / 16^7 would be subnormal (1e-34), as where sums of
+# |d| * 256 could overflow (1e35); rows mixing them put both kinds of block in one call.
+MAGNITUDES = [1.0, 1e-20, 1e-34, 1e35]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("with_zp", [False, True], ids=["sym", "zp"])
+def test_activations_of_every_magnitude_match_the_reference(bits, with_zp):
+    k, n, block = 3 * 32 + 5, 600, 32
+    packed, scales, zp, _ = _packed(k, n, bits, block, with_zp, "float32")
+    session = _session(_model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.0, with_zp=with_zp,
+                              with_bias=False), threads=2)
+    rng = np.random.default_rng(_seed("magnitudes", bits, with_zp))
+    rows = [np.full(k, m, np.float32) for m in MAGNITUDES]
+    rows.append(rng.choice(np.array(MAGNITUDES, np.float32), size=k))  # every magnitude in one row
+    for row_scale in rows:
+        a = (rng.standard_normal((1, k)) * row_scale).astype(np.float32)
+        (y,) = session.run(None, {"a": a})
+        ref = scap_sparse_matmul_nbits(a, packed, scales, zp if with_zp else None, None, k=k, n=n, bits=bits,
+                                       block_size=block, threshold=0.0, offset=0.0)
+        # _assert_close measures against max |ref| of at least 1e-30: scaled by a power of two (exact)
+        unit = np.float32(2.0 ** -round(math.log2(float(np.abs(ref).max()))))
+        _assert_close(y * unit, ref * unit, TOL[np.float32])
+
+
+def run_battery() -> int:
+    """A smaller sweep for the ISA-capped subprocesses: the failures' count, each printed."""
+    failures = 0
+    for bits in BITS:
+        for with_zp in (False, True):
+            for name, call in [("reference", lambda: test_op_matches_the_reference(bits, 32, with_zp, np.float32)),
+                               ("magnitudes", lambda: test_activations_of_every_magnitude_match_the_reference(
+                                   bits, with_zp))]:
+                try:
+                    call()
+                except AssertionError as error:
+                    failures += 1
+                    print(f"FAIL {name} bits={bits} zp={with_zp}: {error}")
+    print(f"isa={scap_onnx.kernel_isa()}: {failures} failures")  # the kernels the library chose
+    return failures
+
+
+# The /proc/cpuinfo flags each SCAP_ONNX_ISA cap needs (as tests/test_op.py).
+CAPS = {"avx2": {"avx2", "fma", "f16c"}, "portable": set()}
+
+
+@pytest.mark.parametrize("isa", sorted(CAPS))
+def test_nbits_op_under_isa_caps(isa):
+    """The AVX2 and portable NBits kernels (the library reads the cap once per process)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    if not CAPS[isa] <= flags:
+        pytest.skip(f"this CPU lacks {sorted(CAPS[isa] - flags)}")
+    package_root = str(Path(scap_onnx.__file__).resolve().parents[1])
+    env = {**os.environ, "SCAP_ONNX_ISA": isa,
+           "PYTHONPATH": os.pathsep.join([package_root, str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    body = "import sys, test_nbits as t; sys.exit(1 if t.run_battery() else 0)"
+    proc = subprocess.run([sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"isa={isa}: 0 failures" in proc.stdout
