@@ -22,7 +22,7 @@
 #include <intrin.h>
 #endif
 
-#include "prefetch.h"
+#include "kernel_common.h"
 #include "sparse_gemm.h"
 
 #ifndef SCAP_KERNEL_NS
@@ -67,15 +67,6 @@ struct PanelPrefetch {
     }
   }
 };
-
-// |x| by clearing the sign bit (NaN stays NaN), without compiler builtins (MSVC has none).
-inline float Abs(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits &= 0x7fffffffu;
-  std::memcpy(&x, &bits, sizeof bits);
-  return x;
-}
 
 // Index of the lowest set bit of a non-zero word.
 inline int LowestBit(uint32_t bits) {

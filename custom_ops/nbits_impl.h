@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "prefetch.h"
+#include "kernel_common.h"
 #include "nbits_kernels.h"
 
 #ifndef SCAP_KERNEL_NS
@@ -51,14 +51,6 @@ constexpr int64_t kRowsPerPass = 128;     // several rows: rows of A per pass ov
 constexpr float NibbleScaleAt(int t) { return t == 0 ? 1.0f : NibbleScaleAt(t - 1) * 0.0625f; }
 
 inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-inline float Abs(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits &= 0x7fffffffu;
-  std::memcpy(&x, &bits, sizeof bits);
-  return x;
-}
 
 // y[0 : kGroups * 32) (=|+=) scale * sum over rows i < count of dv[i] * (q_i - zp), q_i the codes
 // at rows[i] + byte_off; zp: the block's zero points of these columns. Exact form: q - zp in int32

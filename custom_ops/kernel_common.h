@@ -1,5 +1,9 @@
-// PrefetchL2: one home for the L2 prefetch hint shared by the float and NBits kernels.
+// Small helpers shared by the float and NBits kernels (gemm_impl.h, nbits_impl.h): the L2 prefetch
+// hint, |x| without builtins, and a value held in a register.
 #pragma once
+
+#include <cstdint>
+#include <cstring>
 
 namespace scap {
 
@@ -12,6 +16,16 @@ static inline void PrefetchL2(const void* p) {
 #else
   (void)p;
 #endif
+}
+
+// |x| by clearing the sign bit (NaN stays NaN), without compiler builtins (MSVC has none). static,
+// as PrefetchL2.
+static inline float Abs(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits &= 0x7fffffffu;
+  std::memcpy(&x, &bits, sizeof bits);
+  return x;
 }
 
 }  // namespace scap
