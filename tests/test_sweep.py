@@ -14,7 +14,7 @@ from scap_onnx.op.session import library_available
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
 from scap_onnx.calibration.methods import get_method
-from scap_onnx.experiments.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
+from scap_onnx.experiments.sweep import DEFAULT_METHODS, METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def llama_sweep(tmp_path_factory):
 def test_sweep_cli_rows_tables_and_chart(llama_sweep):
     folder, out, p = llama_sweep
     res = json.loads((out / "sweep.json").read_text())
-    assert res["format"] == "scap-onnx-sweep" and res["levels"] == [0.3, 0.5] and res["methods"] == list(METHODS)
+    assert res["format"] == "scap-onnx-sweep" and res["levels"] == [0.3, 0.5] and res["methods"] == list(DEFAULT_METHODS)
     rows = res["rows"]
-    assert [r["method"] for r in rows] == ["dense"] + [m for m in METHODS for _ in (0, 1)]
+    assert [r["method"] for r in rows] == ["dense"] + [m for m in DEFAULT_METHODS for _ in (0, 1)]
     assert rows[0]["quality"] == 0 and rows[0]["speedup"] == 1.0
     for r in rows[1:]:
         assert r["perplexity_sparse"] > 1 and 0 < r["top1_agreement"] <= 1 and r["kl_mean"] >= 0
@@ -42,7 +42,7 @@ def test_sweep_cli_rows_tables_and_chart(llama_sweep):
         if library_available():
             assert r["speedup"] > 0 and r["latency_kind"] == "decode"
     assert res["calibration"]["teal"]["passes"] == 1 and res["calibration"]["scap"]["passes"] == 2
-    assert set(res["calibration"]) == set(stats_kinds(2))
+    assert set(res["calibration"]) == set(stats_kinds(2)) - {"wina"} | {"budget"}
     md = (out / "sweep.md").read_text()
     assert "TEAL-style" in md and "SCAP, mode-centred, per-role" in md and "verdict" in md
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -125,18 +125,18 @@ def test_sweep_comparison_from_rows(llama_sweep):
 
 def test_sweep_plans(llama_sweep):
     _, out, _ = llama_sweep
-    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in stats_kinds(2)}
+    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in set(stats_kinds(2)) - {"wina"} | {"budget"}}
     scap = stats["scap"]
     names = {t["name"] for s in scap.sites for t in s.targets}
-    for m in METHODS:
+    for m in DEFAULT_METHODS:
         plan, spec = plan_for(m, 0.4, stats)
         assert set(plan) == names, m
         if m in ("teal", "scap-zero"):
-            assert all(off == 0.0 for _, off, _ in plan.values())
+            assert all(p.offset == 0.0 for p in plan.values())
         if m == "oneshot":  # the mode for down's inputs only
-            assert {n for n, (_, off, _) in plan.items() if off != 0.0} <= {n for n in names if "down_proj" in n}
+            assert {n for n, p in plan.items() if p.offset != 0.0} <= {n for n in names if "down_proj" in n}
         # the TEAL-style statistics and the default's are static; SCAP's token-scale o and down
-        scaled = {name for name, (_, _, token_scaled) in plan.items() if token_scaled}
+        scaled = {name for name, p in plan.items() if p.token_scaled}
         static = m in ("teal", "oneshot") or (m == "default" and not get_method(None).token_scaled_roles)
         assert scaled == (set() if static else {n for n in names if "o_proj" in n or "down_proj" in n}), m
     # teal thresholds come from the dense-activation statistics, scap-zero's from the upstream-aware ones
@@ -145,7 +145,7 @@ def test_sweep_plans(llama_sweep):
     assert t_plan != z_plan
     # mode-centring picks non-zero centres somewhere
     m_plan, _ = plan_for("scap-mode", 0.4, stats)
-    assert any(off != 0.0 for _, off, _ in m_plan.values())
+    assert any(p.offset != 0.0 for p in m_plan.values())
 
 
 def test_role_spec_keeps_byte_weighted_mean(llama_sweep):
