@@ -130,15 +130,15 @@ def test_sweep_plans(llama_sweep):
     names = {t["name"] for s in scap.sites for t in s.targets}
     for m in DEFAULT_METHODS:
         plan, spec = plan_for(m, 0.4, stats)
-        assert set(plan) == names, m
+        assert set(plan) == names or (m == "budget" and set(plan) <= names), m
         if m in ("teal", "scap-zero"):
             assert all(p.offset == 0.0 for p in plan.values())
         if m == "oneshot":  # the mode for down's inputs only
             assert {n for n, p in plan.items() if p.offset != 0.0} <= {n for n in names if "down_proj" in n}
         # the TEAL-style statistics and the default's are static; SCAP's token-scale o and down
         scaled = {name for name, p in plan.items() if p.token_scaled}
-        static = m in ("teal", "oneshot") or (m == "default" and not get_method(None).token_scaled_roles)
-        assert scaled == (set() if static else {n for n in names if "o_proj" in n or "down_proj" in n}), m
+        static = m in ("teal", "oneshot") or (m in ("default", "budget") and not get_method(None).token_scaled_roles)
+        assert scaled == (set() if static else {n for n in set(plan) if "o_proj" in n or "down_proj" in n}), m
     # teal thresholds come from the dense-activation statistics, scap-zero's from the upstream-aware ones
     t_plan, _ = plan_for("teal", 0.4, stats)
     z_plan, _ = plan_for("scap-zero", 0.4, stats)
@@ -225,3 +225,25 @@ def test_sweep_default_is_teal_on_random_weights(llama_sweep):
         (d,) = [r for r in rows if r["method"] == "default" and r["level"] == level]
         (t,) = [r for r in rows if r["method"] == "teal" and r["level"] == level]
         assert (d["sparsity"], d["quality"]) == (t["sparsity"], t["quality"])
+
+
+def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
+    """The ordering the sweep measures on MiniLM (pydoc -> fortunes, fixed windows: deterministic):
+    the byte-budget allocation loses clearly less than TEAL-style at the same measured share of FC
+    bytes skipped. Measured: 1 - cosine 1.36 % at 30.0 % against TEAL's 4.22 % there (ratio 0.32);
+    at 0.5, 10.83 % at 49.9 % against TEAL's 16.02 % at 49.7 % (0.68). Asserted with margins wider
+    than the differences between evaluation texts (docs/results.md)."""
+    run_cli("sweep", minilm, "--data", texts["pydoc"], "--eval-data", texts["fortunes"], "--levels", "0.3,0.5",
+            "--methods", "teal,budget", "--tokens", 1024, "--seq-len", 128, "--eval-tokens", 512, "--no-latency",
+            "-o", tmp_path, check=True)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    st = Stats.load(tmp_path / "stats_budget.json")
+    assert all(s.gain is not None and s.gain >= 0 for s in st.sites)
+    rows = {(r["method"], r["level"]): r for r in res["rows"]}
+    print({k: (r["sparsity"], r["quality"]) for k, r in rows.items()})
+    vs = {c["level"]: c for c in res["against_teal"] if c["method"] == "budget"}
+    assert vs[0.3]["ratio"] is not None and vs[0.3]["ratio"] < 0.6, vs[0.3]
+    # at 0.5 the allocation skips as many bytes as TEAL's sparsest point, or more, for less loss
+    b, t = rows[("budget", 0.5)], rows[("teal", 0.5)]
+    assert b["sparsity"] > t["sparsity"] - 0.005 and b["quality"] < 0.9 * t["quality"], (b, t)
+    assert "byte-budget allocation" in (tmp_path / "sweep.md").read_text()
