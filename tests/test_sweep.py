@@ -14,7 +14,7 @@ from scap_onnx.op.session import library_available
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
 from scap_onnx.calibration.methods import get_method
-from scap_onnx.experiments.sweep import DEFAULT_METHODS, METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
+from scap_onnx.experiments.sweep import DEFAULT_METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
 
 
 @pytest.fixture(scope="module")
