@@ -35,7 +35,7 @@ def _data(model, text, tokens=2048, seq_len=64):
 
 @pytest.fixture(scope="module")
 def dec_stats(tiny):
-    return calibrate(tiny["decoder"], tiny["calib"], sparsity="0.5", max_tokens=2048, seq_len=64)
+    return calibrate(tiny["decoder"], tiny["calib"], sparsity="0.5", max_tokens=2048, seq_len=64, budget=0.4)
 
 
 def _weighted_bytes(per_target: dict, stats: Stats) -> float:
@@ -199,3 +199,14 @@ def test_rewrite_alone_with_budget_on_minilm(minilm, texts, tmp_path):
     on_kjv = validate(minilm, out, texts["kjv"], opts)["sparsity"]["weighted"]
     assert abs(on_calib - 0.35) < 0.02, on_calib
     assert abs(on_kjv - 0.35) < 0.06, on_kjv
+
+
+def test_budget_needs_gains(tiny, tmp_path):
+    """Stats calibrated for a SPEC hold no gains: --budget on them is refused in one line (layer
+    errors alone allocate badly, docs/calibration.md), not silently planned."""
+    out = tmp_path / "spec.json"
+    run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--tokens", 1024, "--seq-len", 64, "-o", out,
+            check=True)
+    p = run_cli("rewrite", tiny["decoder"], "--stats", out, "--budget", "0.3", "-o", tmp_path / "m.onnx")
+    assert p.returncode == 2 and "no gain" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not (tmp_path / "m.onnx").exists()

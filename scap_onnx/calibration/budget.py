@@ -9,7 +9,7 @@ skipping a share p of the site's inputs skips p * b_s bytes (b_s: its targets' w
 
 The allocation minimises sum_s (g_s e_s(p_s))^2 subject to sum_s p_s b_s = B sum_s b_s, g_s the
 site's gain: how much of its layer error reaches the model's output, measured once per site
-(calibration.sensitivity; without gains, g_s = 1). Layer errors alone are a poor currency: the same
+(calibration.sensitivity; stats without gains are refused). Layer errors alone are a poor currency: the same
 relative error costs far more in the first and last layers (docs/results.md). TEAL's greedy search
 raises, in small steps, the sparsity of whichever layer adds the least error per byte; here each
 curve is measured once, and the steps are the segments of its lower convex hull over (bytes
@@ -69,8 +69,11 @@ def error_curve(site: SiteStats, centring: str | None = None) -> tuple[np.ndarra
 
 def site_cost(site: SiteStats, errors: np.ndarray) -> np.ndarray:
     """What the allocation sums over sites: (g_s e_s)^2, the site's share of the squared error at the
-    model's output (calibration.sensitivity; g_s = 1 where no gain was measured)."""
-    return (errors * (1.0 if site.gain is None else site.gain)) ** 2
+    model's output (calibration.sensitivity)."""
+    if site.gain is None:
+        raise ScapError(f"stats for {site.input!r} hold no gain: calibrate with --budget (it measures each "
+                        "input's effect on the model's output) before rewriting with --budget")
+    return (errors * site.gain) ** 2
 
 
 def lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
