@@ -22,7 +22,7 @@ from typing import List, Optional
 import typer
 
 from . import api
-from .calibration.budget import parse_budget
+from .calibration.budget import parse_budget, planned_bytes_share
 from .calibration.methods import DEFAULT_METHOD, METHODS, get_method
 from .calibration.spec import parse_roles, parse_spec
 from .calibration.stats import Stats
@@ -180,6 +180,11 @@ def calibrate(
     cal = stats.calibration
     typer.echo(f"calibrated {stats.model['targets']} targets ({stats.model['sites']} inputs) on {cal['tokens']} tokens, "
                f"{cal['passes']} pass(es), {cal['seconds']:.0f}s -> {output}")
+    if budget_share is not None:
+        dense = sum(1 for s in stats.sites if s.sparsity is None)
+        typer.echo(f"budget {budget_share:g}: each input's sparsity allocated from its error curve and gain "
+                   f"({planned_bytes_share(stats):.3f} of the targets' weight bytes skipped on the calibration data; "
+                   f"{dense} inputs left dense)")
     for line in _summary_lines(stats, stats.plan()):
         typer.echo(line)
 

@@ -140,8 +140,9 @@ def test_stats_file_carries_the_plan(tiny, dec_stats, tmp_path):
     """calibrate --budget writes the plan into stats.json; rewrite --stats needs no data and gives
     the same nodes; rewrite --stats --budget re-allocates from the stored curves."""
     out = tmp_path / "stats.json"
-    run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--budget", "0.35", "--tokens", 2048,
-            "--seq-len", 64, "-o", out, check=True)
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--budget", "0.35", "--tokens", 2048,
+                "--seq-len", 64, "-o", out, check=True)
+    assert "budget 0.35: each input's sparsity allocated" in p.stdout
     d = json.loads(out.read_text())
     assert d["calibration"]["budget"] == 0.35
     st = Stats.load(out)

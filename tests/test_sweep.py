@@ -240,7 +240,6 @@ def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
     st = Stats.load(tmp_path / "stats_budget.json")
     assert all(s.gain is not None and s.gain >= 0 for s in st.sites)
     rows = {(r["method"], r["level"]): r for r in res["rows"]}
-    print({k: (r["sparsity"], r["quality"]) for k, r in rows.items()})
     vs = {c["level"]: c for c in res["against_teal"] if c["method"] == "budget"}
     assert vs[0.3]["ratio"] is not None and vs[0.3]["ratio"] < 0.6, vs[0.3]
     # at 0.5 the allocation skips as many bytes as TEAL's sparsest point, or more, for less loss
