@@ -93,11 +93,11 @@ def lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
 
 def allocate(sites: list[SiteStats], budget: float, centring: str | None = None) -> dict[str, float]:
     """Site input -> sparsity (0: dense) whose bytes skipped are ``budget`` of the sites' bytes, at
-    the least sum of errors on the curves' lower hulls (see the module doc)."""
+    the least summed cost (site_cost) on the lower hulls of the curves (see the module doc)."""
     budget = parse_budget(budget)
     nbytes = {s.input: float(site_bytes(s)) for s in sites}
     total = sum(nbytes.values())
-    segments = []  # (error per byte, site, p from, p to)
+    segments = []  # (cost per byte, site, p from, p to)
     reach = 0.0
     for s in sites:
         p, e = error_curve(s, centring)
