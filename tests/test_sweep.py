@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import run_cli
+from random_families import tiny_family
 from random_llama import tiny_llama
+from scap_onnx.op.contract import channel_input_names, scap_nodes
 from scap_onnx.op.session import library_available
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
@@ -246,3 +249,20 @@ def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
     b, t = rows[("budget", 0.5)], rows[("teal", 0.5)]
     assert b["sparsity"] > t["sparsity"] - 0.005 and b["quality"] < 0.9 * t["quality"], (b, t)
     assert "byte-budget allocation" in (tmp_path / "sweep.md").read_text()
+
+
+def test_sweep_wina_keeps_threshold_scale(tmp_path):
+    """`--methods wina`: its own statistics (norms, scores), and its plans reach the rewriter with their
+    per-channel threshold_scale (the rewritten nodes carry it), compared on the same axis as TEAL's."""
+    folder = tiny_family("qwen2")
+    run_cli("sweep", folder / "model.onnx", "--data", folder / "calib.npz", "--eval-data", folder / "eval.npz",
+            "--levels", "0.4", "--methods", "teal,wina", "--no-latency", "--keep-models", "-o", tmp_path, check=True)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["dense", "teal", "wina"]
+    assert [c["method"] for c in res["against_teal"]] == ["wina"]
+    st = Stats.load(tmp_path / "stats_wina.json")
+    assert st.calibration["method"] == "wina" and all(s.weighted for s in st.sites)
+    plan, _ = plan_for("wina", 0.4, {"wina": st})
+    assert plan and all(p.threshold_scale is not None for p in plan.values())
+    nodes = scap_nodes(onnx.load(str(tmp_path / "models" / "wina_0.4.onnx"), load_external_data=False))
+    assert nodes and all(channel_input_names(n)[0] is not None for n in nodes)
