@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .calibration.budget import apply_budget, parse_budget
 from .calibration.calibrator import calibrate
 from .calibration.spec import parse_spec
 from .calibration.stats import Stats, TargetPlan
@@ -58,6 +59,7 @@ def rewrite(
     check: bool = True,
     fuse: bool = True,
     progress: Progress | None = None,
+    budget: float | None = None,
     **calibrate_kwargs,
 ) -> RewriteResult:
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
@@ -65,6 +67,9 @@ def rewrite(
     corpus, :func:`default_calibration_data`). ``sparsity`` re-targets
     (default: the calibration SPEC). ``fuse``: targets that drop the same elements of one input
     (gate and up) become one node (scap_onnx.passes.fuse).
+
+    ``budget``: the share of the targets' weight bytes to skip, each input's sparsity allocated from
+    the stored error curves (scap_onnx.calibration.budget) instead of a SPEC.
 
     ``model`` may be an onnxruntime-genai folder (genai_config.json, the decoder model, tokenizer
     files): ``output`` is then a folder that ``og.Model(output)`` loads as it is (scap_onnx.graph.genai)."""
@@ -78,6 +83,10 @@ def rewrite(
     progress = progress or NullProgress()
     if sparsity is not None:
         parse_spec(sparsity)  # fail early on a bad SPEC
+    if budget is not None:
+        budget = parse_budget(budget)
+        if sparsity is not None:
+            raise ScapError("give either --budget or --sparsity, not both")
     if data is not None and not isinstance(data, (str, Path)):
         data = list(data) or None  # a list of files; an empty one means no data
     if stats is None and data is None:
@@ -86,13 +95,15 @@ def rewrite(
         raise ScapError("give either --stats or --data, not both")
     if stats is None:
         stats = calibrate(model, data, sparsity=sparsity if sparsity is not None else 0.5, targets=targets,
-                          progress=progress, **calibrate_kwargs)
+                          progress=progress, budget=budget, **calibrate_kwargs)
         fp = stats.model["fingerprint"]
     else:
         if not isinstance(stats, Stats):
             stats = Stats.load(stats)
         fp = model_fingerprint(model)
     stats.check_model(fp, model)
+    if budget is not None and stats.calibration.get("budget") != budget:
+        stats = apply_budget(Stats.from_dict(stats.to_dict()), budget)  # a copy: the caller's stats stay
     plan = stats.plan(sparsity)
     # --targets, else the calibration's selection (stats of older versions may hold targets that are
     # excluded by default now, such as MoE routers)

@@ -22,6 +22,7 @@ from typing import List, Optional
 import typer
 
 from . import api
+from .calibration.budget import parse_budget, planned_bytes_share
 from .calibration.methods import DEFAULT_METHOD, METHODS, get_method
 from .calibration.spec import parse_roles, parse_spec
 from .calibration.stats import Stats
@@ -101,6 +102,9 @@ MethodOpt = typer.Option(None, "--method", help=f"Calibration method: {', '.join
 SampleRowsOpt = typer.Option(128, "--sample-rows", help="Activation rows kept per input to score offset candidates by output error.")
 ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
+BudgetOpt = typer.Option(None, "--budget", help="Share of the targets' weight bytes to skip per token, 0 < B < 1: each "
+                         "input's sparsity is allocated from its error curve for the least output error, instead of a "
+                         "SPEC (docs/calibration.md).")
 # Options shared by validate, sweep and demo.
 KvLenOpt = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache.")
 TimingThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores).")
@@ -154,10 +158,12 @@ def calibrate(
     threads: Optional[int] = ThreadsOpt,
     token_scaled: Optional[str] = TokenScaledOpt,
     method: Optional[str] = MethodOpt,
+    budget: Optional[str] = BudgetOpt,
     quiet: bool = QuietOpt,
 ):
     """Collect activation statistics and choose offsets and thresholds; write stats.json."""
     spec = parse_spec(sparsity)
+    budget_share = None if budget is None else parse_budget(budget)
     if not data:
         fail("calibrate needs --data DATA (a text file or an .npz of feeds)")
     if same_file(output, model):
@@ -165,7 +171,7 @@ def calibrate(
     check_output_file(output)
     progress = make_progress(quiet)
     try:
-        stats = api.calibrate(model, data, sparsity=spec, targets=targets, progress=progress,
+        stats = api.calibrate(model, data, sparsity=spec, targets=targets, progress=progress, budget=budget_share,
                     **_calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                                         token_scaled, method))
     finally:
@@ -174,6 +180,11 @@ def calibrate(
     cal = stats.calibration
     typer.echo(f"calibrated {stats.model['targets']} targets ({stats.model['sites']} inputs) on {cal['tokens']} tokens, "
                f"{cal['passes']} pass(es), {cal['seconds']:.0f}s -> {output}")
+    if budget_share is not None:
+        dense = sum(1 for s in stats.sites if s.sparsity is None)
+        typer.echo(f"budget {budget_share:g}: each input's sparsity allocated from its error curve and gain "
+                   f"({planned_bytes_share(stats):.3f} of the targets' weight bytes skipped on the calibration data; "
+                   f"{dense} inputs left dense)")
     for line in _summary_lines(stats, stats.plan()):
         typer.echo(line)
 
@@ -197,6 +208,7 @@ def rewrite(
     threads: Optional[int] = ThreadsOpt,
     token_scaled: Optional[str] = TokenScaledOpt,
     method: Optional[str] = MethodOpt,
+    budget: Optional[str] = BudgetOpt,
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="With --data: also write the stats.json."),
     check: bool = typer.Option(True, "--check/--no-check", help="Run onnx.checker on the result."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
@@ -206,6 +218,7 @@ def rewrite(
     """Replace target MatMuls by ScapSparseMatMul with calibrated thresholds and offsets."""
     if sparsity is not None:
         parse_spec(sparsity)
+    budget_share = None if budget is None else parse_budget(budget)
     folder = is_genai_folder(model)
     if output is None:
         output = model.with_name(model.name + "_scap") if folder else model.with_name(model.stem + "_scap.onnx")
@@ -218,14 +231,15 @@ def rewrite(
         data = api.default_calibration_data(resolve_model(model), tokenizer)
         typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} "
                    f"({tokens or get_method(method).max_tokens} tokens, method {get_method(method).name}, "
-                   f"SPEC {sparsity or '0.5'})", err=True)
+                   + (f"budget {budget_share:g})" if budget_share is not None else f"SPEC {sparsity or '0.5'})"),
+                   err=True)
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                                    token_scaled, method)
     progress = make_progress(quiet)
     try:
         result = api.rewrite(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,
-                     fuse=fuse, progress=progress, **kwargs)
+                     fuse=fuse, progress=progress, budget=budget_share, **kwargs)
     finally:
         _stop(progress)
     if save_stats is not None:
@@ -364,7 +378,7 @@ def sweep_command(
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: windows of --data half-way between the calibration windows)."),
     output: Path = typer.Option(Path("scap-sweep"), "--output", "-o", help="Output folder (sweep.json, sweep.md, pareto.png, reports/)."),
     levels: str = typer.Option(",".join(f"{v:g}" for v in sweep.DEFAULT_LEVELS), "--levels", help="Comma-separated sparsity levels."),
-    methods: str = typer.Option(",".join(sweep.METHODS), "--methods", help=f"Comma-separated methods: {', '.join(sweep.METHODS)}."),
+    methods: str = typer.Option(",".join(sweep.DEFAULT_METHODS), "--methods", help=f"Comma-separated methods: {', '.join(sweep.METHODS)}."),
     tokenizer: Optional[Path] = TokenizerOpt,
     tokens: int = typer.Option(8192, "--tokens", help="Calibration tokens."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration and evaluation window."),

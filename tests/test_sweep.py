@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import run_cli
+from random_families import tiny_family
 from random_llama import tiny_llama
+from scap_onnx.op.contract import channel_input_names, scap_nodes
 from scap_onnx.op.session import library_available
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
 from scap_onnx.calibration.methods import get_method
-from scap_onnx.experiments.sweep import METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
+from scap_onnx.experiments.sweep import DEFAULT_METHODS, ROLE_PROFILE, parse_levels, plan_for, role_spec, stats_kinds
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,9 @@ def llama_sweep(tmp_path_factory):
 def test_sweep_cli_rows_tables_and_chart(llama_sweep):
     folder, out, p = llama_sweep
     res = json.loads((out / "sweep.json").read_text())
-    assert res["format"] == "scap-onnx-sweep" and res["levels"] == [0.3, 0.5] and res["methods"] == list(METHODS)
+    assert res["format"] == "scap-onnx-sweep" and res["levels"] == [0.3, 0.5] and res["methods"] == list(DEFAULT_METHODS)
     rows = res["rows"]
-    assert [r["method"] for r in rows] == ["dense"] + [m for m in METHODS for _ in (0, 1)]
+    assert [r["method"] for r in rows] == ["dense"] + [m for m in DEFAULT_METHODS for _ in (0, 1)]
     assert rows[0]["quality"] == 0 and rows[0]["speedup"] == 1.0
     for r in rows[1:]:
         assert r["perplexity_sparse"] > 1 and 0 < r["top1_agreement"] <= 1 and r["kl_mean"] >= 0
@@ -42,7 +45,7 @@ def test_sweep_cli_rows_tables_and_chart(llama_sweep):
         if library_available():
             assert r["speedup"] > 0 and r["latency_kind"] == "decode"
     assert res["calibration"]["teal"]["passes"] == 1 and res["calibration"]["scap"]["passes"] == 2
-    assert set(res["calibration"]) == set(stats_kinds(2))
+    assert set(res["calibration"]) == set(stats_kinds(2)) - {"wina"} | {"budget"}
     md = (out / "sweep.md").read_text()
     assert "TEAL-style" in md and "SCAP, mode-centred, per-role" in md and "verdict" in md
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -125,27 +128,27 @@ def test_sweep_comparison_from_rows(llama_sweep):
 
 def test_sweep_plans(llama_sweep):
     _, out, _ = llama_sweep
-    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in stats_kinds(2)}
+    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in set(stats_kinds(2)) - {"wina"} | {"budget"}}
     scap = stats["scap"]
     names = {t["name"] for s in scap.sites for t in s.targets}
-    for m in METHODS:
+    for m in DEFAULT_METHODS:
         plan, spec = plan_for(m, 0.4, stats)
-        assert set(plan) == names, m
+        assert set(plan) == names or (m == "budget" and set(plan) <= names), m
         if m in ("teal", "scap-zero"):
-            assert all(off == 0.0 for _, off, _ in plan.values())
+            assert all(p.offset == 0.0 for p in plan.values())
         if m == "oneshot":  # the mode for down's inputs only
-            assert {n for n, (_, off, _) in plan.items() if off != 0.0} <= {n for n in names if "down_proj" in n}
+            assert {n for n, p in plan.items() if p.offset != 0.0} <= {n for n in names if "down_proj" in n}
         # the TEAL-style statistics and the default's are static; SCAP's token-scale o and down
-        scaled = {name for name, (_, _, token_scaled) in plan.items() if token_scaled}
-        static = m in ("teal", "oneshot") or (m == "default" and not get_method(None).token_scaled_roles)
-        assert scaled == (set() if static else {n for n in names if "o_proj" in n or "down_proj" in n}), m
+        scaled = {name for name, p in plan.items() if p.token_scaled}
+        static = m in ("teal", "oneshot") or (m in ("default", "budget") and not get_method(None).token_scaled_roles)
+        assert scaled == (set() if static else {n for n in set(plan) if "o_proj" in n or "down_proj" in n}), m
     # teal thresholds come from the dense-activation statistics, scap-zero's from the upstream-aware ones
     t_plan, _ = plan_for("teal", 0.4, stats)
     z_plan, _ = plan_for("scap-zero", 0.4, stats)
     assert t_plan != z_plan
     # mode-centring picks non-zero centres somewhere
     m_plan, _ = plan_for("scap-mode", 0.4, stats)
-    assert any(off != 0.0 for _, off, _ in m_plan.values())
+    assert any(p.offset != 0.0 for p in m_plan.values())
 
 
 def test_role_spec_keeps_byte_weighted_mean(llama_sweep):
@@ -225,3 +228,41 @@ def test_sweep_default_is_teal_on_random_weights(llama_sweep):
         (d,) = [r for r in rows if r["method"] == "default" and r["level"] == level]
         (t,) = [r for r in rows if r["method"] == "teal" and r["level"] == level]
         assert (d["sparsity"], d["quality"]) == (t["sparsity"], t["quality"])
+
+
+def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
+    """The ordering the sweep measures on MiniLM (pydoc -> fortunes, fixed windows: deterministic):
+    the byte-budget allocation loses clearly less than TEAL-style at the same measured share of FC
+    bytes skipped. Measured: 1 - cosine 1.36 % at 30.0 % against TEAL's 4.22 % there (ratio 0.32);
+    at 0.5, 10.83 % at 49.9 % against TEAL's 16.02 % at 49.7 % (0.68). Asserted with margins wider
+    than the differences between evaluation texts (docs/results.md)."""
+    run_cli("sweep", minilm, "--data", texts["pydoc"], "--eval-data", texts["fortunes"], "--levels", "0.3,0.5",
+            "--methods", "teal,budget", "--tokens", 1024, "--seq-len", 128, "--eval-tokens", 512, "--no-latency",
+            "-o", tmp_path, check=True)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    st = Stats.load(tmp_path / "stats_budget.json")
+    assert all(s.gain is not None and s.gain >= 0 for s in st.sites)
+    rows = {(r["method"], r["level"]): r for r in res["rows"]}
+    vs = {c["level"]: c for c in res["against_teal"] if c["method"] == "budget"}
+    assert vs[0.3]["ratio"] is not None and vs[0.3]["ratio"] < 0.6, vs[0.3]
+    # at 0.5 the allocation skips as many bytes as TEAL's sparsest point, or more, for less loss
+    b, t = rows[("budget", 0.5)], rows[("teal", 0.5)]
+    assert b["sparsity"] > t["sparsity"] - 0.005 and b["quality"] < 0.9 * t["quality"], (b, t)
+    assert "byte-budget allocation" in (tmp_path / "sweep.md").read_text()
+
+
+def test_sweep_wina_keeps_threshold_scale(tmp_path):
+    """`--methods wina`: its own statistics (norms, scores), and its plans reach the rewriter with their
+    per-channel threshold_scale (the rewritten nodes carry it), compared on the same axis as TEAL's."""
+    folder = tiny_family("qwen2")
+    run_cli("sweep", folder / "model.onnx", "--data", folder / "calib.npz", "--eval-data", folder / "eval.npz",
+            "--levels", "0.4", "--methods", "teal,wina", "--no-latency", "--keep-models", "-o", tmp_path, check=True)
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["dense", "teal", "wina"]
+    assert [c["method"] for c in res["against_teal"]] == ["wina"]
+    st = Stats.load(tmp_path / "stats_wina.json")
+    assert st.calibration["method"] == "wina" and all(s.weighted for s in st.sites)
+    plan, _ = plan_for("wina", 0.4, {"wina": st})
+    assert plan and all(p.threshold_scale is not None for p in plan.values())
+    nodes = scap_nodes(onnx.load(str(tmp_path / "models" / "wina_0.4.onnx"), load_external_data=False))
+    assert nodes and all(channel_input_names(n)[0] is not None for n in nodes)

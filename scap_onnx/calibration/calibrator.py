@@ -44,6 +44,8 @@ from ..op.contract import Sparsification
 from ..op.nbits import weight_kn
 from ..op.session import base_options
 from ..progress import NullProgress, Progress
+from .budget import apply_budget, parse_budget
+from .sensitivity import measure_gains
 from .capture import Capture, Upstream
 from .data import DataReader, open_data
 from .histogram import Histogram, fine_mode, robust_scale
@@ -52,8 +54,9 @@ from .spec import Spec, parse_spec, shared_sparsity
 from .stats import CANDIDATE_ORDER, SiteStats, Stats
 from .weighting import channel_norms, scores
 
-#: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating).
-ERROR_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Sparsities at which candidate errors are stored (so other SPECs re-target without calibrating, and
+#: --budget allocates from each site's error curve: steps of 0.05, calibration.budget).
+ERROR_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 DEFAULT_SAMPLE_ROWS = 128
 _ELEM = {"float32": 1, "float16": 10}
 
@@ -235,6 +238,7 @@ def calibrate(
     providers: list[str] | None = None,
     token_scaled_roles: Sequence[str] | None = None,
     method: str | None = None,
+    budget: float | None = None,
 ) -> Stats:
     """Calibrate ``model`` on ``data`` for ``sparsity`` (a SPEC) and return the statistics.
 
@@ -249,7 +253,13 @@ def calibrate(
 
     ``method``: a name of scap_onnx.calibration.methods.METHODS (default DEFAULT_METHOD); it sets
     ``passes``, ``max_tokens``, ``token_scaled_roles`` where they are None, and the centring.
+
+    ``budget``: the share of the targets' weight bytes to skip; every site's sparsity is then
+    allocated from its error curve (calibration.budget) rather than taken from ``sparsity``, which
+    only sets what the upstream-aware passes before the last one sparsify.
     """
+    if budget is not None:
+        budget = parse_budget(budget)
     chosen_method = get_method(method)
     passes = chosen_method.passes if passes is None else passes
     max_tokens = chosen_method.max_tokens if max_tokens is None else max_tokens
@@ -330,6 +340,9 @@ def calibrate(
             },
             sites=[decided[s.input] for s in sites],
         )
+        if budget is not None:
+            measure_gains(stats, source, ds, budget, threads, providers)
+            apply_budget(stats, budget)
     return stats
 
 

@@ -71,6 +71,9 @@ class SiteStats:
     channel_norms: list[float] | None = None
     score_histogram: Histogram | None = None
     score_centre: float = 0.0
+    # byte-budget allocation: the model's output error per unit of this site's layer error
+    # (calibration.sensitivity), None where not measured
+    gain: float | None = None
 
     @property
     def roles(self) -> list[str]:
@@ -171,6 +174,7 @@ class SiteStats:
             "histogram": self.histogram.to_dict(),
             **({"channel_norms": self.channel_norms, "score_centre": self.score_centre,
                 "score_histogram": self.score_histogram.to_dict()} if self.weighted else {}),
+            **({"gain": self.gain} if self.gain is not None else {}),
         }
 
     @classmethod
@@ -192,6 +196,7 @@ class SiteStats:
             channel_norms=[float(v) for v in d["channel_norms"]] if "channel_norms" in d else None,
             score_histogram=Histogram.from_dict(d["score_histogram"]) if "score_histogram" in d else None,
             score_centre=float(d.get("score_centre", 0.0)),
+            gain=float(d["gain"]) if d.get("gain") is not None else None,
         )
 
 
@@ -218,8 +223,9 @@ class Stats:
 
     # -- re-targeting
     def plan(self, spec: Spec | str | float | None = None, centring: str | None = None) -> dict[str, TargetPlan]:
-        """Per target name: threshold and offset for ``spec`` (None: the calibration SPEC's values),
-        centres by ``centring`` (default: each site's own, CENTRINGS).
+        """Per target name: threshold and offset for ``spec`` (None: the calibration SPEC's values, or
+        the sites' own after a --budget allocation), centres by ``centring`` (default: each site's
+        own, CENTRINGS).
 
         Only targets whose role the SPEC names are in the plan. Targets sharing an input share the
         offset; they share the threshold too unless the SPEC gives their roles different sparsities
@@ -229,7 +235,9 @@ class Stats:
         if spec is None and centring is not None:
             spec = self.calibration.get("spec")
         if spec is None:
-            cal = parse_spec(self.calibration["spec"]) if self.calibration.get("spec") else None
+            # a --budget plan (calibration.budget) is per site: each site's own sparsity
+            by_spec = self.calibration.get("spec") and self.calibration.get("budget") is None
+            cal = parse_spec(self.calibration["spec"]) if by_spec else None
             for s in self.sites:
                 if s.sparsity is None:
                     continue
@@ -312,6 +320,8 @@ class Stats:
                 norms = np.asarray(s.channel_norms)
                 if norms.shape != (s.k,) or not (np.isfinite(norms) & (norms >= 0)).all():
                     raise ScapError(f"{where}: site {s.input!r} has invalid channel_norms")
+            if s.gain is not None and not (math.isfinite(s.gain) and s.gain >= 0):
+                raise ScapError(f"{where}: site {s.input!r} has an invalid gain")
             if s.centring not in CENTRINGS:
                 raise ScapError(f"{where}: site {s.input!r} has an unknown centring {s.centring!r}")
         if "fingerprint" not in model:

@@ -20,6 +20,12 @@ Methods (each at every level s, all targets but lm_head):
                so that the weight-byte-weighted mean sparsity over the targets is s.
 ``default``    the default calibration method (``calibrate`` without ``--method``), its statistics
                and centring.
+``budget``     the default method's statistics and centring, each input's sparsity allocated from its
+               error curve and gain so that the targets' weight bytes skipped are s (``--budget s``,
+               scap_onnx.calibration.budget; the gains measured once, at the middle level): the
+               uniform SPEC of ``default`` against an allocation.
+``wina``       weight-aware per-channel thresholds (``--method wina``; not in the default set: one
+               more calibration).
 
 Calibration happens once per kind of statistics: dense activations for ``teal`` and ``oneshot``
 (1 pass, static), upstream-aware token-scaled for the SCAP methods (``--passes``, default 2), the
@@ -53,34 +59,42 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
+from ..calibration.budget import apply_budget
 from ..calibration.calibrator import calibrate
+from ..calibration.data import open_data
+from ..calibration.sensitivity import measure_gains
 from ..calibration.methods import get_method
 from ..calibration.spec import Spec
+from ..calibration.stats import Stats, TargetPlan
 from ..errors import ScapError
 from ..evaluation.accuracy import DenseCache
 from ..evaluation.options import ValidateOptions
 from ..evaluation.report import write_report
 from ..evaluation.validate import validate
-from ..graph.model_io import load_proto
+from ..graph.model_io import ModelSource, load_proto
 from ..passes.pipeline import rewrite_file
 from ..progress import NullProgress, Progress
 from .cached import reusable_stats
+from .sweep_compare import against_baseline, compare
 from .sweep_report import row_line, write_sweep
 
 FORMAT = "scap-onnx-sweep"
 VERSION = 1
-#: method -> (kind of statistics, centring (stats.CENTRINGS; None: the statistics' own), per-role SPEC)
+#: method -> (kind of statistics, centring (stats.CENTRINGS; None: the statistics' own), allocation:
+#: "uniform" (the level for every role), "role" (ROLE_PROFILE) or "budget" (calibration.budget))
 METHOD_PLANS = {
-    "teal": ("teal", "zero", False),
-    "oneshot": ("teal", "mode-down", False),
-    "scap-zero": ("scap", "zero", False),
-    "scap-mode": ("scap", "search", False),
-    "scap-role": ("scap", "search", True),
-    "default": ("default", None, False),
+    "teal": ("teal", "zero", "uniform"),
+    "oneshot": ("teal", "mode-down", "uniform"),
+    "scap-zero": ("scap", "zero", "uniform"),
+    "scap-mode": ("scap", "search", "uniform"),
+    "scap-role": ("scap", "search", "role"),
+    "default": ("default", None, "uniform"),
+    "budget": ("budget", None, "budget"),
+    "wina": ("wina", None, "uniform"),
 }
 METHODS = tuple(METHOD_PLANS)
+#: The sweep's methods unless --methods names others (wina needs a calibration of its own).
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "wina")
 DEFAULT_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
 #: Per-role sparsity relative to the mean, after the paper's Llama-2-7B setting (up/gate 35 %,
 #: down 55 %; attention at the MLP mean); scaled per model so the byte-weighted mean is the level.
@@ -132,36 +146,43 @@ def stats_kinds(passes: int) -> dict[str, tuple[int, tuple[str, ...], str]]:
     if kind_for("default", kinds) == "default":
         d = get_method(None)
         kinds["default"] = (d.passes, d.token_scaled_roles, d.name)
+    w = get_method("wina")
+    kinds["wina"] = (w.passes, w.token_scaled_roles, w.name)
     return kinds
 
 
 def kind_for(kind: str, kinds: dict) -> str:
     """The kind of statistics that serves ``kind``: ``default`` is served by another kind calibrated
-    with the default method's passes and token scaling (the centring is applied when planning)."""
-    if kind != "default":
+    with the default method's passes and token scaling (the centring is applied when planning);
+    ``wina``'s statistics (weight norms and scores) are their own, and so are ``budget``'s (the
+    default's with each site's gain measured, :func:`_with_gains`)."""
+    if kind != "default" or get_method(None).weighted:
         return kind
     d = get_method(None)
     for k, (p, roles, _) in kinds.items():
-        if k != "default" and (p, tuple(roles)) == (d.passes, d.token_scaled_roles):
+        if k not in ("default", "wina", "budget") and (p, tuple(roles)) == (d.passes, d.token_scaled_roles):
             return k
     return "default"
 
 
-def plan_for(method: str, level: float, stats: dict) -> tuple[dict[str, tuple], str]:
-    """(plan: target -> (threshold, offset, token-scaled), SPEC text) for one sweep point, from
-    ``stats`` (kind of statistics -> Stats)."""
+def plan_for(method: str, level: float, stats: dict) -> tuple[dict[str, TargetPlan], str]:
+    """(plan: target -> TargetPlan, as the rewriter takes it, per-channel threshold_scale
+    included; SPEC text) for one sweep point, from ``stats`` (kind of statistics -> Stats)."""
     if method not in METHOD_PLANS:
         raise ScapError(f"unknown method {method!r}")
-    kind, centring, per_role = METHOD_PLANS[method]
+    kind, centring, allocation = METHOD_PLANS[method]
     kinds = {k: (st.calibration.get("passes"), tuple(st.calibration.get("token_scaled_roles", ())), None)
              for k, st in stats.items()}
     st = stats[kind_for(kind, kinds)]
+    if allocation == "budget":  # on a copy: the stored statistics stay those of the calibration SPEC
+        copy = apply_budget(Stats.from_dict(st.to_dict()), level, centring or get_method(None).centring)
+        return copy.plan(), f"budget {level:g}"
     if centring is None:
-        centring = get_method(None).centring
-    spec = Spec(roles=role_spec(st, level)) if per_role else Spec(default=level)
+        centring = get_method(None).centring if kind != "wina" else None
+    spec = Spec(roles=role_spec(st, level)) if allocation == "role" else Spec(default=level)
     p = st.plan(spec, centring=centring)
     text = str(spec) + (" (offset 0)" if centring == "zero" else "")
-    return {k: (v.threshold, v.offset, v.token_scaled) for k, v in p.items()}, text
+    return p, text
 
 
 def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, opts: dict, progress,
@@ -169,12 +190,29 @@ def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, 
     """Stats from ``path`` when it matches the model and settings, else calibrate and save them.
     ``token_roles``: roles with token-scaled thresholds (none for the TEAL-style baseline)."""
     want = {"passes": passes, "spec": f"{level:g}", "tokens": opts["max_tokens"], "seq_len": opts["seq_len"],
-            "data": str(Path(data).resolve()), "token_scaled_roles": list(token_roles)}
+            "data": str(Path(data).resolve()), "token_scaled_roles": list(token_roles), "method": method}
     st = reusable_stats(path, model, "sweep", want)
     if st is not None:
         return st, True
     st = calibrate(model, data, sparsity=level, passes=passes, progress=progress, token_scaled_roles=token_roles,
                    method=method, **opts)
+    st.calibration["sweep"] = want
+    st.save(path)
+    return st, False
+
+
+def _with_gains(model: Path, data: Path, path: Path, base: Stats, level: float, opts: dict) -> tuple:
+    """A copy of ``base`` with every site's gain measured at ``level`` (calibration.sensitivity),
+    from ``path`` when it was measured there for the same statistics, else measured and saved."""
+    want = {**base.calibration.get("sweep", {}), "gain_sparsity": level}
+    st = reusable_stats(path, model, "sweep", want)
+    if st is not None:
+        return st, True
+    st = Stats.from_dict(base.to_dict())
+    with ModelSource(model) as source:
+        ds = open_data(data, source.proto, model, tokenizer=opts["tokenizer"], seq_len=opts["seq_len"],
+                       max_tokens=opts["max_tokens"])
+        measure_gains(st, source, ds, level, opts["threads"])
     st.calibration["sweep"] = want
     st.save(path)
     return st, False
@@ -209,52 +247,6 @@ def _row(method: str, level: float, spec: str, rep: dict, report_path: Path | No
     return row
 
 
-def _interp_quality(rows: list[dict], method: str, sparsity: float) -> float | None:
-    """Quality of ``method`` at a measured sparsity, linear between its points (dense at 0)."""
-    pts = sorted([(0.0, 0.0)] + [(r["sparsity"], r["quality"]) for r in rows
-                                 if r["method"] == method and r.get("quality") is not None
-                                 and r.get("sparsity") is not None])
-    xs = [p[0] for p in pts]
-    if len(pts) < 2 or not (xs[0] <= sparsity <= xs[-1]):
-        return None
-    return float(np.interp(sparsity, xs, [p[1] for p in pts]))
-
-
-def compare(rows: list[dict], levels: list[float]) -> list[dict]:
-    """Per level: TEAL-style vs SCAP mode-centred quality loss (lower is better), at the same
-    nominal level and at the same measured sparsity (TEAL interpolated between its points)."""
-    out = []
-    by = {(r["method"], r["level"]): r for r in rows}
-    for lv in levels:
-        t, s = by.get(("teal", lv)), by.get(("scap-mode", lv))
-        if not t or not s or t.get("quality") is None or s.get("quality") is None:
-            continue
-        same = _interp_quality(rows, "teal", s["sparsity"]) if s.get("sparsity") is not None else None
-        if same is not None:  # the fair comparison: equal measured sparsity
-            ok = s["quality"] <= same
-        else:  # SCAP beyond TEAL's sparsest point: better quality at higher sparsity
-            ok = s["quality"] <= t["quality"] and (s["sparsity"] or 0) >= (t["sparsity"] or 0)
-        out.append({"level": lv, "teal_quality": t["quality"], "scap_mode_quality": s["quality"],
-                    "teal_sparsity": t["sparsity"], "scap_mode_sparsity": s["sparsity"],
-                    "teal_quality_at_scap_sparsity": same, "scap_at_or_above_baseline": bool(ok)})
-    return out
-
-
-def against_baseline(rows: list[dict], baseline: str = "teal") -> list[dict]:
-    """Every point of the other methods against ``baseline`` at the same measured sparsity (the
-    baseline interpolated between its points and dense): its quality, the baseline's there and their
-    ratio (lower is better; None beyond the baseline's points)."""
-    out = []
-    for r in rows:
-        if r["method"] in ("dense", baseline) or r.get("quality") is None or r.get("sparsity") is None:
-            continue
-        base = _interp_quality(rows, baseline, r["sparsity"])
-        ratio = r["quality"] / base if base not in (None, 0.0) else None
-        out.append({"method": r["method"], "level": r["level"], "sparsity": r["sparsity"], "quality": r["quality"],
-                    "baseline": baseline, "baseline_quality": base, "ratio": ratio})
-    return out
-
-
 def redraw(out_dir: str | Path) -> dict:
     """Recompute the comparison and rewrite sweep.json / sweep.md / pareto.png of a finished sweep."""
     out_dir = Path(out_dir)
@@ -271,7 +263,7 @@ def sweep(
     *,
     eval_data: str | Path | None = None,
     levels: list[float] | str = DEFAULT_LEVELS,
-    methods: list[str] | str = METHODS,
+    methods: list[str] | str = DEFAULT_METHODS,
     tokenizer: str | Path | None = None,
     tokens: int = 8192,
     seq_len: int = 256,
@@ -304,7 +296,7 @@ def sweep(
     cal_opts = dict(tokenizer=tokenizer, max_tokens=tokens, seq_len=seq_len, threads=vopts.threads)
     calibration = {}
     kinds = stats_kinds(passes)
-    wanted = {kind_for(METHOD_PLANS[m][0], kinds) for m in methods}
+    wanted = {kind_for(METHOD_PLANS[m][0] if m != "budget" else "default", kinds) for m in methods}
     stats: dict = {}
     for kind, (kpasses, token_roles, cal_method) in kinds.items():
         if kind not in wanted:
@@ -316,6 +308,13 @@ def sweep(
                              "token_scaled_roles": list(token_roles),
                              "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
         log(f"{kind} statistics: {calibration[kind]}")
+    if "budget" in methods:
+        t0 = time.perf_counter()
+        base = stats[kind_for("default", kinds)]
+        stats["budget"], reused = _with_gains(model, data, out_dir / "stats_budget.json", base, mid, cal_opts)
+        calibration["budget"] = {**calibration.get(kind_for("default", kinds), {}), "gain": stats["budget"].calibration["gain"],
+                                 "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+        log(f"budget gains: {calibration['budget']}")
     cache = DenseCache(out_dir / ".dense_cache")
     rows: list[dict] = []
     env = None

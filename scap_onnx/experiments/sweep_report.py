@@ -12,7 +12,8 @@ from ..graph.fileio import atomic_write_text
 LABELS = {"dense": "dense", "teal": "TEAL-style (zero-centred, uniform)",
           "oneshot": "one-shot (dense, static, mode for down)", "scap-zero": "SCAP, no mode-centering",
           "scap-mode": "SCAP, mode-centred", "scap-role": "SCAP, mode-centred, per-role",
-          "default": "default method"}
+          "default": "default method", "budget": "byte-budget allocation (default's centres)",
+          "wina": "WINA-style weight-aware thresholds"}
 
 
 def row_line(r: dict) -> str:
@@ -87,7 +88,8 @@ def plot_pareto(res: dict, path: Path) -> Path:
     qname = next((r.get("quality_name") for r in rows if r.get("quality_name")), "quality change")
     kind = next((r.get("latency_kind") for r in rows if r.get("latency_kind")), "decode")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    markers = {"teal": "s", "oneshot": "v", "scap-zero": "^", "scap-mode": "o", "scap-role": "D", "default": "*"}
+    markers = {"teal": "s", "oneshot": "v", "scap-zero": "^", "scap-mode": "o", "scap-role": "D", "default": "*", "budget": "P",
+               "wina": "X"}
     for m in res["methods"]:
         pts = sorted([r for r in rows if r["method"] == m], key=lambda r: r["level"])
         if not pts:
