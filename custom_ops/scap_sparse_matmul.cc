@@ -55,7 +55,8 @@ struct Scratch {
   std::vector<int32_t> list_k;    // each pair of rows' kept columns (RowPairLists)
   std::vector<float> list_value;  // and their values
   std::vector<int64_t> list_count;
-  std::vector<int64_t> list_start;  // where each pair's list enters each block of B's rows
+  std::vector<int64_t> list_start;
+  std::vector<int64_t> task_counts;  // per task of the drop rule: kept elements, kept columns  // where each pair's list enters each block of B's rows
 };
 
 Scratch& ThreadScratch() {
@@ -63,15 +64,87 @@ Scratch& ThreadScratch() {
   return scratch;
 }
 
-// The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), and the ascending
-// union of their kept columns into s.kept.
+// Task `index` of `tasks` near-equal runs of [0, count), cut at multiples of `unit`. Every run of
+// consecutive tasks gets its share of the work: onnxruntime hands each thread a contiguous batch of
+// tasks, and with a short last task one thread would get a full extra task (up to 12% of a call
+// measured at 2 threads).
+std::pair<int64_t, int64_t> TaskRange(size_t index, int64_t tasks, int64_t count, int64_t unit = 1) {
+  const int64_t units = (count + unit - 1) / unit;
+  const int64_t i = static_cast<int64_t>(index);
+  return {std::min(i * units / tasks * unit, count), std::min((i + 1) * units / tasks * unit, count)};
+}
+
+// Kept (non-zero) elements of D's first `count` values.
+int64_t CountKept(const float* d, int64_t count) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < count; ++i) kept += d[i] != 0.0f ? 1 : 0;
+  return kept;
+}
+
+// Rows of A per task of the drop rule: below this many elements a call sparsifies on its own thread.
+constexpr int64_t kMinSparsifyElementsPerTask = 1 << 15;
+
+// The drop rule on a range of rows per task, each into its own bitmap of kept columns, and the
+// count of the elements its rows keep.
 template <typename Bits>
-void Sparsify(const Bits* a, int64_t rows, int64_t depth, const DropRule& rule, Scratch& s) {
+struct SparsifyJob {
+  const KernelSet<Bits>* kernels;
+  const Bits* a;
+  int64_t rows, depth, tasks, words;
+  DropRule rule;
+  float* d;
+  uint32_t* seen;    // tasks * words
+  int32_t* kept;     // tasks * depth: the kernel's own list of each task's kept columns
+  int64_t* counts;   // 2 * tasks: per task, the elements its rows keep and the length of its list
+};
+
+template <typename Bits>
+void RunSparsifyTask(void* data, size_t index) {
+  const auto& job = *static_cast<const SparsifyJob<Bits>*>(data);
+  const auto [r0, r1] = TaskRange(index, job.tasks, job.rows);
+  int64_t* counts = job.counts + 2 * index;
+  counts[0] = counts[1] = 0;
+  if (r0 == r1) {
+    std::memset(job.seen + index * job.words, 0, static_cast<size_t>(job.words) * sizeof(uint32_t));
+    return;
+  }
+  counts[1] = job.kernels->sparsify(job.a + r0 * job.depth, r1 - r0, job.depth, job.rule, job.d + r0 * job.depth,
+                                    job.seen + index * job.words, job.kept + index * job.depth);
+  counts[0] = CountKept(job.d + r0 * job.depth, (r1 - r0) * job.depth);
+}
+
+// The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), the ascending union
+// of their kept columns into s.kept, and the number of kept elements (returned). Several rows run
+// as tasks over ranges of rows: done on the calling thread alone, the drop rule over all of A was a
+// serial share of every several-rows call.
+template <typename Bits>
+int64_t Sparsify(Ort::KernelContext& context, const Bits* a, int64_t rows, int64_t depth, const DropRule& rule,
+                 Scratch& s) {
+  const int64_t words = SeenWords(depth);
+  const int64_t tasks = std::max<int64_t>(1, std::min({kTargetTasks, rows, rows * depth / kMinSparsifyElementsPerTask}));
   s.d.resize(static_cast<size_t>(rows * depth));
-  s.seen.resize(static_cast<size_t>(SeenWords(depth)));
-  s.kept.resize(static_cast<size_t>(depth));
-  const int64_t kept = Kernels<Bits>().sparsify(a, rows, depth, rule, s.d.data(), s.seen.data(), s.kept.data());
-  s.kept.resize(static_cast<size_t>(kept));
+  s.seen.resize(static_cast<size_t>(tasks * words));
+  s.kept.resize(static_cast<size_t>(tasks * depth));
+  s.task_counts.resize(static_cast<size_t>(2 * tasks));
+  SparsifyJob<Bits> job{&Kernels<Bits>(), a, rows, depth, tasks, words, rule, s.d.data(), s.seen.data(),
+                        s.kept.data(), s.task_counts.data()};
+  RunTasks(context, &RunSparsifyTask<Bits>, tasks, &job);
+  int64_t kept_elements = 0;
+  for (int64_t t = 0; t < tasks; ++t) kept_elements += s.task_counts[static_cast<size_t>(2 * t)];
+  int64_t count = s.task_counts[1];  // one task: its kernel's list is the union
+  if (tasks > 1) {
+    // The union of the tasks' bitmaps, as ascending columns.
+    count = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t bits = 0;
+      for (int64_t t = 0; t < tasks; ++t) bits |= s.seen[static_cast<size_t>(t * words + w)];
+      for (int32_t bit = 0; bits != 0; ++bit, bits >>= 1) {
+        if ((bits & 1u) != 0) s.kept[static_cast<size_t>(count++)] = static_cast<int32_t>(w * 32 + bit);
+      }
+    }
+  }
+  s.kept.resize(static_cast<size_t>(count));
+  return kept_elements;
 }
 
 // Rows of D to gather at the kept columns (see SparseTiles), a tile of rows per task.
@@ -93,15 +166,15 @@ void RunGatherTask(void* data, size_t index) {
   }
 }
 
-// The drop rule on rows [0, rows) of A, in tiles of tile_rows rows (see SparseTiles). When the rows
-// keep every column between them (usual for tall A) the kernels read D in place; otherwise the
-// kept columns are gathered, a tile per task.
+// The drop rule on rows [0, rows) of A, in tiles of tile_rows rows (see SparseTiles), and the number
+// of elements kept (kept_elements). When the rows keep every column between them (usual for tall A)
+// the kernels read D in place; otherwise the kept columns are gathered, a tile per task.
 template <typename Bits>
 SparseTiles SparsifyTiles(Ort::KernelContext& context, const Bits* a, int64_t rows, int64_t depth,
-                          const DropRule& rule, int64_t tile_rows, Scratch& s) {
+                          const DropRule& rule, int64_t tile_rows, Scratch& s, int64_t* kept_elements) {
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   const int64_t padded_rows = tiles * tile_rows;
-  Sparsify(a, rows, depth, rule, s);
+  *kept_elements = Sparsify(context, a, rows, depth, rule, s);
   const int64_t kept = static_cast<int64_t>(s.kept.size());
   if (kept == depth) {
     s.d.resize(static_cast<size_t>(padded_rows * depth));
@@ -166,15 +239,6 @@ int64_t KSplitTasks(int64_t kept, int64_t work) {
   return tasks;
 }
 
-// Task `index` of `tasks` near-equal runs of [0, count), cut at multiples of `unit`. Every run of
-// consecutive tasks gets its share of the work: onnxruntime hands each thread a contiguous batch of
-// tasks, and with a short last task one thread would get a full extra task (up to 12% of a call
-// measured at 2 threads).
-std::pair<int64_t, int64_t> TaskRange(size_t index, int64_t tasks, int64_t count, int64_t unit = 1) {
-  const int64_t units = (count + unit - 1) / unit;
-  const int64_t i = static_cast<int64_t>(index);
-  return {std::min(i * units / tasks * unit, count), std::min((i + 1) * units / tasks * unit, count)};
-}
 
 template <typename Bits>
 void RunRowTask(void* data, size_t index) {
@@ -490,12 +554,6 @@ bool PairListsWin(int64_t rows, int64_t depth, int64_t kept_elements) {
          (rows >= kPairListsFewRows && share <= kPairListsFewRowsShare);
 }
 
-// Kept (non-zero) elements of D's first `count` values.
-int64_t CountKept(const float* d, int64_t count) {
-  int64_t kept = 0;
-  for (int64_t i = 0; i < count; ++i) kept += d[i] != 0.0f ? 1 : 0;
-  return kept;
-}
 
 bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
   if (SelectAmx() != nullptr && rows > kKSplitMaxRows) return false;
@@ -636,7 +694,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
     const GemmPolicy policy = policy_;
     if (rows > 1 && gemm_ != nullptr &&
         (policy == GemmPolicy::kDense || (policy == GemmPolicy::kChoose && BreakEvenShare(rows) <= 1.0))) {
-      Sparsify(a_data, rows, depth, rule, scratch);
+      Sparsify(context, a_data, rows, depth, rule, scratch);
       const int64_t kept = static_cast<int64_t>(scratch.kept.size());
       if ((policy == GemmPolicy::kDense || DenseWins(rows, depth, kept)) &&
           DenseGemm(raw_context, scratch.d.data(), rows, depth, n, b, bias, y_data)) {
@@ -648,7 +706,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   const KernelSet<Bits>& kernels = Kernels<Bits>();
   if (rows == 1) {
     // Decoding: each task streams whole kept rows of B into a partial sum.
-    Sparsify(a_data, 1, depth, rule, scratch);
+    Sparsify(context, a_data, 1, depth, rule, scratch);
     const int64_t kept = static_cast<int64_t>(scratch.kept.size());
     const int64_t tasks = KSplitTasks(kept, kept * n);
     scratch.partials.resize(static_cast<size_t>(tasks * n));
@@ -661,7 +719,10 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
   // Several rows: passes bound the scratch memory; each pass reads the kept rows of B once.
   for (int64_t row0 = 0; row0 < rows; row0 += kMaxRowsPerPass) {
     const int64_t pass_rows = std::min(rows - row0, kMaxRowsPerPass);
-    Job<Bits> job{&kernels, {}, SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, rule, kernels.tile_rows, scratch),
+    int64_t kept_elements = 0;
+    Job<Bits> job{&kernels, {},
+                  SparsifyTiles(context, a_data + row0 * depth, pass_rows, depth, rule, kernels.tile_rows, scratch,
+                                &kept_elements),
                   b_data, n, bias_f32, y_data + row0 * n, 0, nullptr, 0};
     const GemmPolicy policy = policy_;
     if (std::is_same<Bits, float>::value &&
@@ -672,7 +733,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
       if (policy == GemmPolicy::kPackedRows ||
           (policy == GemmPolicy::kChoose && pass_rows >= kPairListsFewRows &&
-           PairListsWin(pass_rows, depth, CountKept(scratch.d.data(), pass_rows * depth)))) {
+           PairListsWin(pass_rows, depth, kept_elements))) {
         const RowPairLists lists = MakePairLists(context, Kernels<float>(), pass_rows, depth, scratch);
         const ListSplit split = threaded ? PairListSplit(n, kernels.list_columns, lists.pairs) : ListSplit{1, 1};
         job.lists = &lists;

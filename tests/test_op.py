@@ -65,6 +65,7 @@ CASES = [
     ((70, 1), 33),  # K = 1, 70 rows
     ((3, 100, 17), 33),  # 300 rows: more than one pass (of 256 rows)
     ((5, 40), 3000),  # several rows, threaded over many column blocks
+    ((65, 1100), 40),  # the drop rule split over tasks of rows (rows * K >= 2 * 2^15), odd rows
     ((3, 1, 1, 300), 1),  # rank 4, N = 1
     ((0, 17), 7),  # no rows
     ((2, 0, 33), 17),  # no rows, rank 3
