@@ -94,8 +94,8 @@ def rewrite(
     if stats is not None and data is not None:
         raise ScapError("give either --stats or --data, not both")
     if stats is None:
-        stats = calibrate(model, data, sparsity=sparsity if sparsity is not None else 0.5, targets=targets,
-                          progress=progress, budget=budget, **calibrate_kwargs)
+        stats = calibrate(model, data, sparsity=sparsity, targets=targets, progress=progress, budget=budget,
+                          **calibrate_kwargs)  # neither SPEC nor budget: the default budget
         fp = stats.model["fingerprint"]
     else:
         if not isinstance(stats, Stats):

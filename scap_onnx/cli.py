@@ -22,7 +22,7 @@ from typing import List, Optional
 import typer
 
 from . import api
-from .calibration.budget import parse_budget, planned_bytes_share
+from .calibration.budget import DEFAULT_BUDGET, parse_budget, planned_bytes_share
 from .calibration.methods import DEFAULT_METHOD, METHODS, get_method
 from .calibration.spec import parse_roles, parse_spec
 from .calibration.stats import Stats
@@ -104,7 +104,7 @@ ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 BudgetOpt = typer.Option(None, "--budget", help="Share of the targets' weight bytes to skip per token, 0 < B < 1: each "
                          "input's sparsity is allocated from its error curve for the least output error, instead of a "
-                         "SPEC (docs/calibration.md).")
+                         f"SPEC (docs/calibration.md). The default when no --sparsity is given: {DEFAULT_BUDGET:g}.")
 # Options shared by validate, sweep and demo.
 KvLenOpt = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache.")
 TimingThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores).")
@@ -146,7 +146,7 @@ def calibrate(
     model: Path = typer.Argument(..., help="ONNX model (as optimum exports it, tokenizer.json beside it) or onnxruntime-genai folder."),
     data: Optional[List[Path]] = DataOpt,
     output: Path = typer.Option(..., "--output", "-o", help="stats.json to write."),
-    sparsity: str = typer.Option("0.5", "--sparsity", "-s", help="SPEC: one number for every target (0.5) or per role (up=0.35,gate=0.35,down=0.55)."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help=f"SPEC: one number for every target (0.5) or per role (up=0.35,gate=0.35,down=0.55); neither this nor --budget: --budget {DEFAULT_BUDGET:g}."),
     tokenizer: Optional[Path] = TokenizerOpt,
     targets: Optional[str] = TargetsOpt,
     tokens: Optional[int] = TokensOpt,
@@ -162,8 +162,12 @@ def calibrate(
     quiet: bool = QuietOpt,
 ):
     """Collect activation statistics and choose offsets and thresholds; write stats.json."""
-    spec = parse_spec(sparsity)
+    spec = None if sparsity is None else parse_spec(sparsity)
     budget_share = None if budget is None else parse_budget(budget)
+    if spec is not None and budget_share is not None:
+        fail("give either --budget or --sparsity, not both")
+    if spec is None and budget_share is None:
+        budget_share = DEFAULT_BUDGET
     if not data:
         fail("calibrate needs --data DATA (a text file or an .npz of feeds)")
     if same_file(output, model):
@@ -231,7 +235,7 @@ def rewrite(
         data = api.default_calibration_data(resolve_model(model), tokenizer)
         typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} "
                    f"({tokens or get_method(method).max_tokens} tokens, method {get_method(method).name}, "
-                   + (f"budget {budget_share:g})" if budget_share is not None else f"SPEC {sparsity or '0.5'})"),
+                   + (f"SPEC {sparsity})" if sparsity is not None else f"budget {budget_share or DEFAULT_BUDGET:g})"),
                    err=True)
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,

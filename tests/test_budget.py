@@ -15,17 +15,20 @@ from onnx import numpy_helper
 from conftest import run_cli
 from scap_onnx.api import rewrite
 from scap_onnx.calibration import budget as budget_mod
-from scap_onnx.calibration.budget import allocate, apply_budget, parse_budget, planned_bytes_share, site_bytes
+from scap_onnx.calibration.budget import (DEFAULT_BUDGET, allocate, apply_budget, parse_budget, planned_bytes_share,
+                                          site_bytes)
 from scap_onnx.calibration.calibrator import calibrate
-from scap_onnx.calibration.capture import Capture
+from scap_onnx.calibration.capture import Capture, Upstream
 from scap_onnx.calibration.data import open_data
+from scap_onnx.calibration.sensitivity import GAIN_TOKENS, MIXES, PlanProbe, site_scalars
 from scap_onnx.calibration.spec import Spec
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
 from scap_onnx.evaluation.sparsity import measure_sparsity
 from scap_onnx.graph.model_io import ModelSource
-from scap_onnx.op.contract import node_attribute, scap_nodes, targets_of
+from scap_onnx.op.contract import Sparsification, node_attribute, scap_nodes, targets_of
 from scap_onnx.op.reference import drop_rule
+from scap_onnx.op.session import library_available, open_session, run_session
 
 
 def _data(model, text, tokens=2048, seq_len=64):
@@ -206,8 +209,74 @@ def test_budget_needs_gains(tiny, tmp_path):
     """Stats calibrated for a SPEC hold no gains: --budget on them is refused in one line (layer
     errors alone allocate badly, docs/calibration.md), not silently planned."""
     out = tmp_path / "spec.json"
-    run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--tokens", 1024, "--seq-len", 64, "-o", out,
-            check=True)
+    run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--sparsity", "0.5", "--tokens", 1024,
+            "--seq-len", 64, "-o", out, check=True)
     p = run_cli("rewrite", tiny["decoder"], "--stats", out, "--budget", "0.3", "-o", tmp_path / "m.onnx")
     assert p.returncode == 2 and "no gain" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _logits(model, feeds_list, use_library):
+    sess = open_session(str(model), use_library=use_library)
+    name = sess.get_outputs()[0].name
+    return [run_session(sess, [name], f)[0].astype(np.float64) for f in feeds_list]
+
+
+def test_probe_measures_what_the_rewritten_model_computes(tiny, dec_stats, tmp_path):
+    """PlanProbe (every site sparsified by fed scalars, one session): dense when nothing is fed, and
+    the error of a plan is the relative change of the logits of the model rewritten with that plan
+    (ScapSparseMatMul through onnxruntime), on the same tokens."""
+    st = dec_stats
+    with ModelSource(tiny["decoder"]) as src:
+        ds = _data(tiny["decoder"], tiny["calib"], tokens=1024)
+        probe = PlanProbe(st.sites, src, ds, threads=1)
+        assert probe.error({}) == 0.0
+        plan = {s.input: site_scalars(s, s.sparsity) for s in st.sites if s.sparsity}
+        got = probe.error(plan)
+        one = st.sites[0]  # alone, against a capture graph with the rule's constants (calibration's own path)
+        m, tau = site_scalars(one, 0.5)
+        alone = probe.error({one.input: (m, tau)})
+        out_name = src.proto.graph.output[0].name
+        fixed = Capture(src, {out_name: onnx.TensorProto.FLOAT}, [Upstream(
+            one.input, Sparsification(tau, m, one.token_scaled, one.threshold_scale), onnx.TensorProto.FLOAT,
+            [t["name"] for t in one.targets])])
+        ys = [fixed.run(f)[out_name].astype(np.float64) for f in probe.feeds]
+    feeds = probe.feeds  # the first GAIN_TOKENS tokens of the data
+    assert sum(int(np.prod(f["input_ids"].shape)) for f in feeds) >= GAIN_TOKENS
+    out = tmp_path / "planned.onnx"
+    rewrite(tiny["decoder"], out, stats=st)
+    dense = _logits(tiny["decoder"], feeds, False)
+    sparse = _logits(out, feeds, library_available())
+    want = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(sparse, dense))) / np.sqrt(sum((b * b).sum() for b in dense))
+    assert got == pytest.approx(want, rel=1e-3) and got > 0.01
+    want_alone = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(ys, dense))) / np.sqrt(sum((b * b).sum() for b in dense))
+    assert alone == pytest.approx(want_alone, rel=1e-6) and alone > 0
+
+
+def test_checked_budget_keeps_the_best_mix(tiny, dec_stats):
+    """calibrate --budget measures the allocated plan, the uniform one and mixes between them, all at
+    B of the bytes, and keeps the least output error (the gains are a model; where they mislead the
+    plan moves toward uniform)."""
+    check = dec_stats.calibration["budget_check"]
+    errors = {float(k): v for k, v in check["errors"].items()}
+    assert set(errors) == set(MIXES) and errors[check["mix"]] == min(errors.values())
+    assert planned_bytes_share(dec_stats) == pytest.approx(0.4, abs=1e-5)
+    with ModelSource(tiny["decoder"]) as src:
+        probe = PlanProbe(dec_stats.sites, src, _data(tiny["decoder"], tiny["calib"]), threads=1)
+        kept = probe.error({s.input: site_scalars(s, s.sparsity) for s in dec_stats.sites if s.sparsity})
+    assert kept == pytest.approx(errors[check["mix"]], rel=1e-6)
+
+
+def test_default_is_the_budget(tiny, tmp_path):
+    """Neither --sparsity nor --budget: calibrate allocates DEFAULT_BUDGET with measured gains and
+    says so; both together exit 2 in one line."""
+    out = tmp_path / "s.json"
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--tokens", 1024, "--seq-len", 64, "-o", out,
+                check=True)
+    assert f"budget {DEFAULT_BUDGET:g}: each input's sparsity allocated" in p.stdout
+    st = Stats.load(out)
+    assert st.calibration["budget"] == DEFAULT_BUDGET and "budget_check" in st.calibration
+    assert planned_bytes_share(st) == pytest.approx(DEFAULT_BUDGET, abs=1e-5)
+    p = run_cli("calibrate", tiny["decoder"], "--data", tiny["calib"], "--sparsity", "0.4", "--budget", "0.4",
+                "-o", tmp_path / "both.json")
+    assert p.returncode == 2 and "not both" in p.stderr and p.stderr.count("\n") == 1

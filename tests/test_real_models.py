@@ -175,7 +175,8 @@ def fresh_cache(tmp_path_factory):
 @pytest.mark.parametrize("family", ["smollm2", "minilm"])
 def test_rewrite_alone_calibrates_on_the_built_in_corpus(family, request, fresh_cache, tmp_path, monkeypatch):
     """`scap-onnx rewrite MODEL` with no --stats and no --data (a decoder and an encoder, both
-    optimum exports): one line says what it calibrates on, and the result pairs with its model.
+    optimum exports): one line says what it calibrates on (the default: a byte budget, gains measured),
+    and the result pairs with its model.
     (Fewer tokens than the default, to keep the suite short.)"""
     from scap_onnx.evaluation.pairing import open_pair
 
@@ -187,5 +188,5 @@ def test_rewrite_alone_calibrates_on_the_built_in_corpus(family, request, fresh_
     assert corpus.is_file()
     line = [x for x in p.stderr.splitlines() if "built-in corpus" in x]
     assert line == [f"rewrite: no --stats or --data: calibrating on the built-in corpus {corpus} (512 tokens, "
-                    f"method scap-margin, SPEC 0.5)"]
+                    f"method scap-margin, budget {DEFAULT_BUDGET:g})"]
     assert "rewrote" in p.stdout and len(open_pair(model, out).scap) > 0

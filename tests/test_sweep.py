@@ -128,7 +128,8 @@ def test_sweep_comparison_from_rows(llama_sweep):
 
 def test_sweep_plans(llama_sweep):
     _, out, _ = llama_sweep
-    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in set(stats_kinds(2)) - {"wina"} | {"budget"}}
+    stats = {kind: Stats.load(out / f"stats_{kind}.json") for kind in set(stats_kinds(2)) - {"wina"}}
+    stats["budget"] = Stats.load(out / "stats_budget_0.5.json")  # plan_for allocates 0.4 from its gains
     scap = stats["scap"]
     names = {t["name"] for s in scap.sites for t in s.targets}
     for m in DEFAULT_METHODS:
@@ -240,8 +241,12 @@ def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
             "--methods", "teal,budget", "--tokens", 1024, "--seq-len", 128, "--eval-tokens", 512, "--no-latency",
             "-o", tmp_path, check=True)
     res = json.loads((tmp_path / "sweep.json").read_text())
-    st = Stats.load(tmp_path / "stats_budget.json")
-    assert all(s.gain is not None and s.gain >= 0 for s in st.sites)
+    for level in (0.3, 0.5):
+        st = Stats.load(tmp_path / f"stats_budget_{level:g}.json")
+        assert all(s.gain is not None and s.gain >= 0 for s in st.sites)
+        assert st.calibration["gain"]["sparsity"] == level and st.calibration["budget"] == level
+        check = st.calibration["budget_check"]  # the kept mix is the best measured
+        assert check["errors"][f"{check['mix']:g}"] == min(check["errors"].values())
     rows = {(r["method"], r["level"]): r for r in res["rows"]}
     vs = {c["level"]: c for c in res["against_teal"] if c["method"] == "budget"}
     assert vs[0.3]["ratio"] is not None and vs[0.3]["ratio"] < 0.6, vs[0.3]

@@ -34,6 +34,10 @@ from ..graph.targets import Target
 from .stats import SiteStats, Stats
 
 _TARGET_FIELDS = {f.name for f in fields(Target)}
+#: What `calibrate` and `rewrite` skip when given neither a SPEC nor a budget: 40 % of the targets'
+#: weight bytes (SmolLM2: about 32 % of all FC bytes, lm_head included, for +3 to +4 % perplexity;
+#: docs/results.md), a trade-off users keep, where the old default SPEC 0.5 cost +34 %.
+DEFAULT_BUDGET = 0.4
 
 
 def parse_budget(value) -> float:
@@ -122,11 +126,10 @@ def allocate(sites: list[SiteStats], budget: float, centring: str | None = None)
     return out
 
 
-def apply_budget(stats: Stats, budget: float, centring: str | None = None) -> Stats:
-    """Set every site's sparsity, centre (by ``centring``, default the site's own) and threshold by
-    :func:`allocate` (in place; returns ``stats``) and record the budget in its calibration, so
-    that ``stats.plan()`` and ``rewrite --stats`` follow it."""
-    alloc = allocate(stats.sites, budget, centring)
+def apply_allocation(stats: Stats, alloc: dict[str, float], budget: float, centring: str | None = None) -> Stats:
+    """Set every site's sparsity (``alloc``: site input -> sparsity, 0: dense), centre (by
+    ``centring``, default the site's own) and threshold (in place; returns ``stats``) and record the
+    budget in its calibration, so that ``stats.plan()`` and ``rewrite --stats`` follow it."""
     for s in stats.sites:
         p = alloc[s.input]
         if p <= 0.0:
@@ -139,6 +142,12 @@ def apply_budget(stats: Stats, budget: float, centring: str | None = None) -> St
         s.threshold = s.tau(s.sparsity, s.offset)
     stats.calibration["budget"] = float(budget)
     return stats
+
+
+def apply_budget(stats: Stats, budget: float, centring: str | None = None) -> Stats:
+    """:func:`apply_allocation` of :func:`allocate`, unchecked (calibration.sensitivity's
+    apply_checked_budget also measures it against the uniform plan)."""
+    return apply_allocation(stats, allocate(stats.sites, budget, centring), budget, centring)
 
 
 def planned_bytes_share(stats: Stats) -> float:

@@ -44,8 +44,8 @@ from ..op.contract import Sparsification
 from ..op.nbits import weight_kn
 from ..op.session import base_options
 from ..progress import NullProgress, Progress
-from .budget import apply_budget, parse_budget
-from .sensitivity import measure_gains
+from .budget import DEFAULT_BUDGET, parse_budget
+from .sensitivity import PlanProbe, apply_checked_budget
 from .capture import Capture, Upstream
 from .data import DataReader, open_data
 from .histogram import Histogram, fine_mode, robust_scale
@@ -224,7 +224,7 @@ def calibrate(
     model: str | Path,
     data: str | Path | Sequence[str | Path] | DataReader,
     *,
-    sparsity: str | float | Spec = 0.5,
+    sparsity: str | float | Spec | None = None,
     targets: str | None = None,
     tokenizer: str | Path | None = None,
     seq_len: int = 256,
@@ -255,11 +255,17 @@ def calibrate(
     ``passes``, ``max_tokens``, ``token_scaled_roles`` where they are None, and the centring.
 
     ``budget``: the share of the targets' weight bytes to skip; every site's sparsity is then
-    allocated from its error curve (calibration.budget) rather than taken from ``sparsity``, which
-    only sets what the upstream-aware passes before the last one sparsify.
+    allocated from its error curve (calibration.budget) and checked against the uniform plan
+    (calibration.sensitivity) rather than taken from ``sparsity``, which then only sets what the
+    upstream-aware passes before the last one sparsify (default: B everywhere). Neither given:
+    ``budget`` DEFAULT_BUDGET.
     """
     if budget is not None:
         budget = parse_budget(budget)
+    elif sparsity is None:
+        budget = DEFAULT_BUDGET
+    if sparsity is None:
+        sparsity = budget
     chosen_method = get_method(method)
     passes = chosen_method.passes if passes is None else passes
     max_tokens = chosen_method.max_tokens if max_tokens is None else max_tokens
@@ -341,8 +347,8 @@ def calibrate(
             sites=[decided[s.input] for s in sites],
         )
         if budget is not None:
-            measure_gains(stats, source, ds, budget, threads, providers)
-            apply_budget(stats, budget)
+            apply_checked_budget(stats, PlanProbe(stats.sites, source, ds, threads, providers), budget,
+                                 progress=progress)
     return stats
 
 

@@ -39,6 +39,9 @@ class Upstream:
     sparsification: Sparsification
     elem_type: int
     consumers: Sequence[str]
+    #: (offset, threshold): names of float32 scalar graph inputs that replace the sparsification's
+    #: own, fed at each run (calibration.sensitivity measures many plans in one session); or None.
+    scalars: tuple[str, str] | None = None
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
@@ -103,7 +106,9 @@ def build_capture_model(
     pre_nodes: dict[str, list[onnx.NodeProto]] = {}  # insert before first consumer
     for k, up in enumerate(sparsify or []):
         b = ProtoBuilder(f"{_SPARSIFY_PREFIX}{k}/")
-        new = sparsified_input(b, up.input, up.sparsification, up.elem_type, opset)
+        new = sparsified_input(b, up.input, up.sparsification, up.elem_type, opset, scalars=up.scalars)
+        if up.scalars is not None:
+            g.input.extend(helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT, []) for nm in up.scalars)
         extra_inits += b.initializers
         for c in up.consumers:
             rewired.setdefault(c, {})[up.input] = new

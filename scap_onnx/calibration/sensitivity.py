@@ -10,8 +10,16 @@ g_s = E_s / e_s, with E_s that output error and e_s the site's layer error there
 then minimises sum_s (g_s e_s(p_s))^2: the squared output error, taking the sites' errors as
 independent (they add in quadrature) and each as linear in its layer error.
 
-One onnxruntime session per site over a weight-free copy of the model (calibration.capture), the
-dense outputs run once; cost: (sites + 1) runs over ``GAIN_TOKENS`` tokens.
+All plans run in one onnxruntime session over a weight-free copy of the model (calibration.capture)
+in which every site is sparsified by an offset and a threshold fed at each run (a negative threshold
+leaves it dense): :class:`PlanProbe`. Cost: (sites + 1) runs over ``GAIN_TOKENS`` tokens, and one
+run per mix that :func:`apply_checked_budget` tries.
+
+The gains are a model of how errors add; :func:`apply_checked_budget` does not trust it blindly. It
+measures the allocated plan, the uniform plan of the same bytes (every site at B) and mixes of the
+two (p = lam * allocated + (1 - lam) * B keeps the bytes exactly), and keeps the one with the least
+output error: where the gains mislead (random-weight models, whose sites all cost about the same),
+the budget falls back toward uniform instead of losing to it.
 """
 
 from __future__ import annotations
@@ -22,18 +30,15 @@ import onnx
 from ..graph.model_io import ModelSource
 from ..op.contract import Sparsification
 from ..op.session import base_options
-from .budget import error_curve
+from ..progress import NullProgress, Progress, Task
+from .budget import allocate, apply_allocation, error_curve
 from .capture import Capture, Upstream
 from .data import DataReader
 
 #: Calibration tokens each site's output error is measured on (the first windows of the data).
 GAIN_TOKENS = 512
+_PROBE_PREFIX = "scap_probe::"
 _ELEM = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
-
-
-def _first_output(source: ModelSource) -> tuple[str, int]:
-    out = source.proto.graph.output[0]
-    return out.name, out.type.tensor_type.elem_type
 
 
 def _feeds(data: DataReader, tokens: int) -> list[dict]:
@@ -46,39 +51,60 @@ def _feeds(data: DataReader, tokens: int) -> list[dict]:
     return out
 
 
-def output_errors(source: ModelSource, data: DataReader, entries: dict[str, Upstream], threads: int | None = None,
-                  providers=None, tokens: int = GAIN_TOKENS) -> dict[str, float]:
-    """Site input -> ||y_s - y|| / ||y|| on the first ``tokens`` tokens of ``data``, y the model's first
-    output dense and y_s with that site alone sparsified by its entry."""
-    name, elem = _first_output(source)
-    feeds = _feeds(data, tokens)
-    dense_cap = Capture(source, {name: elem}, None, base_options(threads), providers)
-    dense = [dense_cap.run(f)[name].astype(np.float64) for f in feeds]
-    del dense_cap
-    norm = np.sqrt(sum(float((y * y).sum()) for y in dense))
-    out = {}
-    for site, entry in entries.items():
-        cap = Capture(source, {name: elem}, [entry], base_options(threads), providers)  # options hold the data dir: one each
-        sq = sum(float(((cap.run(f)[name] - y) ** 2).sum()) for f, y in zip(feeds, dense))
-        out[site] = float(np.sqrt(sq) / norm) if norm > 0 else 0.0
-        del cap
-    return out
+class PlanProbe:
+    """The model's first output (logits, or an encoder's hidden states) on the first ``tokens`` tokens
+    of ``data`` under any plan, in one session: :meth:`error` of {site input: (offset, threshold)},
+    the sites not named dense."""
+
+    def __init__(self, sites, source: ModelSource, data: DataReader, threads: int | None = None,
+                 providers=None, tokens: int = GAIN_TOKENS):
+        out = source.proto.graph.output[0]
+        self._name = out.name  # logits, or an encoder's hidden states
+        self._scalars: dict[str, tuple[str, str]] = {}
+        entries = []
+        for k, s in enumerate(sites):
+            names = (f"{_PROBE_PREFIX}{k}/offset", f"{_PROBE_PREFIX}{k}/threshold")
+            self._scalars[s.input] = names
+            entries.append(Upstream(s.input, Sparsification(0.0, 0.0, s.token_scaled, s.threshold_scale),
+                                    _ELEM[s.dtype], [t["name"] for t in s.targets], names))
+        self._capture = Capture(source, {out.name: out.type.tensor_type.elem_type}, entries,
+                                base_options(threads), providers)
+        self.feeds = _feeds(data, tokens)  # the first windows reaching ``tokens`` tokens
+        self._dense = [self._output({}, f) for f in self.feeds]
+        self._norm = float(np.sqrt(sum(float((y * y).sum()) for y in self._dense)))
+
+    def _output(self, plan: dict[str, tuple[float, float]], feeds: dict) -> np.ndarray:
+        full = dict(feeds)
+        for site, names in self._scalars.items():
+            offset, threshold = plan.get(site, (0.0, -1.0))
+            full[names[0]] = np.asarray(offset, np.float32)  # run_session drops what the graph does not read
+            full[names[1]] = np.asarray(threshold, np.float32)
+        return self._capture.run(full)[self._name].astype(np.float64)
+
+    def error(self, plan: dict[str, tuple[float, float]]) -> float:
+        """||y_plan - y|| / ||y|| over the probe's tokens, y the dense output."""
+        if self._norm <= 0:
+            return 0.0
+        sq = sum(float(((self._output(plan, f) - y) ** 2).sum()) for f, y in zip(self.feeds, self._dense))
+        return float(np.sqrt(sq) / self._norm)
 
 
-def site_entry(site, sparsity: float, centring: str | None = None) -> Upstream:
-    """How the gain measurement sparsifies ``site`` (a SiteStats) at ``sparsity``: every target of it."""
+def site_scalars(site, sparsity: float, centring: str | None = None) -> tuple[float, float]:
+    """(offset, threshold) that sparsify ``site`` (a SiteStats) at ``sparsity`` with ``centring``
+    (default: the site's own)."""
     _, m = site.choose_offset(sparsity, centring)
-    s = Sparsification(site.tau(sparsity, m), m, site.token_scaled, site.threshold_scale)
-    return Upstream(site.input, s, _ELEM[site.dtype], [t["name"] for t in site.targets])
+    return float(m), float(site.tau(sparsity, m))
 
 
-def measure_gains(stats, source: ModelSource, data: DataReader, sparsity: float, threads: int | None = None,
-                  providers=None, tokens: int = GAIN_TOKENS) -> None:
+def measure_gains(stats, probe: PlanProbe, sparsity: float, task: Task | None = None) -> None:
     """Set every site's ``gain`` (in place) from its output error at ``sparsity`` with the site's own
     centring. A site whose layer error there is 0 (inputs mostly exact zeros) tells nothing of its
     gain: it gets the median of the others, not 0, which would let the allocation drop it whole."""
-    entries = {s.input: site_entry(s, sparsity) for s in stats.sites}
-    errors = output_errors(source, data, entries, threads, providers, tokens)
+    errors = {}
+    for s in stats.sites:
+        errors[s.input] = probe.error({s.input: site_scalars(s, sparsity)})
+        if task is not None:
+            task.advance()
     layer = {}
     for s in stats.sites:
         p, e = error_curve(s)
@@ -87,4 +113,32 @@ def measure_gains(stats, source: ModelSource, data: DataReader, sparsity: float,
     fallback = float(np.median(list(gains.values()))) if gains else 1.0
     for s in stats.sites:
         s.gain = float(gains.get(s.input, fallback))
-    stats.calibration["gain"] = {"sparsity": float(sparsity), "tokens": tokens}
+    stats.calibration["gain"] = {"sparsity": float(sparsity), "tokens": GAIN_TOKENS}
+
+
+#: Mixes of the allocated plan with the uniform one that the check measures (1: as allocated).
+MIXES = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def apply_checked_budget(stats, probe: PlanProbe, budget: float, centring: str | None = None,
+                         progress: Progress | None = None):
+    """Gains measured at ``budget``, the allocation (calibration.budget), then the mix with the
+    uniform plan of least measured output error applied to ``stats`` (in place; returned). The
+    errors of every mix are recorded in ``stats.calibration["budget_check"]``."""
+    task = (progress or NullProgress()).task(f"budget {budget:g}: gains and check", len(stats.sites) + len(MIXES))
+    try:
+        measure_gains(stats, probe, budget, task)
+        alloc = allocate(stats.sites, budget, centring)
+        errors = {}
+        for lam in MIXES:
+            mix = {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in stats.sites}
+            errors[lam] = probe.error({s.input: site_scalars(s, p, centring) for s in stats.sites
+                                       if (p := mix[s.input]) > 0.0})
+            task.advance()
+    finally:
+        task.close()
+    best = min(MIXES, key=lambda lam: (errors[lam], -lam))
+    apply_allocation(stats, {s.input: best * alloc[s.input] + (1.0 - best) * budget for s in stats.sites},
+                     budget, centring)
+    stats.calibration["budget_check"] = {"mix": best, "errors": {f"{lam:g}": e for lam, e in errors.items()}}
+    return stats

@@ -62,7 +62,7 @@ from pathlib import Path
 from ..calibration.budget import apply_budget
 from ..calibration.calibrator import calibrate
 from ..calibration.data import open_data
-from ..calibration.sensitivity import measure_gains
+from ..calibration.sensitivity import PlanProbe, apply_checked_budget
 from ..calibration.methods import get_method
 from ..calibration.spec import Spec
 from ..calibration.stats import Stats, TargetPlan
@@ -155,7 +155,7 @@ def kind_for(kind: str, kinds: dict) -> str:
     """The kind of statistics that serves ``kind``: ``default`` is served by another kind calibrated
     with the default method's passes and token scaling (the centring is applied when planning);
     ``wina``'s statistics (weight norms and scores) are their own, and so are ``budget``'s (the
-    default's with each site's gain measured, :func:`_with_gains`)."""
+    default's with each site's gain measured, allocated per level by :func:`_with_budget`)."""
     if kind != "default" or get_method(None).weighted:
         return kind
     d = get_method(None)
@@ -174,7 +174,10 @@ def plan_for(method: str, level: float, stats: dict) -> tuple[dict[str, TargetPl
     kinds = {k: (st.calibration.get("passes"), tuple(st.calibration.get("token_scaled_roles", ())), None)
              for k, st in stats.items()}
     st = stats[kind_for(kind, kinds)]
-    if allocation == "budget":  # on a copy: the stored statistics stay those of the calibration SPEC
+    if allocation == "budget":
+        if st.calibration.get("budget") == level:  # allocated and checked at this level (_with_budget)
+            return st.plan(), f"budget {level:g}"
+        # on a copy: the stored statistics stay those of the calibration SPEC
         copy = apply_budget(Stats.from_dict(st.to_dict()), level, centring or get_method(None).centring)
         return copy.plan(), f"budget {level:g}"
     if centring is None:
@@ -201,10 +204,11 @@ def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, 
     return st, False
 
 
-def _with_gains(model: Path, data: Path, path: Path, base: Stats, level: float, opts: dict) -> tuple:
-    """A copy of ``base`` with every site's gain measured at ``level`` (calibration.sensitivity),
-    from ``path`` when it was measured there for the same statistics, else measured and saved."""
-    want = {**base.calibration.get("sweep", {}), "gain_sparsity": level}
+def _with_budget(model: Path, data: Path, path: Path, base: Stats, level: float, opts: dict, progress) -> tuple:
+    """A copy of ``base`` with the budget ``level`` allocated as ``calibrate --budget`` does (gains
+    measured at that level, the allocation checked against the uniform plan:
+    calibration.sensitivity), from ``path`` when it was made there for the same statistics."""
+    want = {**base.calibration.get("sweep", {}), "budget": level}
     st = reusable_stats(path, model, "sweep", want)
     if st is not None:
         return st, True
@@ -212,7 +216,7 @@ def _with_gains(model: Path, data: Path, path: Path, base: Stats, level: float, 
     with ModelSource(model) as source:
         ds = open_data(data, source.proto, model, tokenizer=opts["tokenizer"], seq_len=opts["seq_len"],
                        max_tokens=opts["max_tokens"])
-        measure_gains(st, source, ds, level, opts["threads"])
+        apply_checked_budget(st, PlanProbe(st.sites, source, ds, opts["threads"]), level, progress=progress)
     st.calibration["sweep"] = want
     st.save(path)
     return st, False
@@ -308,13 +312,18 @@ def sweep(
                              "token_scaled_roles": list(token_roles),
                              "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
         log(f"{kind} statistics: {calibration[kind]}")
+    budget_stats: dict[float, Stats] = {}  # level -> the default's statistics with that budget applied
     if "budget" in methods:
-        t0 = time.perf_counter()
         base = stats[kind_for("default", kinds)]
-        stats["budget"], reused = _with_gains(model, data, out_dir / "stats_budget.json", base, mid, cal_opts)
-        calibration["budget"] = {**calibration.get(kind_for("default", kinds), {}), "gain": stats["budget"].calibration["gain"],
-                                 "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
-        log(f"budget gains: {calibration['budget']}")
+        calibration["budget"] = {**calibration.get(kind_for("default", kinds), {}), "levels": {}}
+        for lv in levels:
+            t0 = time.perf_counter()
+            budget_stats[lv], reused = _with_budget(model, data, out_dir / f"stats_budget_{lv:g}.json", base, lv,
+                                                    cal_opts, progress)
+            calibration["budget"]["levels"][f"{lv:g}"] = {**budget_stats[lv].calibration["budget_check"],
+                                                          "seconds": round(time.perf_counter() - t0, 1),
+                                                          "reused": reused}
+            log(f"budget {lv:g}: {calibration['budget']['levels'][f'{lv:g}']}")
     cache = DenseCache(out_dir / ".dense_cache")
     rows: list[dict] = []
     env = None
@@ -323,7 +332,7 @@ def sweep(
     try:
         for method in methods:
             for lv in levels:
-                plan, spec = plan_for(method, lv, stats)
+                plan, spec = plan_for(method, lv, {**stats, "budget": budget_stats[lv]} if budget_stats else stats)
                 name = f"{method}_{lv:g}"
                 sparse_path = out_dir / "models" / f"{name}.onnx"
                 rewrite_file(model, sparse_path, plan, check=False)

@@ -35,36 +35,53 @@ from .token_norm import default_opset, token_norm
 LOWERED_PREFIX = "scap_lowered::"
 
 
-def _drop_rule(b: GraphBuilder, z, s: Sparsification, elem_type: int, threshold_scale=None, channel_offset=None):
+def _drop_rule(b: GraphBuilder, z, s: Sparsification, elem_type: int, threshold_scale=None, channel_offset=None,
+               scalars=None):
     """(D, drop): D = z - offset - channel_offset and whether each element is dropped, in T.
-    threshold_scale / channel_offset: float32 [K] graph values, or None."""
+    threshold_scale / channel_offset: float32 [K] graph values, or None. scalars: (offset,
+    threshold) as float32 scalar graph values that replace ``s.offset`` and ``s.threshold``, or None."""
     np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
 
     def as_t(v):
         return v if elem_type == onnx.TensorProto.FLOAT else b.op("Cast", [v], to=elem_type)
 
-    d = b.op("Sub", [z, b.const("offset", np.asarray(s.offset, np_dtype))])
+    if scalars is None:
+        offset, threshold32 = b.const("offset", np.asarray(s.offset, np_dtype)), None
+    else:
+        offset, threshold32 = as_t(scalars[0]), scalars[1]
+    d = b.op("Sub", [z, offset])
     if channel_offset is not None:
         d = b.op("Sub", [d, as_t(channel_offset)])
     if threshold_scale is None:
-        tau = b.const("threshold", np.asarray(s.threshold, np_dtype))
+        tau = b.const("threshold", np.asarray(s.threshold, np_dtype)) if threshold32 is None else as_t(threshold32)
     else:  # threshold * scale, where that is 0 * inf the scale itself (reference.channel_thresholds)
-        product = b.op("Mul", [b.const("threshold", np.asarray(s.threshold, np.float32)), threshold_scale])
+        if threshold32 is None:
+            threshold32 = b.const("threshold", np.asarray(s.threshold, np.float32))
+        product = b.op("Mul", [threshold32, threshold_scale])
         tau = as_t(b.op("Where", [b.op("IsNaN", [product]), threshold_scale, product]))
     return d, b.op("LessOrEqual", [b.op("Abs", [d]), tau])
 
 
-def sparsified_input(b: GraphBuilder, x, s: Sparsification, elem_type: int, opset: int, *, output=None):
-    """x' (see the module doc): what the original MatMul must read to compute the op's result."""
+def sparsified_input(b: GraphBuilder, x, s: Sparsification, elem_type: int, opset: int, *, output=None,
+                     scalars=None):
+    """x' (see the module doc): what the original MatMul must read to compute the op's result.
+
+    ``scalars``: (offset, threshold) float32 scalar graph values read instead of ``s.offset`` and
+    ``s.threshold``, so that one graph serves many plans (a negative threshold drops nothing)."""
     np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     scale = None if s.threshold_scale is None else b.const("threshold_scale", s.scale_array())
     channel_offset = None if s.channel_offset is None else b.const("channel_offset", s.channel_offset_array())
-    fill = b.const("centre", np.asarray(s.centre(), np_dtype))
+    if scalars is None:
+        fill = b.const("centre", np.asarray(s.centre(), np_dtype))
+    else:
+        fill = scalars[0] if elem_type == onnx.TensorProto.FLOAT else b.op("Cast", [scalars[0]], to=elem_type)
+        if channel_offset is not None:
+            fill = b.op("Add", [fill, b.const("channel_centre", s.channel_offset_array().astype(np_dtype))])
     z = x
     if s.token_scaled:
         z, n = token_norm(b, x, elem_type, opset)
         fill = b.op("Mul", [n, fill])
-    _, drop = _drop_rule(b, z, s, elem_type, scale, channel_offset)
+    _, drop = _drop_rule(b, z, s, elem_type, scale, channel_offset, scalars)
     return b.op("Where", [drop, fill, x], output=output)
 
 
