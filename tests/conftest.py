@@ -29,6 +29,35 @@ def reference_op() -> type[OpRun]:
     return ScapSparseMatMulOpRun
 
 
+# ----------------------------------------------------------------------------- CPU caps
+def cpu_flags() -> set[str] | None:
+    """The CPU's flags from /proc/cpuinfo, or None where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+_AVX512 = {"avx512f", "avx512bw", "avx512vl"}
+#: The /proc/cpuinfo flags each SCAP_ONNX_ISA cap needs.
+ISA_FLAGS = {"portable": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": _AVX512,
+             "amx": _AVX512 | {"amx_tile", "amx_bf16", "avx512_bf16"}}
+
+
+def skip_unless_cpu_runs(isa: str, unknown_ok: bool = True) -> None:
+    """Skips when the CPU lacks the cap's flags (or they are unknown, unless unknown_ok)."""
+    flags = cpu_flags()
+    need = ISA_FLAGS[isa]
+    if flags is None and not unknown_ok:
+        pytest.skip(f"no /proc/cpuinfo: cannot tell whether the CPU runs the {isa} kernels")
+    if flags is not None and not need <= flags:
+        pytest.skip(f"this CPU lacks {sorted(need - flags)}: the {isa} kernels cannot run here")
+
+
 def run_cli(*args, check: bool | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run the real command line (``python -m scap_onnx.cli``, the console script's main())."""
     env = dict(os.environ)

@@ -38,6 +38,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import scap_onnx
+from conftest import skip_unless_cpu_runs
 from scap_onnx.op.contract import DOMAIN, OP_TYPE, make_node, opset_import
 from scap_onnx.op.reference import scap_sparse_matmul
 
@@ -447,33 +448,6 @@ def test_non_finite_weights_in_dropped_rows_are_skipped(dtype, rows, partly, con
 
 
 # ----------------------------------------------------------------------------- ISA caps
-def _cpu_flags() -> set[str] | None:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
-
-
-_AVX512 = {"avx512f", "avx512bw", "avx512vl"}
-# The /proc/cpuinfo flags each SCAP_ONNX_ISA cap needs.
-ISA_FLAGS = {"portable": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": _AVX512,
-             "amx": _AVX512 | {"amx_tile", "amx_bf16", "avx512_bf16"}}
-
-
-def _skip_unless_cpu_runs(isa: str, unknown_ok: bool = True) -> None:
-    """Skips when the CPU lacks the cap's flags (or they are unknown, unless unknown_ok)."""
-    flags = _cpu_flags()
-    need = ISA_FLAGS[isa]
-    if flags is None and not unknown_ok:
-        pytest.skip("no /proc/cpuinfo: cannot tell whether the CPU has AMX-BF16")
-    if flags is not None and not need <= flags:
-        pytest.skip(f"this CPU lacks {sorted(need - flags)}: the {isa} kernels cannot run here")
-
-
 def _run_capped(isa: str, body: str, gemm: str | None = None) -> subprocess.CompletedProcess:
     """Runs `body` in a subprocess that has imported this file as test_op, with SCAP_ONNX_ISA=isa
     (the library reads the cap once per process), and SCAP_ONNX_GEMM=gemm when given (sparse,
@@ -495,7 +469,7 @@ def kernel_isa() -> str:
 def test_isa_cap(isa):
     """Every kernel variant the CPU runs, one capped subprocess each; the library reports that the
     cap really chose those kernels."""
-    _skip_unless_cpu_runs(isa)
+    skip_unless_cpu_runs(isa)
     proc = _run_capped(isa, "print('kernel isa:', test_op.kernel_isa())\n"
                             "from scap_onnx.evaluation.environment import environment\n"
                             "print('report isa:', environment(1, 'CPUExecutionProvider', False)['kernel_isa'])\n"
@@ -558,7 +532,7 @@ def test_kernel_isa_is_reported():
 def test_amx_kernel_runs_where_the_cpu_has_it():
     """On a CPU with AMX-BF16 the default build multiplies tall A on the tile unit: its float32
     sums then differ in the last bits from the AVX-512 kernels' (another order of additions)."""
-    _skip_unless_cpu_runs("amx", unknown_ok=False)
+    skip_unless_cpu_runs("amx", unknown_ok=False)
     body = (
         "import hashlib, numpy as np\n"
         "rng = np.random.default_rng(0)\n"

@@ -8,12 +8,17 @@ real text give the same families activations with structure (outlier channels, o
 outputs) and a perplexity a sparsification can move. Nothing is downloaded: the model is built from
 a config, trained with torch on the CPU and exported as the prepared models are.
 
-    python tools/make_trained_family.py gemma --train ~/.cache/scap-onnx/texts/pydoc.txt \\
-        --eval ~/.cache/scap-onnx/texts/fortunes.txt ~/.cache/scap-onnx/texts/kjv.txt -o /tmp/trained-gemma
+    T=~/.cache/scap-onnx/texts
+    python tools/make_trained_family.py gemma --train $T/pydoc.txt $T/fortunes.txt $T/kjv.txt \\
+        --eval $T/fortunes.txt $T/kjv.txt -o /tmp/trained-gemma
 
-writes OUT/model.onnx, OUT/calib.npz (windows of the training text, from its last tenth, which
-training never reads) and OUT/eval_<name>.npz for every --eval text. Tokens are bytes (vocabulary
-256), so no tokenizer is needed.
+writes OUT/model.onnx, OUT/calib.npz (windows of the first --train text) and OUT/eval_<name>.npz for
+every --eval text. Training reads the first nine tenths of each --train text (equally often);
+calibration and evaluation windows come from the last tenth of a text trained on (the whole text
+otherwise). Train on every text you evaluate on, as a real LLM has seen such text: a model that saw
+pydoc only reads fortunes at twice its pydoc perplexity, and that domain shift, not the
+sparsification, then decides what a plan costs there. Tokens are bytes (vocabulary 256), so no
+tokenizer is needed.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ def windows(data: np.ndarray, count: int, length: int) -> np.ndarray:
     return np.stack([data[s:s + length] for s in starts])
 
 
-def train(family: str, data: np.ndarray, steps: int, seq: int, batch: int, seed: int, log):
+def train(family: str, texts: list[np.ndarray], steps: int, seq: int, batch: int, seed: int, log):
     import torch
     import transformers
 
@@ -67,8 +72,9 @@ def train(family: str, data: np.ndarray, steps: int, seq: int, batch: int, seed:
     model.train()
     t0 = time.monotonic()
     for step in range(steps):
-        starts = rng.integers(0, len(data) - seq - 1, size=batch)
-        ids = torch.from_numpy(np.stack([data[s:s + seq] for s in starts]))
+        which = rng.integers(0, len(texts), size=batch)
+        ids = torch.from_numpy(np.stack([texts[w][s:s + seq] for w in which
+                                         for s in rng.integers(0, len(texts[w]) - seq - 1, size=1)]))
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()
@@ -84,7 +90,8 @@ def train(family: str, data: np.ndarray, steps: int, seq: int, batch: int, seed:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("family", choices=sorted(CONFIGS))
-    ap.add_argument("--train", type=Path, required=True, help="Text to train on (and to calibrate on).")
+    ap.add_argument("--train", type=Path, nargs="+", required=True,
+                    help="Texts to train on; the first is also the calibration text.")
     ap.add_argument("--eval", type=Path, nargs="*", default=[], help="Texts to write evaluation feeds of.")
     ap.add_argument("-o", "--output", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=600)
@@ -103,18 +110,23 @@ def main() -> int:
     def log(msg):
         print(f"[{args.family}] {msg}", file=sys.stderr, flush=True)
 
-    data = text_bytes(args.train)
-    cut = int(len(data) * 0.9)
+    def held_out(path: Path) -> np.ndarray:  # the last tenth of a text trained on, else all of it
+        data = text_bytes(path)
+        trained = any(path.resolve() == t.resolve() for t in args.train)
+        return data[int(len(data) * 0.9):] if trained else data
+
+    texts = [text_bytes(p) for p in args.train]
     with transformers_offline():
-        model = train(args.family, data[:cut], args.steps, args.seq_len, args.batch, args.seed, log)
+        model = train(args.family, [t[:int(len(t) * 0.9)] for t in texts], args.steps, args.seq_len, args.batch,
+                      args.seed, log)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(Path(tmp) / "hf", safe_serialization=True)
             export_onnx(Path(tmp) / "hf", args.output, task="text-generation-with-past",
                         label=f"trained {args.family}")
     postprocess_onnx(args.output / "model.onnx", rename_matmul_weights=False)
     inputs = model_inputs(onnx.load(str(args.output / "model.onnx"), load_external_data=False))
-    feeds = {"calib": windows(data[cut:], args.windows, args.seq_len)}
-    feeds.update({f"eval_{p.stem}": windows(text_bytes(p), args.windows, args.seq_len) for p in args.eval})
+    feeds = {"calib": windows(held_out(args.train[0]), args.windows, args.seq_len)}
+    feeds.update({f"eval_{p.stem}": windows(held_out(p), args.windows, args.seq_len) for p in args.eval})
     for name, ids in feeds.items():
         np.savez(args.output / f"{name}.npz", **feeds_from_ids(inputs, ids))
     log(f"wrote {args.output}: model.onnx, " + ", ".join(f"{n}.npz" for n in feeds))
