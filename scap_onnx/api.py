@@ -64,8 +64,8 @@ def rewrite(
 ) -> RewriteResult:
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
     from calibrating on ``data`` (a file, or a list of text files to mix; neither: the built-in
-    corpus, :func:`default_calibration_data`). ``sparsity`` re-targets
-    (default: the calibration SPEC). ``fuse``: targets that drop the same elements of one input
+    corpus, :func:`default_calibration_data`). ``sparsity`` re-targets (default: the plan in
+    ``stats``; calibrating with neither ``sparsity`` nor ``budget``: calibration.budget.default_target). ``fuse``: targets that drop the same elements of one input
     (gate and up) become one node (scap_onnx.passes.fuse).
 
     ``budget``: the share of the targets' weight bytes to skip, each input's sparsity allocated from

@@ -22,7 +22,7 @@ from typing import List, Optional
 import typer
 
 from . import api
-from .calibration.budget import DEFAULT_BUDGET, parse_budget, planned_bytes_share
+from .calibration.budget import DEFAULT_BUDGET, default_target, parse_budget, planned_bytes_share
 from .calibration.methods import DEFAULT_METHOD, METHODS, get_method
 from .calibration.spec import parse_roles, parse_spec
 from .calibration.stats import Stats
@@ -104,7 +104,8 @@ ThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 BudgetOpt = typer.Option(None, "--budget", help="Share of the targets' weight bytes to skip per token, 0 < B < 1: each "
                          "input's sparsity is allocated from its error curve for the least output error, instead of a "
-                         f"SPEC (docs/calibration.md). The default when no --sparsity is given: {DEFAULT_BUDGET:g}.")
+                         f"SPEC (docs/calibration.md). Calibrating with neither --budget nor --sparsity: "
+                         f"{DEFAULT_BUDGET:g}.")
 # Options shared by validate, sweep and demo.
 KvLenOpt = typer.Option(256, "--kv-len", help="Decode step: tokens already in the KV cache.")
 TimingThreadsOpt = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: physical cores).")
@@ -166,8 +167,6 @@ def calibrate(
     budget_share = None if budget is None else parse_budget(budget)
     if spec is not None and budget_share is not None:
         fail("give either --budget or --sparsity, not both")
-    if spec is None and budget_share is None:
-        budget_share = DEFAULT_BUDGET
     if not data:
         fail("calibrate needs --data DATA (a text file or an .npz of feeds)")
     if same_file(output, model):
@@ -184,9 +183,12 @@ def calibrate(
     cal = stats.calibration
     typer.echo(f"calibrated {stats.model['targets']} targets ({stats.model['sites']} inputs) on {cal['tokens']} tokens, "
                f"{cal['passes']} pass(es), {cal['seconds']:.0f}s -> {output}")
-    if budget_share is not None:
+    if "budget" in cal:
         dense = sum(1 for s in stats.sites if s.sparsity is None)
-        typer.echo(f"budget {budget_share:g}: each input's sparsity allocated from its error curve and gain "
+        mix = cal.get("budget_check", {}).get("mix")
+        kept = "" if mix is None else (", the uniform plan measured better and was kept" if mix == 0 else
+                                       f", {mix:g} of the way from the uniform plan, as measured best")
+        typer.echo(f"budget {cal['budget']:g}: each input's sparsity allocated from its error curve and gain{kept} "
                    f"({planned_bytes_share(stats):.3f} of the targets' weight bytes skipped on the calibration data; "
                    f"{dense} inputs left dense)")
     for line in _summary_lines(stats, stats.plan()):
@@ -199,7 +201,8 @@ def rewrite(
     model: Path = typer.Argument(..., help="ONNX model or onnxruntime-genai folder to rewrite (never modified)."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="stats.json from `scap-onnx calibrate`."),
     data: Optional[List[Path]] = DataOpt,
-    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC to re-target (default: the calibration SPEC)."),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", "-s", help="SPEC to re-target (default: the plan in --stats; calibrating, --budget "
+                                                   f"{DEFAULT_BUDGET:g})."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output model (default: MODEL_scap.onnx beside MODEL); for a genai folder, the output folder (default: FOLDER_scap)."),
     targets: Optional[str] = TargetsOpt,
     tokenizer: Optional[Path] = TokenizerOpt,
@@ -233,10 +236,10 @@ def rewrite(
     data = data or None
     if data is None and stats is None:
         data = api.default_calibration_data(resolve_model(model), tokenizer)
+        spec_asked, budget_asked = default_target(sparsity, budget_share, get_method(method).weighted)
         typer.echo(f"rewrite: no --stats or --data: calibrating on the built-in corpus {data} "
                    f"({tokens or get_method(method).max_tokens} tokens, method {get_method(method).name}, "
-                   + (f"SPEC {sparsity})" if sparsity is not None else f"budget {budget_share or DEFAULT_BUDGET:g})"),
-                   err=True)
+                   + (f"SPEC {spec_asked})" if spec_asked is not None else f"budget {budget_asked:g})"), err=True)
     if data is not None:
         kwargs = _calibrate_kwargs(tokenizer, tokens, seq_len, batch_size, sampling, passes, sample_rows, threads,
                                    token_scaled, method)

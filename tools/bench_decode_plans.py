@@ -50,8 +50,9 @@ def main() -> int:
     ids, _ = token_stream(ds, args.kv_len + DECODE_TOKENS)
     L = args.kv_len
     paths = {"dense": args.dense, **{f"sparse{i}": p for i, p in enumerate(args.sparse)}}
-    sessions = {n: open_session(str(p), options=base_options(args.threads), use_library=n != "dense" or None)
-                for n, p in paths.items()}
+    # spinning off: one pool per session, and spinning pools would take each other's cores
+    sessions = {n: open_session(str(p), options=base_options(args.threads, spinning=False),
+                                use_library=n != "dense" or None) for n, p in paths.items()}
     prefill = _decoder_feeds(pair, ids[None, :L], 0, None)
     steps = {}
     for name, sess in sessions.items():

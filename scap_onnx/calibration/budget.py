@@ -51,6 +51,15 @@ def parse_budget(value) -> float:
     return b
 
 
+def default_target(sparsity, budget, weighted: bool = False) -> tuple:
+    """(SPEC, budget) to calibrate for, from those asked (either may be None): neither asked, the
+    budget DEFAULT_BUDGET, or for a weighted method (``wina``: its error curves are those of the
+    unweighted rule, so they cannot steer an allocation) the uniform SPEC DEFAULT_BUDGET."""
+    if sparsity is None and budget is None:
+        return (DEFAULT_BUDGET, None) if weighted else (None, DEFAULT_BUDGET)
+    return sparsity, budget
+
+
 def site_bytes(site: SiteStats) -> int:
     """Weight bytes of the site's targets (Target.weight_bytes: codes of quantized weights)."""
     return sum(Target(**{k: v for k, v in t.items() if k in _TARGET_FIELDS}).weight_bytes for t in site.targets)
@@ -141,6 +150,7 @@ def apply_allocation(stats: Stats, alloc: dict[str, float], budget: float, centr
             s.centring = centring
         s.threshold = s.tau(s.sparsity, s.offset)
     stats.calibration["budget"] = float(budget)
+    stats.calibration.pop("budget_check", None)  # that of another allocation, if any
     return stats
 
 

@@ -44,7 +44,7 @@ from ..op.contract import Sparsification
 from ..op.nbits import weight_kn
 from ..op.session import base_options
 from ..progress import NullProgress, Progress
-from .budget import DEFAULT_BUDGET, parse_budget
+from .budget import default_target, parse_budget
 from .sensitivity import PlanProbe, apply_checked_budget
 from .capture import Capture, Upstream
 from .data import DataReader, open_data
@@ -258,15 +258,14 @@ def calibrate(
     allocated from its error curve (calibration.budget) and checked against the uniform plan
     (calibration.sensitivity) rather than taken from ``sparsity``, which then only sets what the
     upstream-aware passes before the last one sparsify (default: B everywhere). Neither given:
-    ``budget`` DEFAULT_BUDGET.
+    calibration.budget.default_target.
     """
+    chosen_method = get_method(method)
+    sparsity, budget = default_target(sparsity, budget, chosen_method.weighted)
     if budget is not None:
         budget = parse_budget(budget)
-    elif sparsity is None:
-        budget = DEFAULT_BUDGET
     if sparsity is None:
         sparsity = budget
-    chosen_method = get_method(method)
     passes = chosen_method.passes if passes is None else passes
     max_tokens = chosen_method.max_tokens if max_tokens is None else max_tokens
     if token_scaled_roles is None:

@@ -41,14 +41,20 @@ _PROBE_PREFIX = "scap_probe::"
 _ELEM = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
 
-def _feeds(data: DataReader, tokens: int) -> list[dict]:
+def _feeds(data: DataReader, tokens: int) -> tuple[list[dict], int]:
     out, seen = [], 0
     for feeds, n in data.batches():
         out.append(feeds)
         seen += n
         if seen >= tokens:
             break
-    return out
+    return out, seen
+
+
+def _as_fed(value: float, dtype: str) -> np.ndarray:
+    """A float32 scalar holding ``value`` as the site's type rounds it: what the rule reads from the
+    rewritten node's attributes (a float16 model's constant path rounds to float16)."""
+    return np.asarray(np.float16(value) if dtype == "float16" else value, np.float32)
 
 
 class PlanProbe:
@@ -69,7 +75,8 @@ class PlanProbe:
                                     _ELEM[s.dtype], [t["name"] for t in s.targets], names))
         self._capture = Capture(source, {out.name: out.type.tensor_type.elem_type}, entries,
                                 base_options(threads), providers)
-        self.feeds = _feeds(data, tokens)  # the first windows reaching ``tokens`` tokens
+        self.feeds, self.tokens = _feeds(data, tokens)  # the first windows reaching ``tokens`` tokens
+        self._dtypes = {s.input: s.dtype for s in sites}
         self._dense = [self._output({}, f) for f in self.feeds]
         self._norm = float(np.sqrt(sum(float((y * y).sum()) for y in self._dense)))
 
@@ -77,8 +84,8 @@ class PlanProbe:
         full = dict(feeds)
         for site, names in self._scalars.items():
             offset, threshold = plan.get(site, (0.0, -1.0))
-            full[names[0]] = np.asarray(offset, np.float32)  # run_session drops what the graph does not read
-            full[names[1]] = np.asarray(threshold, np.float32)
+            full[names[0]] = _as_fed(offset, self._dtypes[site])  # run_session drops what the graph does not read
+            full[names[1]] = _as_fed(threshold, self._dtypes[site])
         return self._capture.run(full)[self._name].astype(np.float64)
 
     def error(self, plan: dict[str, tuple[float, float]]) -> float:
@@ -96,24 +103,26 @@ def site_scalars(site, sparsity: float, centring: str | None = None) -> tuple[fl
     return float(m), float(site.tau(sparsity, m))
 
 
-def measure_gains(stats, probe: PlanProbe, sparsity: float, task: Task | None = None) -> None:
-    """Set every site's ``gain`` (in place) from its output error at ``sparsity`` with the site's own
-    centring. A site whose layer error there is 0 (inputs mostly exact zeros) tells nothing of its
-    gain: it gets the median of the others, not 0, which would let the allocation drop it whole."""
+def measure_gains(stats, probe: PlanProbe, sparsity: float, centring: str | None = None,
+                  task: Task | None = None) -> None:
+    """Set every site's ``gain`` (in place) from its output error at ``sparsity`` with ``centring``
+    (default: the site's own), the centring the allocation then uses. A site whose layer error
+    there is 0 (inputs mostly exact zeros) tells nothing of its gain: it gets the median of the
+    others, not 0, which would let the allocation drop it whole."""
     errors = {}
     for s in stats.sites:
-        errors[s.input] = probe.error({s.input: site_scalars(s, sparsity)})
+        errors[s.input] = probe.error({s.input: site_scalars(s, sparsity, centring)})
         if task is not None:
             task.advance()
     layer = {}
     for s in stats.sites:
-        p, e = error_curve(s)
+        p, e = error_curve(s, centring)
         layer[s.input] = float(np.interp(sparsity, p, e))
     gains = {k: errors[k] / v for k, v in layer.items() if v > 0}
     fallback = float(np.median(list(gains.values()))) if gains else 1.0
     for s in stats.sites:
         s.gain = float(gains.get(s.input, fallback))
-    stats.calibration["gain"] = {"sparsity": float(sparsity), "tokens": GAIN_TOKENS}
+    stats.calibration["gain"] = {"sparsity": float(sparsity), "tokens": probe.tokens}
 
 
 #: Mixes of the allocated plan with the uniform one that the check measures (1: as allocated).
@@ -127,18 +136,17 @@ def apply_checked_budget(stats, probe: PlanProbe, budget: float, centring: str |
     errors of every mix are recorded in ``stats.calibration["budget_check"]``."""
     task = (progress or NullProgress()).task(f"budget {budget:g}: gains and check", len(stats.sites) + len(MIXES))
     try:
-        measure_gains(stats, probe, budget, task)
+        measure_gains(stats, probe, budget, centring, task)
         alloc = allocate(stats.sites, budget, centring)
+        mixes = {lam: {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in stats.sites} for lam in MIXES}
         errors = {}
-        for lam in MIXES:
-            mix = {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in stats.sites}
+        for lam, mix in mixes.items():
             errors[lam] = probe.error({s.input: site_scalars(s, p, centring) for s in stats.sites
                                        if (p := mix[s.input]) > 0.0})
             task.advance()
     finally:
         task.close()
     best = min(MIXES, key=lambda lam: (errors[lam], -lam))
-    apply_allocation(stats, {s.input: best * alloc[s.input] + (1.0 - best) * budget for s in stats.sites},
-                     budget, centring)
+    apply_allocation(stats, mixes[best], budget, centring)
     stats.calibration["budget_check"] = {"mix": best, "errors": {f"{lam:g}": e for lam, e in errors.items()}}
     return stats

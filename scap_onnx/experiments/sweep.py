@@ -21,9 +21,10 @@ Methods (each at every level s, all targets but lm_head):
 ``default``    the default calibration method (``calibrate`` without ``--method``), its statistics
                and centring.
 ``budget``     the default method's statistics and centring, each input's sparsity allocated from its
-               error curve and gain so that the targets' weight bytes skipped are s (``--budget s``,
-               scap_onnx.calibration.budget; the gains measured once, at the middle level): the
-               uniform SPEC of ``default`` against an allocation.
+               error curve and gain so that the targets' weight bytes skipped are s, as
+               ``calibrate --budget s`` does (scap_onnx.calibration.budget; gains measured at each
+               level, the allocation checked against the uniform plan): what ``calibrate`` does
+               with neither a SPEC nor a budget, at s = 0.4.
 ``wina``       weight-aware per-channel thresholds (``--method wina``; not in the default set: one
                more calibration).
 
@@ -37,7 +38,8 @@ sweep); latency is measured for every point against the dense model, interleaved
 `scap-onnx validate` does.
 
 Output folder: ``sweep.json`` (format ``scap-onnx-sweep``), ``sweep.md`` (tables),
-``pareto.png``, ``stats_<kind>.json`` (teal, scap, default) and ``reports/<method>_<level>.json``
+``pareto.png``, ``stats_<kind>.json`` (teal, scap, default), ``stats_budget_<level>.json`` (the
+budget method's plans) and ``reports/<method>_<level>.json``
 (+ .md) per point. ``sweep.json`` keys: ``model``, ``data`` (calibration), ``eval_data``,
 ``levels``, ``methods``, ``calibration`` (per stats kind: tokens, passes, spec, seconds),
 ``environment`` (as in validate), ``rows`` (one per point, the dense row first: ``method``,
@@ -62,7 +64,7 @@ from pathlib import Path
 from ..calibration.budget import apply_budget
 from ..calibration.calibrator import calibrate
 from ..calibration.data import open_data
-from ..calibration.sensitivity import PlanProbe, apply_checked_budget
+from ..calibration.sensitivity import GAIN_TOKENS, MIXES, PlanProbe, apply_checked_budget
 from ..calibration.methods import get_method
 from ..calibration.spec import Spec
 from ..calibration.stats import Stats, TargetPlan
@@ -208,7 +210,9 @@ def _with_budget(model: Path, data: Path, path: Path, base: Stats, level: float,
     """A copy of ``base`` with the budget ``level`` allocated as ``calibrate --budget`` does (gains
     measured at that level, the allocation checked against the uniform plan:
     calibration.sensitivity), from ``path`` when it was made there for the same statistics."""
-    want = {**base.calibration.get("sweep", {}), "budget": level}
+    centring = get_method(None).centring
+    want = {**base.calibration.get("sweep", {}), "budget": level, "centring": centring, "mixes": list(MIXES),
+            "gain_tokens": GAIN_TOKENS}
     st = reusable_stats(path, model, "sweep", want)
     if st is not None:
         return st, True
@@ -216,7 +220,7 @@ def _with_budget(model: Path, data: Path, path: Path, base: Stats, level: float,
     with ModelSource(model) as source:
         ds = open_data(data, source.proto, model, tokenizer=opts["tokenizer"], seq_len=opts["seq_len"],
                        max_tokens=opts["max_tokens"])
-        apply_checked_budget(st, PlanProbe(st.sites, source, ds, opts["threads"]), level, progress=progress)
+        apply_checked_budget(st, PlanProbe(st.sites, source, ds, opts["threads"]), level, centring, progress)
     st.calibration["sweep"] = want
     st.save(path)
     return st, False
