@@ -24,6 +24,7 @@ from scap_onnx.calibration.sensitivity import GAIN_TOKENS, MIXES, PlanProbe, app
 from scap_onnx.calibration.spec import Spec
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
+from scap_onnx.evaluation.metrics import Metrics
 from scap_onnx.evaluation.sparsity import measure_sparsity
 from scap_onnx.graph.model_io import ModelSource
 from scap_onnx.op.contract import Sparsification, node_attribute, scap_nodes, targets_of
@@ -233,6 +234,8 @@ def test_probe_measures_what_the_rewritten_model_computes(tiny, dec_stats, tmp_p
         assert probe.error({}) == 0.0
         plan = {s.input: site_scalars(s, s.sparsity) for s in st.sites if s.sparsity}
         got = probe.error(plan)
+        loss = probe.loss(plan)
+        assert probe.loss({}) == 0.0
         one = st.sites[0]  # alone, against a capture graph with the rule's constants (calibration's own path)
         m, tau = site_scalars(one, 0.5)
         alone = probe.error({one.input: (m, tau)})
@@ -251,6 +254,14 @@ def test_probe_measures_what_the_rewritten_model_computes(tiny, dec_stats, tmp_p
     assert got == pytest.approx(want, rel=1e-3) and got > 0.01
     want_alone = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(ys, dense))) / np.sqrt(sum((b * b).sum() for b in dense))
     assert alone == pytest.approx(want_alone, rel=1e-6) and alone > 0
+    # the check's loss of a causal LM: validate's perplexity change (evaluation.metrics) on its windows
+    assert probe.lm and probe.check_tokens >= GAIN_TOKENS
+    metrics = Metrics(["logits"], "causal-lm")
+    for f, d, sp in zip(probe.check_feeds, _logits(tiny["decoder"], probe.check_feeds, False),
+                        _logits(out, probe.check_feeds, library_available())):
+        metrics.add(f, {"logits": d}, {"logits": sp}, int(f["input_ids"].size))
+    want_ppl = np.expm1((metrics.nll_s - metrics.nll_d) / metrics.n_nll)
+    assert loss == pytest.approx(want_ppl, rel=1e-3, abs=1e-6) and loss != 0.0
 
 
 def test_checked_budget_records_what_it_measured(tiny, dec_stats):
@@ -262,7 +273,8 @@ def test_checked_budget_records_what_it_measured(tiny, dec_stats):
     assert planned_bytes_share(dec_stats) == pytest.approx(0.4, abs=1e-5)
     with ModelSource(tiny["decoder"]) as src:
         probe = PlanProbe(dec_stats.sites, src, _data(tiny["decoder"], tiny["calib"]), threads=1)
-        kept = probe.error({s.input: site_scalars(s, s.sparsity) for s in dec_stats.sites if s.sparsity})
+        kept = probe.loss({s.input: site_scalars(s, s.sparsity) for s in dec_stats.sites if s.sparsity})
+    assert check["criterion"] == probe.criterion and probe.criterion.startswith("perplexity change")
     assert kept == pytest.approx(errors[check["mix"]], rel=1e-6)
 
 
@@ -282,15 +294,20 @@ def test_default_is_the_budget(tiny, tmp_path):
 
 
 class _ScriptedProbe:
-    """Stands in for PlanProbe in the check's selection only: the gain runs read 0.01 each, then the
-    mixes' errors come from ``mix_errors`` in MIXES order (the measured probe is tested above)."""
+    """Stands in for PlanProbe in the check's selection only: every gain run reads 0.01, then the
+    mixes' losses come from ``mix_losses`` in MIXES order (the measured probe is tested above)."""
 
-    def __init__(self, mix_errors, sites):
-        self._errors = [0.01] * len(sites) + list(mix_errors)
+    criterion = "scripted"
+
+    def __init__(self, mix_losses):
+        self._losses = list(mix_losses)
         self.tokens = GAIN_TOKENS
 
     def error(self, plan):
-        return self._errors.pop(0)
+        return 0.01
+
+    def loss(self, plan):
+        return self._losses.pop(0)
 
 
 @pytest.mark.parametrize("best", MIXES)
@@ -300,7 +317,7 @@ def test_check_applies_the_mix_measured_best(dec_stats, best):
     st = Stats.from_dict(dec_stats.to_dict())
     b = 0.4
     errors = [0.5 if lam != best else 0.1 for lam in MIXES]
-    apply_checked_budget(st, _ScriptedProbe(errors, st.sites), b)
+    apply_checked_budget(st, _ScriptedProbe(errors), b)
     alloc = allocate(st.sites, b)
     assert st.calibration["budget_check"]["mix"] == best
     for s in st.sites:

@@ -15,7 +15,8 @@ from ..errors import ScapError
 from ..graph.model_io import ModelSource
 from ..op.session import base_options, default_threads, library_available, open_session, provider_name, run_session
 from ..progress import NullProgress, Progress
-from .eval_data import batches, ids_of
+from ..calibration.lm_loss import ids_of
+from .eval_data import batches
 from .metrics import Metrics
 from .options import ValidateOptions
 from .pairing import ModelPair

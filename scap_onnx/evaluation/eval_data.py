@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from ..calibration.data import open_data
 from ..errors import ScapError
@@ -17,13 +16,6 @@ def open_eval_data(pair: ModelPair, data: str | Path, opts: ValidateOptions):
     return open_data(data, pair.sparse_proto, pair.dense_path, tokenizer=opts.tokenizer, seq_len=opts.seq_len,
                      max_tokens=opts.max_tokens, batch_size=opts.batch_size, skip_tokens=opts.skip_tokens,
                      sampling=opts.sampling, phase=opts.phase)
-
-
-def ids_of(feeds: dict) -> np.ndarray | None:
-    for k, v in feeds.items():
-        if "input_ids" in k:
-            return v
-    return None
 
 
 def batches(ds):

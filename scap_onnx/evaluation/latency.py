@@ -23,7 +23,8 @@ from ..calibration.data import feeds_from_ids
 from ..errors import ScapError
 from ..op.session import base_options, default_threads, open_session, provider_name
 from ..progress import NullProgress, Progress
-from .eval_data import batches, ids_of
+from ..calibration.lm_loss import ids_of
+from .eval_data import batches
 from .fresh_process import run_in_fresh_process
 from .options import ValidateOptions
 from .pairing import ModelPair

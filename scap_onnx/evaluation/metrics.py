@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .eval_data import ids_of
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    m = x.max(-1, keepdims=True)
-    z = x - m
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+from ..calibration.lm_loss import ids_of, log_softmax, next_token_nll, real_tokens
 
 
 class Metrics:
@@ -53,17 +46,12 @@ class Metrics:
             self._encoder(mask, dense, sparse)
 
     def _lm(self, ids, mask, ld, ls) -> None:
-        b, s = ids.shape
-        valid = np.ones((b, s), bool) if mask is None or mask.shape != (b, s) else mask.astype(bool)
+        valid = real_tokens(ids, mask)
         lpd, lps = log_softmax(ld), log_softmax(ls)
-        # perplexity: position t predicts token t+1 (both real tokens)
-        pv = valid[:, :-1] & valid[:, 1:]
-        tgt = ids[:, 1:, None].astype(np.int64)
-        pd_ = -np.take_along_axis(lpd[:, :-1], tgt, -1)[..., 0]
-        ps_ = -np.take_along_axis(lps[:, :-1], tgt, -1)[..., 0]
-        self.nll_d += float(pd_[pv].astype(np.float64).sum())
-        self.nll_s += float(ps_[pv].astype(np.float64).sum())
-        self.n_nll += int(pv.sum())
+        pd_, ps_ = next_token_nll(lpd, ids, valid), next_token_nll(lps, ids, valid)
+        self.nll_d += float(pd_.astype(np.float64).sum())
+        self.nll_s += float(ps_.astype(np.float64).sum())
+        self.n_nll += int(pd_.size)
         # next-token distributions at every real position
         self.agree += int((ld.argmax(-1) == ls.argmax(-1))[valid].sum())
         self.n_pos += int(valid.sum())

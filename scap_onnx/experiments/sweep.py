@@ -64,7 +64,7 @@ from pathlib import Path
 from ..calibration.budget import apply_budget
 from ..calibration.calibrator import calibrate
 from ..calibration.data import open_data
-from ..calibration.sensitivity import GAIN_TOKENS, MIXES, PlanProbe, apply_checked_budget
+from ..calibration.sensitivity import CHECK_TOKENS, GAIN_TOKENS, MIXES, PlanProbe, apply_checked_budget
 from ..calibration.methods import get_method
 from ..calibration.spec import Spec
 from ..calibration.stats import Stats, TargetPlan
@@ -212,7 +212,7 @@ def _with_budget(model: Path, data: Path, path: Path, base: Stats, level: float,
     calibration.sensitivity), from ``path`` when it was made there for the same statistics."""
     centring = get_method(None).centring
     want = {**base.calibration.get("sweep", {}), "budget": level, "centring": centring, "mixes": list(MIXES),
-            "gain_tokens": GAIN_TOKENS}
+            "gain_tokens": GAIN_TOKENS, "check_tokens": CHECK_TOKENS}
     st = reusable_stats(path, model, "sweep", want)
     if st is not None:
         return st, True
