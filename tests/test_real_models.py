@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from conftest import SMOL_SPEC, run_cli
+from scap_onnx.calibration.budget import DEFAULT_BUDGET
 from scap_onnx.calibration.data import open_data
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.evaluation.options import ValidateOptions

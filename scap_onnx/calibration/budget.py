@@ -35,8 +35,9 @@ from .stats import SiteStats, Stats
 
 _TARGET_FIELDS = {f.name for f in fields(Target)}
 #: What `calibrate` and `rewrite` skip when given neither a SPEC nor a budget: 40 % of the targets'
-#: weight bytes (SmolLM2: about 32 % of all FC bytes, lm_head included, for +3 to +4 % perplexity;
-#: docs/results.md), a trade-off users keep, where the old default SPEC 0.5 cost +34 %.
+#: weight bytes. SmolLM2: 32 % of all FC bytes (lm_head included) for +4.1 % perplexity on fortunes
+#: and +10.2 % on KJV, where uniform 0.4 reads +8.7 % and +16.9 % and the old default SPEC 0.5
+#: +42 % and +55 % (docs/results.md).
 DEFAULT_BUDGET = 0.4
 
 
