@@ -20,7 +20,8 @@ from scap_onnx.calibration.budget import (DEFAULT_BUDGET, allocate, apply_budget
 from scap_onnx.calibration.calibrator import calibrate
 from scap_onnx.calibration.capture import Capture, Upstream
 from scap_onnx.calibration.data import open_data
-from scap_onnx.calibration.sensitivity import GAIN_TOKENS, MIXES, PlanProbe, apply_checked_budget, site_scalars
+from scap_onnx.calibration.sensitivity import (GAIN_TOKENS, MIXES, Measured, PlanProbe, apply_checked_budget,
+                                              choose_mix, site_scalars)
 from scap_onnx.calibration.spec import Spec
 from scap_onnx.calibration.stats import Stats
 from scap_onnx.errors import ScapError
@@ -306,8 +307,8 @@ class _ScriptedProbe:
     def error(self, plan):
         return 0.01
 
-    def loss(self, plan):
-        return self._losses.pop(0)
+    def measure(self, plan):
+        return Measured(self._losses.pop(0))
 
 
 @pytest.mark.parametrize("best", MIXES)
@@ -324,3 +325,28 @@ def test_check_applies_the_mix_measured_best(dec_stats, best):
         want = best * alloc[s.input] + (1 - best) * b
         assert (s.sparsity or 0.0) == pytest.approx(want, abs=1e-6), s.input
     assert planned_bytes_share(st) == pytest.approx(b, abs=1e-5)
+
+
+def _noisy(mean, rng, n=2048, sd=0.5):
+    """Per-token NLL changes of mean ``mean``: one shared draw, so pairs differ by exactly the shift."""
+    base = rng.standard_normal(n) * sd
+    return base - base.mean() + mean
+
+
+@pytest.mark.parametrize("gap_se, kept", [(0.5, 0.5), (3.0, 0.0)])
+def test_check_keeps_the_most_allocated_mix_within_noise(gap_se, kept):
+    """Uniform measures least; half the allocation is worse by ``gap_se`` standard errors of the
+    paired difference. Within one, the more allocated mix is kept (its loss is not worse beyond its
+    noise); at three, uniform. Mixes worse by far are never kept."""
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal(2048)  # the two plans' per-token disagreement
+    se = noise.std(ddof=1) / np.sqrt(noise.size)
+    uniform = _noisy(0.01, rng)
+    half = uniform + noise - noise.mean() + gap_se * se
+    far = uniform + noise - noise.mean() + 10 * se
+    measured = {0.0: Measured(float(np.expm1(uniform.mean())), uniform),
+                0.5: Measured(float(np.expm1(half.mean())), half),
+                1.0: Measured(float(np.expm1(far.mean())), far)}
+    assert choose_mix(measured) == kept
+    # without per-token samples (an encoder's output error) the least loss decides
+    assert choose_mix({lam: Measured(m.loss) for lam, m in measured.items()}) == 0.0

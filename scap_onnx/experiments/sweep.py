@@ -64,7 +64,8 @@ from pathlib import Path
 from ..calibration.budget import apply_budget
 from ..calibration.calibrator import calibrate
 from ..calibration.data import open_data
-from ..calibration.sensitivity import CHECK_TOKENS, GAIN_TOKENS, MIXES, PlanProbe, apply_checked_budget
+from ..calibration.sensitivity import (CHECK_RULE, CHECK_TOKENS, GAIN_TOKENS, MIXES, PlanProbe,
+                                      apply_checked_allocation, apply_checked_budget)
 from ..calibration.methods import get_method
 from ..calibration.spec import Spec
 from ..calibration.stats import Stats, TargetPlan
@@ -209,19 +210,26 @@ def _calibrated(model: Path, data: Path, path: Path, passes: int, level: float, 
 def _with_budget(model: Path, data: Path, path: Path, base: Stats, level: float, opts: dict, progress) -> tuple:
     """A copy of ``base`` with the budget ``level`` allocated as ``calibrate --budget`` does (gains
     measured at that level, the allocation checked against the uniform plan:
-    calibration.sensitivity), from ``path`` when it was made there for the same statistics."""
+    calibration.sensitivity), from ``path`` when it was made there for the same statistics. When
+    only the check changed since, its gains are kept and the check alone runs again."""
     centring = get_method(None).centring
-    want = {**base.calibration.get("sweep", {}), "budget": level, "centring": centring, "mixes": list(MIXES),
-            "gain_tokens": GAIN_TOKENS, "check_tokens": CHECK_TOKENS}
+    gains_want = {**base.calibration.get("sweep", {}), "budget": level, "centring": centring,
+                  "gain_tokens": GAIN_TOKENS}
+    want = {**gains_want, "mixes": list(MIXES), "check_tokens": CHECK_TOKENS, "check_rule": CHECK_RULE}
     st = reusable_stats(path, model, "sweep", want)
     if st is not None:
         return st, True
-    st = Stats.from_dict(base.to_dict())
+    gained = reusable_stats(path, model, "sweep_gains", gains_want)
+    st = gained or Stats.from_dict(base.to_dict())
     with ModelSource(model) as source:
         ds = open_data(data, source.proto, model, tokenizer=opts["tokenizer"], seq_len=opts["seq_len"],
                        max_tokens=opts["max_tokens"])
-        apply_checked_budget(st, PlanProbe(st.sites, source, ds, opts["threads"]), level, centring, progress)
-    st.calibration["sweep"] = want
+        probe = PlanProbe(st.sites, source, ds, opts["threads"])
+        if gained is not None:
+            apply_checked_allocation(st, probe, level, centring)
+        else:
+            apply_checked_budget(st, probe, level, centring, progress)
+    st.calibration["sweep"], st.calibration["sweep_gains"] = want, gains_want
     st.save(path)
     return st, False
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""What every mix of a checked byte budget costs on other texts: is the check's pick the texts' pick?
+
+`calibrate --budget B` measures the allocated plan, the uniform plan of the same bytes and mixes of
+the two on its calibration text, and keeps the one of least perplexity change
+(scap_onnx.calibration.sensitivity). This feeds the same mixes, rebuilt from a budget stats.json
+(its stored gains), to the same one-session probe over each text given, and prints each mix's
+perplexity change with the paired standard error of its per-token NLL difference to uniform: the
+noise the check's choice has to beat (calibration.sensitivity.choose_mix). Causal LMs only.
+
+    python tools/budget_mixes.py MODEL.onnx stats_budget_0.3.json [more stats...] \\
+        --text pydoc.txt:2048 fortunes.txt:8192 kjv.txt:8192 --out mixes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scap_onnx.calibration.budget import allocate  # noqa: E402
+from scap_onnx.calibration.data import open_data  # noqa: E402
+from scap_onnx.calibration.sensitivity import MIXES, PlanProbe, site_scalars  # noqa: E402
+from scap_onnx.calibration.stats import Stats  # noqa: E402
+from scap_onnx.graph.model_io import ModelSource  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("stats", nargs="+", help="stats.json files written by calibrate --budget (or sweep's budget)")
+    ap.add_argument("--text", nargs="+", required=True, help="TEXT[:TOKENS] (default 8192 tokens)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="JSON of every perplexity change")
+    args = ap.parse_args()
+
+    plans = [Stats.load(p) for p in args.stats]
+    result = {}
+    with ModelSource(args.model) as source:
+        for spec in args.text:
+            path, _, n = spec.partition(":")
+            tokens = int(n or 8192)
+            data = open_data(path, source.proto, args.model, seq_len=args.seq_len, max_tokens=tokens)
+            probe = PlanProbe(plans[0].sites, source, data, args.threads, tokens=args.seq_len, check_tokens=tokens)
+            if not probe.lm:
+                raise SystemExit("budget_mixes: a causal LM's logits and input_ids are needed")
+            for st in plans:
+                budget = st.calibration["budget"]
+                centring = None  # each site's own: the allocation stored its centring (budget.apply_allocation)
+                alloc = allocate(st.sites, budget, centring)
+                deltas = {}
+                for lam in MIXES:
+                    mix = {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in st.sites}
+                    plan = {s.input: site_scalars(s, p, centring) for s in st.sites if (p := mix[s.input]) > 0.0}
+                    deltas[lam] = probe.measure(plan).samples
+                cells = []
+                for lam, d in deltas.items():
+                    diff = d - deltas[0.0]
+                    se = diff.std() / np.sqrt(diff.size)
+                    cells.append(f"{lam:g}: {np.expm1(d.mean()) * 100:+.2f}% ({diff.mean():+.4f}±{se:.4f} nats)")
+                kept = st.calibration.get("budget_check", {}).get("mix")
+                print(f"{Path(path).name} {probe.check_tokens} tokens, B {budget:g} (check kept {kept}): "
+                      + " | ".join(cells), flush=True)
+                result[f"{Path(path).name}/{budget:g}"] = {f"{lam:g}": float(np.expm1(d.mean()))
+                                                           for lam, d in deltas.items()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
