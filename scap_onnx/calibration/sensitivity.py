@@ -200,14 +200,17 @@ def choose_mix(measured: dict[float, Measured]) -> float:
     """The mix the check keeps (:data:`CHECK_RULE`): the one of least loss, unless a more allocated
     one is within one standard error of it, the error of the mean of their paired per-token loss
     differences (tokens of one window are not independent, so this is a lower bound of the noise)."""
-    best = min(measured, key=lambda lam: (measured[lam].loss, -lam))
+    def loss(lam: float) -> float:  # a plan whose outputs overflow measures worst, not unordered
+        return measured[lam].loss if np.isfinite(measured[lam].loss) else np.inf
+
+    best = min(measured, key=lambda lam: (loss(lam), -lam))
 
     def within_noise(lam: float) -> bool:
         a, b = measured[lam].samples, measured[best].samples
         if a is None or b is None or a.size < 2:
             return False
         d = a - b
-        return float(d.mean()) <= float(d.std(ddof=1)) / np.sqrt(d.size)
+        return bool(np.isfinite(d).all()) and float(d.mean()) <= float(d.std(ddof=1)) / np.sqrt(d.size)
 
     return max(lam for lam in measured if lam == best or (lam > best and within_noise(lam)))
 
