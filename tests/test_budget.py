@@ -350,7 +350,8 @@ def test_check_keeps_the_most_allocated_mix_within_noise(gap_se, kept):
     assert choose_mix(measured) == kept
     # without per-token samples (an encoder's output error) the least loss decides
     assert choose_mix({lam: Measured(m.loss) for lam, m in measured.items()}) == 0.0
-    # a mix whose logits overflowed (NaN loss) is never kept, nor taken for the best
-    broken = np.full_like(uniform, np.nan)
-    assert choose_mix({**measured, 1.0: Measured(float("nan"), broken)}) == kept
-    assert choose_mix({0.0: Measured(float("nan"), broken), 0.5: measured[0.5]}) == 0.5
+    # a mix whose logits overflowed (NaN loss) is never kept, nor taken for the best, in MIXES order
+    broken = Measured(float("nan"), np.full_like(uniform, np.nan))
+    assert choose_mix({1.0: broken, 0.5: measured[0.5], 0.0: measured[0.0]}) == kept
+    assert choose_mix({1.0: measured[1.0], 0.5: measured[0.5], 0.0: broken}) == 0.5  # far is 10 - gap SE above
+    assert choose_mix({lam: broken for lam in MIXES}) == 0.0  # nothing finite: uniform

@@ -256,6 +256,33 @@ def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
     assert "byte-budget allocation" in (tmp_path / "sweep.md").read_text()
 
 
+def test_sweep_reruns_only_the_check_when_only_the_check_changed(tmp_path):
+    """A cached budget plan made under another check rule keeps its gains (here marked: tripled
+    plus one, which a measurement would not reproduce) and runs the check again; cached under other
+    gain settings, its gains are measured again."""
+    folder = tiny_family("qwen2")
+    args = ("sweep", folder / "model.onnx", "--data", folder / "calib.npz", "--eval-data", folder / "eval.npz",
+            "--levels", "0.4", "--methods", "budget", "--no-latency", "-o", tmp_path)
+    run_cli(*args, check=True)
+    path = tmp_path / "stats_budget_0.4.json"
+    st = Stats.load(path)
+    measured = {s.input: s.gain for s in st.sites}
+    for s in st.sites:
+        s.gain = 3.0 * s.gain + 1.0
+    st.calibration["sweep"]["check_rule"] = "an older rule"
+    st.calibration["budget_check"]["rule"] = "an older rule"
+    st.save(path)
+    run_cli(*args, check=True)
+    again = Stats.load(path)
+    assert {s.input: s.gain for s in again.sites} == pytest.approx({k: 3.0 * g + 1.0 for k, g in measured.items()})
+    assert again.calibration["budget_check"]["rule"] == again.calibration["sweep"]["check_rule"] != "an older rule"
+    again.calibration["sweep_gains"]["gain_tokens"] += 1  # gains made otherwise: measured again
+    again.calibration["sweep"]["check_rule"] = "an older rule"
+    again.save(path)
+    run_cli(*args, check=True)
+    assert {s.input: s.gain for s in Stats.load(path).sites} == pytest.approx(measured)
+
+
 def test_sweep_wina_keeps_threshold_scale(tmp_path):
     """`--methods wina`: its own statistics (norms, scores), and its plans reach the rewriter with their
     per-channel threshold_scale (the rewritten nodes carry it), compared on the same axis as TEAL's."""

@@ -2,11 +2,11 @@
 """What every mix of a checked byte budget costs on other texts: is the check's pick the texts' pick?
 
 `calibrate --budget B` measures the allocated plan, the uniform plan of the same bytes and mixes of
-the two on its calibration text, and keeps the one of least perplexity change
-(scap_onnx.calibration.sensitivity). This feeds the same mixes, rebuilt from a budget stats.json
+the two on its calibration text and keeps one by its perplexity change and noise
+(scap_onnx.calibration.sensitivity.choose_mix). This feeds the same mixes, rebuilt from a budget stats.json
 (its stored gains), to the same one-session probe over each text given, and prints each mix's
 perplexity change with the paired standard error of its per-token NLL difference to uniform: the
-noise the check's choice has to beat (calibration.sensitivity.choose_mix). Causal LMs only.
+noise the check's choice has to beat. Causal LMs only.
 
     python tools/budget_mixes.py MODEL.onnx stats_budget_0.3.json [more stats...] \\
         --text pydoc.txt:2048 fortunes.txt:8192 kjv.txt:8192 --out mixes.json
@@ -23,9 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scap_onnx.calibration.budget import allocate  # noqa: E402
 from scap_onnx.calibration.data import open_data  # noqa: E402
-from scap_onnx.calibration.sensitivity import MIXES, PlanProbe, site_scalars  # noqa: E402
+from scap_onnx.calibration.sensitivity import PlanProbe, mix_sparsities, paired_se, probe_plan  # noqa: E402
 from scap_onnx.calibration.stats import Stats  # noqa: E402
 from scap_onnx.graph.model_io import ModelSource  # noqa: E402
 
@@ -52,19 +51,16 @@ def main() -> int:
                 raise SystemExit("budget_mixes: a causal LM's logits and input_ids are needed")
             for st in plans:
                 budget = st.calibration["budget"]
-                centring = None  # each site's own: the allocation stored its centring (budget.apply_allocation)
-                alloc = allocate(st.sites, budget, centring)
-                deltas = {}
-                for lam in MIXES:
-                    mix = {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in st.sites}
-                    plan = {s.input: site_scalars(s, p, centring) for s in st.sites if (p := mix[s.input]) > 0.0}
-                    deltas[lam] = probe.measure(plan).samples
+                check = st.calibration.get("budget_check", {})
+                centring = check.get("centring")  # the check's own, so that the mixes are the ones it measured
+                deltas = {lam: probe.measure(probe_plan(st.sites, mix, centring)).samples
+                          for lam, mix in mix_sparsities(st.sites, budget, centring).items()}
                 cells = []
                 for lam, d in deltas.items():
                     diff = d - deltas[0.0]
-                    se = diff.std() / np.sqrt(diff.size)
-                    cells.append(f"{lam:g}: {np.expm1(d.mean()) * 100:+.2f}% ({diff.mean():+.4f}±{se:.4f} nats)")
-                kept = st.calibration.get("budget_check", {}).get("mix")
+                    cells.append(f"{lam:g}: {np.expm1(d.mean()) * 100:+.2f}% "
+                                 f"({diff.mean():+.4f}±{paired_se(diff) if lam else 0.0:.4f} nats)")
+                kept = check.get("mix")
                 print(f"{Path(path).name} {probe.check_tokens} tokens, B {budget:g} (check kept {kept}): "
                       + " | ".join(cells), flush=True)
                 result[f"{Path(path).name}/{budget:g}"] = {f"{lam:g}": float(np.expm1(d.mean()))

@@ -52,7 +52,8 @@ GAIN_TOKENS = 512
 #: Calibration tokens the check measures each mix's perplexity on (a causal LM's; the first windows).
 CHECK_TOKENS = 2048
 #: How the check picks its mix (recorded with it, and part of the sweep's cache key).
-CHECK_RULE = "least loss, or the most allocated mix within one standard error of it"
+CHECK_RULE = ("least loss, or the most allocated mix within one standard error of it; "
+              "non-finite losses last, uniform if none is finite")
 _PROBE_PREFIX = "scap_probe::"
 _ELEM = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
@@ -117,7 +118,7 @@ class PlanProbe:
             ids = ids_of(f)
             mask = next((v for k, v in f.items() if "attention_mask" in k), None)
             out.append(next_token_nll(log_softmax(self._output(plan, f)), ids, real_tokens(ids, mask)))
-        return np.concatenate(out).astype(np.float64)
+        return np.concatenate(out).astype(np.float64) if out else np.empty(0)
 
     def _output(self, plan: dict[str, tuple[float, float]], feeds: dict) -> np.ndarray:
         full = dict(feeds)
@@ -185,51 +186,72 @@ MIXES = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
 def apply_checked_budget(stats, probe: PlanProbe, budget: float, centring: str | None = None,
-                         progress: Progress | None = None):
-    """Gains measured at ``budget`` (:func:`measure_gains`), then :func:`apply_checked_allocation`
-    (in place; returns ``stats``)."""
-    task = (progress or NullProgress()).task(f"budget {budget:g}: gains and check", len(stats.sites) + len(MIXES))
+                         progress: Progress | None = None, measure_gain: bool = True):
+    """Gains measured at ``budget`` (:func:`measure_gains`; ``measure_gain=False``: the sites carry
+    them already), then :func:`apply_checked_allocation` (in place; returns ``stats``)."""
+    steps = (len(stats.sites) if measure_gain else 0) + len(MIXES)
+    task = (progress or NullProgress()).task(f"budget {budget:g}: {'gains and ' if measure_gain else ''}check", steps)
     try:
-        measure_gains(stats, probe, budget, centring, task)
+        if measure_gain:
+            measure_gains(stats, probe, budget, centring, task)
         return apply_checked_allocation(stats, probe, budget, centring, task)
     finally:
         task.close()
 
 
+def paired_se(d: np.ndarray) -> float:
+    """Standard error of the mean of paired per-token differences ``d``, tokens taken as independent
+    (tokens of one window are not, so it likely underestimates the noise)."""
+    return float(d.std(ddof=1)) / np.sqrt(d.size) if d.size > 1 else np.inf
+
+
 def choose_mix(measured: dict[float, Measured]) -> float:
     """The mix the check keeps (:data:`CHECK_RULE`): the one of least loss, unless a more allocated
-    one is within one standard error of it, the error of the mean of their paired per-token loss
-    differences (tokens of one window are not independent, so this is a lower bound of the noise)."""
-    def loss(lam: float) -> float:  # a plan whose outputs overflow measures worst, not unordered
-        return measured[lam].loss if np.isfinite(measured[lam].loss) else np.inf
-
-    best = min(measured, key=lambda lam: (loss(lam), -lam))
+    one is within one :func:`paired_se` of it (causal LMs: per-token samples), then the most
+    allocated such mix. A plan whose outputs overflow (a loss not finite) is never kept; if no plan
+    has a finite loss, uniform is."""
+    finite = [lam for lam in measured if np.isfinite(measured[lam].loss)]
+    if not finite:
+        return 0.0
+    best = min(finite, key=lambda lam: (measured[lam].loss, -lam))
 
     def within_noise(lam: float) -> bool:
         a, b = measured[lam].samples, measured[best].samples
-        if a is None or b is None or a.size < 2:
+        if a is None or b is None or a.shape != b.shape:
             return False
         d = a - b
-        return bool(np.isfinite(d).all()) and float(d.mean()) <= float(d.std(ddof=1)) / np.sqrt(d.size)
+        return bool(np.isfinite(d).all()) and float(d.mean()) <= paired_se(d)
 
-    return max(lam for lam in measured if lam == best or (lam > best and within_noise(lam)))
+    return max(lam for lam in finite if lam == best or (lam > best and within_noise(lam)))
+
+
+def mix_sparsities(sites, budget: float, centring: str | None = None) -> dict[float, dict[str, float]]:
+    """For each mix lam of :data:`MIXES`, every site's sparsity lam * allocated + (1 - lam) * B: the
+    allocation from the stored gains (calibration.budget) and the uniform plan, both at B of the bytes."""
+    alloc = allocate(sites, budget, centring)
+    return {lam: {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in sites} for lam in MIXES}
+
+
+def probe_plan(sites, sparsities: dict[str, float], centring: str | None = None) -> dict[str, tuple[float, float]]:
+    """The (offset, threshold) of every site at its sparsity in ``sparsities`` (0: left dense), for
+    :meth:`PlanProbe.measure`."""
+    return {s.input: site_scalars(s, p, centring) for s in sites if (p := sparsities[s.input]) > 0.0}
 
 
 def apply_checked_allocation(stats, probe: PlanProbe, budget: float, centring: str | None = None,
                              task: Task | None = None):
-    """The allocation from the stored gains (calibration.budget), then the mix with the uniform plan
-    that :func:`choose_mix` keeps applied to ``stats`` (in place; returned). What every mix
-    measured is recorded in ``stats.calibration["budget_check"]``."""
-    alloc = allocate(stats.sites, budget, centring)
-    mixes = {lam: {s.input: lam * alloc[s.input] + (1.0 - lam) * budget for s in stats.sites} for lam in MIXES}
+    """Every mix of :func:`mix_sparsities` measured, and the one :func:`choose_mix` keeps applied to
+    ``stats`` (in place; returned). What every mix measured is recorded in
+    ``stats.calibration["budget_check"]``, with the centring that rebuilds the mixes."""
+    mixes = mix_sparsities(stats.sites, budget, centring)
     measured = {}
     for lam, mix in mixes.items():
-        measured[lam] = probe.measure({s.input: site_scalars(s, p, centring) for s in stats.sites
-                                       if (p := mix[s.input]) > 0.0})
+        measured[lam] = probe.measure(probe_plan(stats.sites, mix, centring))
         if task is not None:
             task.advance()
     kept = choose_mix(measured)
     apply_allocation(stats, mixes[kept], budget, centring)
     stats.calibration["budget_check"] = {"mix": kept, "criterion": probe.criterion, "rule": CHECK_RULE,
+                                         "centring": centring,
                                          "errors": {f"{lam:g}": m.loss for lam, m in measured.items()}}
     return stats

@@ -64,8 +64,7 @@ from pathlib import Path
 from ..calibration.budget import apply_budget
 from ..calibration.calibrator import calibrate
 from ..calibration.data import open_data
-from ..calibration.sensitivity import (CHECK_RULE, CHECK_TOKENS, GAIN_TOKENS, MIXES, PlanProbe,
-                                      apply_checked_allocation, apply_checked_budget)
+from ..calibration.sensitivity import CHECK_RULE, CHECK_TOKENS, GAIN_TOKENS, MIXES, PlanProbe, apply_checked_budget
 from ..calibration.methods import get_method
 from ..calibration.spec import Spec
 from ..calibration.stats import Stats, TargetPlan
@@ -219,16 +218,19 @@ def _with_budget(model: Path, data: Path, path: Path, base: Stats, level: float,
     st = reusable_stats(path, model, "sweep", want)
     if st is not None:
         return st, True
+    st = Stats.from_dict(base.to_dict())
     gained = reusable_stats(path, model, "sweep_gains", gains_want)
-    st = gained or Stats.from_dict(base.to_dict())
+    gains = {g.input: g.gain for g in gained.sites} if gained is not None else {}
+    reuse = bool(gains) and set(gains) == {s.input for s in st.sites} and "gain" in gained.calibration
+    if reuse:  # the base statistics with the cached gains; only the check runs again
+        for s in st.sites:
+            s.gain = gains[s.input]
+        st.calibration["gain"] = gained.calibration["gain"]
     with ModelSource(model) as source:
         ds = open_data(data, source.proto, model, tokenizer=opts["tokenizer"], seq_len=opts["seq_len"],
                        max_tokens=opts["max_tokens"])
-        probe = PlanProbe(st.sites, source, ds, opts["threads"])
-        if gained is not None:
-            apply_checked_allocation(st, probe, level, centring)
-        else:
-            apply_checked_budget(st, probe, level, centring, progress)
+        apply_checked_budget(st, PlanProbe(st.sites, source, ds, opts["threads"]), level, centring, progress,
+                             measure_gain=not reuse)
     st.calibration["sweep"], st.calibration["sweep_gains"] = want, gains_want
     st.save(path)
     return st, False
