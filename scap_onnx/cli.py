@@ -186,8 +186,8 @@ def calibrate(
     if "budget" in cal:
         dense = sum(1 for s in stats.sites if s.sparsity is None)
         mix = cal.get("budget_check", {}).get("mix")
-        kept = "" if mix is None else (", the uniform plan measured better and was kept" if mix == 0 else
-                                       f", {mix:g} of the way from the uniform plan, as measured best")
+        kept = "" if mix is None else (", the uniform plan kept by the check" if mix == 0 else
+                                       f", {mix:g} of the way from the uniform plan, as the check kept")
         typer.echo(f"budget {cal['budget']:g}: each input's sparsity allocated from its error curve and gain{kept} "
                    f"({planned_bytes_share(stats):.3f} of the targets' weight bytes skipped on the calibration data; "
                    f"{dense} inputs left dense)")
