@@ -235,8 +235,8 @@ def test_probe_measures_what_the_rewritten_model_computes(tiny, dec_stats, tmp_p
         assert probe.error({}) == 0.0
         plan = {s.input: site_scalars(s, s.sparsity) for s in st.sites if s.sparsity}
         got = probe.error(plan)
-        loss = probe.loss(plan)
-        assert probe.loss({}) == 0.0
+        loss = probe.measure(plan).loss
+        assert probe.measure({}).loss == 0.0
         one = st.sites[0]  # alone, against a capture graph with the rule's constants (calibration's own path)
         m, tau = site_scalars(one, 0.5)
         alone = probe.error({one.input: (m, tau)})
@@ -274,7 +274,7 @@ def test_checked_budget_records_what_it_measured(tiny, dec_stats):
     assert planned_bytes_share(dec_stats) == pytest.approx(0.4, abs=1e-5)
     with ModelSource(tiny["decoder"]) as src:
         probe = PlanProbe(dec_stats.sites, src, _data(tiny["decoder"], tiny["calib"]), threads=1)
-        kept = probe.loss({s.input: site_scalars(s, s.sparsity) for s in dec_stats.sites if s.sparsity})
+        kept = probe.measure({s.input: site_scalars(s, s.sparsity) for s in dec_stats.sites if s.sparsity}).loss
     assert check["criterion"] == probe.criterion and probe.criterion.startswith("perplexity change")
     assert kept == pytest.approx(errors[check["mix"]], rel=1e-6)
 

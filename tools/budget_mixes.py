@@ -53,18 +53,17 @@ def main() -> int:
                 budget = st.calibration["budget"]
                 check = st.calibration.get("budget_check", {})
                 centring = check.get("centring")  # the check's own, so that the mixes are the ones it measured
-                deltas = {lam: probe.measure(probe_plan(st.sites, mix, centring)).samples
-                          for lam, mix in mix_sparsities(st.sites, budget, centring).items()}
+                measured = {lam: probe.measure(probe_plan(st.sites, mix, centring))
+                            for lam, mix in mix_sparsities(st.sites, budget, centring).items()}
                 cells = []
-                for lam, d in deltas.items():
-                    diff = d - deltas[0.0]
-                    cells.append(f"{lam:g}: {np.expm1(d.mean()) * 100:+.2f}% "
+                for lam, m in measured.items():
+                    diff = m.samples - measured[0.0].samples
+                    cells.append(f"{lam:g}: {m.loss * 100:+.2f}% "
                                  f"({diff.mean():+.4f}±{paired_se(diff) if lam else 0.0:.4f} nats)")
                 kept = check.get("mix")
                 print(f"{Path(path).name} {probe.check_tokens} tokens, B {budget:g} (check kept {kept}): "
                       + " | ".join(cells), flush=True)
-                result[f"{Path(path).name}/{budget:g}"] = {f"{lam:g}": float(np.expm1(d.mean()))
-                                                           for lam, d in deltas.items()}
+                result[f"{Path(path).name}/{budget:g}"] = {f"{lam:g}": m.loss for lam, m in measured.items()}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

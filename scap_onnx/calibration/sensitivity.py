@@ -143,9 +143,6 @@ class PlanProbe:
         delta = self._token_nll(plan) - self._dense_nll
         return Measured(float(np.expm1(delta.mean())) if delta.size else 0.0, delta)
 
-    def loss(self, plan: dict[str, tuple[float, float]]) -> float:
-        return self.measure(plan).loss
-
     @property
     def criterion(self) -> str:
         return (f"perplexity change on {self.check_tokens} tokens" if self.lm
