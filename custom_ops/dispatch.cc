@@ -18,6 +18,10 @@ const GemmKernels& Avx512Kernels();
 const GemmKernels& Avx2Kernels();
 const NBitsKernels& Avx512NBitsKernels();
 const NBitsKernels& Avx2NBitsKernels();
+bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+                        const NBitsQuantized& q, uint8_t* row_finite);
+void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
+                  uint8_t* work);
 #endif
 const NBitsKernels& PortableNBitsKernels();
 #if defined(SCAP_HAVE_AMX_KERNELS)
@@ -83,12 +87,20 @@ const AmxGemm* SelectAmx() {
 #endif
 }
 
-// The NBits kernels follow the float kernels' choice (NEON has none of its own: portable).
+// The NBits kernels follow the float kernels' choice (NEON has none of its own: portable); on
+// AVX-512 with VNNI the int8 path (accuracy_level 4) takes the int8 dot products.
 const NBitsKernels& SelectNBitsKernels() {
-  static const NBitsKernels& kernels = [] () -> const NBitsKernels& {
+  static const NBitsKernels kernels = [] () -> NBitsKernels {
 #if defined(SCAP_HAVE_X86_KERNELS)
     const char* isa = SelectKernels().isa;
-    if (std::strcmp(isa, "avx512") == 0) return Avx512NBitsKernels();
+    if (std::strcmp(isa, "avx512") == 0) {
+      NBitsKernels avx512 = Avx512NBitsKernels();
+      if (__builtin_cpu_supports("avx512vnni")) {  // both built with -mavx512vnni
+        avx512.quantize_rows = &QuantizeRowsAvx512;
+        avx512.rows_int8 = &RowsInt8Vnni;
+      }
+      return avx512;
+    }
     if (std::strcmp(isa, "avx2") == 0) return Avx2NBitsKernels();
 #endif
     return PortableNBitsKernels();

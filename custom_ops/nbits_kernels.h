@@ -24,6 +24,30 @@ struct NBitsRow {
   int64_t kept_stride = 0;
 };
 
+// Several rows of A quantised to int8 per row and block of K (accuracy_level 4; the rule is in
+// scap_sparse_matmul_nbits.h): what the int8 kernels read besides the weights.
+struct NBitsQuantized {
+  const int8_t* qa;     // [rows, stride]: the quantised D, 0 past K
+  int64_t stride;       // k_blocks * block_size: bytes between two rows of qa
+  const float* sa;      // [rows, k_blocks]: each block's activation scale, 0 where the block is all 0
+  const int32_t* qsum;  // [rows, k_blocks]: each block's sum of qa (for the zero points)
+};
+
+// Rows [r0, r1) of D ([rows, depth], dropped elements 0) quantised by the rule into q (sa, qsum at
+// row r: q.sa + r * k_blocks ...); returns whether every value of those rows is finite, and
+// marks row_finite[r] 0 for a row that holds Inf or NaN (its quantised values are then all 0).
+using QuantizeRowsFn = bool (*)(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+                                const NBitsQuantized& q, uint8_t* row_finite);
+
+// Y[0:rows, c0:c1) = sum over blocks of (sa * scales) * (qa . (q - zp)) (Y rows n floats apart; c0 a
+// multiple of 32); work: NBitsInt8WorkBytes(stride) bytes.
+using RowsInt8Fn = void (*)(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
+                            uint8_t* work);
+
+// Bytes of work for RowsInt8Fn: one 32-column group's codes of every row of K, as bytes, and a
+// partial group's scales (float) and zero points (byte), padded.
+inline int64_t NBitsInt8WorkBytes(int64_t stride, int64_t k_blocks) { return 32 * stride + 32 * 5 * k_blocks + 64; }
+
 struct NBitsKernels {
   // y[c0:c1) = sum over the kept k in kept[i0:i1) of d[k] * W[k, c0:c1), accumulated in float32
   // per block of K (per chunk of at most 16 of its kept rows) and scaled once per chunk (0 where
@@ -38,7 +62,16 @@ struct NBitsKernels {
   // Columns of the kernel's register tile: column ranges should be multiples of it.
   int64_t tile_columns;
   const char* isa;
+  // Several rows at accuracy_level 4 (int8 dot products where the CPU has them: AVX-512 VNNI).
+  QuantizeRowsFn quantize_rows;
+  RowsInt8Fn rows_int8;
 };
+
+// The int8 path in plain C++ (nbits_int8.cc), where the CPU has no int8 dot products.
+bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+                         const NBitsQuantized& q, uint8_t* row_finite);
+void RowsInt8Generic(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
+                     uint8_t* work);
 
 // The NBits kernels of the ISA that SelectKernels() chose.
 const NBitsKernels& SelectNBitsKernels();

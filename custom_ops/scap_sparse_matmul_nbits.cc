@@ -40,6 +40,10 @@ struct Scratch {
   std::vector<float> y;         // float32 Y of float16 calls
   std::vector<float> partials;  // one row of A split over K: a partial Y per task
   std::vector<float> d_kept;    // several rows: D's kept columns, gathered once
+  std::vector<int8_t> qa;       // accuracy_level 4: D quantised (NBitsQuantized)
+  std::vector<float> sa;
+  std::vector<int32_t> qsum;
+  std::vector<uint8_t> row_finite;
 };
 
 Scratch& ThreadScratch() {
@@ -131,14 +135,71 @@ void RunVector(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow&
   }
 }
 
-int64_t ReadIntAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+// An INT attribute; absent: `fallback` where given, else an error.
+int64_t ReadIntAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name,
+                         const int64_t* fallback = nullptr) {
   int64_t value = 0;
   OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value);
   if (status != nullptr) {
     api.ReleaseStatus(status);
+    if (fallback != nullptr) return *fallback;
     throw std::invalid_argument(std::string("missing required INT attribute '") + name + "'");
   }
   return value;
+}
+
+// Several rows at accuracy_level 4: D quantised per row and block (tasks over rows), then the int8
+// kernels over column tasks; rows holding Inf or NaN again through the float kernel, one at a time.
+struct Int8Job {
+  const NBitsKernels* kernels;
+  const NBitsRow* w;
+  const NBitsQuantized* q;
+  int64_t rows, tasks;
+  float* y;
+  uint8_t* row_finite;
+};
+
+void RunQuantizeTask(void* data, size_t index) {
+  const Int8Job& job = *static_cast<const Int8Job*>(data);
+  const int64_t t = static_cast<int64_t>(index);
+  job.kernels->quantize_rows(job.w->d, job.w->depth, job.w->block_size, job.rows * t / job.tasks,
+                             job.rows * (t + 1) / job.tasks, *job.q, job.row_finite);
+}
+
+void RunInt8Task(void* data, size_t index) {
+  const Int8Job& job = *static_cast<const Int8Job*>(data);
+  const int64_t t = static_cast<int64_t>(index);
+  const int64_t units = (job.w->n + kGroupColumns - 1) / kGroupColumns;
+  const int64_t c0 = std::min(job.w->n, units * t / job.tasks * kGroupColumns);
+  const int64_t c1 = std::min(job.w->n, units * (t + 1) / job.tasks * kGroupColumns);
+  if (c0 == c1) return;
+  thread_local std::vector<uint8_t> work;  // per pool thread
+  work.resize(static_cast<size_t>(NBitsInt8WorkBytes(job.q->stride, (job.w->depth + job.w->block_size - 1) /
+                                                                         job.w->block_size)));
+  job.kernels->rows_int8(*job.w, *job.q, job.rows, c0, c1, job.y, work.data());
+}
+
+void RunInt8(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow& w, int64_t rows, int64_t kept, float* y,
+             Scratch& scratch) {
+  const NBitsKernels& kernels = SelectNBitsKernels();
+  const int64_t stride = s.k_blocks * s.block_size;
+  scratch.qa.resize(static_cast<size_t>(rows * stride));
+  scratch.sa.resize(static_cast<size_t>(rows * s.k_blocks));
+  scratch.qsum.resize(static_cast<size_t>(rows * s.k_blocks));
+  scratch.row_finite.resize(static_cast<size_t>(rows));
+  const NBitsQuantized q{scratch.qa.data(), stride, scratch.sa.data(), scratch.qsum.data()};
+  Int8Job job{&kernels, &w, &q, rows, 1, y, scratch.row_finite.data()};
+  job.tasks = std::max<int64_t>(1, std::min<int64_t>(kColumnTasks, rows * s.k / kMinWorkForThreads));
+  RunTasks(context, &RunQuantizeTask, job.tasks, &job);
+  const int64_t units = (s.n + kGroupColumns - 1) / kGroupColumns;
+  job.tasks = rows * s.k * s.n < kMinWorkForThreads ? 1 : std::min(units, kColumnTasks);
+  RunTasks(context, &RunInt8Task, job.tasks, &job);
+  for (int64_t m = 0; m < rows; ++m) {
+    if (scratch.row_finite[static_cast<size_t>(m)] != 0) continue;
+    NBitsRow row = w;
+    row.d = w.d + m * s.k;
+    kernels.row(row, 0, kept, 0, s.n, y + m * s.n);
+  }
 }
 
 NBitsShape ReadShape(const OrtApi& api, const OrtKernelInfo* info) {
@@ -147,6 +208,11 @@ NBitsShape ReadShape(const OrtApi& api, const OrtKernelInfo* info) {
   s.n = ReadIntAttribute(api, info, "N");
   s.bits = ReadIntAttribute(api, info, "bits");
   s.block_size = ReadIntAttribute(api, info, "block_size");
+  const int64_t float_accuracy = 0;
+  s.accuracy_level = ReadIntAttribute(api, info, "accuracy_level", &float_accuracy);
+  if (s.accuracy_level < 0 || s.accuracy_level > 4)
+    throw std::invalid_argument("attribute 'accuracy_level' must be 0 to 4 (MatMulNBits' values), got " +
+                                std::to_string(s.accuracy_level));
   if (s.bits != 4 && s.bits != 8)
     throw std::invalid_argument("attribute 'bits' must be 4 or 8, got " + std::to_string(s.bits));
   if (s.block_size < 16 || s.block_size > 256 || (s.block_size & (s.block_size - 1)) != 0)
@@ -253,7 +319,11 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
                    s.k,
                    scratch.d.data(),
                    scratch.kept.data()};
-  RunVector(context, s, w, rows, kept, y_f32, scratch);
+  if (s.accuracy_level == 4 && rows > 1) {
+    RunInt8(context, s, w, rows, kept, y_f32, scratch);
+  } else {
+    RunVector(context, s, w, rows, kept, y_f32, scratch);
+  }
 
   // Bias, and float16 out.
   const float* bias_f32 = nullptr;

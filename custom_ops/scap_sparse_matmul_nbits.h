@@ -9,13 +9,20 @@
 //              had before them, so that older models keep their positions)
 //   output     Y: T [..., N]
 //   attributes K, N, bits (4 or 8), block_size (16 .. 256, a power of two): INT, required;
-//              threshold, offset: as ScapSparseMatMul
+//              threshold, offset: as ScapSparseMatMul; accuracy_level: INT 0 .. 4, default 0
+//              (the source MatMulNBits' own)
 //   layout     k_blocks = ceil(K / block_size); bits 8: row_bytes = N, byte j = code of column j;
 //              bits 4: row_bytes = 16 * ceil(N / 32), column 32g + t in the low nibble of byte
 //              16g + t (t < 16) or the high nibble of byte 16g + t - 16 (t >= 16)
 //   semantics  W[k, j] = (q[k, j] - zp[k / block_size, j]) * scales[k / block_size, j];
 //              D, and which elements are dropped: as ScapSparseMatMul (op_base.h);
 //              Y = D_kept @ W (+ bias), accumulated in float32
+//   int8       accuracy_level 4 and more than one row of A (as MatMulNBits there, for prefill and
+//              batches): per row m and block b of K, amax = max |D[m, block]| (a block with
+//              amax 0 adds nothing), qa = rint(D * (127 / amax)), sa = amax / 127, all float32;
+//              Y[m, j] = sum over b of (sa[m, b] * scales[b, j]) * sum over the block of
+//              qa * (q - zp), the integer sums exact (+ bias). A row holding Inf or NaN after the
+//              drop rule is multiplied as at accuracy_level 0. One row of A never quantises.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +35,7 @@ namespace scap {
 struct NBitsShape {
   int64_t k = 0, n = 0, bits = 0, block_size = 0;
   int64_t k_blocks = 0, row_bytes = 0;
+  int64_t accuracy_level = 0;
 };
 
 template <typename T>

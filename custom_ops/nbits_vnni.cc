@@ -1,0 +1,212 @@
+// The int8 path of ScapSparseMatMulNBits (accuracy_level 4, several rows) with AVX-512 VNNI,
+// compiled with those flags only here and chosen only on CPUs that have them (dispatch.cc). Same
+// rule and results as nbits_int8.cc up to float rounding. As in the other kernel files, nothing
+// here calls std:: templates, so that no code built with -mavx512vnni is linked into a caller on a
+// CPU without it.
+//
+// Per 32-column group of a task: the group's codes of every row of K are put once into the order
+// vpdpbusd reads (for each 4 consecutive rows k, a lane per column holding their 4 codes), with the
+// group's scales and zero points as floats; then tiles of 4 rows of A walk it, each block summed in
+// int32 (vpdpbusd: unsigned codes times signed activations) and added to float accumulators as
+// (sum - zp * qsum) * (sa * scale).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "nbits_kernels.h"
+
+namespace scap {
+namespace {
+
+constexpr int64_t kTileRows = 4;
+
+inline int64_t MinI(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Four rows' 16 codes (one byte each, columns 0..15) into 64 bytes: lane j holds column j's 4 codes.
+inline __m512i Interleave4(__m128i x0, __m128i x1, __m128i x2, __m128i x3) {
+  const __m128i a01l = _mm_unpacklo_epi8(x0, x1), a01h = _mm_unpackhi_epi8(x0, x1);
+  const __m128i a23l = _mm_unpacklo_epi8(x2, x3), a23h = _mm_unpackhi_epi8(x2, x3);
+  __m512i out = _mm512_castsi128_si512(_mm_unpacklo_epi16(a01l, a23l));
+  out = _mm512_inserti32x4(out, _mm_unpackhi_epi16(a01l, a23l), 1);
+  out = _mm512_inserti32x4(out, _mm_unpacklo_epi16(a01h, a23h), 2);
+  return _mm512_inserti32x4(out, _mm_unpackhi_epi16(a01h, a23h), 3);
+}
+
+// The group's codes (columns g0 .. g0 + 31, `width` of them real) of rows [0, k_pad) in vpdpbusd's
+// order: panel[(k / 4) * 2 + h] covers columns 16h .. 16h + 15; rows at or past K are 0.
+void PackGroup(const NBitsRow& w, int64_t g0, int64_t width, int64_t k_pad, __m512i* panel) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  alignas(64) uint8_t tail[4][32];
+  for (int64_t k = 0; k < k_pad; k += 4) {
+    __m128i lo[4], hi[4];
+    for (int r = 0; r < 4; ++r) {
+      if (k + r >= w.depth) {
+        lo[r] = hi[r] = _mm_setzero_si128();
+        continue;
+      }
+      const uint8_t* row = w.b + (k + r) * w.row_bytes;
+      if (w.bits == 4) {  // 16 bytes: low nibbles columns 0..15, high nibbles 16..31 (padding is 0)
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g0 / 2));
+        lo[r] = _mm_and_si128(x, low4);
+        hi[r] = _mm_and_si128(_mm_srli_epi16(x, 4), low4);
+      } else if (width == 32) {
+        lo[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g0));
+        hi[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g0 + 16));
+      } else {  // 8 bits, the last group: only the bytes that are there
+        std::memset(tail[r], 0, 32);
+        std::memcpy(tail[r], row + g0, static_cast<size_t>(width));
+        lo[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(tail[r]));
+        hi[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(tail[r] + 16));
+      }
+    }
+    _mm512_storeu_si512(panel + (k / 4) * 2, Interleave4(lo[0], lo[1], lo[2], lo[3]));
+    _mm512_storeu_si512(panel + (k / 4) * 2 + 1, Interleave4(hi[0], hi[1], hi[2], hi[3]));
+  }
+}
+
+// The group's scales and zero points: block b's at scale + b * stride and zp + b * stride (zp
+// nullptr: every zero point default_zp).
+struct GroupScales {
+  const float* scale;
+  const uint8_t* zp;
+  int64_t stride;
+  float default_zp;
+};
+
+// Rows [m0, m0 + kRows) of Y over one packed group (columns past `width` are not stored).
+template <int kRows>
+void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized& a, int64_t m0,
+               int64_t k_blocks, int64_t block_size, float* y, int64_t n, int64_t width) {
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int8_t* qa[kRows];
+  const float* sa[kRows];
+  const int32_t* qsum[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    qa[r] = a.qa + (m0 + r) * a.stride;
+    sa[r] = a.sa + (m0 + r) * k_blocks;
+    qsum[r] = a.qsum + (m0 + r) * k_blocks;
+  }
+  const int64_t quads = block_size / 4;
+  for (int64_t b = 0; b < k_blocks; ++b) {
+    bool live = false;
+    for (int r = 0; r < kRows; ++r) live = live || sa[r][b] != 0.0f;
+    if (!live) continue;  // every row's block dropped (or 0)
+    __m512i dot[kRows][2];
+    for (int r = 0; r < kRows; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+    const __m512i* p = panel + b * quads * 2;
+    const int64_t k0 = b * block_size;
+    for (int64_t i = 0; i < quads; ++i) {
+      const __m512i b0 = _mm512_loadu_si512(p + 2 * i), b1 = _mm512_loadu_si512(p + 2 * i + 1);
+      for (int r = 0; r < kRows; ++r) {
+        int32_t four;
+        std::memcpy(&four, qa[r] + k0 + 4 * i, 4);
+        const __m512i x = _mm512_set1_epi32(four);
+        dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], b0, x);
+        dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], b1, x);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512 s = _mm512_loadu_ps(gs.scale + b * gs.stride + 16 * h);
+      const __m512 z = gs.zp == nullptr ? _mm512_set1_ps(gs.default_zp)
+                                        : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                              reinterpret_cast<const __m128i*>(gs.zp + b * gs.stride + 16 * h))));
+      for (int r = 0; r < kRows; ++r) {
+        // dot - zp * qsum is an integer below 2^24 in magnitude: exact in float32.
+        const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(static_cast<float>(qsum[r][b])), _mm512_cvtepi32_ps(dot[r][h]));
+        acc[r][h] = _mm512_fmadd_ps(t, _mm512_mul_ps(s, _mm512_set1_ps(sa[r][b])), acc[r][h]);
+      }
+    }
+  }
+  const __mmask16 m_lo = width >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
+  const __mmask16 m_hi = width >= 32 ? 0xFFFF : width <= 16 ? 0 : static_cast<__mmask16>((1u << (width - 16)) - 1);
+  for (int r = 0; r < kRows; ++r) {
+    _mm512_mask_storeu_ps(y + (m0 + r) * n, m_lo, acc[r][0]);
+    _mm512_mask_storeu_ps(y + (m0 + r) * n + 16, m_hi, acc[r][1]);
+  }
+}
+
+}  // namespace
+
+// AVX-512F: 16 values at a time, masked at the block's end.
+bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+                        const NBitsQuantized& q, uint8_t* row_finite) {
+  const int64_t k_blocks = (depth + block_size - 1) / block_size;
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  bool all_finite = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = d + r * depth;
+    int8_t* qa = const_cast<int8_t*>(q.qa) + r * q.stride;
+    float* sa = const_cast<float*>(q.sa) + r * k_blocks;
+    int32_t* qsum = const_cast<int32_t*>(q.qsum) + r * k_blocks;
+    // Finite: |x| < Inf, which NaN fails too.
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < depth; k += 16) {
+      const __mmask16 m = depth - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (depth - k)) - 1);
+      const __m512 x = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + k));
+      bad |= _mm512_mask_cmp_ps_mask(m, x, inf, _CMP_NLT_UQ);
+    }
+    const bool finite = bad == 0;
+    row_finite[r] = finite ? 1 : 0;
+    all_finite = all_finite && finite;
+    std::memset(qa, 0, static_cast<size_t>(q.stride));
+    for (int64_t b = 0; b < k_blocks; ++b) {
+      sa[b] = 0.0f;
+      qsum[b] = 0;
+      if (!finite) continue;
+      const int64_t k0 = b * block_size, k1 = MinI(k0 + block_size, depth);
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 m = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + k)));
+      }
+      const float top = _mm512_reduce_max_ps(amax);
+      if (top == 0.0f) continue;
+      const __m512 inv = _mm512_set1_ps(127.0f / top);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 m = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+        const __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), inv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(qa + k, m, _mm512_cvtepi32_epi8(v));
+        sum = _mm512_add_epi32(sum, v);
+      }
+      sa[b] = top / 127.0f;
+      qsum[b] = _mm512_reduce_add_epi32(sum);
+    }
+  }
+  return all_finite;
+}
+
+void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
+                  uint8_t* work) {
+  const int64_t k_blocks = (w.depth + w.block_size - 1) / w.block_size;
+  const int64_t k_pad = k_blocks * w.block_size;
+  const int64_t default_zp = int64_t{1} << (w.bits - 1);
+  // work: the panel (64-byte aligned), then a partial group's scales and zero points, padded.
+  __m512i* panel = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(work) + 63) & ~uintptr_t{63});
+  float* pad_scale = reinterpret_cast<float*>(panel + k_pad / 2);
+  uint8_t* pad_zp = reinterpret_cast<uint8_t*>(pad_scale + 32 * k_blocks);
+  for (int64_t g0 = c0; g0 < c1; g0 += 32) {
+    const int64_t width = MinI(c1 - g0, 32);
+    PackGroup(w, g0, width, k_pad, panel);
+    GroupScales gs{w.scales + g0, w.zero_points != nullptr ? w.zero_points + g0 : nullptr, w.n,
+                   static_cast<float>(default_zp)};
+    if (width < 32) {  // past N: scale 0 (and no reads beyond the rows)
+      for (int64_t b = 0; b < k_blocks; ++b) {
+        for (int64_t j = 0; j < 32; ++j) {
+          pad_scale[b * 32 + j] = j < width ? w.scales[b * w.n + g0 + j] : 0.0f;
+          pad_zp[b * 32 + j] = w.zero_points != nullptr && j < width ? w.zero_points[b * w.n + g0 + j] : 0;
+        }
+      }
+      gs = GroupScales{pad_scale, w.zero_points != nullptr ? pad_zp : nullptr, 32, static_cast<float>(default_zp)};
+    }
+    int64_t m = 0;
+    for (; m + kTileRows <= rows; m += kTileRows) {
+      GroupTile<kTileRows>(panel, gs, a, m, k_blocks, w.block_size, y + g0, w.n, width);
+    }
+    for (; m < rows; ++m) GroupTile<1>(panel, gs, a, m, k_blocks, w.block_size, y + g0, w.n, width);
+  }
+}
+
+}  // namespace scap
