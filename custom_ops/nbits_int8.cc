@@ -9,6 +9,16 @@
 #include "nbits_kernels.h"
 
 namespace scap {
+namespace {
+
+// D * (127 / amax) into [-127, 127], NaN to 0: only where 127 / amax overflowed to Inf (amax below
+// 127 / FLT_MAX) is there anything to clamp (0 * Inf is NaN, a nonzero value times Inf is +-Inf).
+float ClampScaled(float x) {
+  if (x != x) return 0.0f;
+  return x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
+}
+
+}  // namespace
 
 bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                          const NBitsQuantized& q, uint8_t* row_finite) {
@@ -35,7 +45,7 @@ bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int6
       const float inv = 127.0f / amax;
       int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(row[k] * inv));
+        const int32_t v = static_cast<int32_t>(std::nearbyint(ClampScaled(row[k] * inv)));
         qa[k] = static_cast<int8_t>(v);
         sum += v;
       }

@@ -163,11 +163,15 @@ bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64
       const float top = _mm512_reduce_max_ps(amax);
       if (top == 0.0f) continue;
       const __m512 inv = _mm512_set1_ps(127.0f / top);
+      const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
       __m512i sum = _mm512_setzero_si512();
       for (int64_t k = k0; k < k1; k += 16) {
         const __mmask16 m = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
-        const __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), inv),
-                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // ClampScaled: NaN (0 * Inf, where 127 / amax overflowed) to 0, then into [-127, 127].
+        __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), inv);
+        x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), x);
+        x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        const __m512i v = _mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_mask_storeu_epi8(qa + k, m, _mm512_cvtepi32_epi8(v));
         sum = _mm512_add_epi32(sum, v);
       }

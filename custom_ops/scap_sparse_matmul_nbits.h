@@ -19,7 +19,8 @@
 //              Y = D_kept @ W (+ bias), accumulated in float32
 //   int8       accuracy_level 4 and more than one row of A (as MatMulNBits there, for prefill and
 //              batches): per row m and block b of K, amax = max |D[m, block]| (a block with
-//              amax 0 adds nothing), qa = rint(D * (127 / amax)), sa = amax / 127, all float32;
+//              amax 0 adds nothing), qa = rint(D * (127 / amax)) (clamped to +-127, NaN to 0:
+//              only where 127 / amax overflows), sa = amax / 127, all float32;
 //              Y[m, j] = sum over b of (sa[m, b] * scales[b, j]) * sum over the block of
 //              qa * (q - zp), the integer sums exact (+ bias). A row holding Inf or NaN after the
 //              drop rule is multiplied as at accuracy_level 0. One row of A never quantises.

@@ -108,7 +108,8 @@ def test_bad_bits_is_a_one_line_error():
 
 
 # ----------------------------------------------------------------------------- models and sessions
-def _model(dtype, *, k, n, bits, block, threshold, offset=0.0, with_zp, with_bias, weights=None, attrs=None):
+def _model(dtype, *, k, n, bits, block, threshold, offset=0.0, with_zp, with_bias, weights=None, attrs=None,
+           accuracy_level=0):
     """One ScapSparseMatMulNBits node named "nbits" over graph input a and initializers."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     if weights is None:
@@ -121,7 +122,7 @@ def _model(dtype, *, k, n, bits, block, threshold, offset=0.0, with_zp, with_bia
         initializers.append(numpy_helper.from_array(bias.astype(dtype), "bias"))
     node = make_nbits_node("a", "b", "scales", "y", k=k, n=n, bits=bits, block_size=block, threshold=threshold,
                            offset=offset, zero_points="zp" if with_zp else None, bias="bias" if with_bias else None,
-                           name="nbits")
+                           name="nbits", accuracy_level=accuracy_level)
     if attrs is not None:
         for attribute in node.attribute:
             if attribute.name in attrs:
@@ -191,6 +192,33 @@ def test_op_matches_the_reference(bits, block, with_zp, dtype):
                     ref = scap_sparse_matmul_nbits(a, packed, scales, zp if with_zp else None,
                                                    bias.astype(dtype) if with_bias else None, k=k, n=n, bits=bits,
                                                    block_size=block, threshold=threshold, offset=offset)
+                    _assert_close(y, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("with_zp", [False, True], ids=["sym", "zp"])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("bits", BITS)
+def test_int8_activations_match_the_reference(bits, block, with_zp, dtype):
+    # accuracy_level 4: several rows quantised per block (AVX-512 VNNI where the CPU has it, plain
+    # C++ otherwise and under the ISA caps: run_battery); K off the block, N off the 32-column
+    # groups; rows with NaN keep the float path; one row never quantises.
+    k = 3 * block + 5
+    for n, threads in [(45, 1), (600, 1 + _seed(bits, block, with_zp) % 4)]:
+        for threshold, offset, with_bias in [(0.0, 0.0, False), (math.inf, 0.0, True), (0.6, 0.1, True)]:
+            model = _model(dtype, k=k, n=n, bits=bits, block=block, threshold=threshold, offset=offset,
+                           with_zp=with_zp, with_bias=with_bias, accuracy_level=4)
+            session = _session(model, threads)
+            packed, scales, zp, bias = _packed(k, n, bits, block, with_zp, np.dtype(dtype).name)
+            for rows in ROWS:
+                shape = (2, rows // 2, k) if rows == 64 else (rows, k)
+                for nan in (False, True):
+                    a = _activations(shape, dtype, _seed(bits, block, with_zp, n, threshold, rows, nan, 4), nan)
+                    (y,) = session.run(None, {"a": a})
+                    ref = scap_sparse_matmul_nbits(a, packed, scales, zp if with_zp else None,
+                                                   bias.astype(dtype) if with_bias else None, k=k, n=n, bits=bits,
+                                                   block_size=block, threshold=threshold, offset=offset,
+                                                   accuracy_level=4)
                     _assert_close(y, ref, TOL[dtype])
 
 
@@ -291,7 +319,9 @@ def run_battery() -> int:
         for with_zp in (False, True):
             for name, call in [("reference", lambda: test_op_matches_the_reference(bits, 32, with_zp, np.float32)),
                                ("magnitudes", lambda: test_activations_of_every_magnitude_match_the_reference(
-                                   bits, with_zp))]:
+                                   bits, with_zp)),
+                               ("int8", lambda: test_int8_activations_match_the_reference(bits, 32, with_zp,
+                                                                                          np.float32))]:
                 try:
                     call()
                 except AssertionError as error:

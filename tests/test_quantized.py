@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import tiny_models
 from conftest import SMOL_SPEC, run_cli
@@ -189,42 +189,12 @@ def test_threshold_zero_gives_the_int4_logits(tiny_int4, kind, tmp_path):
     assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
 
 
-def _one_nbits_model(path: Path, *, bits: int = 4, g_idx: bool = False, bias: bool = False, zero_points: bool = True,
-                     k: int = 64, n: int = 48, block: int = 32, seed: int = 0) -> Path:
-    """One MatMulNBits (named as an up projection) over random codes, built with onnx.helper."""
-    rng = np.random.default_rng(seed)
-    kb = -(-k // block)
-    blob = block * bits // 8
-    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, kb, blob), dtype=np.uint8), "W_q"),
-             numpy_helper.from_array((rng.random(n * kb) * 0.1 + 0.01).astype(np.float32), "W_scales")]
-    inputs = ["X", "W_q", "W_scales", "", "", ""]
-    if zero_points:
-        inits.append(numpy_helper.from_array(rng.integers(0, 256, n * -(-kb * bits // 8), dtype=np.uint8), "W_zp"))
-        inputs[3] = "W_zp"
-    if g_idx:
-        inits.append(numpy_helper.from_array((np.arange(k) // block).astype(np.int32), "W_g_idx"))
-        inputs[4] = "W_g_idx"
-    if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "W_bias"))
-        inputs[5] = "W_bias"
-    while not inputs[-1]:
-        inputs.pop()
-    node = helper.make_node("MatMulNBits", inputs, ["Y"], name="/model/layers.0/mlp/up_proj/MatMul_Q4",
-                            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
-    onnx.save(model, str(path))
-    return path
-
-
 @needs_library
 @pytest.mark.parametrize("zero_points", [False, True])
 def test_bias_input_and_offset_fold_into_the_dequantised_column_sums(tmp_path, zero_points):
     """A MatMulNBits with a bias input, rewritten with an offset and threshold 0: the new bias is
     the old one plus offset * colsum(dequantised W), so the output is the dense one."""
-    model = _one_nbits_model(tmp_path / "m.onnx", bias=True, zero_points=zero_points, k=80, n=40)
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", bias=True, zero_points=zero_points, k=80, n=40)
     name = "/model/layers.0/mlp/up_proj/MatMul_Q4"
     rewritten, done = rewrite_model(load_model(model), {name: (0.0, 0.75)})
     save_model(rewritten, tmp_path / "s.onnx")
@@ -253,7 +223,7 @@ def test_bias_input_and_offset_fold_into_the_dequantised_column_sums(tmp_path, z
 
 
 def test_without_the_library_the_nbits_op_is_refused_in_one_line(tmp_path):
-    model = _one_nbits_model(tmp_path / "m.onnx")
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx")
     rewritten, _ = rewrite_model(load_model(model), {"/model/layers.0/mlp/up_proj/MatMul_Q4": (0.1, 0.0)})
     save_model(rewritten, tmp_path / "s.onnx")
     with pytest.raises(ScapError, match="needs the compiled op library"):
@@ -279,7 +249,7 @@ def test_validate_refuses_another_int4_model(tiny_int4, tmp_path):
 # ----------------------------------------------------------------------------- bad quantized input
 @pytest.mark.parametrize("kind, why", [("bits2", "bits = 2"), ("g_idx", "g_idx")])
 def test_unsupported_matmul_nbits_exit_2_naming_the_node(tmp_path, kind, why):
-    model = _one_nbits_model(tmp_path / "m.onnx", bits=2 if kind == "bits2" else 4, g_idx=kind == "g_idx")
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", bits=2 if kind == "bits2" else 4, g_idx=kind == "g_idx")
     np.savez(tmp_path / "x.npz", X=np.ones((2, 64), np.float32))
     with pytest.raises(ScapError, match=why):
         find_targets(onnx.load(str(model)))

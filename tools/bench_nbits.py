@@ -3,13 +3,15 @@
 
 The method of tools/bench_kernel.py: each measurement runs a model of C independent nodes over C
 copies of the weights (codes differ per copy, so that no copy is shared), C chosen so that the
-copies exceed the last-level cache twice over; MatMulNBits with accuracy_level 0 and 4 and the op
-run interleaved, and the medians of the repeats are compared. The same run measures the machine's
-streaming read bandwidth (numpy sums over twice the cache, on as many threads), so every row also
-shows the rate at which the op streamed the kept rows of B_packed (scales and zero points not
-counted). Beside the wall-clock ratios, the ratios of CPU time per call (the process's, all its
-threads, over the same interleaved repeats): on a machine that others share, a thread's wall time
-depends on how often it was scheduled, its CPU time much less so.
+copies exceed the last-level cache twice over; for each accuracy_level asked (default 0 and 4),
+MatMulNBits and the op at that same level (the op quantises several rows of A to int8 at 4, as
+MatMulNBits does; one row and levels 0-3 run its float path) run interleaved, all levels together,
+and the medians of the repeats are compared: "acc4" is the op at 4 against MatMulNBits at 4. The
+same run measures the machine's streaming read bandwidth (numpy sums over twice the cache, on as
+many threads), so every level also shows the rate at which the op streamed the kept rows of
+B_packed (scales and zero points not counted). Beside the wall-clock ratios, the ratios of CPU time
+per call (the process's, all its threads, over the same interleaved repeats): on a machine that
+others share, a thread's wall time depends on how often it was scheduled, its CPU time much less so.
 
 Weights: random codes, scales and zero points (block-quantization statistics do not matter for the
 time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits. Inputs:
@@ -63,7 +65,7 @@ def matmul_nbits_weights(k: int, n: int, bits: int, block: int, zero_points: boo
 
 def build_model(kind: str, k: int, n: int, bits: int, block: int, weights: list, accuracy: int = 0) -> onnx.ModelProto:
     """C nodes sharing input A, each over its own copy of the weights: MatMulNBits (kind "ort") or
-    ScapSparseMatMulNBits (kind "scap", weights already repacked)."""
+    ScapSparseMatMulNBits (kind "scap", weights already repacked), both at ``accuracy``."""
     nodes, inits, outputs = [], [], []
     for c, (b, scales, zp) in enumerate(weights):
         inits += [numpy_helper.from_array(b, f"B{c}"), numpy_helper.from_array(scales, f"S{c}")]
@@ -76,7 +78,7 @@ def build_model(kind: str, k: int, n: int, bits: int, block: int, weights: list,
         else:
             nodes.append(make_nbits_node("A", f"B{c}", f"S{c}", f"Y{c}", k=k, n=n, bits=bits, block_size=block,
                                          threshold=THRESHOLD, zero_points=f"Z{c}" if zp is not None else None,
-                                         name=f"scap{c}"))
+                                         name=f"scap{c}", accuracy_level=accuracy))
         outputs.append(helper.make_tensor_value_info(f"Y{c}", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
                               outputs, inits)
@@ -104,12 +106,15 @@ def run_grid(args: argparse.Namespace) -> dict:
         # Per copy, codes XORed with a different byte: distinct initializers, same statistics.
         orts = [(base[0] ^ np.uint8(17 * c % 256), base[1], base[2]) for c in range(copies)]
         scaps = [(packed[0] ^ np.uint8(17 * c % 256), packed[1], packed[2]) for c in range(copies)]
-        sessions = {f"ort{acc}": session(build_model("ort", k, n, args.bits, args.block, orts, acc), args.threads,
-                                         sparse=False) for acc in args.accuracy}
-        scap_model = build_model("scap", k, n, args.bits, args.block, scaps)
-        sessions["scap"] = session(scap_model, args.threads, sparse=True)
-        if args.baseline_library is not None:  # another build of the op library, same process
-            sessions["base"] = session(scap_model, args.threads, sparse=True, library=args.baseline_library)
+        sessions = {}
+        for acc in args.accuracy:  # MatMulNBits and the op at the same level, side by side
+            sessions[f"ort{acc}"] = session(build_model("ort", k, n, args.bits, args.block, orts, acc), args.threads,
+                                            sparse=False)
+            scap_model = build_model("scap", k, n, args.bits, args.block, scaps, acc)
+            sessions[f"scap{acc}"] = session(scap_model, args.threads, sparse=True)
+            if args.baseline_library is not None:  # another build of the op library, same process
+                sessions[f"base{acc}"] = session(scap_model, args.threads, sparse=True,
+                                                 library=args.baseline_library)
         del orts, scaps
         row_bytes = packed[0].shape[1]
         for m, sparsity in ((m, s) for m in args.m for s in args.sparsity):
@@ -125,21 +130,23 @@ def run_grid(args: argparse.Namespace) -> dict:
             med = {name: statistics.median(t) for name, t in times.items()}
             med_cpu = {name: statistics.median(t) for name, t in cpu.items()}
             kept_rows = int(np.count_nonzero(np.any(np.abs(a) > THRESHOLD, axis=0)))
-            kept_gbps = kept_rows * row_bytes / med["scap"] / 1e9
-            row = dict(k=k, n=n, m=m, sparsity=sparsity, copies=copies, threads=args.threads,
-                       scap_ms=med["scap"] * 1e3, scap_cpu_ms=med_cpu["scap"] * 1e3, kept_gbps=kept_gbps, bandwidth_share=kept_gbps / bandwidth)
-            text = f"{k:>6}x{n:<6} M={m:<4} s={sparsity:.2f}  scap {row['scap_ms']:8.3f} ms"
+            row = dict(k=k, n=n, m=m, sparsity=sparsity, copies=copies, threads=args.threads)
+            text = f"{k:>6}x{n:<6} M={m:<4} s={sparsity:.2f}"
             for acc in args.accuracy:
-                row[f"ort{acc}_ms"] = med[f"ort{acc}"] * 1e3
-                row[f"speedup{acc}"] = med[f"ort{acc}"] / med["scap"]
-                row[f"cpu_speedup{acc}"] = med_cpu[f"ort{acc}"] / med_cpu["scap"]
-                text += (f"  acc{acc} {row[f'ort{acc}_ms']:8.3f} ms x{row[f'speedup{acc}']:5.2f}"
-                         f" (CPU x{row[f'cpu_speedup{acc}']:5.2f})")
-            if "base" in med:
-                row["baseline_ms"] = med["base"] * 1e3
-                row["cpu_speedup_baseline"] = med_cpu["base"] / med_cpu["scap"]
-                text += f"  baseline {row['baseline_ms']:8.3f} ms (CPU x{row['cpu_speedup_baseline']:5.2f})"
-            text += f"  kept {kept_gbps:5.1f} GB/s ({row['bandwidth_share']:.0%})"
+                scap, ort_ = f"scap{acc}", f"ort{acc}"
+                kept_gbps = kept_rows * row_bytes / med[scap] / 1e9
+                row.update({f"{scap}_ms": med[scap] * 1e3, f"{scap}_cpu_ms": med_cpu[scap] * 1e3,
+                            f"{ort_}_ms": med[ort_] * 1e3, f"speedup{acc}": med[ort_] / med[scap],
+                            f"cpu_speedup{acc}": med_cpu[ort_] / med_cpu[scap], f"kept_gbps{acc}": kept_gbps,
+                            f"bandwidth_share{acc}": kept_gbps / bandwidth})
+                text += (f"  acc{acc}: scap {row[f'{scap}_ms']:8.3f} ms, ort {row[f'{ort_}_ms']:8.3f} ms"
+                         f" x{row[f'speedup{acc}']:5.2f} (CPU x{row[f'cpu_speedup{acc}']:5.2f})")
+                if f"base{acc}" in med:
+                    row[f"baseline{acc}_ms"] = med[f"base{acc}"] * 1e3
+                    row[f"cpu_speedup_baseline{acc}"] = med_cpu[f"base{acc}"] / med_cpu[scap]
+                    text += (f" baseline {row[f'baseline{acc}_ms']:8.3f} ms"
+                             f" (CPU x{row[f'cpu_speedup_baseline{acc}']:5.2f})")
+                text += f" kept {kept_gbps:5.1f} GB/s ({row[f'bandwidth_share{acc}']:.0%})"
             print(text, flush=True)
             results.append(row)
         del sessions
@@ -149,22 +156,21 @@ def run_grid(args: argparse.Namespace) -> dict:
                      isa=scap_onnx.kernel_isa(), load_average_before=load_before,
                      load_average_after=os.getloadavg()),
         method=("median of interleaved repeats; ort<acc> = onnxruntime MatMulNBits with that accuracy_level on "
-                "the same codes, scales and zero points"),
+                "the same codes, scales and zero points, scap<acc> = the op with the same accuracy_level"),
         bits=args.bits, block_size=args.block, zero_points=args.zero_points, repeats=args.repeats,
         bandwidth_gbps=bandwidth, results=results,
     )
 
 
 def markdown_table(report: dict, accuracy: list[int]) -> str:
-    head = "| K x N | M | sparsity | scap ms |" + "".join(f" acc{a} ms | vs acc{a} | CPU vs acc{a} |"
-                                                          for a in accuracy)
-    head += " kept GB/s | share of read BW |"
-    lines = [head, "|" + "---|" * (6 + 3 * len(accuracy))]
+    head = "| K x N | M | sparsity |" + "".join(f" scap{a} ms | acc{a} ms | vs acc{a} | CPU vs acc{a} |"
+                                                f" scap{a} kept GB/s | scap{a} share of read BW |" for a in accuracy)
+    lines = [head, "|" + "---|" * (3 + 6 * len(accuracy))]
     for r in report["results"]:
-        line = f"| {r['k']}x{r['n']} | {r['m']} | {r['sparsity']:.2f} | {r['scap_ms']:.3f} |"
-        line += "".join(f" {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x | {r[f'cpu_speedup{a}']:.2f}x |"
+        line = f"| {r['k']}x{r['n']} | {r['m']} | {r['sparsity']:.2f} |"
+        line += "".join(f" {r[f'scap{a}_ms']:.3f} | {r[f'ort{a}_ms']:.3f} | {r[f'speedup{a}']:.2f}x |"
+                        f" {r[f'cpu_speedup{a}']:.2f}x | {r[f'kept_gbps{a}']:.1f} | {r[f'bandwidth_share{a}']:.0%} |"
                         for a in accuracy)
-        line += f" {r['kept_gbps']:.1f} | {r['bandwidth_share']:.0%} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -177,7 +183,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--no-zero-points", dest="zero_points", action="store_false")
-    parser.add_argument("--accuracy", nargs="+", type=int, default=[0, 4], help="MatMulNBits accuracy_level(s)")
+    parser.add_argument("--accuracy", nargs="+", type=int, default=[0, 4],
+                        help="accuracy_level(s): MatMulNBits and the op at each, side by side")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--baseline-library", type=Path, default=None,

@@ -3,8 +3,10 @@
 onnxruntime's block-quantized ``MatMulNBits`` (com.microsoft) is a target when its B, scales
 and zero points are constants, its bits and block_size are ones ScapSparseMatMulNBits takes and it
 has no ``g_idx``: K, N, bits and block_size come from its attributes, the dtype from its scales
-(of A's type), its optional bias input is carried like a Gemm's C. ``weight_format`` says how a
-target's weight is stored ("float32", "int4 block 32", "int4 block 32 asym" with zero points).
+(of A's type), its optional bias input is carried like a Gemm's C, and its ``accuracy_level`` (0 to
+4; 4 quantises A to int8) is the rewritten node's. ``weight_format`` says how a target's weight is
+stored ("float32", "int4 block 32", "int4 block 32 asym" with zero points, "... accuracy_level 4"
+when it is not 0).
 
 A MatMul whose B is an int8 or uint8 constant dequantised by a DequantizeLinear (QDQ, as
 onnxruntime.quantization's quantize_static writes weights), per tensor or per output column, with
@@ -31,6 +33,7 @@ ELEM_OF = {v: k for k, v in FLOAT_TYPES.items()}
 #: What ScapSparseMatMulNBits takes (scap_onnx.op.nbits checks its nodes by these).
 NBITS_BITS = (4, 8)
 NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
+NBITS_ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' own
 MATMUL_NBITS = "MatMulNBits"
 #: Quantized types of a DequantizeLinear weight that are targets (repacked as 8-bit codes).
 QDQ_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
@@ -44,13 +47,15 @@ def matmul_nbits_fields(view: GraphView, n: Node) -> tuple[dict | None, str | No
     b, scales = view.constant(b_in), view.constant(s_in)
     if b is None or scales is None or view.constant(a) is not None:
         return None, None
-    k, n_cols, bits, block = (int(n.attr(x, 0)) for x in ("K", "N", "bits", "block_size"))
+    k, n_cols, bits, block, level = (int(n.attr(x, 0)) for x in ("K", "N", "bits", "block_size", "accuracy_level"))
     if g_idx:
         return None, "has g_idx (act-order), which is not supported"
     if bits not in NBITS_BITS:
         return None, f"has bits = {bits} (4 and 8 are supported)"
     if block not in NBITS_BLOCK_SIZES:
         return None, f"has block_size = {block} (powers of two from 16 to 256 are supported)"
+    if level not in NBITS_ACCURACY_LEVELS:
+        return None, f"has accuracy_level = {level} (0 to 4 are valid)"
     stype = view.initializers[scales][1]
     if stype not in FLOAT_TYPES:
         return None, "has scales that are neither float32 nor float16"
@@ -66,9 +71,10 @@ def matmul_nbits_fields(view: GraphView, n: Node) -> tuple[dict | None, str | No
     if bias_in and (bias is None or view.initializers[bias][1] != stype
                     or int(np.prod(view.initializers[bias][0])) != n_cols):
         return None, "has a bias that is not a constant [N] tensor"
-    fmt = f"int{bits} block {block}" + (" asym" if zp else "")
+    fmt = f"int{bits} block {block}" + (" asym" if zp else "") + (f" accuracy_level {level}" if level else "")
     return dict(input=a, weight=b, k=k, n=n_cols, dtype=FLOAT_TYPES[stype], bias=bias, op=MATMUL_NBITS,
-                weight_format=fmt, bits=bits, block_size=block, scales=scales, zero_points=zp), None
+                weight_format=fmt, bits=bits, block_size=block, scales=scales, zero_points=zp,
+                accuracy_level=level), None
 
 
 def qdq_block_size(k: int) -> int:

@@ -61,6 +61,7 @@ class Target:
     block_size: int | None = None
     scales: str | None = None
     zero_points: str | None = None
+    accuracy_level: int = 0  # a MatMulNBits' (4: A quantised to int8), which the rewritten node keeps; QDQ: 0
 
     @property
     def quantized(self) -> bool:

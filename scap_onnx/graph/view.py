@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import onnx
 
-#: Attributes target finding reads: Gemm's, MatMulNBits' shape and format, DequantizeLinear's axis
-#: and block_size.
-_ATTRS = ("alpha", "beta", "transA", "transB", "K", "N", "bits", "block_size", "axis")
+#: Attributes target finding reads: Gemm's, MatMulNBits' shape, format and accuracy level,
+#: DequantizeLinear's axis and block_size.
+_ATTRS = ("alpha", "beta", "transA", "transB", "K", "N", "bits", "block_size", "accuracy_level", "axis")
 #: Nodes through which a value is still "that constant": copied, transposed (the rewriter's B of a
 #: Gemm with transB, a tied lm_head reading the embedding) or cast.
 PASS_THROUGH = ("Identity", "Transpose", "Cast")

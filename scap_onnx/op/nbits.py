@@ -15,6 +15,8 @@ block_size) cut at K):
 - zero_points (optional): uint8 [k_blocks, N], one per byte; absent means 2^(bits-1) (8 or 128),
   MatMulNBits' default.
 - W[k, j] = (q[k, j] - zero_points[k // block_size, j]) * scales[k // block_size, j], float32.
+- accuracy_level (optional, 0 to 4, as MatMulNBits'): at 4, several rows of A are multiplied as int8
+  activations per block (scap_onnx.op.reference.quantize_blocks); 0 to 3, and one row, over W.
 
 A MatMul's int8 QDQ weight (DequantizeLinear of a constant, per tensor or per output column) is
 this op at bits 8, exactly: an int8 code q with zero point z is the uint8 code q + 128 with zero
@@ -32,7 +34,8 @@ import onnx
 from onnx import helper
 
 from ..errors import ScapError
-from ..graph.quantized import MATMUL_NBITS, NBITS_BITS as BITS, NBITS_BLOCK_SIZES as BLOCK_SIZES
+from ..graph.quantized import MATMUL_NBITS, NBITS_ACCURACY_LEVELS as ACCURACY_LEVELS, NBITS_BITS as BITS
+from ..graph.quantized import NBITS_BLOCK_SIZES as BLOCK_SIZES
 from ..graph.targets import Target
 from .contract import DOMAIN, OP_TYPE_NBITS, check_attributes, trim_inputs
 
@@ -45,6 +48,17 @@ def check_nbits_attributes(k: int, n: int, bits: int, block_size: int) -> None:
         raise ScapError(f"{OP_TYPE_NBITS}: block_size must be a power of two from 16 to 256, got {block_size}")
     if k < 1 or n < 1:
         raise ScapError(f"{OP_TYPE_NBITS}: K and N must be >= 1, got K = {k}, N = {n}")
+
+
+#: The accuracy_level at which several rows of A are quantised to int8 (MatMulNBits' int8 compute type).
+INT8_ACCURACY_LEVEL = 4
+
+
+def check_accuracy_level(accuracy_level: int, node: str | None = None) -> None:
+    """Raise ScapError (one line, naming ``node`` when given) for an accuracy_level outside 0 to 4."""
+    if accuracy_level not in ACCURACY_LEVELS:
+        where = f" node {node!r}" if node else ""
+        raise ScapError(f"{OP_TYPE_NBITS}{where}: accuracy_level must be 0 to 4, got {accuracy_level}")
 
 
 def k_blocks(k: int, block_size: int) -> int:
@@ -240,15 +254,20 @@ def make_nbits_node(
     threshold_scale: str | None = None,
     channel_offset: str | None = None,
     name: str | None = None,
+    accuracy_level: int = 0,
 ) -> onnx.NodeProto:
     """A ScapSparseMatMulNBits node: Y = drop(A - offset - channel_offset) @ W (+ bias), W from the
-    packed weights, the threshold scaled per channel by threshold_scale (inputs 5 and 6)."""
+    packed weights, the threshold scaled per channel by threshold_scale (inputs 5 and 6); with
+    accuracy_level 4, several rows of A quantised to int8 per block (the attribute is written only
+    when it is not 0, the default)."""
     check_attributes(threshold, offset)
     check_nbits_attributes(k, n, bits, block_size)
+    check_accuracy_level(accuracy_level, name)
     inputs = trim_inputs([a, b_packed, scales, zero_points or "", bias or "", threshold_scale or "",
                           channel_offset or ""])
+    level = {"accuracy_level": int(accuracy_level)} if accuracy_level else {}
     return helper.make_node(
         OP_TYPE_NBITS, inputs, [output], name=name, domain=DOMAIN,
         K=int(k), N=int(n), bits=int(bits), block_size=int(block_size),
-        threshold=float(threshold), offset=float(offset),
+        threshold=float(threshold), offset=float(offset), **level,
     )

@@ -3,7 +3,8 @@
 Semantics (scap_onnx.op.contract): D[..., k] = A[..., k] - offset - channel_offset[k]; D[..., k] is
 dropped iff |D[..., k]| <= threshold * threshold_scale[k]; Y = D_kept @ B (+ bias); the two vectors
 optional (float32 [K]). Arithmetic in float32 whatever T is, the result cast back to T.
-ScapSparseMatMulNBits (scap_onnx.op.nbits) is the same rule over W dequantised in float32.
+ScapSparseMatMulNBits (scap_onnx.op.nbits) is the same rule over W dequantised in float32, except
+that with accuracy_level 4 several rows of A multiply as int8 activations (:func:`quantize_blocks`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 
 from .contract import DOMAIN, OP_TYPE, check_attributes, check_channel_vectors
-from .nbits import OP_TYPE_NBITS, check_nbits_attributes, dequantize_packed, k_blocks, row_bytes
+from .nbits import (INT8_ACCURACY_LEVEL, OP_TYPE_NBITS, check_accuracy_level, check_nbits_attributes,
+                    default_zero_point, dequantize_packed, k_blocks, row_bytes, unpack_rows)
 
 
 def channel_thresholds(threshold: float, threshold_scale: np.ndarray) -> np.ndarray:
@@ -43,6 +45,16 @@ def sparsify(a: np.ndarray, threshold: float, offset: float = 0.0, threshold_sca
     return np.where(dropped, np.float32(0), d)
 
 
+def _check_operands(a, k: int, n: int, bias, threshold_scale, channel_offset, threshold: float, offset: float) -> None:
+    """ValueError (ScapError for the attributes) for operands that do not fit a [K, N] weight."""
+    check_attributes(threshold, offset)
+    if a.ndim < 1 or a.shape[-1] != k:
+        raise ValueError(f"A's last dimension must equal B's first ({k}), got shape {a.shape}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
+    check_channel_vectors(k, threshold_scale, channel_offset)
+
+
 def scap_sparse_matmul(
     a: np.ndarray,
     b: np.ndarray,
@@ -54,14 +66,9 @@ def scap_sparse_matmul(
     offset: float = 0.0,
 ) -> np.ndarray:
     """Y = sparsify(A) @ B (+ bias), accumulated in float32 (float64 for the matmul), cast to A's type."""
-    check_attributes(threshold, offset)
     if b.ndim != 2:
         raise ValueError(f"B must be 2-D, got shape {b.shape}")
-    if a.ndim < 1 or a.shape[-1] != b.shape[0]:
-        raise ValueError(f"A's last dimension must equal B's first ({b.shape[0]}), got shape {a.shape}")
-    if bias is not None and bias.shape != (b.shape[1],):
-        raise ValueError(f"bias must have shape ({b.shape[1]},), got {bias.shape}")
-    check_channel_vectors(b.shape[0], threshold_scale, channel_offset)
+    _check_operands(a, b.shape[0], b.shape[1], bias, threshold_scale, channel_offset, threshold, offset)
     d = sparsify(a, threshold, offset, threshold_scale, channel_offset)
     # float64 accumulation keeps the oracle more exact than the kernels it judges.
     d64 = d.astype(np.float64)
@@ -99,6 +106,48 @@ class ScapSparseMatMul(OpRun):
 ScapSparseMatMulOpRun = ScapSparseMatMul
 
 
+def quantize_blocks(d: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activations D float32 [rows, K] -> (qa int8 [rows, K], sa float32 [rows, k_blocks]): per row
+    and block of K, amax = max |D|, qa = rint(D * (127 / amax)) (half to even), sa = amax / 127,
+    every step in float32; a block with amax = 0 gets qa = 0 and sa = 0. For rows without Inf or
+    NaN (the caller's); non-finite products give qa = 0, and qa saturates at +-127, which only
+    127 / amax overflowing (amax < 127 / FLT_MAX) reaches."""
+    d = np.asarray(d, np.float32)
+    rows, k = d.shape
+    kb = k_blocks(k, block_size)
+    padded = np.zeros((rows, kb * block_size), np.float32)
+    padded[:, :k] = d
+    blocks = padded.reshape(rows, kb, block_size)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        amax = np.abs(blocks).max(axis=2)
+        inv = np.where(amax == 0, np.float32(0), np.float32(127) / amax)
+        scaled = np.rint(blocks * inv[..., None])
+        qa = np.clip(np.where(np.isfinite(scaled), scaled, 0), -127, 127).astype(np.int8)
+        sa = (amax / np.float32(127)).astype(np.float32)
+    return qa.reshape(rows, kb * block_size)[:, :k], sa
+
+
+def _int8_activation_matmul(d: np.ndarray, q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
+                            bits: int, block_size: int) -> np.ndarray:
+    """Y float32 [rows, N] = sum over blocks b, ascending, of (sa[:, b] * scales[b]) * isum_b, isum_b
+    = qa[:, block b] @ (q - zero point)[block b] exactly; D [rows, K] holds no Inf or NaN."""
+    rows, k = d.shape
+    qa, sa = quantize_blocks(d, block_size)
+    zp = (np.full(scales.shape, default_zero_point(bits), np.float64) if zero_points is None
+          else np.asarray(zero_points, np.float64))
+    y = np.zeros((rows, q.shape[1]), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for b in range(sa.shape[1]):
+            ks = slice(b * block_size, min((b + 1) * block_size, k))
+            # Exact in float64 (BLAS): every partial sum is an integer below 127 * 255 * 256 < 2^53.
+            isum = (qa[:, ks].astype(np.float64) @ (q[ks].astype(np.float64) - zp[b])).astype(np.int64)
+            term = (sa[:, b, None] * scales[b]) * isum.astype(np.float32)  # exact: |isum| < 2^24
+            # amax = 0 (a block with amax > 0 quantises its largest value to +-127): it adds 0, even
+            # against a non-finite scale, as a dropped row does in the float path.
+            y += np.where(qa[:, ks].any(axis=1, keepdims=True), term, np.float32(0))
+    return y
+
+
 def scap_sparse_matmul_nbits(
     a: np.ndarray,
     b_packed: np.ndarray,
@@ -114,9 +163,19 @@ def scap_sparse_matmul_nbits(
     block_size: int,
     threshold: float,
     offset: float = 0.0,
+    accuracy_level: int = 0,
 ) -> np.ndarray:
-    """ScapSparseMatMulNBits: W dequantised from the packed layout in float32, then scap_sparse_matmul."""
+    """ScapSparseMatMulNBits: W dequantised from the packed layout in float32, then scap_sparse_matmul.
+
+    With accuracy_level 4 and more than one row of A (rows: the product of A's leading dims), D
+    after the drop rule is quantised to int8 per row and block (:func:`quantize_blocks`) and Y =
+    sum over blocks of (sa * scales) * (integer sum of qa * (q - zero point)) (+ bias), accumulated
+    in float32 in ascending block order (the kernels fuse the multiply and the add: compare with a
+    tolerance). A row of D holding Inf or NaN (its kept values) takes the float path, so that they
+    propagate as in the float op.
+    """
     check_nbits_attributes(k, n, bits, block_size)
+    check_accuracy_level(accuracy_level)
     kb = k_blocks(k, block_size)
     if b_packed.shape != (k, row_bytes(n, bits)) or b_packed.dtype != np.uint8:
         raise ValueError(f"B_packed must be uint8 [{k}, {row_bytes(n, bits)}], got {b_packed.dtype} {b_packed.shape}")
@@ -124,8 +183,26 @@ def scap_sparse_matmul_nbits(
         raise ValueError(f"scales must have shape ({kb}, {n}), got {scales.shape}")
     if zero_points is not None and zero_points.shape != (kb, n):
         raise ValueError(f"zero_points must have shape ({kb}, {n}), got {zero_points.shape}")
-    w = dequantize_packed(b_packed, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
-    return scap_sparse_matmul(a, w, bias, threshold_scale, channel_offset, threshold=threshold, offset=offset)
+
+    def float_path(a_rows: np.ndarray) -> np.ndarray:
+        w = dequantize_packed(b_packed, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
+        return scap_sparse_matmul(a_rows, w, bias, threshold_scale, channel_offset, threshold=threshold, offset=offset)
+
+    rows = int(np.prod(a.shape[:-1]))
+    if accuracy_level != INT8_ACCURACY_LEVEL or rows <= 1:
+        return float_path(a)
+    _check_operands(a, k, n, bias, threshold_scale, channel_offset, threshold, offset)
+    a2 = a.reshape(rows, k)
+    d = sparsify(a2, threshold, offset, threshold_scale, channel_offset)
+    finite = np.isfinite(d).all(axis=1)
+    y = np.empty((rows, n), np.float32)
+    y[finite] = _int8_activation_matmul(d[finite], unpack_rows(b_packed, n, bits), np.asarray(scales, np.float32),
+                                        zero_points, bits=bits, block_size=block_size)
+    if bias is not None:
+        y[finite] += bias.astype(np.float32)
+    if not finite.all():
+        y[~finite] = float_path(a2[~finite])
+    return y.reshape(*a.shape[:-1], n).astype(a.dtype)
 
 
 class ScapSparseMatMulNBits(OpRun):
@@ -135,9 +212,11 @@ class ScapSparseMatMulNBits(OpRun):
     op_type = OP_TYPE_NBITS
 
     def _run(self, a, b_packed, scales, zero_points=None, bias=None, threshold_scale=None,  # noqa: N803
-             channel_offset=None, K=None, N=None, bits=None, block_size=None, threshold=None, offset=0.0):
+             channel_offset=None, K=None, N=None, bits=None, block_size=None, threshold=None, offset=0.0,
+             accuracy_level=0):
         if None in (K, N, bits, block_size, threshold):
             raise ValueError("ScapSparseMatMulNBits requires the K, N, bits, block_size and threshold attributes")
+        check_accuracy_level(accuracy_level, self.onnx_node.name)
         return (scap_sparse_matmul_nbits(a, b_packed, scales, zero_points, bias, threshold_scale, channel_offset,
-                                         k=K, n=N, bits=bits,
-                                         block_size=block_size, threshold=threshold, offset=offset),)
+                                         k=K, n=N, bits=bits, block_size=block_size, threshold=threshold,
+                                         offset=offset, accuracy_level=accuracy_level),)

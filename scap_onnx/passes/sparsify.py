@@ -12,10 +12,11 @@ b + (offset + channel_offset) @ B.
 The folded bias makes the new node compute the original function wherever nothing is dropped
 (shared/DESIGN.md). A MatMulNBits becomes a ScapSparseMatMulNBits over its weights repacked
 (scap_onnx.op.nbits; computed when the model is saved, one weight at a time), its folded bias from
-the column sums of the dequantised weight; its own bias input is carried like a Gemm's C. A MatMul
-whose B is an int8 QDQ weight becomes a ScapSparseMatMulNBits at bits 8 over the same codes (the
-DequantizeLinear and the nodes between it and the MatMul go when nothing else reads them; QDQ
-pairs on the activation stay in front of the new node). A Gemm's C is its bias; a Gemm with transB
+the column sums of the dequantised weight; its own bias input is carried like a Gemm's C, and its
+accuracy_level is the new node's. A MatMul whose B is an int8 QDQ weight becomes a
+ScapSparseMatMulNBits at bits 8 over the same codes, accuracy_level 0 (the DequantizeLinear and the
+nodes between it and the MatMul go when nothing else reads them; QDQ pairs on the activation stay
+in front of the new node). A Gemm's C is its bias; a Gemm with transB
 reads its [N, K] weight through a Transpose node, which onnxruntime folds into a constant when it
 loads the model, so the file keeps the original weight. Node names are those of the original MatMuls; outputs keep their names, types
 and shapes (the Add's output when a bias Add was fused). Each new node records in its metadata
@@ -37,8 +38,8 @@ from ..graph.targets import Target, find_all_targets
 from ..graph.view import GraphView
 from ..op import contract
 from ..op.contract import DOMAIN, OP_TYPE, OP_TYPE_NBITS, OPSET_VERSION, Sparsification
-from ..op.nbits import (check_nbits_attributes, matmul_nbits_codes, matmul_nbits_scales, matmul_nbits_zero_points,
-                        pack_rows, qdq_codes, qdq_scales, qdq_zero_points, weight_kn)
+from ..op.nbits import (check_accuracy_level, check_nbits_attributes, matmul_nbits_codes, matmul_nbits_scales,
+                        matmul_nbits_zero_points, pack_rows, qdq_codes, qdq_scales, qdq_zero_points, weight_kn)
 from ..op.token_norm import NORM_TAG, token_norm
 
 
@@ -83,8 +84,11 @@ class ScapRewritePass(ir.passes.InPlacePass):
                 dequantized.append(mm.inputs[1])
             if t.quantized:
                 op_type, weight_inputs = OP_TYPE_NBITS, _repacked(graph, t, used_names)
+                # A MatMulNBits' accuracy_level goes with it (4: several rows multiply as int8
+                # activations); 0, the default, is left out, as make_nbits_node leaves it
+                level = (("accuracy_level", t.accuracy_level),) if t.accuracy_level else ()
                 attrs = [ir.AttrInt64(k, v) for k, v in (("K", t.k), ("N", t.n), ("bits", t.bits),
-                                                           ("block_size", t.block_size))]
+                                                           ("block_size", t.block_size), *level)]
             else:
                 weight_val = graph.initializers.get(t.weight, mm.inputs[1])
                 op_type, weight_inputs, attrs = OP_TYPE, [_transposed(weight_val, t, used_names, new_nodes)
@@ -218,6 +222,7 @@ def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value
     or QDQ target: new initializers computed from the original ones when the model is saved (a QDQ
     weight's zero points are read now: absent when all are the op's default)."""
     check_nbits_attributes(t.k, t.n, t.bits, t.block_size)
+    check_accuracy_level(t.accuracy_level, t.name)
     shape = dict(k=t.k, n=t.n, block_size=t.block_size)
     b, scales = _constant_tensor(graph, t.weight), _constant_tensor(graph, t.scales)
     zp = _constant_tensor(graph, t.zero_points) if t.zero_points else None
