@@ -40,13 +40,16 @@ using QuantizeRowsFn = bool (*)(const float* d, int64_t depth, int64_t block_siz
                                 const NBitsQuantized& q, uint8_t* row_finite);
 
 // Y[0:rows, c0:c1) = sum over blocks of (sa * scales) * (qa . (q - zp)) (Y rows n floats apart; c0 a
-// multiple of 32); work: NBitsInt8WorkBytes(stride) bytes.
+// multiple of 32); work: NBitsInt8WorkBytes(k_blocks) bytes.
 using RowsInt8Fn = void (*)(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
                             uint8_t* work);
 
-// Bytes of work for RowsInt8Fn: one 32-column group's codes of every row of K, as bytes, and a
+// Rows of K per pass of RowsInt8Fn over its codes (a multiple of every block size).
+constexpr int64_t kNBitsInt8ChunkRows = 1024;
+
+// Bytes of work for RowsInt8Fn: four 32-column groups' codes of a chunk of rows, as bytes, and a
 // partial group's scales (float) and zero points (byte), padded.
-inline int64_t NBitsInt8WorkBytes(int64_t stride, int64_t k_blocks) { return 32 * stride + 32 * 5 * k_blocks + 64; }
+inline int64_t NBitsInt8WorkBytes(int64_t k_blocks) { return 4 * 32 * kNBitsInt8ChunkRows + 32 * 5 * k_blocks + 64; }
 
 struct NBitsKernels {
   // y[c0:c1) = sum over the kept k in kept[i0:i1) of d[k] * W[k, c0:c1), accumulated in float32

@@ -19,6 +19,7 @@ namespace scap {
 namespace {
 
 constexpr int64_t kTileRows = 4;
+constexpr int64_t kPackPrefetchRows = 16;
 
 inline int64_t MinI(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -32,12 +33,12 @@ inline __m512i Interleave4(__m128i x0, __m128i x1, __m128i x2, __m128i x3) {
   return _mm512_inserti32x4(out, _mm_unpackhi_epi16(a01h, a23h), 3);
 }
 
-// The group's codes (columns g0 .. g0 + 31, `width` of them real) of rows [0, k_pad) in vpdpbusd's
-// order: panel[(k / 4) * 2 + h] covers columns 16h .. 16h + 15; rows at or past K are 0.
-void PackGroup(const NBitsRow& w, int64_t g0, int64_t width, int64_t k_pad, __m512i* panel) {
+// The group's codes (columns g0 .. g0 + 31, `width` of them real) of rows [k0, k1) in vpdpbusd's
+// order: panel[((k - k0) / 4) * 2 + h] covers columns 16h .. 16h + 15; rows at or past K are 0.
+void PackGroup(const NBitsRow& w, int64_t g0, int64_t width, int64_t k0, int64_t k1, __m512i* panel) {
   const __m128i low4 = _mm_set1_epi8(0x0F);
   alignas(64) uint8_t tail[4][32];
-  for (int64_t k = 0; k < k_pad; k += 4) {
+  for (int64_t k = k0; k < k1; k += 4) {
     __m128i lo[4], hi[4];
     for (int r = 0; r < 4; ++r) {
       if (k + r >= w.depth) {
@@ -59,8 +60,53 @@ void PackGroup(const NBitsRow& w, int64_t g0, int64_t width, int64_t k_pad, __m5
         hi[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(tail[r] + 16));
       }
     }
-    _mm512_storeu_si512(panel + (k / 4) * 2, Interleave4(lo[0], lo[1], lo[2], lo[3]));
-    _mm512_storeu_si512(panel + (k / 4) * 2 + 1, Interleave4(hi[0], hi[1], hi[2], hi[3]));
+    _mm512_storeu_si512(panel + ((k - k0) / 4) * 2, Interleave4(lo[0], lo[1], lo[2], lo[3]));
+    _mm512_storeu_si512(panel + ((k - k0) / 4) * 2 + 1, Interleave4(hi[0], hi[1], hi[2], hi[3]));
+  }
+}
+
+// Four rows' 16-byte pieces of four groups (one per 128-bit lane of x0..x3) into each group's
+// 64 bytes of Interleave4: the unpacks work within lanes, then a 4 x 4 transpose of the lanes.
+inline void Interleave4x4(__m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512i* out) {
+  const __m512i a01l = _mm512_unpacklo_epi8(x0, x1), a01h = _mm512_unpackhi_epi8(x0, x1);
+  const __m512i a23l = _mm512_unpacklo_epi8(x2, x3), a23h = _mm512_unpackhi_epi8(x2, x3);
+  const __m512i p0 = _mm512_unpacklo_epi16(a01l, a23l), p1 = _mm512_unpackhi_epi16(a01l, a23l);
+  const __m512i p2 = _mm512_unpacklo_epi16(a01h, a23h), p3 = _mm512_unpackhi_epi16(a01h, a23h);
+  const __m512i t0 = _mm512_shuffle_i64x2(p0, p1, 0x44), t1 = _mm512_shuffle_i64x2(p0, p1, 0xEE);
+  const __m512i t2 = _mm512_shuffle_i64x2(p2, p3, 0x44), t3 = _mm512_shuffle_i64x2(p2, p3, 0xEE);
+  out[0] = _mm512_shuffle_i64x2(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_i64x2(t0, t2, 0xDD);
+  out[2] = _mm512_shuffle_i64x2(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_i64x2(t1, t3, 0xDD);
+}
+
+// PackGroup for four whole 4-bit groups at once (columns g0 .. g0 + 127: one 64-byte load a row),
+// into panels[i] for group i: about a third of the instructions of four PackGroup calls, which
+// matters where few rows of A share the panels.
+void PackGroups4(const NBitsRow& w, int64_t g0, int64_t k0, int64_t k1, __m512i* const* panels) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t k = k0; k < k1; k += 4) {
+    __m512i lo[4], hi[4];
+    for (int r = 0; r < 4; ++r) {
+      if (k + r >= w.depth) {
+        lo[r] = hi[r] = _mm512_setzero_si512();
+        continue;
+      }
+      const uint8_t* at = w.b + (k + r) * w.row_bytes + g0 / 2;
+      // Rows 2^n bytes apart defeat the hardware prefetchers: ask kPackPrefetchRows ahead.
+      if (k + r + kPackPrefetchRows < w.depth) _mm_prefetch(reinterpret_cast<const char*>(at + kPackPrefetchRows * w.row_bytes), _MM_HINT_T0);
+      const __m512i x = _mm512_loadu_si512(at);
+      lo[r] = _mm512_and_si512(x, low4);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low4);
+    }
+    __m512i qlo[4], qhi[4];
+    Interleave4x4(lo[0], lo[1], lo[2], lo[3], qlo);
+    Interleave4x4(hi[0], hi[1], hi[2], hi[3], qhi);
+    const int64_t at = ((k - k0) / 4) * 2;
+    for (int i = 0; i < 4; ++i) {
+      _mm512_storeu_si512(panels[i] + at, qlo[i]);
+      _mm512_storeu_si512(panels[i] + at + 1, qhi[i]);
+    }
   }
 }
 
@@ -73,12 +119,18 @@ struct GroupScales {
   float default_zp;
 };
 
-// Rows [m0, m0 + kRows) of Y over one packed group (columns past `width` are not stored).
+// Rows [m0, m0 + kRows) of Y over blocks [b0, b1) of one packed group (panel: block b0's first
+// row), added to Y unless `first` (columns past `width` are neither read nor stored).
 template <int kRows>
-void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized& a, int64_t m0,
-               int64_t k_blocks, int64_t block_size, float* y, int64_t n, int64_t width) {
+void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized& a, int64_t m0, int64_t k_blocks,
+               int64_t b0, int64_t b1, int64_t block_size, float* y, int64_t n, int64_t width, bool first) {
+  const __mmask16 m_lo = width >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
+  const __mmask16 m_hi = width >= 32 ? 0xFFFF : width <= 16 ? 0 : static_cast<__mmask16>((1u << (width - 16)) - 1);
   __m512 acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int r = 0; r < kRows; ++r) {
+    acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m_lo, y + (m0 + r) * n);
+    acc[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m_hi, y + (m0 + r) * n + 16);
+  }
   const int8_t* qa[kRows];
   const float* sa[kRows];
   const int32_t* qsum[kRows];
@@ -88,13 +140,13 @@ void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized
     qsum[r] = a.qsum + (m0 + r) * k_blocks;
   }
   const int64_t quads = block_size / 4;
-  for (int64_t b = 0; b < k_blocks; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     bool live = false;
     for (int r = 0; r < kRows; ++r) live = live || sa[r][b] != 0.0f;
     if (!live) continue;  // every row's block dropped (or 0)
     __m512i dot[kRows][2];
     for (int r = 0; r < kRows; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
-    const __m512i* p = panel + b * quads * 2;
+    const __m512i* p = panel + (b - b0) * quads * 2;
     const int64_t k0 = b * block_size;
     for (int64_t i = 0; i < quads; ++i) {
       const __m512i b0 = _mm512_loadu_si512(p + 2 * i), b1 = _mm512_loadu_si512(p + 2 * i + 1);
@@ -118,8 +170,6 @@ void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized
       }
     }
   }
-  const __mmask16 m_lo = width >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
-  const __mmask16 m_hi = width >= 32 ? 0xFFFF : width <= 16 ? 0 : static_cast<__mmask16>((1u << (width - 16)) - 1);
   for (int r = 0; r < kRows; ++r) {
     _mm512_mask_storeu_ps(y + (m0 + r) * n, m_lo, acc[r][0]);
     _mm512_mask_storeu_ps(y + (m0 + r) * n + 16, m_hi, acc[r][1]);
@@ -186,30 +236,59 @@ void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int6
                   uint8_t* work) {
   const int64_t k_blocks = (w.depth + w.block_size - 1) / w.block_size;
   const int64_t k_pad = k_blocks * w.block_size;
-  const int64_t default_zp = int64_t{1} << (w.bits - 1);
-  // work: the panel (64-byte aligned), then a partial group's scales and zero points, padded.
+  const int64_t chunk_blocks = kNBitsInt8ChunkRows / w.block_size;  // block sizes divide the chunk
+  const float default_zp = static_cast<float>(int64_t{1} << (w.bits - 1));
+  // work: four groups' panels of a chunk of rows (64-byte aligned), then a partial group's scales
+  // and zero points, padded (NBitsInt8WorkBytes).
   __m512i* panel = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(work) + 63) & ~uintptr_t{63});
-  float* pad_scale = reinterpret_cast<float*>(panel + k_pad / 2);
+  __m512i* const panels[4] = {panel, panel + kNBitsInt8ChunkRows / 2, panel + kNBitsInt8ChunkRows,
+                              panel + 3 * kNBitsInt8ChunkRows / 2};
+  float* pad_scale = reinterpret_cast<float*>(panel + 2 * kNBitsInt8ChunkRows);
   uint8_t* pad_zp = reinterpret_cast<uint8_t*>(pad_scale + 32 * k_blocks);
-  for (int64_t g0 = c0; g0 < c1; g0 += 32) {
-    const int64_t width = MinI(c1 - g0, 32);
-    PackGroup(w, g0, width, k_pad, panel);
-    GroupScales gs{w.scales + g0, w.zero_points != nullptr ? w.zero_points + g0 : nullptr, w.n,
-                   static_cast<float>(default_zp)};
-    if (width < 32) {  // past N: scale 0 (and no reads beyond the rows)
-      for (int64_t b = 0; b < k_blocks; ++b) {
-        for (int64_t j = 0; j < 32; ++j) {
-          pad_scale[b * 32 + j] = j < width ? w.scales[b * w.n + g0 + j] : 0.0f;
-          pad_zp[b * 32 + j] = w.zero_points != nullptr && j < width ? w.zero_points[b * w.n + g0 + j] : 0;
+  for (int64_t g0 = c0; g0 < c1;) {
+    // Four whole 4-bit groups packed together where they are there, else one.
+    const int64_t groups = w.bits == 4 && c1 - g0 >= 128 ? 4 : 1;
+    const int64_t width = MinI(c1 - g0, 32);  // of the last (or only) group
+    for (int64_t b0 = 0; b0 < k_blocks; b0 += chunk_blocks) {
+      const int64_t b1 = MinI(b0 + chunk_blocks, k_blocks);
+      const int64_t k0 = b0 * w.block_size, k1 = MinI(b1 * w.block_size, k_pad);
+      if (groups == 4) {
+        PackGroups4(w, g0, k0, k1, panels);
+      } else {
+        PackGroup(w, g0, width, k0, k1, panel);
+      }
+      for (int64_t i = 0; i < groups; ++i) {
+        const int64_t gi = g0 + 32 * i, gw = groups == 4 ? 32 : width;
+        GroupScales gs{w.scales + gi, w.zero_points != nullptr ? w.zero_points + gi : nullptr, w.n, default_zp};
+        if (gw < 32) {  // past N: scale 0 (and no reads beyond the rows)
+          for (int64_t b = b0; b < b1; ++b) {
+            for (int64_t j = 0; j < 32; ++j) {
+              pad_scale[b * 32 + j] = j < gw ? w.scales[b * w.n + gi + j] : 0.0f;
+              pad_zp[b * 32 + j] = w.zero_points != nullptr && j < gw ? w.zero_points[b * w.n + gi + j] : 0;
+            }
+          }
+          gs = GroupScales{pad_scale, w.zero_points != nullptr ? pad_zp : nullptr, 32, default_zp};
+        }
+        int64_t m = 0;
+        for (; m + kTileRows <= rows; m += kTileRows) {
+          GroupTile<kTileRows>(panels[i], gs, a, m, k_blocks, b0, b1, w.block_size, y + gi, w.n, gw, b0 == 0);
+        }
+        switch (rows - m) {  // the last rows in one tile: each tile walks the whole panel
+          case 3:
+            GroupTile<3>(panels[i], gs, a, m, k_blocks, b0, b1, w.block_size, y + gi, w.n, gw, b0 == 0);
+            break;
+          case 2:
+            GroupTile<2>(panels[i], gs, a, m, k_blocks, b0, b1, w.block_size, y + gi, w.n, gw, b0 == 0);
+            break;
+          case 1:
+            GroupTile<1>(panels[i], gs, a, m, k_blocks, b0, b1, w.block_size, y + gi, w.n, gw, b0 == 0);
+            break;
+          default:
+            break;
         }
       }
-      gs = GroupScales{pad_scale, w.zero_points != nullptr ? pad_zp : nullptr, 32, static_cast<float>(default_zp)};
     }
-    int64_t m = 0;
-    for (; m + kTileRows <= rows; m += kTileRows) {
-      GroupTile<kTileRows>(panel, gs, a, m, k_blocks, w.block_size, y + g0, w.n, width);
-    }
-    for (; m < rows; ++m) GroupTile<1>(panel, gs, a, m, k_blocks, w.block_size, y + g0, w.n, width);
+    g0 += 32 * groups;
   }
 }
 

@@ -174,8 +174,7 @@ void RunInt8Task(void* data, size_t index) {
   const int64_t c1 = std::min(job.w->n, units * (t + 1) / job.tasks * kGroupColumns);
   if (c0 == c1) return;
   thread_local std::vector<uint8_t> work;  // per pool thread
-  work.resize(static_cast<size_t>(NBitsInt8WorkBytes(job.q->stride, (job.w->depth + job.w->block_size - 1) /
-                                                                         job.w->block_size)));
+  work.resize(static_cast<size_t>(NBitsInt8WorkBytes((job.w->depth + job.w->block_size - 1) / job.w->block_size)));
   job.kernels->rows_int8(*job.w, *job.q, job.rows, c0, c1, job.y, work.data());
 }
 
