@@ -547,7 +547,7 @@ void RowRange(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1,
 template <class Isa>
 constexpr NBitsKernels MakeNBitsKernels(const char* isa) {
   return NBitsKernels{&RowRange<Isa>, &RowsRange<Isa>, RowsWorkFloats<Isa>(), Isa::kTileGroups * kGroup, isa,
-                      &QuantizeRowsGeneric, &RowsInt8Generic};
+                      &QuantizeRowsGeneric, nullptr};
 }
 
 }  // namespace nbits

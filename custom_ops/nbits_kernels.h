@@ -65,16 +65,15 @@ struct NBitsKernels {
   // Columns of the kernel's register tile: column ranges should be multiples of it.
   int64_t tile_columns;
   const char* isa;
-  // Several rows at accuracy_level 4 (int8 dot products where the CPU has them: AVX-512 VNNI).
+  // Several rows at accuracy_level 4: the quantisation, and the int8 products where the CPU has
+  // them (AVX-512 VNNI; nullptr elsewhere: the float kernels multiply the dequantised activations).
   QuantizeRowsFn quantize_rows;
   RowsInt8Fn rows_int8;
 };
 
-// The int8 path in plain C++ (nbits_int8.cc), where the CPU has no int8 dot products.
+// The quantisation in plain C++ (nbits_int8.cc), where the CPU has no AVX-512 VNNI.
 bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                          const NBitsQuantized& q, uint8_t* row_finite);
-void RowsInt8Generic(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
-                     uint8_t* work);
 
 // The NBits kernels of the ISA that SelectKernels() chose.
 const NBitsKernels& SelectNBitsKernels();

@@ -1,14 +1,15 @@
 // The int8 path of ScapSparseMatMulNBits (accuracy_level 4, several rows) with AVX-512 VNNI,
-// compiled with those flags only here and chosen only on CPUs that have them (dispatch.cc). Same
-// rule and results as nbits_int8.cc up to float rounding. As in the other kernel files, nothing
-// here calls std:: templates, so that no code built with -mavx512vnni is linked into a caller on a
-// CPU without it.
+// compiled with those flags only here and chosen only on CPUs that have them (dispatch.cc; other
+// CPUs quantise with nbits_int8.cc and multiply the dequantised activations with the float
+// kernels, the same rule up to float rounding). As in the other kernel files, nothing here calls
+// std:: templates, so that no code built with -mavx512vnni is linked into a caller on a CPU
+// without it.
 //
-// Per 32-column group of a task: the group's codes of every row of K are put once into the order
-// vpdpbusd reads (for each 4 consecutive rows k, a lane per column holding their 4 codes), with the
-// group's scales and zero points as floats; then tiles of 4 rows of A walk it, each block summed in
-// int32 (vpdpbusd: unsigned codes times signed activations) and added to float accumulators as
-// (sum - zp * qsum) * (sa * scale).
+// Per column task, K in chunks of kNBitsInt8ChunkRows: the chunk's codes of a 32-column group (or
+// of four at once) are put into the order vpdpbusd reads (for each 4 consecutive rows k, a lane per
+// column holding their 4 codes); then tiles of 4 rows of A walk it, each block summed in int32
+// (vpdpbusd: unsigned codes times signed activations) and added to float accumulators as
+// (sum - zp * qsum) * (sa * scale), the scales and zero points read in place.
 #include <immintrin.h>
 
 #include <cstring>
@@ -149,13 +150,13 @@ void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized
     const __m512i* p = panel + (b - b0) * quads * 2;
     const int64_t k0 = b * block_size;
     for (int64_t i = 0; i < quads; ++i) {
-      const __m512i b0 = _mm512_loadu_si512(p + 2 * i), b1 = _mm512_loadu_si512(p + 2 * i + 1);
+      const __m512i codes_lo = _mm512_loadu_si512(p + 2 * i), codes_hi = _mm512_loadu_si512(p + 2 * i + 1);
       for (int r = 0; r < kRows; ++r) {
         int32_t four;
         std::memcpy(&four, qa[r] + k0 + 4 * i, 4);
         const __m512i x = _mm512_set1_epi32(four);
-        dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], b0, x);
-        dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], b1, x);
+        dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], codes_lo, x);
+        dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], codes_hi, x);
       }
     }
     for (int h = 0; h < 2; ++h) {
@@ -164,6 +165,7 @@ void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized
                                         : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
                                               reinterpret_cast<const __m128i*>(gs.zp + b * gs.stride + 16 * h))));
       for (int r = 0; r < kRows; ++r) {
+        if (sa[r][b] == 0.0f) continue;  // adds nothing (and 0 * an Inf scale must not make NaN)
         // dot - zp * qsum is an integer below 2^24 in magnitude: exact in float32.
         const __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(static_cast<float>(qsum[r][b])), _mm512_cvtepi32_ps(dot[r][h]));
         acc[r][h] = _mm512_fmadd_ps(t, _mm512_mul_ps(s, _mm512_set1_ps(sa[r][b])), acc[r][h]);

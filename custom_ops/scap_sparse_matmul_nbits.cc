@@ -4,7 +4,9 @@
 //
 // One row of A: tasks split the kept rows (K), each streaming whole rows of B_packed into a partial
 // Y, summed at the end. Several rows: tasks split the columns, whole register strips each; every
-// block's kept rows (those any row of A keeps) are dequantised once per strip and pass of rows.
+// block's kept rows (those any row of A keeps) are dequantised once per strip and pass of rows. At
+// accuracy_level 4, several rows are quantised to int8 per block first and multiplied with the
+// int8 kernels (nbits_vnni.cc), or dequantised again for the float ones on CPUs without them.
 #include "scap_sparse_matmul_nbits.h"
 
 #include <algorithm>
@@ -190,6 +192,19 @@ void RunInt8(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow& w
   Int8Job job{&kernels, &w, &q, rows, 1, y, scratch.row_finite.data()};
   job.tasks = std::max<int64_t>(1, std::min<int64_t>(kColumnTasks, rows * s.k / kMinWorkForThreads));
   RunTasks(context, &RunQuantizeTask, job.tasks, &job);
+  if (kernels.rows_int8 == nullptr) {
+    // No int8 products on this CPU: D becomes qa * sa (rows with Inf or NaN stay as they are) and
+    // the float kernels multiply it, the same products in another order of rounding.
+    for (int64_t m = 0; m < rows; ++m) {
+      if (scratch.row_finite[static_cast<size_t>(m)] == 0) continue;
+      float* d = const_cast<float*>(w.d) + m * s.k;
+      const int8_t* qa = q.qa + m * stride;
+      const float* sa = q.sa + m * s.k_blocks;
+      for (int64_t k = 0; k < s.k; ++k) d[k] = static_cast<float>(qa[k]) * sa[k / s.block_size];
+    }
+    RunVector(context, s, w, rows, kept, y, scratch);
+    return;
+  }
   const int64_t units = (s.n + kGroupColumns - 1) / kGroupColumns;
   job.tasks = rows * s.k * s.n < kMinWorkForThreads ? 1 : std::min(units, kColumnTasks);
   RunTasks(context, &RunInt8Task, job.tasks, &job);

@@ -34,7 +34,7 @@ TOL = {np.float32: 1e-5, np.float16: 3e-3}
 IR_VERSION = 9
 BITS = [4, 8]
 BLOCKS = [16, 32, 128]
-ROWS = [0, 1, 7, 64]
+ROWS = [0, 1, 5, 6, 7, 64]  # 5-7: the int8 tiles' last 1-3 rows
 
 
 def _seed(*parts) -> int:
@@ -203,6 +203,38 @@ def test_op_matches_the_reference(bits, block, with_zp, dtype, accuracy_level):
                     _assert_close(y, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_int8_rows_over_several_chunks_of_k(bits):
+    # K past the int8 kernels' 1024-row chunks (the later chunks add to Y), off the block.
+    k, n, block = 2100, 300, 64
+    model = _model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.3, with_zp=True, with_bias=True,
+                   accuracy_level=4)
+    packed, scales, zp, bias = _packed(k, n, bits, block, True, "float32")
+    a = _activations((6, k), np.float32, _seed("chunks", bits), nan=False)
+    (y,) = _session(model, 2).run(None, {"a": a})
+    ref = scap_sparse_matmul_nbits(a, packed, scales, zp, bias, k=k, n=n, bits=bits, block_size=block, threshold=0.3,
+                                   accuracy_level=4)
+    _assert_close(y, ref, TOL[np.float32])
+
+
+def test_int8_block_of_zeros_meets_an_infinite_scale_as_nothing():
+    # A row whose block is all 0 adds nothing for that block, even where the block's scale is Inf
+    # (0 * Inf would be NaN), while the other rows of its tile use the block.
+    k, n, bits, block = 64, 40, 4, 32
+    packed, scales, zp, _ = _packed(k, n, bits, block, False, "float32")
+    scales = scales.copy()
+    scales[0, 3] = np.inf
+    model = _model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.0, with_zp=False, with_bias=False,
+                   weights=(packed, scales, zp, None), accuracy_level=4)
+    a = _activations((4, k), np.float32, _seed("inf scale"), nan=False)
+    a[0, :block] = 0.0
+    (y,) = _session(model).run(None, {"a": a})
+    ref = scap_sparse_matmul_nbits(a, packed, scales, None, None, k=k, n=n, bits=bits, block_size=block,
+                                   threshold=0.0, accuracy_level=4)
+    assert np.isfinite(y[0]).all() and np.isfinite(ref[0]).all()
+    _assert_close(y, ref, TOL[np.float32])
+
+
 def test_onnx_reference_evaluator_runs_the_op():
     k, n, bits, block = 50, 20, 4, 16
     model = _model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.3, with_zp=False, with_bias=True)
@@ -270,24 +302,27 @@ def test_threshold_zero_equals_matmul_nbits(bits, block, with_zp, dtype):
 # Activation magnitudes per row: the M = 1 kernel multiplies 4-bit codes read in place (q * 16^t)
 # by d / 16^t, and must leave that form where d / 16^7 would be subnormal (1e-34), as where sums of
 # |d| * 256 could overflow (1e35); rows mixing them put both kinds of block in one call.
-MAGNITUDES = [1.0, 1e-20, 1e-34, 1e35]
+# 1e-37: at accuracy_level 4, 127 / amax overflows to Inf (the quantisation clamps).
+MAGNITUDES = [1.0, 1e-20, 1e-34, 1e-37, 1e35]
 
 
+@pytest.mark.parametrize("accuracy_level", [0, 4], ids=["acc0", "acc4"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("with_zp", [False, True], ids=["sym", "zp"])
-def test_activations_of_every_magnitude_match_the_reference(bits, with_zp):
+def test_activations_of_every_magnitude_match_the_reference(bits, with_zp, accuracy_level):
     k, n, block = 3 * 32 + 5, 600, 32
     packed, scales, zp, _ = _packed(k, n, bits, block, with_zp, "float32")
     session = _session(_model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.0, with_zp=with_zp,
-                              with_bias=False), threads=2)
+                              with_bias=False, accuracy_level=accuracy_level), threads=2)
     rng = np.random.default_rng(_seed("magnitudes", bits, with_zp))
     rows = [np.full(k, m, np.float32) for m in MAGNITUDES]
     rows.append(rng.choice(np.array(MAGNITUDES, np.float32), size=k))  # every magnitude in one row
     for row_scale in rows:
-        a = (rng.standard_normal((1, k)) * row_scale).astype(np.float32)
+        # Level 4 quantises several rows only: three (a tile of 3 rows).
+        a = (rng.standard_normal((1 if accuracy_level == 0 else 3, k)) * row_scale).astype(np.float32)
         (y,) = session.run(None, {"a": a})
         ref = scap_sparse_matmul_nbits(a, packed, scales, zp if with_zp else None, None, k=k, n=n, bits=bits,
-                                       block_size=block, threshold=0.0, offset=0.0)
+                                       block_size=block, threshold=0.0, offset=0.0, accuracy_level=accuracy_level)
         # _assert_close measures against max |ref| of at least 1e-30: scaled by a power of two (exact)
         unit = np.float32(2.0 ** -round(math.log2(float(np.abs(ref).max()))))
         _assert_close(y * unit, ref * unit, TOL[np.float32])
@@ -300,7 +335,9 @@ def run_battery() -> int:
         for with_zp in (False, True):
             for name, call in [("reference", lambda: test_op_matches_the_reference(bits, 32, with_zp, np.float32, 0)),
                                ("magnitudes", lambda: test_activations_of_every_magnitude_match_the_reference(
-                                   bits, with_zp)),
+                                   bits, with_zp, 0)),
+                               ("magnitudes int8", lambda: test_activations_of_every_magnitude_match_the_reference(
+                                   bits, with_zp, 4)),
                                ("int8", lambda: test_op_matches_the_reference(bits, 32, with_zp, np.float32, 4))]:
                 try:
                     call()

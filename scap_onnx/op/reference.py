@@ -110,8 +110,8 @@ def quantize_blocks(d: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndar
     """Activations D float32 [rows, K] -> (qa int8 [rows, K], sa float32 [rows, k_blocks]): per row
     and block of K, amax = max |D|, qa = rint(D * (127 / amax)) (half to even), sa = amax / 127,
     every step in float32; a block with amax = 0 gets qa = 0 and sa = 0. For rows without Inf or
-    NaN (the caller's); non-finite products give qa = 0, and qa saturates at +-127, which only
-    127 / amax overflowing (amax < 127 / FLT_MAX) reaches."""
+    NaN (the caller's). Only where 127 / amax overflows to Inf (amax < 127 / FLT_MAX) is there
+    more to say: D * Inf is clamped to +-127, and 0 * Inf (NaN) is 0, as the kernels do."""
     d = np.asarray(d, np.float32)
     rows, k = d.shape
     kb = k_blocks(k, block_size)
@@ -121,8 +121,8 @@ def quantize_blocks(d: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndar
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         amax = np.abs(blocks).max(axis=2)
         inv = np.where(amax == 0, np.float32(0), np.float32(127) / amax)
-        scaled = np.rint(blocks * inv[..., None])
-        qa = np.clip(np.where(np.isfinite(scaled), scaled, 0), -127, 127).astype(np.int8)
+        scaled = blocks * inv[..., None]
+        qa = np.rint(np.clip(np.nan_to_num(scaled, nan=0.0, posinf=127.0, neginf=-127.0), -127, 127)).astype(np.int8)
         sa = (amax / np.float32(127)).astype(np.float32)
     return qa.reshape(rows, kb * block_size)[:, :k], sa
 
