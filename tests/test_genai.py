@@ -27,7 +27,8 @@ from scap_onnx.op.library import get_library_path
 from scap_onnx.op.session import library_available
 from scap_onnx.passes.sparsify import rewrite_model
 
-from scap_onnx.evaluation.genai_decode import greedy_tokens, load_genai_model
+from scap_onnx.evaluation.genai_decode import load_genai_model
+from scap_onnx.prepare.genai import greedy_tokens
 
 try:
     import onnxruntime_genai as og

@@ -57,18 +57,6 @@ def load_genai_model(folder: str | Path, threads: int | None = None):
         raise ScapError(f"onnxruntime-genai cannot load {folder}: {' '.join(str(e).split())}") from None
 
 
-def greedy_tokens(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """The ``new_tokens`` tokens greedy search appends to ``prompt`` (fewer when the model ends)."""
-    og = _load_genai()
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(prompt, dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)[len(prompt):]]
-
-
 def _timed_decode(og, model, prompt: np.ndarray, new_tokens: int) -> tuple[float, int]:
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens)

@@ -103,10 +103,24 @@ def byte_level_tokenizer_for_genai(folder: Path) -> bool:
     return True
 
 
+def greedy_tokens(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The ``new_tokens`` tokens greedy search (og.Generator) appends to ``prompt`` for an
+    ``og.Model`` (fewer when the model ends)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)[len(prompt):]]
+
+
 def verify_genai_folder(folder: Path, text: str = _VERIFY_TEXT, new_tokens: int = 8) -> dict[str, Any]:
     """onnxruntime-genai loads the folder, its tokenizer encodes ``text`` as the ``tokenizers``
     library does, and greedy search generates tokens. RuntimeError otherwise."""
-    import numpy as np
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
 
@@ -116,13 +130,7 @@ def verify_genai_folder(folder: Path, text: str = _VERIFY_TEXT, new_tokens: int 
     if og_ids != ref:
         raise RuntimeError(f"onnxruntime-genai's tokenizer and tokenizers differ on {folder / 'tokenizer.json'}: "
                            f"{og_ids[:8]} ... != {ref[:8]} ...")
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ref) + new_tokens)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(ref, dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    generated = [int(t) for t in gen.get_sequence(0)[len(ref):]]
+    generated = greedy_tokens(model, ref, new_tokens)
     if not generated:
         raise RuntimeError(f"og.Generator generated nothing from {folder}")
     log(f"genai check ok: og tokenizer = tokenizers on {len(ref)} tokens, generated {generated}")
