@@ -18,7 +18,7 @@ const GemmKernels& Avx512Kernels();
 const GemmKernels& Avx2Kernels();
 const NBitsKernels& Avx512NBitsKernels();
 const NBitsKernels& Avx2NBitsKernels();
-bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+void QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                         const NBitsQuantized& q, uint8_t* row_finite);
 void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,
                   uint8_t* work);

@@ -20,10 +20,9 @@ float ClampScaled(float x) {
 
 }  // namespace
 
-bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+void QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                          const NBitsQuantized& q, uint8_t* row_finite) {
   const int64_t k_blocks = (depth + block_size - 1) / block_size;
-  bool all_finite = true;
   for (int64_t r = r0; r < r1; ++r) {
     const float* row = d + r * depth;
     int8_t* qa = const_cast<int8_t*>(q.qa) + r * q.stride;
@@ -32,7 +31,6 @@ bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int6
     bool finite = true;
     for (int64_t k = 0; k < depth; ++k) finite = finite && std::isfinite(row[k]);
     row_finite[r] = finite ? 1 : 0;
-    all_finite = all_finite && finite;
     std::memset(qa, 0, static_cast<size_t>(q.stride));
     for (int64_t b = 0; b < k_blocks; ++b) {
       sa[b] = 0.0f;
@@ -53,7 +51,6 @@ bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int6
       qsum[b] = sum;
     }
   }
-  return all_finite;
 }
 
 }  // namespace scap

@@ -34,9 +34,9 @@ struct NBitsQuantized {
 };
 
 // Rows [r0, r1) of D ([rows, depth], dropped elements 0) quantised by the rule into q (sa, qsum at
-// row r: q.sa + r * k_blocks ...); returns whether every value of those rows is finite, and
-// marks row_finite[r] 0 for a row that holds Inf or NaN (its quantised values are then all 0).
-using QuantizeRowsFn = bool (*)(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+// row r: q.sa + r * k_blocks ...); row_finite[r] is 1, or 0 for a row that holds Inf or NaN (its
+// quantised values are then all 0).
+using QuantizeRowsFn = void (*)(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                                 const NBitsQuantized& q, uint8_t* row_finite);
 
 // Y[0:rows, c0:c1) = sum over blocks of (sa * scales) * (qa . (q - zp)) (Y rows n floats apart; c0 a
@@ -72,7 +72,7 @@ struct NBitsKernels {
 };
 
 // The quantisation in plain C++ (nbits_int8.cc), where the CPU has no AVX-512 VNNI.
-bool QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+void QuantizeRowsGeneric(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                          const NBitsQuantized& q, uint8_t* row_finite);
 
 // The NBits kernels of the ISA that SelectKernels() chose.

@@ -24,6 +24,11 @@ constexpr int64_t kPackPrefetchRows = 16;
 
 inline int64_t MinI(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// The first `left` of 16 lanes (all 16 from 16 on, none from 0 down).
+inline __mmask16 TailMask16(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // Four rows' 16 codes (one byte each, columns 0..15) into 64 bytes: lane j holds column j's 4 codes.
 inline __m512i Interleave4(__m128i x0, __m128i x1, __m128i x2, __m128i x3) {
   const __m128i a01l = _mm_unpacklo_epi8(x0, x1), a01h = _mm_unpackhi_epi8(x0, x1);
@@ -125,8 +130,7 @@ struct GroupScales {
 template <int kRows>
 void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized& a, int64_t m0, int64_t k_blocks,
                int64_t b0, int64_t b1, int64_t block_size, float* y, int64_t n, int64_t width, bool first) {
-  const __mmask16 m_lo = width >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
-  const __mmask16 m_hi = width >= 32 ? 0xFFFF : width <= 16 ? 0 : static_cast<__mmask16>((1u << (width - 16)) - 1);
+  const __mmask16 m_lo = TailMask16(width), m_hi = TailMask16(width - 16);
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) {
     acc[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m_lo, y + (m0 + r) * n);
@@ -181,11 +185,10 @@ void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized
 }  // namespace
 
 // AVX-512F: 16 values at a time, masked at the block's end.
-bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
+void QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64_t r0, int64_t r1,
                         const NBitsQuantized& q, uint8_t* row_finite) {
   const int64_t k_blocks = (depth + block_size - 1) / block_size;
   const __m512 inf = _mm512_set1_ps(__builtin_inff());
-  bool all_finite = true;
   for (int64_t r = r0; r < r1; ++r) {
     const float* row = d + r * depth;
     int8_t* qa = const_cast<int8_t*>(q.qa) + r * q.stride;
@@ -194,13 +197,12 @@ bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64
     // Finite: |x| < Inf, which NaN fails too.
     __mmask16 bad = 0;
     for (int64_t k = 0; k < depth; k += 16) {
-      const __mmask16 m = depth - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (depth - k)) - 1);
+      const __mmask16 m = TailMask16(depth - k);
       const __m512 x = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + k));
       bad |= _mm512_mask_cmp_ps_mask(m, x, inf, _CMP_NLT_UQ);
     }
     const bool finite = bad == 0;
     row_finite[r] = finite ? 1 : 0;
-    all_finite = all_finite && finite;
     std::memset(qa, 0, static_cast<size_t>(q.stride));
     for (int64_t b = 0; b < k_blocks; ++b) {
       sa[b] = 0.0f;
@@ -209,7 +211,7 @@ bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64
       const int64_t k0 = b * block_size, k1 = MinI(k0 + block_size, depth);
       __m512 amax = _mm512_setzero_ps();
       for (int64_t k = k0; k < k1; k += 16) {
-        const __mmask16 m = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+        const __mmask16 m = TailMask16(k1 - k);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + k)));
       }
       const float top = _mm512_reduce_max_ps(amax);
@@ -218,7 +220,7 @@ bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64
       const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
       __m512i sum = _mm512_setzero_si512();
       for (int64_t k = k0; k < k1; k += 16) {
-        const __mmask16 m = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+        const __mmask16 m = TailMask16(k1 - k);
         // ClampScaled: NaN (0 * Inf, where 127 / amax overflowed) to 0, then into [-127, 127].
         __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), inv);
         x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), x);
@@ -231,7 +233,6 @@ bool QuantizeRowsAvx512(const float* d, int64_t depth, int64_t block_size, int64
       qsum[b] = _mm512_reduce_add_epi32(sum);
     }
   }
-  return all_finite;
 }
 
 void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int64_t c0, int64_t c1, float* y,

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "nbits_kernels.h"
@@ -65,6 +66,12 @@ struct RowJob {
   int64_t part_stride;  // floats between two tasks' partials
 };
 
+// Columns [c0, c1) of task t of `tasks` over N: near-equal runs of whole `unit`s.
+std::pair<int64_t, int64_t> ColumnRange(int64_t t, int64_t tasks, int64_t n, int64_t unit) {
+  const int64_t units = (n + unit - 1) / unit;
+  return {std::min(n, units * t / tasks * unit), std::min(n, units * (t + 1) / tasks * unit)};
+}
+
 void RunVectorTask(void* data, size_t index) {
   const RowJob& job = *static_cast<const RowJob*>(data);
   const int64_t t = static_cast<int64_t>(index);
@@ -73,10 +80,7 @@ void RunVectorTask(void* data, size_t index) {
     job.kernels->row(job.w, i0, i1, 0, job.w.n, job.out + t * job.part_stride);
     return;
   }
-  const int64_t unit = job.kernels->tile_columns;
-  const int64_t units = (job.w.n + unit - 1) / unit;
-  const int64_t c0 = std::min(job.w.n, units * t / job.tasks * unit);
-  const int64_t c1 = std::min(job.w.n, units * (t + 1) / job.tasks * unit);
+  const auto [c0, c1] = ColumnRange(t, job.tasks, job.w.n, job.kernels->tile_columns);
   if (job.rows == 1) {
     job.kernels->row(job.w, 0, job.kept_count, c0, c1, job.out);
     return;
@@ -171,9 +175,7 @@ void RunQuantizeTask(void* data, size_t index) {
 void RunInt8Task(void* data, size_t index) {
   const Int8Job& job = *static_cast<const Int8Job*>(data);
   const int64_t t = static_cast<int64_t>(index);
-  const int64_t units = (job.w->n + kGroupColumns - 1) / kGroupColumns;
-  const int64_t c0 = std::min(job.w->n, units * t / job.tasks * kGroupColumns);
-  const int64_t c1 = std::min(job.w->n, units * (t + 1) / job.tasks * kGroupColumns);
+  const auto [c0, c1] = ColumnRange(t, job.tasks, job.w->n, kGroupColumns);
   if (c0 == c1) return;
   thread_local std::vector<uint8_t> work;  // per pool thread
   work.resize(static_cast<size_t>(NBitsInt8WorkBytes((job.w->depth + job.w->block_size - 1) / job.w->block_size)));
