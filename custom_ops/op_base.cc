@@ -46,6 +46,14 @@ bool ReadNumber(const OrtApi& api, const OrtKernelInfo* info, const char* name, 
 
 }  // namespace
 
+bool ReadInt(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* value) {
+  if (Succeeded(api, api.KernelInfoGetAttribute_int64(info, name, value))) return true;
+  float number = 0.0f;
+  if (Succeeded(api, api.KernelInfoGetAttribute_float(info, name, &number)) || HasNonNumberAttribute(api, info, name))
+    throw std::invalid_argument(std::string("attribute '") + name + "' must be an INT");
+  return false;
+}
+
 NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info, const char* op_type) {
   NodeAttributes attributes;
   attributes.op_type = op_type;

@@ -69,6 +69,11 @@ struct NodeAttributes {
 // NaN, or threshold < 0.
 NodeAttributes ReadNodeAttributes(const OrtApi& api, const OrtKernelInfo* info, const char* op_type = kOpType);
 
+// An INT attribute into `value`: false when the node has no attribute `name`; throws
+// std::invalid_argument when it has one of another type (read as "missing", or as 0, it would hide
+// what is wrong).
+bool ReadInt(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* value);
+
 // One call's sizes, from the inputs' shapes.
 struct MatMulShape {
   int64_t rows = 0;   // product of A's leading dimensions

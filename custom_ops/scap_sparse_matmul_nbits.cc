@@ -141,17 +141,13 @@ void RunVector(Ort::KernelContext& context, const NBitsShape& s, const NBitsRow&
   }
 }
 
-// An INT attribute; absent: `fallback` where given, else an error.
+// An INT attribute (ReadInt); absent: `fallback` where given, else an error.
 int64_t ReadIntAttribute(const OrtApi& api, const OrtKernelInfo* info, const char* name,
                          const int64_t* fallback = nullptr) {
   int64_t value = 0;
-  OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, &value);
-  if (status != nullptr) {
-    api.ReleaseStatus(status);
-    if (fallback != nullptr) return *fallback;
-    throw std::invalid_argument(std::string("missing required INT attribute '") + name + "'");
-  }
-  return value;
+  if (ReadInt(api, info, name, &value)) return value;
+  if (fallback != nullptr) return *fallback;
+  throw std::invalid_argument(std::string("missing required INT attribute '") + name + "'");
 }
 
 // Several rows at accuracy_level 4: D quantised per row and block (tasks over rows), then the int8

@@ -251,6 +251,14 @@ def test_unsupported_bits_is_an_error_naming_the_node():
         _session(model)
 
 
+def test_accuracy_level_of_another_type_is_an_error_naming_the_node():
+    # Read as absent it would silently be level 0 (float), not the level the model asks for.
+    model = _model(np.float32, k=32, n=8, bits=4, block=16, threshold=0.0, with_zp=False, with_bias=False)
+    model.graph.node[0].attribute.append(helper.make_attribute("accuracy_level", 4.0))
+    with pytest.raises(Exception, match=r"ScapSparseMatMulNBits node 'nbits'.*'accuracy_level' must be an INT"):
+        _session(model)
+
+
 def test_wrong_packed_shape_is_an_error_naming_the_node():
     packed, scales, zp, bias = _packed(40, 8, 4, 16, False, "float32")
     model = _model(np.float32, k=40, n=8, bits=4, block=16, threshold=0.0, with_zp=False, with_bias=False,
