@@ -1,5 +1,5 @@
 // Small helpers shared by the float and NBits kernels (gemm_impl.h, nbits_impl.h): the L2 prefetch
-// hint, |x| without builtins, and a value held in a register.
+// hint, |x| without builtins, float16 conversions, and a value held in a register.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +27,11 @@ static inline float Abs(float x) {
   std::memcpy(&x, &bits, sizeof bits);
   return x;
 }
+
+// float16 <-> float32 in plain C++ (half.cc, built for the baseline ISA): IEEE binary16, round to
+// nearest even.
+float HalfToFloat(uint16_t h);
+uint16_t FloatToHalf(float f);
 
 }  // namespace scap
 

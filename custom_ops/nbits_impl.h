@@ -5,7 +5,8 @@
 //
 // A policy provides: Vec (kWidth floats), IVec (kWidth int32), Zero, Set, Load, Store, Mul, Fma
 // (a*b+c), Widen (kWidth bytes to int32 lanes), Low4 / High4 (a lane's low / high nibble of its
-// byte), Nibbles (both as floats), SubI, Cvt (int32 to float), Prefetch, and kTileGroups: 32-column groups per register tile.
+// byte), Nibbles (both as floats), SubI, Cvt (int32 to float), LoadHalf (kWidth float16 as floats),
+// Prefetch, and kTileGroups: 32-column groups per register tile.
 // kLanes: whether M = 1 reads 4-bit tiles in place (BlockTileLanes: LoadI, Broadcast, NibbleAt,
 // NibbleScale, ToColumns).
 //
@@ -47,6 +48,48 @@ constexpr int64_t kRowsPerPass = 128;     // several rows: rows of A per pass ov
 #define SCAP_UNROLL
 #endif
 
+// How a block's scales and zero points are stored (NBitsRow): kHalf, float16 scales; kPacked, 4-bit
+// zero points packed like a row of B, so that a tile starting at column c (a multiple of 32) finds
+// its zero points at byte c / 2 of the block's row. The kernels below read both in place.
+template <bool kHalf>
+struct ScaleType {
+  using T = float;
+};
+template <>
+struct ScaleType<true> {
+  using T = uint16_t;
+};
+
+template <bool kHalf_, bool kPacked_>
+struct Params {
+  static constexpr bool kHalf = kHalf_;
+  static constexpr bool kPacked = kPacked_;
+  using Scale = typename ScaleType<kHalf_>::T;
+  static constexpr int64_t ZeroPointOffset(int64_t c) { return kPacked ? c / 2 : c; }
+};
+using PlainParams = Params<false, false>;  // float32 scales, a byte per zero point
+
+template <class Isa, class P>
+inline typename Isa::Vec LoadScales(const typename P::Scale* s) {
+  if constexpr (P::kHalf) {
+    return Isa::LoadHalf(s);
+  } else {
+    return Isa::Load(s);
+  }
+}
+
+// The zero points of kWidth columns `col` columns into a tile (col a multiple of kWidth) whose zero
+// points start at zp.
+template <class Isa, class P>
+inline typename Isa::IVec LoadZeroPoints(const uint8_t* zp, int col) {
+  if constexpr (P::kPacked) {
+    const typename Isa::IVec x = Isa::Widen(zp + 16 * (col / 32) + col % 16);
+    return col % 32 < 16 ? Isa::Low4(x) : Isa::High4(x);
+  } else {
+    return Isa::Widen(zp + col);
+  }
+}
+
 // 1 / 16^t: the factor of d for nibble t of a 32-bit lane read in place (BlockTileLanes).
 constexpr float NibbleScaleAt(int t) { return t == 0 ? 1.0f : NibbleScaleAt(t - 1) * 0.0625f; }
 
@@ -55,9 +98,9 @@ inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // y[0 : kGroups * 32) (=|+=) scale * sum over rows i < count of dv[i] * (q_i - zp), q_i the codes
 // at rows[i] + byte_off; zp: the block's zero points of these columns. Exact form: q - zp in int32
 // for every row.
-template <class Isa, int kBits, int kGroups>
+template <class Isa, int kBits, int kGroups, class P>
 inline void BlockTileExact(const uint8_t* const* rows, const float* dv, int64_t count, int64_t byte_off,
-                           const float* scale, const uint8_t* zp, float* y, bool first) {
+                           const typename P::Scale* scale, const uint8_t* zp, float* y, bool first) {
   using Vec = typename Isa::Vec;
   using IVec = typename Isa::IVec;
   constexpr int kW = Isa::kWidth;
@@ -68,7 +111,7 @@ inline void BlockTileExact(const uint8_t* const* rows, const float* dv, int64_t 
   SCAP_UNROLL
   for (int v = 0; v < kGroups * kV; ++v) {
     acc[v] = Isa::Zero();
-    z[v] = Isa::Widen(zp + v * kW);
+    z[v] = LoadZeroPoints<Isa, P>(zp, v * kW);
   }
   for (int64_t i = 0; i < count; ++i) {
     const Vec d = Isa::Set(dv[i]);
@@ -94,7 +137,7 @@ inline void BlockTileExact(const uint8_t* const* rows, const float* dv, int64_t 
   }
   SCAP_UNROLL
   for (int v = 0; v < kGroups * kV; ++v) {
-    const Vec s = Isa::Load(scale + v * kW);
+    const Vec s = LoadScales<Isa, P>(scale + v * kW);
     Isa::Store(y + v * kW, first ? Isa::Mul(acc[v], s) : Isa::Fma(acc[v], s, Isa::Load(y + v * kW)));
   }
 }
@@ -103,9 +146,9 @@ inline void BlockTileExact(const uint8_t* const* rows, const float* dv, int64_t 
 // a table lookup on AVX-512), and the zero points are applied once per block. Only for blocks whose
 // sum of |d| * 256 is finite (RowRangeBits checks), where it differs from the exact form by float
 // rounding alone.
-template <class Isa, int kBits, int kGroups>
-inline void BlockTile(const uint8_t* const* rows, const float* dv, int64_t count, int64_t byte_off, const float* scale,
-                      const uint8_t* zp, float* y, bool first, float dsum) {
+template <class Isa, int kBits, int kGroups, class P>
+inline void BlockTile(const uint8_t* const* rows, const float* dv, int64_t count, int64_t byte_off,
+                      const typename P::Scale* scale, const uint8_t* zp, float* y, bool first, float dsum) {
   using Vec = typename Isa::Vec;
   constexpr int kW = Isa::kWidth;
   constexpr int kV = 32 / kW;
@@ -137,8 +180,8 @@ inline void BlockTile(const uint8_t* const* rows, const float* dv, int64_t count
   const Vec minus_dsum = Isa::Set(-dsum);
   SCAP_UNROLL
   for (int v = 0; v < kGroups * kV; ++v) {
-    const Vec s = Isa::Load(scale + v * kW);
-    const Vec r = Isa::Fma(Isa::Cvt(Isa::Widen(zp + v * kW)), minus_dsum, acc[v]);
+    const Vec s = LoadScales<Isa, P>(scale + v * kW);
+    const Vec r = Isa::Fma(Isa::Cvt(LoadZeroPoints<Isa, P>(zp, v * kW)), minus_dsum, acc[v]);
     Isa::Store(y + v * kW, first ? Isa::Mul(r, s) : Isa::Fma(r, s, Isa::Load(y + v * kW)));
   }
 }
@@ -152,10 +195,10 @@ inline void BlockTile(const uint8_t* const* rows, const float* dv, int64_t count
 // pipes). Accumulator t then holds, in lane j, the column of nibble t of lane j's bytes;
 // Isa::ToColumns puts the accumulators in column order once per chunk. Only where no d_i / 16^7
 // is subnormal (RowRangeBits checks).
-template <class Isa>
+template <class Isa, class P>
 inline void BlockTileLanes(const uint8_t* const* rows, const float* ds, int64_t count, int64_t byte_off,
-                           const float* scale, const uint8_t* zp /* or nullptr: 8 */, float* y, bool first,
-                           float dsum) {
+                           const typename P::Scale* scale, const uint8_t* zp /* or nullptr: 8 */, float* y,
+                           bool first, float dsum) {
   using Vec = typename Isa::Vec;
   using IVec = typename Isa::IVec;
   constexpr int kW = Isa::kWidth;
@@ -181,8 +224,8 @@ inline void BlockTileLanes(const uint8_t* const* rows, const float* ds, int64_t 
   const Vec minus_8dsum = Isa::Set(-8.0f * dsum);  // no zero points: 8 (exact: a power of two)
   SCAP_UNROLL
   for (int v = 0; v < kV; ++v) {
-    const Vec s = Isa::Load(scale + v * kW);
-    const Vec r = zp != nullptr ? Isa::Fma(Isa::Cvt(Isa::Widen(zp + v * kW)), minus_dsum, acc[v])
+    const Vec s = LoadScales<Isa, P>(scale + v * kW);
+    const Vec r = zp != nullptr ? Isa::Fma(Isa::Cvt(LoadZeroPoints<Isa, P>(zp, v * kW)), minus_dsum, acc[v])
                                 : Isa::Add(acc[v], minus_8dsum);
     Isa::Store(y + v * kW, first ? Isa::Mul(r, s) : Isa::Fma(r, s, Isa::Load(y + v * kW)));
   }
@@ -190,13 +233,14 @@ inline void BlockTileLanes(const uint8_t* const* rows, const float* ds, int64_t 
 
 // BlockTile or, for a block whose activations could overflow it (Inf, NaN, or near FLT_MAX),
 // BlockTileExact.
-template <class Isa, int kBits, int kGroups>
+template <class Isa, int kBits, int kGroups, class P>
 inline void BlockTileAny(const uint8_t* const* rows, const float* dv, int64_t count, int64_t byte_off,
-                         const float* scale, const uint8_t* zp, float* y, bool first, float dsum, bool exact) {
+                         const typename P::Scale* scale, const uint8_t* zp, float* y, bool first, float dsum,
+                         bool exact) {
   if (exact) {
-    BlockTileExact<Isa, kBits, kGroups>(rows, dv, count, byte_off, scale, zp, y, first);
+    BlockTileExact<Isa, kBits, kGroups, P>(rows, dv, count, byte_off, scale, zp, y, first);
   } else {
-    BlockTile<Isa, kBits, kGroups>(rows, dv, count, byte_off, scale, zp, y, first, dsum);
+    BlockTile<Isa, kBits, kGroups, P>(rows, dv, count, byte_off, scale, zp, y, first, dsum);
   }
 }
 
@@ -234,11 +278,14 @@ inline int64_t ChunkRows(const NBitsRow& w, int64_t i, int64_t i1) {
   return (count + pieces - 1) / pieces;
 }
 
-template <class Isa, int kBits>
+template <class Isa, int kBits, class P>
 void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y) {
+  using Scale = typename P::Scale;
   constexpr int64_t kTile = Isa::kTileGroups * kGroup;
   constexpr int64_t kTileBytes = kTile * kBits / 8;
   const int64_t n = w.n;
+  const Scale* const scales = static_cast<const Scale*>(w.scales);
+  const int64_t zp_stride = P::kPacked ? w.row_bytes : n;  // bytes of a block's zero points
   alignas(64) uint8_t default_zp[kTile];
   std::memset(default_zp, 1 << (kBits - 1), sizeof default_zp);
   auto bytes_of = [](int64_t c) { return c * kBits / 8; };
@@ -263,11 +310,12 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
     const int64_t block = w.kept[i] / w.block_size;
     const int64_t next_i = i + count;
     const int64_t next_count = next_i < i1 ? GatherBlock(w, next_i, i1, next, nullptr, ChunkRows(w, next_i, i1)) : 0;
-    const float* scale = w.scales + block * n;
-    const uint8_t* zp_row = w.zero_points != nullptr ? w.zero_points + block * n : nullptr;
+    const Scale* scale = scales + block * n;
+    const uint8_t* zp_row = w.zero_points != nullptr ? w.zero_points + block * zp_stride : nullptr;
     const int64_t next_block = next_count > 0 ? w.kept[next_i] / w.block_size : block;
-    const float* next_scale = next_block != block ? w.scales + next_block * n : nullptr;
-    const uint8_t* next_zp = next_block != block && w.zero_points != nullptr ? w.zero_points + next_block * n : nullptr;
+    const Scale* next_scale = next_block != block ? scales + next_block * n : nullptr;
+    const uint8_t* next_zp =
+        next_block != block && w.zero_points != nullptr ? w.zero_points + next_block * zp_stride : nullptr;
     float dsum = 0.0f, dabs = 0.0f;
     for (int64_t r = 0; r < count; ++r) {
       dsum += dv[r];
@@ -301,15 +349,15 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
       bool lanes_done = false;
       if constexpr (Isa::kLanes) {
         if (lanes) {
-          BlockTileLanes<Isa>(rows, ds, count, bytes_of(c), scale + c, zp_row != nullptr ? zp_row + c : nullptr,
-                              y + c, first, dsum);
+          BlockTileLanes<Isa, P>(rows, ds, count, bytes_of(c), scale + c,
+                                 zp_row != nullptr ? zp_row + P::ZeroPointOffset(c) : nullptr, y + c, first, dsum);
           lanes_done = true;
         }
       }
       if (!lanes_done) {
-        BlockTileAny<Isa, kBits, Isa::kTileGroups>(rows, dv, count, bytes_of(c), scale + c,
-                                                   zp_row != nullptr ? zp_row + c : default_zp, y + c, first, dsum,
-                                                   exact);
+        BlockTileAny<Isa, kBits, Isa::kTileGroups, P>(rows, dv, count, bytes_of(c), scale + c,
+                                                      zp_row != nullptr ? zp_row + P::ZeroPointOffset(c) : default_zp,
+                                                      y + c, first, dsum, exact);
       }
       prefetch_to(bytes_of(c) + kTileBytes + kPrefetchBytes);
       // The next chunk's lines under this tile, into L2: a whole chunk ahead, the memory's latency
@@ -318,15 +366,18 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
         for (int64_t r = 0; r < next_count; ++r) PrefetchL2(next[r] + t);
       }
       if (next_scale != nullptr) {  // and its block's scales and zero points, where a new block starts
-        for (int64_t t = 0; t < kTile * 4; t += kFarStep) PrefetchL2(reinterpret_cast<const char*>(next_scale + c) + t);
+        for (int64_t t = 0; t < kTile * int64_t{sizeof(Scale)}; t += kFarStep) {
+          PrefetchL2(reinterpret_cast<const char*>(next_scale + c) + t);
+        }
         if (next_zp != nullptr) {
-          for (int64_t t = 0; t < kTile; t += kFarStep) PrefetchL2(next_zp + c + t);
+          for (int64_t t = 0; t < P::ZeroPointOffset(kTile); t += kFarStep) PrefetchL2(next_zp + P::ZeroPointOffset(c) + t);
         }
       }
     }
     for (; c + kGroup <= full_end; c += kGroup) {
-      BlockTileAny<Isa, kBits, 1>(rows, dv, count, bytes_of(c), scale + c,
-                                  zp_row != nullptr ? zp_row + c : default_zp, y + c, first, dsum, exact);
+      BlockTileAny<Isa, kBits, 1, P>(rows, dv, count, bytes_of(c), scale + c,
+                                     zp_row != nullptr ? zp_row + P::ZeroPointOffset(c) : default_zp, y + c, first,
+                                     dsum, exact);
     }
     if (c < c1) {  // a last, partial group of columns
       const int64_t tail = c1 - c;
@@ -334,18 +385,18 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
         alignas(64) float s[kGroup] = {}, yy[kGroup] = {};
         alignas(64) uint8_t z[kGroup] = {};
         for (int64_t j = 0; j < tail; ++j) {
-          s[j] = scale[c + j];
-          z[j] = zp_row != nullptr ? zp_row[c + j] : default_zp[0];
+          s[j] = ScaleAt(w, block, c + j);
+          z[j] = static_cast<uint8_t>(ZeroPointAt(w, block, c + j));
           yy[j] = first ? 0.0f : y[c + j];
         }
-        BlockTileAny<Isa, 4, 1>(rows, dv, count, bytes_of(c), s, z, yy, first, dsum, exact);
+        BlockTileAny<Isa, 4, 1, PlainParams>(rows, dv, count, bytes_of(c), s, z, yy, first, dsum, exact);
         for (int64_t j = 0; j < tail; ++j) y[c + j] = yy[j];
       } else {
         for (int64_t j = c; j < c1; ++j) {
-          const float zj = zp_row != nullptr ? static_cast<float>(zp_row[j]) : static_cast<float>(default_zp[0]);
+          const float zj = static_cast<float>(ZeroPointAt(w, block, j)), sj = ScaleAt(w, block, j);
           float sum = 0.0f;
           for (int64_t r = 0; r < count; ++r) sum += dv[r] * (static_cast<float>(rows[r][j]) - zj);
-          y[j] = first ? sum * scale[j] : y[j] + sum * scale[j];
+          y[j] = first ? sum * sj : y[j] + sum * sj;
         }
       }
     }
@@ -365,8 +416,8 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
 // W = (q - zp) * scale are dequantised once into a float panel (L1), then every tile of kRows rows of
 // A adds D_tile @ panel with kRows x kVecs vectors of accumulators in registers, into a float32
 // strip of Y (L2) copied out at the end.
-template <class Isa, int kBits, int kGroups>
-void DequantisePanel(const uint8_t* const* rows, int64_t count, int64_t byte_off, const float* scale,
+template <class Isa, int kBits, int kGroups, class P>
+void DequantisePanel(const uint8_t* const* rows, int64_t count, int64_t byte_off, const typename P::Scale* scale,
                      const uint8_t* zp, float* panel, int64_t stride) {
   using Vec = typename Isa::Vec;
   using IVec = typename Isa::IVec;
@@ -377,8 +428,8 @@ void DequantisePanel(const uint8_t* const* rows, int64_t count, int64_t byte_off
   Vec sc[kGroups * kV];
   SCAP_UNROLL
   for (int v = 0; v < kGroups * kV; ++v) {
-    z[v] = Isa::Widen(zp + v * kW);
-    sc[v] = Isa::Load(scale + v * kW);
+    z[v] = LoadZeroPoints<Isa, P>(zp, v * kW);
+    sc[v] = LoadScales<Isa, P>(scale + v * kW);
   }
   for (int64_t i = 0; i < count; ++i) {
     const uint8_t* p = rows[i] + byte_off;
@@ -447,9 +498,10 @@ constexpr int64_t RowsWorkFloats() {
   return kMaxBlock * (kStrip + 16) + kRowsPerPass * (kStripsAtOnce * kStrip + 16);
 }
 
-template <class Isa, int kBits>
+template <class Isa, int kBits, class P>
 void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y,
                    float* work) {
+  using Scale = typename P::Scale;
   constexpr int64_t kStrip = Isa::kTileGroups * kGroup;
   constexpr int64_t kStride = kStrip + 16;  // a cache line more: panel and strip rows do not alias in L1
   constexpr int64_t kYStride = kStripsAtOnce * kStrip + 16;
@@ -475,35 +527,38 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
         const float* act = w.d_kept + m0 * w.kept_stride + i;  // D at the block's kept k
         for (int64_t c = cs; c < ce; c += kStrip) {
           const int64_t width = Min64(kStrip, c1 - c);
-          const float* scale = w.scales + block * n + c;
-          const uint8_t* zp = w.zero_points != nullptr ? w.zero_points + block * n + c : default_zp;
-          if (width < kStrip) {  // the last strip: scales 0 past N (and for 8 bits, codes read in range only)
+          if (width == kStrip) {
+            const Scale* scale = static_cast<const Scale*>(w.scales) + block * n + c;
+            const uint8_t* zp = w.zero_points != nullptr
+                                    ? w.zero_points + block * (P::kPacked ? w.row_bytes : n) + P::ZeroPointOffset(c)
+                                    : default_zp;
+            DequantisePanel<Isa, kBits, Isa::kTileGroups, P>(brows, count, c * kBits / 8, scale, zp, panel, kStride);
+          } else if (kBits == 4) {
+            // The last strip, 4 bits: the codes of its whole groups are there (padding) up to
+            // row_bytes; scales 0 past N.
             for (int64_t j = 0; j < kStrip; ++j) {
-              pad_scale[j] = j < width ? scale[j] : 0.0f;
-              pad_zp[j] = j < width ? zp[j] : 0;
+              pad_scale[j] = j < width ? ScaleAt(w, block, c + j) : 0.0f;
+              pad_zp[j] = j < width ? static_cast<uint8_t>(ZeroPointAt(w, block, c + j)) : 0;
             }
-            scale = pad_scale;
-            zp = pad_zp;
-          }
-          if (width == kStrip || kBits == 4) {
-            // 4 bits: the codes of a partial strip's whole groups are there (padding) up to row_bytes.
             const int64_t groups = (width + kGroup - 1) / kGroup;
-            if (groups == Isa::kTileGroups) {
-              DequantisePanel<Isa, kBits, Isa::kTileGroups>(brows, count, c * kBits / 8, scale, zp, panel, kStride);
-            } else {
-              for (int64_t g = 0; g < groups; ++g) {
-                DequantisePanel<Isa, kBits, 1>(brows, count, (c + g * kGroup) * kBits / 8, scale + g * kGroup,
-                                                 zp + g * kGroup, panel + g * kGroup, kStride);
-              }
-              for (int64_t r = 0; r < count; ++r) {
-                std::memset(panel + r * kStride + groups * kGroup, 0, (kStrip - groups * kGroup) * sizeof(float));
-              }
+            for (int64_t g = 0; g < groups; ++g) {
+              DequantisePanel<Isa, kBits, 1, PlainParams>(brows, count, (c + g * kGroup) * kBits / 8,
+                                                          pad_scale + g * kGroup, pad_zp + g * kGroup,
+                                                          panel + g * kGroup, kStride);
             }
-          } else {  // 8 bits, partial strip: scalar
+            for (int64_t r = 0; r < count; ++r) {
+              std::memset(panel + r * kStride + groups * kGroup, 0, (kStrip - groups * kGroup) * sizeof(float));
+            }
+          } else {  // 8 bits, partial strip: scalar, codes read in range only
+            for (int64_t j = 0; j < width; ++j) {
+              pad_scale[j] = ScaleAt(w, block, c + j);
+              pad_zp[j] = static_cast<uint8_t>(ZeroPointAt(w, block, c + j));
+            }
             for (int64_t r = 0; r < count; ++r) {
               for (int64_t j = 0; j < kStrip; ++j) {
                 panel[r * kStride + j] =
-                    j < width ? (static_cast<float>(brows[r][c + j]) - static_cast<float>(zp[j])) * scale[j] : 0.0f;
+                    j < width ? (static_cast<float>(brows[r][c + j]) - static_cast<float>(pad_zp[j])) * pad_scale[j]
+                              : 0.0f;
               }
             }
           }
@@ -524,24 +579,59 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
   }
 }
 
-template <class Isa>
-void RowsRange(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y, float* work) {
-  if (c1 <= c0) return;
-  if (w.bits == 4) {
-    RowsRangeBits<Isa, 4>(w, rows, i0, i1, c0, c1, y, work);
+// Calls Kernel<kBits, P>::Run(args...) for the weights' bits and storage of scales and zero points
+// (packed zero points: 4 bits only).
+template <template <int, class> class Kernel, class... Args>
+void ForFormat(const NBitsRow& w, Args... args) {
+  const bool packed = w.zp_packed && w.zero_points != nullptr;
+  if (w.bits == 8) {
+    if (w.scales_half) {
+      Kernel<8, Params<true, false>>::Run(w, args...);
+    } else {
+      Kernel<8, PlainParams>::Run(w, args...);
+    }
+  } else if (w.scales_half) {
+    if (packed) {
+      Kernel<4, Params<true, true>>::Run(w, args...);
+    } else {
+      Kernel<4, Params<true, false>>::Run(w, args...);
+    }
+  } else if (packed) {
+    Kernel<4, Params<false, true>>::Run(w, args...);
   } else {
-    RowsRangeBits<Isa, 8>(w, rows, i0, i1, c0, c1, y, work);
+    Kernel<4, PlainParams>::Run(w, args...);
   }
 }
 
 template <class Isa>
+struct RowsKernel {
+  template <int kBits, class P>
+  struct Of {
+    static void Run(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y,
+                    float* work) {
+      RowsRangeBits<Isa, kBits, P>(w, rows, i0, i1, c0, c1, y, work);
+    }
+  };
+};
+
+template <class Isa>
+struct RowKernel {
+  template <int kBits, class P>
+  struct Of {
+    static void Run(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y) {
+      RowRangeBits<Isa, kBits, P>(w, i0, i1, c0, c1, y);
+    }
+  };
+};
+
+template <class Isa>
+void RowsRange(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y, float* work) {
+  if (c1 > c0) ForFormat<RowsKernel<Isa>::template Of>(w, rows, i0, i1, c0, c1, y, work);
+}
+
+template <class Isa>
 void RowRange(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t c1, float* y) {
-  if (c1 <= c0) return;
-  if (w.bits == 4) {
-    RowRangeBits<Isa, 4>(w, i0, i1, c0, c1, y);
-  } else {
-    RowRangeBits<Isa, 8>(w, i0, i1, c0, c1, y);
-  }
+  if (c1 > c0) ForFormat<RowKernel<Isa>::template Of>(w, i0, i1, c0, c1, y);
 }
 
 template <class Isa>

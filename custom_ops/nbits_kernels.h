@@ -6,14 +6,21 @@
 
 #include <cstdint>
 
+#include "kernel_common.h"
+
 namespace scap {
 
 // The weights and one row of A after the drop rule.
 struct NBitsRow {
-  const uint8_t* b;            // B_packed [K, row_bytes]
+  const uint8_t* b;  // B_packed [K, row_bytes]
   int64_t row_bytes;
-  const float* scales;         // [k_blocks, n]
-  const uint8_t* zero_points;  // [k_blocks, n], or nullptr: 2^(bits-1)
+  // A block's scales and zero points for all n columns, one row of each per block of K: scales
+  // [k_blocks, n] float32, or float16 where scales_half; zero points one code a byte [k_blocks, n],
+  // or (4 bits, zp_packed) packed like a row of b [k_blocks, row_bytes]; nullptr: 2^(bits-1).
+  const void* scales;
+  bool scales_half;
+  const uint8_t* zero_points;
+  bool zp_packed;
   int64_t n, bits, block_size;
   int64_t depth;               // K: floats between two rows of d
   const float* d;              // [rows, K]: D = A - offset, dropped elements 0
@@ -23,6 +30,20 @@ struct NBitsRow {
   const float* d_kept = nullptr;
   int64_t kept_stride = 0;
 };
+
+// Block `block`'s scale and zero point of column j, one at a time (for padded tails). static, as
+// kernel_common.h's helpers: the kernel files compiled for other ISAs each keep their own copy.
+static inline float ScaleAt(const NBitsRow& w, int64_t block, int64_t j) {
+  const int64_t i = block * w.n + j;
+  return w.scales_half ? HalfToFloat(static_cast<const uint16_t*>(w.scales)[i]) : static_cast<const float*>(w.scales)[i];
+}
+
+static inline int32_t ZeroPointAt(const NBitsRow& w, int64_t block, int64_t j) {
+  if (w.zero_points == nullptr) return int32_t{1} << (w.bits - 1);
+  if (!w.zp_packed) return w.zero_points[block * w.n + j];
+  const uint8_t byte = w.zero_points[block * w.row_bytes + 16 * (j / 32) + j % 16];
+  return j % 32 < 16 ? byte & 0x0F : byte >> 4;
+}
 
 // Several rows of A quantised to int8 per row and block of K (accuracy_level 4; the rule is in
 // scap_sparse_matmul_nbits.h): what the int8 kernels read besides the weights.

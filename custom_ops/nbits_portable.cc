@@ -30,6 +30,11 @@ struct NBitsIsa {
     std::memcpy(r.v, p, sizeof r.v);
     return r;
   }
+  static Vec LoadHalf(const uint16_t* p) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = HalfToFloat(p[i]);
+    return r;
+  }
   static void Store(float* p, const Vec& v) { std::memcpy(p, v.v, sizeof v.v); }
   static Vec Mul(const Vec& a, const Vec& b) {
     Vec r;

@@ -116,13 +116,33 @@ void PackGroups4(const NBitsRow& w, int64_t g0, int64_t k0, int64_t k1, __m512i*
   }
 }
 
-// The group's scales and zero points: block b's at scale + b * stride and zp + b * stride (zp
-// nullptr: every zero point default_zp).
+// The group's scales and zero points: block b's at scale + b * stride (float32, or float16 where
+// half) and zp + b * zp_stride (a byte each, or where packed the group's 16 bytes of nibbles as in
+// a row of B; nullptr: every zero point default_zp).
 struct GroupScales {
-  const float* scale;
-  const uint8_t* zp;
+  const void* scale;
+  bool half;
   int64_t stride;
+  const uint8_t* zp;
+  bool packed;
+  int64_t zp_stride;
   float default_zp;
+
+  // Columns 16h .. 16h + 15 of block b.
+  __m512 Scales(int64_t b, int h) const {
+    if (half) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(scale) + b * stride + 16 * h)));
+    }
+    return _mm512_loadu_ps(static_cast<const float*>(scale) + b * stride + 16 * h);
+  }
+  __m512 ZeroPoints(int64_t b, int h) const {
+    if (zp == nullptr) return _mm512_set1_ps(default_zp);
+    const uint8_t* p = zp + b * zp_stride + (packed ? 0 : 16 * h);
+    __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if (packed) x = h == 0 ? _mm512_and_si512(x, _mm512_set1_epi32(0x0F)) : _mm512_srli_epi32(x, 4);
+    return _mm512_cvtepi32_ps(x);
+  }
 };
 
 // Rows [m0, m0 + kRows) of Y over blocks [b0, b1) of one packed group (panel: block b0's first
@@ -164,10 +184,7 @@ void GroupTile(const __m512i* panel, const GroupScales& gs, const NBitsQuantized
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m512 s = _mm512_loadu_ps(gs.scale + b * gs.stride + 16 * h);
-      const __m512 z = gs.zp == nullptr ? _mm512_set1_ps(gs.default_zp)
-                                        : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                                              reinterpret_cast<const __m128i*>(gs.zp + b * gs.stride + 16 * h))));
+      const __m512 s = gs.Scales(b, h), z = gs.ZeroPoints(b, h);
       for (int r = 0; r < kRows; ++r) {
         if (sa[r][b] == 0.0f) continue;  // adds nothing (and 0 * an Inf scale must not make NaN)
         // dot - zp * qsum is an integer below 2^24 in magnitude: exact in float32.
@@ -262,15 +279,24 @@ void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int6
       }
       for (int64_t i = 0; i < groups; ++i) {
         const int64_t gi = g0 + 32 * i, gw = groups == 4 ? 32 : width;
-        GroupScales gs{w.scales + gi, w.zero_points != nullptr ? w.zero_points + gi : nullptr, w.n, default_zp};
+        const bool packed = w.zp_packed && w.zero_points != nullptr;
+        const int64_t zp_stride = packed ? w.row_bytes : w.n;
+        const int64_t scale_bytes = w.scales_half ? 2 : 4;
+        GroupScales gs{static_cast<const uint8_t*>(w.scales) + gi * scale_bytes,
+                       w.scales_half,
+                       w.n,
+                       w.zero_points != nullptr ? w.zero_points + (packed ? gi / 2 : gi) : nullptr,
+                       packed,
+                       zp_stride,
+                       default_zp};
         if (gw < 32) {  // past N: scale 0 (and no reads beyond the rows)
           for (int64_t b = b0; b < b1; ++b) {
             for (int64_t j = 0; j < 32; ++j) {
-              pad_scale[b * 32 + j] = j < gw ? w.scales[b * w.n + gi + j] : 0.0f;
-              pad_zp[b * 32 + j] = w.zero_points != nullptr && j < gw ? w.zero_points[b * w.n + gi + j] : 0;
+              pad_scale[b * 32 + j] = j < gw ? ScaleAt(w, b, gi + j) : 0.0f;
+              pad_zp[b * 32 + j] = j < gw ? static_cast<uint8_t>(ZeroPointAt(w, b, gi + j)) : 0;
             }
           }
-          gs = GroupScales{pad_scale, w.zero_points != nullptr ? pad_zp : nullptr, 32, default_zp};
+          gs = GroupScales{pad_scale, false, 32, w.zero_points != nullptr ? pad_zp : nullptr, false, 32, default_zp};
         }
         int64_t m = 0;
         for (; m + kTileRows <= rows; m += kTileRows) {

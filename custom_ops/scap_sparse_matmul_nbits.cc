@@ -283,12 +283,20 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
     throw std::invalid_argument("A must have shape [..., K = " + std::to_string(s.k) + "], got " + Dims(a_shape));
   CheckType("B_packed", b.GetTensorTypeAndShapeInfo().GetElementType(), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
   CheckInput("B_packed", b.GetTensorTypeAndShapeInfo().GetShape(), {s.k, s.row_bytes});
-  CheckType("scales", scales.GetTensorTypeAndShapeInfo().GetElementType(), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  const ONNXTensorElementDataType scale_type = scales.GetTensorTypeAndShapeInfo().GetElementType();
+  if (scale_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && scale_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+    throw std::invalid_argument("scales has element type " + std::to_string(static_cast<int>(scale_type)) +
+                                ", expected float32 (1) or float16 (10)");
   CheckInput("scales", scales.GetTensorTypeAndShapeInfo().GetShape(), {s.k_blocks, s.n});
+  // 4 bits: zero points packed like a row of B_packed, or a byte each. The two shapes agree only at
+  // N = 16, where both read the same (a byte's code is below 16: its low nibble).
+  bool zp_packed = false;
   if (zero_points != nullptr) {
     CheckType("zero_points", zero_points.GetTensorTypeAndShapeInfo().GetElementType(),
               ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-    CheckInput("zero_points", zero_points.GetTensorTypeAndShapeInfo().GetShape(), {s.k_blocks, s.n});
+    const std::vector<int64_t> zp_shape = zero_points.GetTensorTypeAndShapeInfo().GetShape();
+    zp_packed = s.bits == 4 && zp_shape == std::vector<int64_t>{s.k_blocks, s.row_bytes};
+    if (!zp_packed) CheckInput("zero_points", zp_shape, {s.k_blocks, s.n});
   }
   if (bias != nullptr) {
     CheckType("bias", bias.GetTensorTypeAndShapeInfo().GetElementType(), ElementType<T>::kValue);
@@ -323,8 +331,10 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
   }
   const NBitsRow w{reinterpret_cast<const uint8_t*>(b.GetTensorRawData()),
                    s.row_bytes,
-                   reinterpret_cast<const float*>(scales.GetTensorRawData()),
+                   scales.GetTensorRawData(),
+                   scale_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                    zero_points != nullptr ? reinterpret_cast<const uint8_t*>(zero_points.GetTensorRawData()) : nullptr,
+                   zp_packed,
                    s.n,
                    s.bits,
                    s.block_size,

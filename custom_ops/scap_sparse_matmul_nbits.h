@@ -2,8 +2,9 @@
 // repacked at rewrite time (scap_onnx/op/nbits.py) so that each input channel's codes form one row:
 // a dropped activation skips one contiguous row, as in the float op.
 //
-//   inputs     A: T [..., K]; B_packed: uint8 [K, row_bytes]; scales: float32 [k_blocks, N];
-//              zero_points (optional): uint8 [k_blocks, N] (absent: 2^(bits-1));
+//   inputs     A: T [..., K]; B_packed: uint8 [K, row_bytes]; scales: float32 or float16
+//              [k_blocks, N]; zero_points (optional): uint8 [k_blocks, N], a code a byte, or for
+//              bits 4 [k_blocks, row_bytes], packed as a row of B_packed (absent: 2^(bits-1));
 //              bias (optional): T [N]; threshold_scale (optional): float32 [K];
 //              channel_offset (optional): float32 [K] (inputs 5 and 6: after every input the op
 //              had before them, so that older models keep their positions)
@@ -14,7 +15,8 @@
 //   layout     k_blocks = ceil(K / block_size); bits 8: row_bytes = N, byte j = code of column j;
 //              bits 4: row_bytes = 16 * ceil(N / 32), column 32g + t in the low nibble of byte
 //              16g + t (t < 16) or the high nibble of byte 16g + t - 16 (t >= 16)
-//   semantics  W[k, j] = (q[k, j] - zp[k / block_size, j]) * scales[k / block_size, j];
+//   semantics  W[k, j] = (q[k, j] - zp[k / block_size, j]) * scales[k / block_size, j] (a float16
+//              scale converted exactly to float32);
 //              D, and which elements are dropped: as ScapSparseMatMul (op_base.h);
 //              Y = D_kept @ W (+ bias), accumulated in float32
 //   int8       accuracy_level 4 and more than one row of A (as MatMulNBits there, for prefill and
@@ -79,7 +81,8 @@ struct ScapSparseMatMulNBitsOp
       case 1:
       case 3:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-      case 2:
+      case 2:  // scales: float32 or float16 (Compute checks)
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
       case kThresholdScaleInputNBits:
       case kChannelOffsetInputNBits:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

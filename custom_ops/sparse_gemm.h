@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernel_common.h"
+
 namespace scap {
 
 // The drop rule of one node: d[k] = a[k] - offset - channel_offset[k]; d[k] is dropped iff
@@ -196,7 +198,5 @@ const char* SelectedIsa();
 // The portable kernels (also the reference for the vectorised ones in tests of the dispatch).
 const GemmKernels& PortableKernels();
 
-float HalfToFloat(uint16_t h);
-uint16_t FloatToHalf(float f);
 
 }  // namespace scap
