@@ -24,6 +24,7 @@ from .graph.model_io import external_files, fingerprint, load_model, load_proto
 from .graph.targets import Target, find_all_targets, find_targets, group_sites, select_targets
 from .graph.view import GraphView
 from .op.library import get_library_path
+from .op.nbits import DEFAULT_NBITS_SCALES, check_nbits_scales
 from .passes.pipeline import Rewritten, rewrite_file
 from .prepare import prepare_texts
 from .progress import NullProgress, Progress
@@ -60,6 +61,7 @@ def rewrite(
     fuse: bool = True,
     progress: Progress | None = None,
     budget: float | None = None,
+    nbits_scales: str = DEFAULT_NBITS_SCALES,
     **calibrate_kwargs,
 ) -> RewriteResult:
     """Rewrite ``model`` to ``output`` with thresholds from ``stats`` (a Stats or a stats.json) or
@@ -71,6 +73,11 @@ def rewrite(
     ``budget``: the share of the targets' weight bytes to skip, each input's sparsity allocated from
     the stored error curves (scap_onnx.calibration.budget) instead of a SPEC.
 
+    ``nbits_scales``: "float16" (default) or "float32", the type of the scales of the
+    ScapSparseMatMulNBits nodes that replace quantized targets: float16 where every scale of a target
+    rounds to within 2^-11 of itself (scap_onnx.op.nbits.block_scales_for_layout), float32 keeps
+    them exact.
+
     ``model`` may be an onnxruntime-genai folder (genai_config.json, the decoder model, tokenizer
     files): ``output`` is then a folder that ``og.Model(output)`` loads as it is (scap_onnx.graph.genai)."""
     model = Path(model)
@@ -81,6 +88,7 @@ def rewrite(
     if same_file(model, output):
         raise ScapError(f"output {output} would overwrite the input model")
     progress = progress or NullProgress()
+    check_nbits_scales(nbits_scales)
     if sparsity is not None:
         parse_spec(sparsity)  # fail early on a bad SPEC
     if budget is not None:
@@ -114,15 +122,16 @@ def rewrite(
         raise ScapError("nothing to rewrite: the SPEC names no role of the calibrated targets")
     task = progress.task("rewrite", len(plan))
     if folder is None:
-        done = rewrite_file(model, output, plan, fuse=fuse, check=check)
+        done = rewrite_file(model, output, plan, fuse=fuse, check=check, nbits_scales=nbits_scales)
     else:
-        done = _rewrite_folder(folder, output, plan, fuse=fuse, check=check)
+        done = _rewrite_folder(folder, output, plan, fuse=fuse, check=check, nbits_scales=nbits_scales)
     task.advance(len(done.rewritten))
     task.close()
     return RewriteResult(done.output, done.external_data, plan, stats, done.rewritten, done.nodes)
 
 
-def _rewrite_folder(folder: GenaiFolder, output: Path, plan: dict, *, fuse: bool, check: bool) -> Rewritten:
+def _rewrite_folder(folder: GenaiFolder, output: Path, plan: dict, *, fuse: bool, check: bool,
+                    nbits_scales: str) -> Rewritten:
     """The rewritten genai folder ``output``, written atomically, with the op library copied in."""
     try:
         library = get_library_path()
@@ -131,7 +140,8 @@ def _rewrite_folder(folder: GenaiFolder, output: Path, plan: dict, *, fuse: bool
     skip = [folder.model_path] + external_files(load_model(folder.model_path))
     done: list[Rewritten] = []
     write_genai_folder(folder, output, lambda path: done.append(rewrite_file(folder.model_path, path, plan, fuse=fuse,
-                                                                             check=check)), library, skip)
+                                                                             check=check, nbits_scales=nbits_scales)),
+                       library, skip)
     return Rewritten(output, None, done[0].rewritten, done[0].nodes)
 
 

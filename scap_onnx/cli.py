@@ -34,10 +34,11 @@ from .experiments import demo, sweep, sweep_report
 from .graph.fileio import check_output_file, same_file
 from .graph.genai import is_genai_folder, resolve_model
 from .graph.model_io import load_proto
-from .graph.quantized import unsupported_weights
+from .graph.quantized import FLOAT_TYPES, unsupported_weights
 from .graph.targets import find_targets, group_sites
 from .graph.view import GraphView
-from .op.contract import channel_input_names, node_attribute, scap_nodes, targets_of
+from .op.contract import channel_input_names, is_float_node, node_attribute, scap_nodes, targets_of
+from .op.nbits import DEFAULT_NBITS_SCALES, NBITS_SCALES, check_nbits_scales
 from .progress import make_progress
 
 app = typer.Typer(
@@ -220,9 +221,16 @@ def rewrite(
     check: bool = typer.Option(True, "--check/--no-check", help="Run onnx.checker on the result."),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
                               help="One node for targets that drop the same elements of one input (gate and up)."),
+    nbits_scales: str = typer.Option(DEFAULT_NBITS_SCALES, "--nbits-scales",
+                                     help=f"Quantized targets: the type of the new nodes' block scales, "
+                                          f"{' or '.join(NBITS_SCALES)}. float16: each scale rounded to 11 "
+                                          "significant bits (relative error at most 2^-11) where all of a "
+                                          "target's lie in float16's normal range, fewer bytes read per kept "
+                                          "block; float32: exactly the source's (float16 ones stay float16)."),
     quiet: bool = QuietOpt,
 ):
     """Replace target MatMuls by ScapSparseMatMul with calibrated thresholds and offsets."""
+    check_nbits_scales(nbits_scales)
     if sparsity is not None:
         parse_spec(sparsity)
     budget_share = None if budget is None else parse_budget(budget)
@@ -246,7 +254,7 @@ def rewrite(
     progress = make_progress(quiet)
     try:
         result = api.rewrite(model, output, stats=stats, data=data, sparsity=sparsity, targets=targets, check=check,
-                     fuse=fuse, progress=progress, budget=budget_share, **kwargs)
+                     fuse=fuse, progress=progress, budget=budget_share, nbits_scales=nbits_scales, **kwargs)
     finally:
         _stop(progress)
     if save_stats is not None:
@@ -256,6 +264,14 @@ def rewrite(
     typer.echo(f"rewrote {len(result.rewritten)} targets{fused} -> {output}{extra}")
     for line in _summary_lines(result.stats, result.plan):
         typer.echo(line)
+
+
+def _nbits_scales_summary(rewritten: list[dict]) -> str:
+    """'; NBits scales float16' (each type with its count where they mix), '' without NBits nodes."""
+    types = Counter(r["scales"] for r in rewritten if r.get("scales"))
+    if len(types) < 2:
+        return "".join(f"; NBits scales {t}" for t in types)
+    return "; NBits scales " + ", ".join(f"{t} ({c})" for t, c in types.items())
 
 
 @app.command()
@@ -272,6 +288,7 @@ def inspect(
     model = resolve_model(model)
     proto = load_proto(model)
     existing = scap_nodes(proto)
+    elem_of = {t.name: t.data_type for t in proto.graph.initializer}  # a ScapSparseMatMulNBits' scales' type
     dense = [{"op": op, "name": name, "why": why} for op, name, why in unsupported_weights(GraphView.from_proto(proto))]
     try:
         found = find_targets(proto, targets)
@@ -303,7 +320,8 @@ def inspect(
         rows.append(row)
     rewritten = [{"name": n.name, "op": n.op_type, "targets": targets_of(n) or [n.name],
                   "threshold": node_attribute(n, "threshold"), "offset": node_attribute(n, "offset"),
-                  **{k: v is not None for k, v in zip(("threshold_scale", "channel_offset"), channel_input_names(n))}}
+                  **{k: v is not None for k, v in zip(("threshold_scale", "channel_offset"), channel_input_names(n))},
+                  **({} if is_float_node(n) else {"scales": FLOAT_TYPES.get(elem_of.get(n.input[2]))})}
                  for n in existing]
     if as_json:
         typer.echo(json.dumps({"targets": rows, "scap_nodes": rewritten, "stay_dense": dense}, indent=1))
@@ -326,7 +344,7 @@ def inspect(
     if rewritten:
         computed = sum(len(r["targets"]) for r in rewritten)
         ops = " + ".join(f"{c} {op}" for op, c in Counter(r["op"] for r in rewritten).items())
-        typer.echo(f"{ops} nodes already in the model, computing {computed} targets")
+        typer.echo(f"{ops} nodes already in the model, computing {computed} targets{_nbits_scales_summary(rewritten)}")
     for d in dense:  # quantized weights of a form the NBits op cannot take
         typer.echo(f"stays dense: {d['op']} {d['name']!r} {d['why']}")
 

@@ -146,8 +146,8 @@ def test_threshold_zero_gives_the_dense_tokens(genai_folder, genai_stats, texts,
     plan = {name: (0.0, p.offset, p.token_scaled) for name, p in Stats.load(genai_stats).plan(SMOL_SPEC).items()}
     assert len(plan) == 90 and sum(off != 0 for _, off, _ in plan.values()) >= 30
 
-    def threshold_zero(path: Path) -> None:
-        save_model(rewrite_model(load_model(folder.model_path), plan)[0], path)
+    def threshold_zero(path: Path) -> None:  # float32 scales: exactly the source's
+        save_model(rewrite_model(load_model(folder.model_path), plan, nbits_scales="float32")[0], path)
 
     t0 = load_genai_model(write_genai_folder(folder, tmp_path / "t0", threshold_zero, get_library_path(),
                                              [folder.model_path] + external_files(load_model(folder.model_path))))

@@ -69,20 +69,26 @@ def _contract_by_loops(d, q, scales, zp, bias, *, bits: int, block: int):
             for c in range(n):
                 z = default_zero_point(bits) if zp is None else int(zp[b, c])
                 isum = sum(int(qa[m, i]) * (int(q[i, c]) - z) for i in ks)
-                y[m, c] = np.float32(y[m, c] + np.float32(np.float32(sa[m, b] * scales[b, c]) * np.float32(isum)))
+                scale = np.float32(scales[b, c])  # a float16 scale converted exactly
+                y[m, c] = np.float32(y[m, c] + np.float32(np.float32(sa[m, b] * scale) * np.float32(isum)))
         if bias is not None:
             y[m] = (y[m] + bias).astype(np.float32)
     return qa, sa, y
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["f32-bytes", "f16-packed"])
 @pytest.mark.parametrize("with_zp", [False, True])
 @pytest.mark.parametrize("bits, block", [(4, 16), (4, 32), (8, 16), (8, 32)])
-def test_int8_activations_follow_the_contract(bits, block, with_zp):
+def test_int8_activations_follow_the_contract(bits, block, with_zp, compact):
     """K = 40 (the last block cut short), A [2, 3, K] with an offset and a channel offset, a row
     whose second block is all dropped (amax = 0): the reference's qa and sa equal the loops'
-    exactly, and so does Y (the same float32 operations in the same order)."""
+    exactly, and so does Y (the same float32 operations in the same order). ``compact``: float16
+    scales and (4 bits) zero points packed as the rewriter writes them, read by the reference as
+    the loops read their float32 values and bytes."""
     k, n = 40, 7
     q, scales, zp = _weights(k, n, bits, block, with_zp)
+    if compact:
+        scales = scales.astype(np.float16)
     rng = np.random.default_rng(1)
     a = (rng.standard_normal((2, 3, k)) * 2).astype(np.float32)
     a[0, 1, 16:32] = 0.25  # within the threshold of the offset: dropped
@@ -96,7 +102,8 @@ def test_int8_activations_follow_the_contract(bits, block, with_zp):
     np.testing.assert_array_equal(qa, qa_loops)
     np.testing.assert_array_equal(sa, sa_loops)
     assert np.abs(qa).max() == 127 and qa.dtype == np.int8
-    y = _op(a, q, scales, zp, bits=bits, block=block, accuracy_level=4, bias=bias, **kw)
+    op_zp = pack_rows(zp, bits) if compact and zp is not None else zp
+    y = _op(a, q, scales, op_zp, bits=bits, block=block, accuracy_level=4, bias=bias, **kw)
     assert y.shape == (2, 3, n) and y.dtype == np.float32
     np.testing.assert_array_equal(y.reshape(-1, n), y_loops)
 
@@ -250,14 +257,15 @@ def test_a_qdq_target_gets_accuracy_level_0(tmp_path):
 def test_at_threshold_0_the_rewritten_node_follows_matmul_nbits_at_its_level(tmp_path, zero_points):
     """The rewritten node (onnx.reference with the OpRun) against onnxruntime's MatMulNBits at the
     same accuracy_level, 8 rows: close to float rounding at 0 and at 4 (not bit-equal by contract),
-    while the two levels differ by the int8 quantisation (about 5e-3)."""
+    while the two levels differ by the int8 quantisation (about 5e-3). float32 scales, as the
+    source's: float16 ones would add their own rounding (2e-4 here)."""
     x = np.random.default_rng(8).standard_normal((8, 256)).astype(np.float32)
     outputs = {}
     for level in (0, 4):
         model = tiny_models.make_matmul_nbits(tmp_path / f"m{level}.onnx", k=256, n=64, zero_points=zero_points,
                                               accuracy_level=level)
         dense = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
-        rewritten, _ = rewrite_model(load_model(model), {NBITS_NAME: (0.0, 0.0)})
+        rewritten, _ = rewrite_model(load_model(model), {NBITS_NAME: (0.0, 0.0)}, nbits_scales="float32")
         save_model(rewritten, tmp_path / f"s{level}.onnx")
         evaluator = ReferenceEvaluator(onnx.load(str(tmp_path / f"s{level}.onnx")), new_ops=[ScapSparseMatMulNBits])
         outputs[level] = dense, evaluator.run(None, {"X": x})[0]

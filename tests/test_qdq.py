@@ -1,8 +1,8 @@
 """Models with int8 QDQ weights, as onnxruntime.quantization.quantize_static writes them (QDQ format,
 int8 weights per tensor and per output column, uint8 activations), through the same commands as
 float models: targets and roles, inspect's weight format, the rewrite into ScapSparseMatMulNBits at
-bits 8 over the same codes (exact: with threshold 0 it gives the QDQ model's logits to float
-rounding), calibrate + rewrite + validate through the real command line, and the forms that stay
+bits 8 over the same codes (exact with float32 scales: with threshold 0 it gives the QDQ model's
+logits to float rounding; the default float16 scales round each to within 2^-11), calibrate + rewrite + validate through the real command line, and the forms that stay
 dense (block-wise int4 DequantizeLinear from MatMulNBitsQuantizer's QDQ format, non-constant scales).
 
 Two kinds of models from the tiny decoder: "full" as quantize_static writes it (Quantize/
@@ -183,7 +183,7 @@ def test_inspect_shows_the_qdq_weight_format(tiny_qdq):
 def _threshold_zero(model: Path, stats: Path, out: Path, spec: str = "0.5") -> dict:
     st = Stats.load(stats)
     plan = {name: (0.0, p.offset, p.token_scaled) for name, p in st.plan(spec).items()}
-    rewritten, _ = rewrite_model(load_model(model), plan)
+    rewritten, _ = rewrite_model(load_model(model), plan, nbits_scales="float32")
     save_model(rewritten, out)
     return plan
 
@@ -229,16 +229,10 @@ def test_threshold_zero_gives_the_qdq_logits(tiny_qdq, kind, tmp_path):
             assert rel < 2e-2 and (s.argmax(-1) == d.argmax(-1)).mean() > 0.97, (rel, worst)
 
 
-@needs_library
-@pytest.mark.parametrize("dtype, zero_point", [(np.int8, 0), (np.int8, 7), (np.int8, None), (np.uint8, 128),
-                                               (np.uint8, 3), (np.uint8, None)])
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, dtype, zero_point):
-    """One MatMul over a DequantizeLinear (int8 or uint8, a zero point given or not, stored [N, K]
-    behind a Transpose) with a bias Add, rewritten with an offset: at threshold 0 the dense output;
-    with a threshold, the op's drop rule over the same dequantised weight."""
+def _qdq_matmul(path: Path, k: int, n: int, per_channel: bool, dtype, zero_point):
+    """(model, q [N, K], scale) of one MatMul over a DequantizeLinear of q (stored [N, K] behind a
+    Transpose; ``zero_point`` None: none given) with a bias Add; the scale float32 [N] or one."""
     rng = np.random.default_rng(0)
-    k, n = 80, 40
     info = np.iinfo(dtype)
     q = rng.integers(info.min, info.max + 1, (n, k)).astype(dtype)
     scale = (rng.random(n if per_channel else 1) * 0.05 + 0.01).astype(np.float32)
@@ -257,12 +251,24 @@ def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, dt
              helper.make_node("Add", ["XW", "b"], ["Y"], name="/model/layers.0/mlp/up_proj/Add")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])], inits)
-    model = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, q, scale
+
+
+@needs_library
+@pytest.mark.parametrize("dtype, zero_point", [(np.int8, 0), (np.int8, 7), (np.int8, None), (np.uint8, 128),
+                                               (np.uint8, 3), (np.uint8, None)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, dtype, zero_point):
+    """One MatMul over a DequantizeLinear (int8 or uint8, a zero point given or not, stored [N, K]
+    behind a Transpose) with a bias Add, rewritten with an offset: at threshold 0 the dense output;
+    with a threshold, the op's drop rule over the same dequantised weight (float32 scales: exact)."""
+    k, n = 80, 40
+    model, q, scale = _qdq_matmul(tmp_path / "m.onnx", k, n, per_channel, dtype, zero_point)
     (t,) = find_targets(onnx.load(str(model)))
     assert t.trans_b and t.bias == "b" and (t.k, t.n, t.block_size) == (k, n, 128)
     assert t.weight_format == f"{np.dtype(dtype).name} per-{'channel' if per_channel else 'tensor'} QDQ"
-    rewritten, done = rewrite_model(load_model(model), {t.name: (0.0, 0.75)})
+    rewritten, done = rewrite_model(load_model(model), {t.name: (0.0, 0.75)}, nbits_scales="float32")
     save_model(rewritten, tmp_path / "s.onnx")
     proto = onnx.load(str(tmp_path / "s.onnx"))
     (node,) = proto.graph.node  # the DequantizeLinear, Transpose and Add are gone
@@ -274,13 +280,38 @@ def test_offset_folds_into_the_dequantised_column_sums(tmp_path, per_channel, dt
     w = dequantize_packed(arr[node.input[1]], arr[node.input[2]], arr[node.input[3]] if node.input[3] else None,
                           k=k, n=n, bits=8, block_size=128)
     np.testing.assert_array_equal(w, ((q.astype(np.float32) - np.float32(zero_point or 0)) * scale.reshape(-1, 1)).T)
-    x = rng.standard_normal((5, k)).astype(np.float32) + 0.75
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32) + 0.75
     dense = open_session(model, options=_float_options(), use_library=False).run(None, {"X": x})[0]
     sparse = open_session(proto, use_library=True).run(None, {"X": x})[0]
     np.testing.assert_allclose(sparse, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
-    rewritten, _ = rewrite_model(load_model(model), {t.name: (0.5, 0.75)})
+    rewritten, _ = rewrite_model(load_model(model), {t.name: (0.5, 0.75)}, nbits_scales="float32")
     save_model(rewritten, tmp_path / "s2.onnx")
     got = open_session(onnx.load(str(tmp_path / "s2.onnx")), use_library=True).run(None, {"X": x})[0]
+    d = x - np.float32(0.75)
+    want = np.where(np.abs(d) <= 0.5, 0, d).astype(np.float32) @ w + arr[node.input[4]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@needs_library
+def test_a_qdq_target_gets_float16_scales_and_byte_zero_points_by_default(tmp_path):
+    """The scale rule of MatMulNBits targets (scap_onnx.op.nbits.block_scales_for_layout) applies to the
+    per-column scales repeated per block; zero points stay one a byte (bits 8). The op multiplies by
+    the weights dequantised with the rounded scales."""
+    k, n = 80, 40
+    model, q, scale = _qdq_matmul(tmp_path / "m.onnx", k, n, True, np.int8, 7)
+    (t,) = find_targets(onnx.load(str(model)))
+    rewritten, _ = rewrite_model(load_model(model), {t.name: (0.5, 0.75)})
+    save_model(rewritten, tmp_path / "s.onnx")
+    proto = onnx.load(str(tmp_path / "s.onnx"))
+    (node,) = proto.graph.node
+    arr = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scales, zp = arr[node.input[2]], arr[node.input[3]]
+    assert scales.dtype == np.float16 and scales.shape == (1, n) and zp.dtype == np.uint8 and zp.shape == (1, n)
+    np.testing.assert_array_equal(scales[0], scale.astype(np.float16))
+    w = dequantize_packed(arr[node.input[1]], scales, zp, k=k, n=n, bits=8, block_size=128)
+    np.testing.assert_array_equal(w, ((q.astype(np.float32) - 7) * scale.astype(np.float16).reshape(-1, 1)).T)
+    x = np.random.default_rng(1).standard_normal((5, k)).astype(np.float32) + 0.75
+    got = open_session(proto, use_library=True).run(None, {"X": x})[0]
     d = x - np.float32(0.75)
     want = np.where(np.abs(d) <= 0.5, 0, d).astype(np.float32) @ w + arr[node.input[4]]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

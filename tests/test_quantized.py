@@ -2,8 +2,10 @@
 matmul_nbits_quantizer.MatMulNBitsQuantizer: 4 bits, block 32, symmetric and asymmetric) through
 the same commands as float models: inspect shows the weight format, calibrate + rewrite +
 validate run through the real command line, and with threshold 0 (calibrated offsets, token
-scaling) the rewritten model gives the int4 dense model's logits to float rounding. Bad quantized
-input (bits 2, g_idx) exits 2 with one line naming the node.
+scaling) the rewritten model gives the int4 dense model's logits to float rounding (float32 scales;
+with the default float16 ones, those of the int4 model with its scales rounded to float16). The
+rewriter's block parameters: zero points packed, scales float16 where the rule allows, or float32
+(--nbits-scales). Bad quantized input (bits 2, g_idx) exits 2 with one line naming the node.
 
 The ScapSparseMatMulNBits nodes run with the compiled library only (there is no lowering), so the
 tests that run a rewritten model need it (SCAP_ONNX_LIBRARY or the packaged build).
@@ -31,7 +33,9 @@ from scap_onnx.graph.model_io import ModelSource, load_model, save_model
 from scap_onnx.graph.targets import find_all_targets, find_targets
 from scap_onnx.graph.view import GraphView
 from scap_onnx.op.contract import OP_TYPE_NBITS, scap_nodes, targets_of
-from scap_onnx.op.nbits import dequantize_matmul_nbits
+from scap_onnx.evaluation.pairing import open_pair
+from scap_onnx.op.nbits import (dequantize_matmul_nbits, matmul_nbits_scales, matmul_nbits_zero_points, row_bytes,
+                                zero_points_kn)
 from scap_onnx.op.session import library_available, open_session
 from scap_onnx.passes.sparsify import rewrite_model
 
@@ -40,6 +44,12 @@ needs_library = pytest.mark.skipif(not library_available(), reason="ScapSparseMa
 #: and accumulate in float32, in other orders; the folded bias adds offset * colsum(W) back. The
 #: float model's test (test_real_models.py) holds to the same bound.
 REL_TOL = 1e-4
+#: The default float16 scales against the int4 model itself: each scale, so each dequantised weight,
+#: moves by at most 2^-11 of itself (scap_onnx.op.nbits.block_scales_for_layout); to first order each
+#: of the tiny decoder's 14 rewritten targets adds at most about 2^-11 of its output to the logits'
+#: relative error, and the roundings, of either sign, partly cancel (measured: 1.4e-3 to 1.6e-3).
+F16_REL_TOL = 14 * 2.0 ** -11
+NBITS_NAME = "/model/layers.0/mlp/up_proj/MatMul_Q4"  # tiny_models.make_matmul_nbits' node
 
 
 def quantize(src: Path, folder: Path, *, symmetric: bool, block_size: int = 32) -> Path:
@@ -69,13 +79,27 @@ def _logits(session, feeds) -> np.ndarray:
     return session.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
 
 
-def _threshold_zero(model: Path, stats: Path, out: Path, spec: str = "0.5") -> dict:
-    """The model rewritten with threshold 0 and the calibrated offsets (and token scaling) of every target."""
+def _threshold_zero(model: Path, stats: Path, out: Path, spec: str = "0.5", nbits_scales: str = "float32") -> dict:
+    """The model rewritten with threshold 0 and the calibrated offsets (and token scaling) of every
+    target (float32 scales by default: exactly the source's)."""
     st = Stats.load(stats)
     plan = {name: (0.0, p.offset, p.token_scaled) for name, p in st.plan(spec).items()}
-    rewritten, _ = rewrite_model(load_model(model), plan)
+    rewritten, _ = rewrite_model(load_model(model), plan, nbits_scales)
     save_model(rewritten, out)
     return plan
+
+
+def _with_float16_scales(model: Path, out: Path) -> Path:
+    """``model`` with every MatMulNBits' scales rounded to float16 (stored float32 still): the
+    weights a rewrite with float16 scales multiplies by."""
+    proto = onnx.load(str(model))
+    scales = {n.input[2] for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    for t in proto.graph.initializer:
+        if t.name in scales:
+            rounded = numpy_helper.to_array(t).astype(np.float16).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(rounded, t.name))
+    onnx.save(proto, str(out))
+    return out
 
 
 def _compare_threshold_zero(dense: Path, sparse: Path, feeds) -> tuple[float, float]:
@@ -110,7 +134,7 @@ def test_zero_threshold_scales_give_the_int4_logits(tiny_int4, tmp_path):
     plan = {t.name: Sparsification(0.5, 0.1, t.role in ("o", "down"), np.zeros(t.k, np.float32),
                                    (0.05 * rng.standard_normal(t.k)).astype(np.float32))
             for t in find_targets(onnx.load(str(model), load_external_data=False))}
-    rewritten, names = rewrite_model(load_model(model), plan)
+    rewritten, names = rewrite_model(load_model(model), plan, nbits_scales="float32")
     save_model(rewritten, tmp_path / "scale0.onnx")
     nodes = scap_nodes(onnx.load(str(tmp_path / "scale0.onnx")))
     assert len(names) == 14 and all(n.op_type == OP_TYPE_NBITS and len(n.input) == 7 and n.input[5] and n.input[6]
@@ -161,7 +185,8 @@ def test_calibrate_rewrite_validate_through_the_cli(tiny_int4, kind, tmp_path):
     assert len(nodes) == 6 and {n.op_type for n in nodes} == {OP_TYPE_NBITS}
     assert not [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "mlp" in n.name]
     assert sum(len(targets_of(n)) for n in nodes) == 6
-    assert "6 ScapSparseMatMulNBits nodes already in the model" in run_cli("inspect", sparse, check=True).stdout
+    assert "6 ScapSparseMatMulNBits nodes already in the model, computing 6 targets; NBits scales float16" \
+        in run_cli("inspect", sparse, check=True).stdout
     run_cli("validate", model, sparse, "--data", tiny_int4["eval"], "--tokens", 1024, "--seq-len", 64,
             "--sparsity", SMOL_SPEC, "--repeats", 3, "--warmup", 1, "--report", report, check=True)
     r = json.loads(report.read_text())
@@ -187,6 +212,17 @@ def test_threshold_zero_gives_the_int4_logits(tiny_int4, kind, tmp_path):
     feeds, _ = next(iter(open_data(tiny_int4["eval"], proto, model, seq_len=64, max_tokens=64).batches()))
     rel, worst = _compare_threshold_zero(model, tmp_path / "t0.onnx", feeds)
     assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
+    # The default float16 scales. Of a model whose scales float16 holds exactly: its logits to
+    # float rounding (the op reads float16 scales exactly). Of the model itself: its logits within
+    # F16_REL_TOL (the folded bias is the source weights' column sums, the op's weights the rounded ones).
+    rounded = _with_float16_scales(model, tmp_path / "rounded.onnx")
+    _threshold_zero(rounded, stats, tmp_path / "t0_rounded.onnx", nbits_scales="float16")
+    rel, worst = _compare_threshold_zero(rounded, tmp_path / "t0_rounded.onnx", feeds)
+    assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
+    _threshold_zero(model, stats, tmp_path / "t0_f16.onnx", nbits_scales="float16")
+    rel, worst = _compare_threshold_zero(model, tmp_path / "t0_f16.onnx", feeds)
+    print(f"tiny int4 {kind}, threshold 0, float16 scales: logits relative error {rel:.2e}, max {worst:.2e}")
+    assert rel < F16_REL_TOL and worst < F16_REL_TOL, (rel, worst)
 
 
 @needs_library
@@ -195,8 +231,8 @@ def test_bias_input_and_offset_fold_into_the_dequantised_column_sums(tmp_path, z
     """A MatMulNBits with a bias input, rewritten with an offset and threshold 0: the new bias is
     the old one plus offset * colsum(dequantised W), so the output is the dense one."""
     model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", bias=True, zero_points=zero_points, k=80, n=40)
-    name = "/model/layers.0/mlp/up_proj/MatMul_Q4"
-    rewritten, done = rewrite_model(load_model(model), {name: (0.0, 0.75)})
+    name = NBITS_NAME
+    rewritten, done = rewrite_model(load_model(model), {name: (0.0, 0.75)}, nbits_scales="float32")
     save_model(rewritten, tmp_path / "s.onnx")
     assert done == [name]
     proto = onnx.load(str(tmp_path / "s.onnx"))
@@ -214,7 +250,7 @@ def test_bias_input_and_offset_fold_into_the_dequantised_column_sums(tmp_path, z
     bias = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}[node.input[4]]
     np.testing.assert_allclose(bias, arr["W_bias"] + 0.75 * w.sum(0, dtype=np.float64), rtol=1e-5, atol=1e-5)
     # and a threshold that drops: the op's reference over the same repacked weights
-    rewritten, _ = rewrite_model(load_model(model), {name: (0.5, 0.75)})
+    rewritten, _ = rewrite_model(load_model(model), {name: (0.5, 0.75)}, nbits_scales="float32")
     save_model(rewritten, tmp_path / "s2.onnx")
     got = open_session(onnx.load(str(tmp_path / "s2.onnx")), use_library=True).run(None, {"X": x})[0]
     d = x - np.float32(0.75)
@@ -224,7 +260,7 @@ def test_bias_input_and_offset_fold_into_the_dequantised_column_sums(tmp_path, z
 
 def test_without_the_library_the_nbits_op_is_refused_in_one_line(tmp_path):
     model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx")
-    rewritten, _ = rewrite_model(load_model(model), {"/model/layers.0/mlp/up_proj/MatMul_Q4": (0.1, 0.0)})
+    rewritten, _ = rewrite_model(load_model(model), {NBITS_NAME: (0.1, 0.0)})
     save_model(rewritten, tmp_path / "s.onnx")
     with pytest.raises(ScapError, match="needs the compiled op library"):
         open_session(onnx.load(str(tmp_path / "s.onnx")), use_library=False)
@@ -244,6 +280,97 @@ def test_validate_refuses_another_int4_model(tiny_int4, tmp_path):
                 "--seq-len", 64)
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "differs" in lines[0], p.stderr
+
+
+# ----------------------------------------------------------------------------- the block parameters written
+def _rewritten_block_parameters(model: Path, out: Path, **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scales and zero points (None when absent) of the one target rewritten, as saved."""
+    rewritten, done = rewrite_model(load_model(model), {NBITS_NAME: (0.1, 0.0)}, **kwargs)
+    assert done == [NBITS_NAME]
+    save_model(rewritten, out)
+    proto = onnx.load(str(out))
+    (node,) = scap_nodes(proto)
+    arr = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return arr[node.input[2]], arr[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+
+
+def _source_block_parameters(model: Path, *, k: int, n: int, bits: int):
+    """The MatMulNBits' scales (in their own type) and zero points, [k_blocks, N]."""
+    arr = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(model)).graph.initializer}
+    shape = dict(k=k, n=n, block_size=32)
+    return (matmul_nbits_scales(arr["W_scales"], **shape),
+            matmul_nbits_zero_points(arr["W_zp"], bits=bits, **shape) if "W_zp" in arr else None)
+
+
+@pytest.mark.parametrize("nbits_scales", ["float16", "float32", None])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_rewrite_packs_4_bit_zero_points_and_writes_the_scales_asked_for(tmp_path, bits, nbits_scales):
+    """Zero points: 4 bits packed as B_packed's rows [k_blocks, 16 * ceil(N / 32)], 8 bits one a
+    byte, both lossless. Scales (0.01 to 0.11): float16 by default, rounded to nearest; float32: the
+    source's, exactly."""
+    k, n = 80, 40
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", bits=bits, k=k, n=n)
+    kwargs = {} if nbits_scales is None else {"nbits_scales": nbits_scales}
+    scales, zp = _rewritten_block_parameters(model, tmp_path / "s.onnx", **kwargs)
+    src_scales, src_zp = _source_block_parameters(model, k=k, n=n, bits=bits)
+    assert scales.dtype == np.dtype(nbits_scales or "float16") and scales.shape == (3, n)
+    np.testing.assert_array_equal(scales, src_scales.astype(scales.dtype))
+    assert zp.dtype == np.uint8 and zp.shape == (3, row_bytes(n, bits))
+    np.testing.assert_array_equal(zero_points_kn(zp, blocks=3, n=n, bits=bits), src_zp)
+
+
+@pytest.mark.parametrize("outside", [1e-6, 7e4, np.inf])
+def test_a_target_with_a_scale_outside_float16s_normal_range_keeps_float32_scales(tmp_path, outside):
+    """1e-6 would be a float16 subnormal (fewer significant bits), 7e4 and Inf overflow it: the
+    target keeps all its scales float32, exactly."""
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", k=80, n=40)
+    proto = onnx.load(str(model))
+    init = next(t for t in proto.graph.initializer if t.name == "W_scales")
+    values = numpy_helper.to_array(init).copy()
+    values[5] = outside
+    init.CopyFrom(numpy_helper.from_array(values, "W_scales"))
+    onnx.save(proto, str(model))
+    scales, _ = _rewritten_block_parameters(model, tmp_path / "s.onnx")
+    assert scales.dtype == np.float32
+    np.testing.assert_array_equal(scales, _source_block_parameters(model, k=80, n=40, bits=4)[0])
+
+
+@pytest.mark.parametrize("nbits_scales", ["float16", "float32"])
+def test_float16_source_scales_stay_float16(tmp_path, nbits_scales):
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", k=80, n=40, dtype=np.float16)
+    scales, _ = _rewritten_block_parameters(model, tmp_path / "s.onnx", nbits_scales=nbits_scales)
+    src_scales, _ = _source_block_parameters(model, k=80, n=40, bits=4)
+    assert scales.dtype == src_scales.dtype == np.float16
+    np.testing.assert_array_equal(scales, src_scales)
+
+
+def test_the_cli_writes_the_scales_asked_for_and_inspect_and_validate_read_them(tmp_path):
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx", k=80, n=40)
+    np.savez(tmp_path / "x.npz", X=np.random.default_rng(3).standard_normal((64, 80)).astype(np.float32))
+    for asked in ("float16", "float32", None):
+        out = tmp_path / f"s_{asked}.onnx"
+        option = () if asked is None else ("--nbits-scales", asked)
+        run_cli("rewrite", model, "--data", tmp_path / "x.npz", "--sparsity", "0.3", "-o", out, *option, check=True)
+        written = asked or "float16"
+        assert f"computing 1 targets; NBits scales {written}" in run_cli("inspect", out, check=True).stdout
+        (row,) = json.loads(run_cli("inspect", out, "--json", check=True).stdout)["scap_nodes"]
+        assert row["scales"] == written
+        assert open_pair(model, out).scap  # validate's pairing reads the scales in either type
+    p = run_cli("rewrite", model, "--data", tmp_path / "x.npz", "--sparsity", "0.3", "-o", tmp_path / "bad.onnx",
+                "--nbits-scales", "bogus")
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and lines == ["error: --nbits-scales must be one of float16, float32, got 'bogus'"], p.stderr
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_the_api_refuses_an_unknown_scales_type_in_one_line(tmp_path):
+    from scap_onnx.api import rewrite
+
+    model = tiny_models.make_matmul_nbits(tmp_path / "m.onnx")
+    with pytest.raises(ScapError, match=r"^--nbits-scales must be one of float16, float32, got 'bfloat16'$"):
+        rewrite(model, tmp_path / "s.onnx", data=tmp_path / "x.npz", nbits_scales="bfloat16")
+    with pytest.raises(ScapError, match="--nbits-scales"):
+        rewrite_model(load_model(model), {NBITS_NAME: (0.1, 0.0)}, nbits_scales="half")
 
 
 # ----------------------------------------------------------------------------- bad quantized input

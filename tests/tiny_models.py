@@ -242,14 +242,14 @@ def make_no_targets(path: Path) -> Path:
 
 def make_matmul_nbits(path: Path, *, bits: int = 4, g_idx: bool = False, bias: bool = False, zero_points: bool = True,
                       k: int = 64, n: int = 48, block: int = 32, seed: int = 0,
-                      accuracy_level: int | None = None) -> Path:
+                      accuracy_level: int | None = None, dtype=np.float32) -> Path:
     """One MatMulNBits (named as an up projection) over random codes, built with onnx.helper
-    (``accuracy_level``: the attribute, absent when None)."""
+    (``accuracy_level``: the attribute, absent when None; ``dtype``: A's, the scales' and the bias')."""
     rng = np.random.default_rng(seed)
     kb = -(-k // block)
     blob = block * bits // 8
     inits = [numpy_helper.from_array(rng.integers(0, 256, (n, kb, blob), dtype=np.uint8), "W_q"),
-             numpy_helper.from_array((rng.random(n * kb) * 0.1 + 0.01).astype(np.float32), "W_scales")]
+             numpy_helper.from_array((rng.random(n * kb) * 0.1 + 0.01).astype(dtype), "W_scales")]
     inputs = ["X", "W_q", "W_scales", "", "", ""]
     if zero_points:
         inits.append(numpy_helper.from_array(rng.integers(0, 256, n * -(-kb * bits // 8), dtype=np.uint8), "W_zp"))
@@ -258,15 +258,16 @@ def make_matmul_nbits(path: Path, *, bits: int = 4, g_idx: bool = False, bias: b
         inits.append(numpy_helper.from_array((np.arange(k) // block).astype(np.int32), "W_g_idx"))
         inputs[4] = "W_g_idx"
     if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "W_bias"))
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(dtype), "W_bias"))
         inputs[5] = "W_bias"
     while not inputs[-1]:
         inputs.pop()
     node = helper.make_node("MatMulNBits", inputs, ["Y"], name="/model/layers.0/mlp/up_proj/MatMul_Q4",
                             domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
                             **({} if accuracy_level is None else {"accuracy_level": accuracy_level}))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", n])], inits)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", elem, ["batch", k])],
+                              [helper.make_tensor_value_info("Y", elem, ["batch", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=10)
     onnx.save(model, str(path))

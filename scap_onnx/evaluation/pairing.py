@@ -7,7 +7,7 @@ target's (the constant resolver of scap_onnx.graph.view follows Identity nodes a
 Transpose; the first bytes are compared, so a model of the same shape with other weights is refused).
 A ScapSparseMatMulNBits reads repacked weights: its attributes must be the quantized target's
 (MatMulNBits, or MatMul of a QDQ weight) and its scales the target's, as scap_onnx.op.nbits repacks
-them (compared on the first block's).
+them (compared on the first block's, in the type the sparse model stores them in: float16 or float32).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..calibration.data import model_inputs
 from ..graph.genai import genai_config_beside
 from ..errors import ScapError
 from ..graph.model_io import has_external, load_proto, tensor_head
+from ..graph.quantized import FLOAT_TYPES
 from ..graph.targets import Target, find_all_targets, layer_of, role_of
 from ..graph.view import GraphView
 from ..op.contract import (OP_TYPE, TARGETS_KEY, channel_vectors, is_float_node, node_attribute, scap_nodes,
@@ -183,7 +184,8 @@ class _Pairing:
 
     def _check_nbits_weight(self, node: onnx.NodeProto, t: Target) -> None:
         """K, N, bits and block_size as the target's, and the first block's scales of every column
-        those of the target (repacked by scap_onnx.op.nbits)."""
+        those of the target (repacked by scap_onnx.op.nbits, which writes them float32 or, rounded
+        where they were not, float16)."""
         shape = {"K": t.k, "N": t.n, "bits": t.bits, "block_size": t.block_size}
         got = {k: int(node_attribute(node, k, -1)) for k in shape}
         if got != shape:
@@ -195,9 +197,9 @@ class _Pairing:
             dense = numpy_helper.to_array(a, base_dir=str(self.dense.parent)) if has_external(a) \
                 else numpy_helper.to_array(a)
             first = (qdq_scales if t.qdq else matmul_nbits_scales)(dense, k=t.k, n=t.n, block_size=t.block_size)[0]
-            nbytes = min(64, 4 * t.n)
-            if b.data_type != onnx.TensorProto.FLOAT or \
-                    tensor_head(b, self.sparse.parent, nbytes) != np.ascontiguousarray(first).tobytes()[:nbytes]:
+            written = FLOAT_TYPES.get(b.data_type)
+            expected = b"" if written is None else first.astype(written).tobytes()[:64]
+            if not expected or tensor_head(b, self.sparse.parent, len(expected)) != expected:
                 raise self._mismatch(f"weight {t.weight!r} (its scales) differs between {self.dense.name} and "
                                      f"{self.sparse.name}")
 

@@ -142,7 +142,7 @@ def measure_sparsity(model: str | Path, data, *, threads: int | None = None, use
                 entries.append({"name": name, "input": n.input[0], "threshold": node_attribute(n, "threshold"),
                                 "offset": node_attribute(n, "offset"), **vectors})
         view = src.view
-        # A's type: that of a ScapSparseMatMul's B; of a ScapSparseMatMulNBits' bias (its scales are float32)
+        # A's type: that of a ScapSparseMatMul's B; of a ScapSparseMatMulNBits' bias (its scales' type is not A's)
         elem = {n.input[0]: (view.elem_type(n.input[1]) if is_float_node(n) else
                              view.elem_type(n.input[4]) if len(n.input) > 4 and n.input[4] else None)
                 or onnx.TensorProto.FLOAT for n in nodes}

@@ -11,9 +11,13 @@ block_size) cut at K):
   32g .. 32g + 31 sit in bytes 16g .. 16g + 15, column 32g + t in the low nibble of byte 16g + t
   for t < 16 and in the high nibble of byte 16g + t - 16 otherwise (one 16-byte load, masked and
   shifted, gives 32 columns in order); padding columns hold 0.
-- scales: float32 [k_blocks, N]: a block's scales for all N columns together, read once per block.
-- zero_points (optional): uint8 [k_blocks, N], one per byte; absent means 2^(bits-1) (8 or 128),
-  MatMulNBits' default.
+- scales: float32 or float16 [k_blocks, N]: a block's scales for all N columns together, read once
+  per block; a float16 scale is converted exactly to float32 and used as one.
+- zero_points (optional): uint8, one of two forms (:func:`zero_points_kn` tells them apart by the
+  shape): [k_blocks, N], one code a byte; or, bits 4 only, [k_blocks, row_bytes], each row packed as
+  a row of B_packed (:func:`pack_rows`). The shapes coincide only at N = 16, where both forms read
+  the same (a byte form's codes are below 16: the low nibble of byte t is code t). Absent means
+  2^(bits-1) (8 or 128), MatMulNBits' default.
 - W[k, j] = (q[k, j] - zero_points[k // block_size, j]) * scales[k // block_size, j], float32.
 - accuracy_level (optional, 0 to 4, as MatMulNBits'): at 4, several rows of A are multiplied as int8
   activations per block (scap_onnx.op.reference.quantize_blocks); 0 to 3, and one row, over W.
@@ -21,6 +25,11 @@ block_size) cut at K):
 A MatMul's int8 QDQ weight (DequantizeLinear of a constant, per tensor or per output column) is
 this op at bits 8, exactly: an int8 code q with zero point z is the uint8 code q + 128 with zero
 point z + 128, and the per-tensor or per-column scales repeat in every block (:func:`unpack_qdq`).
+
+The rewriter writes 4-bit zero points packed (lossless) and the scales float16 where that is exact
+or within float16's normal range (:func:`block_scales_for_layout`): at M = 1 the kept rows' codes are
+the only bytes that shrink with sparsity, and float32 scales with byte zero points add 0.156 bytes a
+weight (block 32) to the 0.5 of 4-bit codes in every block that keeps a row, float16 with nibbles 0.078.
 
 Also the one place that dequantises weights: :func:`dequantize_packed` (this layout),
 :func:`dequantize_matmul_nbits` (MatMulNBits' layout) and :func:`weight_kn` (any target's weight
@@ -96,8 +105,51 @@ def unpack_rows(b_packed: np.ndarray, n: int, bits: int) -> np.ndarray:
     return halves.reshape(k, -1)[:, :n]
 
 
+def zero_points_kn(zero_points, *, blocks: int, n: int, bits: int) -> np.ndarray:
+    """The op's zero_points input, in either form (module docstring), -> uint8 [k_blocks, N]; a
+    one-line ScapError for any other type or shape. The one place that tells the forms apart: at 4
+    bits a row of row_bytes(N, 4) bytes is packed (at N = 16 a byte form reads the same that way)."""
+    zp = np.asarray(zero_points)
+    packed_width = row_bytes(n, bits) if bits == 4 else None
+    if zp.dtype != np.uint8 or zp.ndim != 2 or zp.shape[0] != blocks or zp.shape[1] not in (n, packed_width):
+        packed = f" or, packed, [{blocks}, {packed_width}]" if packed_width else ""
+        raise ScapError(f"zero_points must be uint8 [{blocks}, {n}]{packed}, got {zp.dtype} {list(zp.shape)}")
+    return unpack_rows(zp, n, bits) if zp.shape[1] == packed_width else zp
+
+
+#: --nbits-scales: the type the rewriter asks for a ScapSparseMatMulNBits' scales in (the first: the default).
+NBITS_SCALES = ("float16", "float32")
+DEFAULT_NBITS_SCALES = NBITS_SCALES[0]
+# float16's normal range: a scale in it rounds to 11 significant bits, a relative error of at most
+# 2^-11 (below it, subnormals keep fewer bits; above it, Inf).
+_FLOAT16_NORMAL = (2.0 ** -14, 65504.0)
+
+
+def check_nbits_scales(want: str) -> None:
+    """ScapError (one line) for a --nbits-scales value other than float16 and float32."""
+    if want not in NBITS_SCALES:
+        raise ScapError(f"--nbits-scales must be one of {', '.join(NBITS_SCALES)}, got {want!r}")
+
+
+def block_scales_for_layout(scales, want: str = DEFAULT_NBITS_SCALES) -> np.ndarray:
+    """One target's block scales [k_blocks, N] (float32, or float16 as the source stored them) in the
+    type the rewriter writes them in: float16 scales stay float16 (exact); float32 ones become
+    float16 when ``want`` is "float16" and every one is 0 or within float16's normal range (each
+    then rounds to within 2^-11 of itself, far below the weights' own quantisation), and stay
+    float32 otherwise, or when ``want`` is "float32"."""
+    check_nbits_scales(want)
+    scales = np.asarray(scales)
+    if scales.dtype == np.float16:
+        return scales
+    scales = scales.astype(np.float32, copy=False)
+    magnitude = np.abs(scales)
+    in_range = (magnitude == 0) | ((magnitude >= _FLOAT16_NORMAL[0]) & (magnitude <= _FLOAT16_NORMAL[1]))
+    return scales.astype(np.float16) if want == "float16" and in_range.all() else scales
+
+
 def _dequantize(q: np.ndarray, scales, zero_points, *, k: int, bits: int, block_size: int) -> np.ndarray:
-    """W float32 [K, N] from codes q [K, N] and per-block scales (and zero points) [k_blocks, N]."""
+    """W float32 [K, N] from codes q [K, N], per-block scales [k_blocks, N] (float32 or float16) and
+    zero points uint8 [k_blocks, N] (None: the default)."""
     blocks = np.arange(k) // block_size
     zp = (np.float32(default_zero_point(bits)) if zero_points is None
           else np.asarray(zero_points, np.float32)[blocks])
@@ -105,8 +157,9 @@ def _dequantize(q: np.ndarray, scales, zero_points, *, k: int, bits: int, block_
 
 
 def dequantize_packed(b_packed, scales, zero_points, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
-    """W: float32 [K, N] from the op's own layout."""
-    return _dequantize(unpack_rows(b_packed, n, bits), scales, zero_points, k=k, bits=bits, block_size=block_size)
+    """W: float32 [K, N] from the op's own layout (zero points in either form)."""
+    zp = None if zero_points is None else zero_points_kn(zero_points, blocks=k_blocks(k, block_size), n=n, bits=bits)
+    return _dequantize(unpack_rows(b_packed, n, bits), scales, zp, k=k, bits=bits, block_size=block_size)
 
 
 def matmul_nbits_codes(b, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
@@ -122,13 +175,19 @@ def matmul_nbits_codes(b, *, k: int, n: int, bits: int, block_size: int) -> np.n
     return np.ascontiguousarray(codes[:, :k].T)
 
 
+def _scale_type(scales: np.ndarray) -> type:
+    """The type block scales keep from their source: float16 stays float16, the rest is float32."""
+    return np.float16 if scales.dtype == np.float16 else np.float32
+
+
 def matmul_nbits_scales(scales, *, k: int, n: int, block_size: int) -> np.ndarray:
-    """MatMulNBits' scales [N * k_blocks] or [N, k_blocks] (float32 or float16) -> float32 [k_blocks, N]."""
+    """MatMulNBits' scales [N * k_blocks] or [N, k_blocks] (float32 or float16) -> [k_blocks, N] of
+    the same type."""
     kb = k_blocks(k, block_size)
     scales = np.asarray(scales)
     if scales.size != n * kb:
         raise ScapError(f"MatMulNBits scales must hold N * k_blocks = {n * kb} values, got shape {scales.shape}")
-    return np.ascontiguousarray(scales.astype(np.float32).reshape(n, kb).T)
+    return np.ascontiguousarray(scales.astype(_scale_type(scales)).reshape(n, kb).T)
 
 
 def matmul_nbits_zero_points(zero_points, *, k: int, n: int, bits: int, block_size: int) -> np.ndarray:
@@ -148,8 +207,8 @@ def matmul_nbits_zero_points(zero_points, *, k: int, n: int, bits: int, block_si
 
 
 def unpack_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int):
-    """onnxruntime's MatMulNBits weights -> (codes uint8 [K, N], scales float32 [k_blocks, N],
-    zero points uint8 [k_blocks, N] or None).
+    """onnxruntime's MatMulNBits weights -> (codes uint8 [K, N], scales [k_blocks, N] (float16 where
+    the source's are, else float32), zero points uint8 [k_blocks, N] or None).
 
     MatMulNBits: B uint8 [N, k_blocks, block_size * bits / 8], codes along K, low nibble first;
     scales [N * k_blocks] or [N, k_blocks]; zero_points uint8 [N * ceil(k_blocks * bits / 8)]
@@ -179,8 +238,10 @@ def qdq_codes(x, *, trans: bool) -> np.ndarray:
 
 
 def qdq_scales(scale, *, k: int, n: int, block_size: int) -> np.ndarray:
-    """A DequantizeLinear's scale (one, or one per output column) -> float32 [k_blocks, N]."""
-    scale = np.asarray(scale).astype(np.float32).reshape(-1)
+    """A DequantizeLinear's scale (one, or one per output column) -> [k_blocks, N], float16 where the
+    source's is, else float32."""
+    scale = np.asarray(scale)
+    scale = scale.astype(_scale_type(scale)).reshape(-1)
     if scale.size not in (1, n):
         raise ScapError(f"QDQ scales must hold 1 or N = {n} values, got {scale.size}")
     return np.ascontiguousarray(np.broadcast_to(scale, (k_blocks(k, block_size), n)))
@@ -201,8 +262,9 @@ def qdq_zero_points(zero_point, x_dtype, *, k: int, n: int, block_size: int) -> 
 
 def unpack_qdq(x, scale, zero_point, *, k: int, n: int, block_size: int, trans: bool):
     """A QDQ weight (x int8 / uint8, [K, N] or, when ``trans``, [N, K]; scale and zero point per
-    tensor or per output column) -> (codes uint8 [K, N], scales float32 [k_blocks, N], zero points
-    uint8 [k_blocks, N] or None): the same W at bits 8 in blocks of ``block_size``."""
+    tensor or per output column) -> (codes uint8 [K, N], scales [k_blocks, N] (float16 or float32, as
+    the source's), zero points uint8 [k_blocks, N] or None): the same W at bits 8 in blocks of
+    ``block_size``."""
     q = qdq_codes(x, trans=trans)
     if q.shape != (k, n):
         raise ScapError(f"QDQ weight of shape {np.shape(x)} is not [K, N] = [{k}, {n}]")
@@ -211,8 +273,8 @@ def unpack_qdq(x, scale, zero_point, *, k: int, n: int, block_size: int, trans: 
 
 
 def quantized_weights(target: Target, read):
-    """A quantized target's (codes uint8 [K, N], scales float32 [k_blocks, N], zero points uint8
-    [k_blocks, N] or None), from a MatMulNBits' weights or a QDQ weight."""
+    """A quantized target's (codes uint8 [K, N], scales [k_blocks, N] (float16 or float32, as the
+    source's), zero points uint8 [k_blocks, N] or None), from a MatMulNBits' weights or a QDQ weight."""
     zp = read(target.zero_points) if target.zero_points else None
     shape = dict(k=target.k, n=target.n, block_size=target.block_size)
     if target.op == MATMUL_NBITS:
@@ -231,10 +293,14 @@ def weight_kn(target: Target, read) -> np.ndarray:
     return np.ascontiguousarray(w.T) if target.trans_b else w
 
 
-def repack_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int):
-    """onnxruntime's MatMulNBits weights -> this op's (B_packed, scales, zero_points or None)."""
+def repack_matmul_nbits(b, scales, zero_points, *, k: int, n: int, bits: int, block_size: int,
+                        nbits_scales: str = DEFAULT_NBITS_SCALES):
+    """onnxruntime's MatMulNBits weights -> this op's (B_packed, scales, zero_points or None) as the
+    rewriter writes them: scales by :func:`block_scales_for_layout`, zero points packed as B_packed's
+    rows (4 bits: two a byte, lossless)."""
     q, scales, zp = unpack_matmul_nbits(b, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
-    return pack_rows(q, bits), scales, zp
+    packed_zp = None if zp is None else pack_rows(zp, bits)
+    return pack_rows(q, bits), block_scales_for_layout(scales, nbits_scales), packed_zp
 
 
 def make_nbits_node(

@@ -14,7 +14,7 @@ from onnx.reference.op_run import OpRun
 
 from .contract import DOMAIN, OP_TYPE, check_attributes, check_channel_vectors
 from .nbits import (INT8_ACCURACY_LEVEL, OP_TYPE_NBITS, check_accuracy_level, check_nbits_attributes,
-                    default_zero_point, dequantize_packed, k_blocks, row_bytes, unpack_rows)
+                    default_zero_point, dequantize_packed, k_blocks, row_bytes, unpack_rows, zero_points_kn)
 
 
 def channel_thresholds(threshold: float, threshold_scale: np.ndarray) -> np.ndarray:
@@ -130,7 +130,8 @@ def quantize_blocks(d: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndar
 def _int8_activation_matmul(d: np.ndarray, q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
                             bits: int, block_size: int) -> np.ndarray:
     """Y float32 [rows, N] = sum over blocks b, ascending, of (sa[:, b] * scales[b]) * isum_b, isum_b
-    = qa[:, block b] @ (q - zero point)[block b] exactly; D [rows, K] holds no Inf or NaN."""
+    = qa[:, block b] @ (q - zero point)[block b] exactly; D [rows, K] holds no Inf or NaN; scales
+    float32, zero points uint8 [k_blocks, N] or None."""
     rows, k = d.shape
     qa, sa = quantize_blocks(d, block_size)
     zp = (np.full(scales.shape, default_zero_point(bits), np.float64) if zero_points is None
@@ -166,6 +167,8 @@ def scap_sparse_matmul_nbits(
     accuracy_level: int = 0,
 ) -> np.ndarray:
     """ScapSparseMatMulNBits: W dequantised from the packed layout in float32, then scap_sparse_matmul.
+    scales: float32 or float16 (converted exactly to float32); zero_points in either form
+    (scap_onnx.op.nbits.zero_points_kn).
 
     With accuracy_level 4 and more than one row of A (rows: the product of A's leading dims), D
     after the drop rule is quantised to int8 per row and block (:func:`quantize_blocks`) and Y =
@@ -179,10 +182,9 @@ def scap_sparse_matmul_nbits(
     kb = k_blocks(k, block_size)
     if b_packed.shape != (k, row_bytes(n, bits)) or b_packed.dtype != np.uint8:
         raise ValueError(f"B_packed must be uint8 [{k}, {row_bytes(n, bits)}], got {b_packed.dtype} {b_packed.shape}")
-    if scales.shape != (kb, n):
-        raise ValueError(f"scales must have shape ({kb}, {n}), got {scales.shape}")
-    if zero_points is not None and zero_points.shape != (kb, n):
-        raise ValueError(f"zero_points must have shape ({kb}, {n}), got {zero_points.shape}")
+    if scales.shape != (kb, n) or scales.dtype not in (np.float32, np.float16):
+        raise ValueError(f"scales must be float32 or float16 [{kb}, {n}], got {scales.dtype} {scales.shape}")
+    zp = None if zero_points is None else zero_points_kn(zero_points, blocks=kb, n=n, bits=bits)
 
     def float_path(a_rows: np.ndarray) -> np.ndarray:
         w = dequantize_packed(b_packed, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
@@ -196,8 +198,8 @@ def scap_sparse_matmul_nbits(
     d = sparsify(a2, threshold, offset, threshold_scale, channel_offset)
     finite = np.isfinite(d).all(axis=1)
     y = np.empty((rows, n), np.float32)
-    y[finite] = _int8_activation_matmul(d[finite], unpack_rows(b_packed, n, bits), np.asarray(scales, np.float32),
-                                        zero_points, bits=bits, block_size=block_size)
+    y[finite] = _int8_activation_matmul(d[finite], unpack_rows(b_packed, n, bits), scales.astype(np.float32),
+                                        zp, bits=bits, block_size=block_size)
     if bias is not None:
         y[finite] += bias.astype(np.float32)
     if not finite.all():

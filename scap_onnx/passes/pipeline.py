@@ -18,6 +18,7 @@ from ..errors import ScapError
 from ..graph.fileio import same_file
 from ..graph.model_io import check_model, external_files, load_model, save_model, wants_external_data
 from ..op.contract import is_scap_node
+from ..op.nbits import DEFAULT_NBITS_SCALES
 from .fuse import FusePass
 from .sparsify import ScapRewritePass
 
@@ -31,16 +32,17 @@ class Rewritten:
 
 
 def rewrite_file(model: str | Path, output: str | Path, plan: Mapping[str, object], *, fuse: bool = True,
-                 check: bool = True) -> Rewritten:
+                 check: bool = True, nbits_scales: str = DEFAULT_NBITS_SCALES) -> Rewritten:
     """Rewrite the model file ``model`` by ``plan`` (target name -> threshold, offset, token scaling)
-    into ``output``; the input model and its data files are never written."""
+    into ``output``; the input model and its data files are never written. ``nbits_scales``: the
+    type asked for ScapSparseMatMulNBits' scales (scap_onnx.op.nbits.block_scales_for_layout)."""
     model, output = Path(model), Path(output)
     if same_file(model, output):
         raise ScapError(f"output {output} would overwrite the input model")
     ir_model = load_model(model)
     input_ops = {n.op_type for n in ir_model.graph.all_nodes()}
     external, sources = wants_external_data(ir_model), external_files(ir_model)
-    rewrite = ScapRewritePass(plan)
+    rewrite = ScapRewritePass(plan, nbits_scales)
     _run(ir.passes.PassManager([rewrite, FusePass()] if fuse else [rewrite]), ir_model)
     names = rewrite.rewritten
     nodes = sum(1 for n in ir_model.graph if is_scap_node(n))

@@ -11,9 +11,11 @@ b + (offset + channel_offset) @ B.
 
 The folded bias makes the new node compute the original function wherever nothing is dropped
 (shared/DESIGN.md). A MatMulNBits becomes a ScapSparseMatMulNBits over its weights repacked
-(scap_onnx.op.nbits; computed when the model is saved, one weight at a time), its folded bias from
-the column sums of the dequantised weight; its own bias input is carried like a Gemm's C, and its
-accuracy_level is the new node's. A MatMul whose B is an int8 QDQ weight becomes a
+(scap_onnx.op.nbits; computed when the model is saved, one weight at a time; 4-bit zero points
+packed, scales float16 where block_scales_for_layout allows and ``nbits_scales`` asks), its folded
+bias from the column sums of the source's dequantised weight (before any float16 rounding of the
+scales); its own bias input is carried like a Gemm's C, and its accuracy_level is the new node's.
+A MatMul whose B is an int8 QDQ weight becomes a
 ScapSparseMatMulNBits at bits 8 over the same codes, accuracy_level 0 (the DequantizeLinear and the
 nodes between it and the MatMul go when nothing else reads them; QDQ pairs on the activation stay
 in front of the new node). A Gemm's C is its bias; a Gemm with transB
@@ -38,8 +40,9 @@ from ..graph.targets import Target, find_all_targets
 from ..graph.view import GraphView
 from ..op import contract
 from ..op.contract import DOMAIN, OP_TYPE, OP_TYPE_NBITS, OPSET_VERSION, Sparsification
-from ..op.nbits import (check_accuracy_level, check_nbits_attributes, matmul_nbits_codes, matmul_nbits_scales,
-                        matmul_nbits_zero_points, pack_rows, qdq_codes, qdq_scales, qdq_zero_points, weight_kn)
+from ..op.nbits import (DEFAULT_NBITS_SCALES, block_scales_for_layout, check_accuracy_level, check_nbits_attributes,
+                        check_nbits_scales, k_blocks, matmul_nbits_codes, matmul_nbits_scales, matmul_nbits_zero_points,
+                        pack_rows, qdq_codes, qdq_scales, qdq_zero_points, row_bytes, weight_kn)
 from ..op.token_norm import NORM_TAG, token_norm
 
 
@@ -50,11 +53,14 @@ def _node_key(node: ir.Node) -> str:
 class ScapRewritePass(ir.passes.InPlacePass):
     """Replace the planned MatMuls by ScapSparseMatMul (MatMulNBits by ScapSparseMatMulNBits). ``plan``: target name -> a Sparsification,
     a calibration plan entry (scap_onnx.calibration.stats.TargetPlan) or a (threshold, offset[,
-    token_scaled]) tuple."""
+    token_scaled]) tuple. ``nbits_scales``: the type asked for ScapSparseMatMulNBits' scales
+    (scap_onnx.op.nbits.block_scales_for_layout)."""
 
-    def __init__(self, plan: Mapping[str, object]):
+    def __init__(self, plan: Mapping[str, object], nbits_scales: str = DEFAULT_NBITS_SCALES):
         super().__init__()
+        check_nbits_scales(nbits_scales)
         self.plan = {k: Sparsification.of(v) for k, v in plan.items()}
+        self.nbits_scales = nbits_scales
         self.rewritten: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -83,7 +89,7 @@ class ScapRewritePass(ir.passes.InPlacePass):
             if t.qdq:
                 dequantized.append(mm.inputs[1])
             if t.quantized:
-                op_type, weight_inputs = OP_TYPE_NBITS, _repacked(graph, t, used_names)
+                op_type, weight_inputs = OP_TYPE_NBITS, _repacked(graph, t, used_names, self.nbits_scales)
                 # A MatMulNBits' accuracy_level goes with it (4: several rows multiply as int8
                 # activations); 0, the default, is left out, as make_nbits_node leaves it
                 level = (("accuracy_level", t.accuracy_level),) if t.accuracy_level else ()
@@ -217,10 +223,11 @@ def _remove_unread(graph: ir.Graph, value: ir.Value) -> None:
         node = x.producer() if x is not None else None
 
 
-def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value | None]:
+def _repacked(graph: ir.Graph, t: Target, used_names: set[str], nbits_scales: str) -> list[ir.Value | None]:
     """ScapSparseMatMulNBits' B_packed, scales and zero points (None when absent) of a MatMulNBits
-    or QDQ target: new initializers computed from the original ones when the model is saved (a QDQ
-    weight's zero points are read now: absent when all are the op's default)."""
+    or QDQ target: new initializers computed from the original ones when the model is saved. Read
+    now, being small: the scales, for their type (block_scales_for_layout), and a QDQ weight's zero
+    points (absent when all are the op's default). 4-bit zero points are packed as B_packed's rows."""
     check_nbits_attributes(t.k, t.n, t.bits, t.block_size)
     check_accuracy_level(t.accuracy_level, t.name)
     shape = dict(k=t.k, n=t.n, block_size=t.block_size)
@@ -235,13 +242,15 @@ def _repacked(graph: ir.Graph, t: Target, used_names: set[str]) -> list[ir.Value
         codes = lambda: matmul_nbits_codes(b.numpy(), bits=t.bits, **shape)
         scales_of = lambda: matmul_nbits_scales(scales.numpy(), **shape)
         zp_of = None if zp is None else (lambda: matmul_nbits_zero_points(zp.numpy(), bits=t.bits, **shape))
+    blocks, width = k_blocks(t.k, t.block_size), row_bytes(t.n, t.bits)
+    layout_scales = lambda: block_scales_for_layout(scales_of(), nbits_scales)
+    scales_type = ir.DataType.from_numpy(layout_scales().dtype)  # the same rule again at save time
     parts = [
-        ("packed", ir.DataType.UINT8, (t.k, t.n if t.bits == 8 else 16 * -(-t.n // 32)),
-         lambda: pack_rows(codes(), t.bits)),
-        ("scales", ir.DataType.FLOAT, (-(-t.k // t.block_size), t.n), scales_of),
+        ("packed", ir.DataType.UINT8, (t.k, width), lambda: pack_rows(codes(), t.bits)),
+        ("scales", scales_type, (blocks, t.n), layout_scales),
     ]
     if zp_of is not None:
-        parts.append(("zero_points", ir.DataType.UINT8, (-(-t.k // t.block_size), t.n), zp_of))
+        parts.append(("zero_points", ir.DataType.UINT8, (blocks, width), lambda: pack_rows(zp_of(), t.bits)))
     values = []
     for suffix, dtype, dims, compute in parts:
         name = unique_name(f"{t.weight}/scap_{suffix}", used_names)
@@ -292,8 +301,9 @@ def _folded_bias(graph: ir.Graph, view: GraphView, t: Target, s: Sparsification,
     return new_initializer(graph, unique_name(f"{t.weight}/scap_bias", used_names), folded.astype(np.dtype(t.dtype)))
 
 
-def rewrite_model(model: ir.Model, plan: Mapping[str, object]) -> tuple[ir.Model, list[str]]:
+def rewrite_model(model: ir.Model, plan: Mapping[str, object],
+                  nbits_scales: str = DEFAULT_NBITS_SCALES) -> tuple[ir.Model, list[str]]:
     """Apply the plan in place; returns the model and the names of the rewritten targets."""
-    p = ScapRewritePass(plan)
+    p = ScapRewritePass(plan, nbits_scales)
     result = p(model)
     return result.model, p.rewritten
