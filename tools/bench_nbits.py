@@ -14,8 +14,10 @@ per call (the process's, all its threads, over the same interleaved repeats): on
 others share, a thread's wall time depends on how often it was scheduled, its CPU time much less so.
 
 Weights: random codes, scales and zero points (block-quantization statistics do not matter for the
-time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits. Inputs:
-exactly round(sparsity * K) elements of each row have |A| <= 1 (the op's threshold).
+time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits as the
+rewriter writes them (float16 scales and packed 4-bit zero points by default; ``--nbits-scales
+float32`` for float32 scales). Inputs: exactly round(sparsity * K) elements of each row have
+|A| <= 1 (the op's threshold).
 
     python tools/bench_nbits.py                          # issue 13's M = 1 grid, 2 threads
     python tools/bench_nbits.py --shapes 2048x2048 --m 1 16 128 --sparsity 0 0.5
@@ -43,7 +45,7 @@ import scap_onnx  # noqa: E402
 from bench_kernel import (THRESHOLD, Runner, copies_for, cpu_name, last_level_cache_bytes,  # noqa: E402
                           read_bandwidth, session, sparse_input)
 from scap_onnx.op.contract import opset_import  # noqa: E402
-from scap_onnx.op.nbits import make_nbits_node, repack_matmul_nbits  # noqa: E402
+from scap_onnx.op.nbits import DEFAULT_NBITS_SCALES, NBITS_SCALES, make_nbits_node, repack_matmul_nbits  # noqa: E402
 
 DEFAULT_SHAPES = ["4096x4096", "4096x11008", "11008x4096"]
 
@@ -100,7 +102,8 @@ def run_grid(args: argparse.Namespace) -> dict:
     for shape in args.shapes:
         k, n = (int(x) for x in shape.split("x"))
         base = matmul_nbits_weights(k, n, args.bits, args.block, args.zero_points, np.random.default_rng(0))
-        packed = repack_matmul_nbits(*base, k=k, n=n, bits=args.bits, block_size=args.block)
+        packed = repack_matmul_nbits(*base, k=k, n=n, bits=args.bits, block_size=args.block,
+                                     nbits_scales=args.nbits_scales)
         copy_bytes = sum(x.nbytes for x in packed if x is not None)
         copies = copies_for(copy_bytes, cache)
         # Per copy, codes XORed with a different byte: distinct initializers, same statistics.
@@ -158,6 +161,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         method=("median of interleaved repeats; ort<acc> = onnxruntime MatMulNBits with that accuracy_level on "
                 "the same codes, scales and zero points, scap<acc> = the op with the same accuracy_level"),
         bits=args.bits, block_size=args.block, zero_points=args.zero_points, repeats=args.repeats,
+        op_scales=args.nbits_scales,
         bandwidth_gbps=bandwidth, results=results,
     )
 
@@ -183,6 +187,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--no-zero-points", dest="zero_points", action="store_false")
+    parser.add_argument("--nbits-scales", choices=NBITS_SCALES, default=DEFAULT_NBITS_SCALES,
+                        help="the op's scales as the rewriter's option of that name writes them (the random "
+                             "scales are in float16's range, so float16 rounds them)")
     parser.add_argument("--accuracy", nargs="+", type=int, default=[0, 4],
                         help="accuracy_level(s): MatMulNBits and the op at each, side by side")
     parser.add_argument("--threads", type=int, default=2)
