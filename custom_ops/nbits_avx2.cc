@@ -22,7 +22,9 @@ struct NBitsIsa {
   static Vec Zero() { return _mm256_setzero_ps(); }
   static Vec Set(float x) { return _mm256_set1_ps(x); }
   static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
-  static Vec LoadHalf(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static Vec LoadHalf(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }

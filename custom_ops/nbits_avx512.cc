@@ -21,7 +21,9 @@ struct NBitsIsa {
   static Vec Zero() { return _mm512_setzero_ps(); }
   static Vec Set(float x) { return _mm512_set1_ps(x); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-  static Vec LoadHalf(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static Vec LoadHalf(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }

@@ -65,6 +65,7 @@ struct Params {
   static constexpr bool kHalf = kHalf_;
   static constexpr bool kPacked = kPacked_;
   using Scale = typename ScaleType<kHalf_>::T;
+  // c: a multiple of 32 (tiles, groups and column tasks start there)
   static constexpr int64_t ZeroPointOffset(int64_t c) { return kPacked ? c / 2 : c; }
 };
 using PlainParams = Params<false, false>;  // float32 scales, a byte per zero point
@@ -370,7 +371,8 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
           PrefetchL2(reinterpret_cast<const char*>(next_scale + c) + t);
         }
         if (next_zp != nullptr) {
-          for (int64_t t = 0; t < P::ZeroPointOffset(kTile); t += kFarStep) PrefetchL2(next_zp + P::ZeroPointOffset(c) + t);
+          const uint8_t* zp_tile = next_zp + P::ZeroPointOffset(c);
+          for (int64_t t = 0; t < P::ZeroPointOffset(kTile); t += kFarStep) PrefetchL2(zp_tile + t);
         }
       }
     }

@@ -35,7 +35,8 @@ struct NBitsRow {
 // kernel_common.h's helpers: the kernel files compiled for other ISAs each keep their own copy.
 static inline float ScaleAt(const NBitsRow& w, int64_t block, int64_t j) {
   const int64_t i = block * w.n + j;
-  return w.scales_half ? HalfToFloat(static_cast<const uint16_t*>(w.scales)[i]) : static_cast<const float*>(w.scales)[i];
+  if (w.scales_half) return HalfToFloat(static_cast<const uint16_t*>(w.scales)[i]);
+  return static_cast<const float*>(w.scales)[i];
 }
 
 static inline int32_t ZeroPointAt(const NBitsRow& w, int64_t block, int64_t j) {

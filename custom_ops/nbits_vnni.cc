@@ -265,6 +265,9 @@ void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int6
                               panel + 3 * kNBitsInt8ChunkRows / 2};
   float* pad_scale = reinterpret_cast<float*>(panel + 2 * kNBitsInt8ChunkRows);
   uint8_t* pad_zp = reinterpret_cast<uint8_t*>(pad_scale + 32 * k_blocks);
+  const bool packed = w.zp_packed && w.zero_points != nullptr;
+  const int64_t zp_stride = packed ? w.row_bytes : w.n;
+  const int64_t scale_bytes = w.scales_half ? 2 : 4;
   for (int64_t g0 = c0; g0 < c1;) {
     // Four whole 4-bit groups packed together where they are there, else one.
     const int64_t groups = w.bits == 4 && c1 - g0 >= 128 ? 4 : 1;
@@ -279,9 +282,6 @@ void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int6
       }
       for (int64_t i = 0; i < groups; ++i) {
         const int64_t gi = g0 + 32 * i, gw = groups == 4 ? 32 : width;
-        const bool packed = w.zp_packed && w.zero_points != nullptr;
-        const int64_t zp_stride = packed ? w.row_bytes : w.n;
-        const int64_t scale_bytes = w.scales_half ? 2 : 4;
         GroupScales gs{static_cast<const uint8_t*>(w.scales) + gi * scale_bytes,
                        w.scales_half,
                        w.n,

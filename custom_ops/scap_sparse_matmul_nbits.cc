@@ -296,7 +296,12 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
               ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
     const std::vector<int64_t> zp_shape = zero_points.GetTensorTypeAndShapeInfo().GetShape();
     zp_packed = s.bits == 4 && zp_shape == std::vector<int64_t>{s.k_blocks, s.row_bytes};
-    if (!zp_packed) CheckInput("zero_points", zp_shape, {s.k_blocks, s.n});
+    if (!zp_packed && zp_shape != std::vector<int64_t>{s.k_blocks, s.n}) {
+      throw std::invalid_argument("zero_points must have shape " + Dims({s.k_blocks, s.n}) +
+                                  (s.bits == 4 ? " or, packed as B_packed's rows, " + Dims({s.k_blocks, s.row_bytes})
+                                               : std::string()) +
+                                  ", got " + Dims(zp_shape));
+    }
   }
   if (bias != nullptr) {
     CheckType("bias", bias.GetTensorTypeAndShapeInfo().GetElementType(), ElementType<T>::kValue);

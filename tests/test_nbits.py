@@ -289,6 +289,30 @@ def test_mixed_block_parameter_forms_match_the_reference(block, accuracy_level, 
     test_op_matches_the_reference(4, block, True, np.float32, accuracy_level, layout)
 
 
+@pytest.mark.parametrize("accuracy_level", [0, 4], ids=["acc0", "acc4"])
+@pytest.mark.parametrize("bits", BITS)
+def test_float16_scales_read_as_the_same_values_in_float32(bits, accuracy_level):
+    """float16 scales, subnormal, 0, Inf and NaN among them, give exactly the output of the same
+    values given as float32 (the conversion is exact), on one row and several; packed zero points
+    exactly that of one a byte."""
+    k, n, block = 200, 300, 32
+    packed, _, zp_packed, _ = _packed(k, n, bits, block, True, "float16", True)
+    rng = np.random.default_rng(_seed("f16 values", bits))
+    s16 = (rng.random((-(-k // block), n)) * 0.1 + 0.01).astype(np.float16)
+    s16.reshape(-1)[rng.choice(s16.size, 40, replace=False)] = np.array(
+        [2.0 ** -20, 0.0, np.inf, np.nan] * 10, np.float16)  # 2^-20: a float16 subnormal
+    zp_bytes = zero_points_kn(zp_packed, blocks=s16.shape[0], n=n, bits=bits)
+    a = _activations((9, k), np.float32, _seed("f16 a", bits), nan=False)
+    outputs = []
+    for scales, zp in [(s16, zp_packed), (s16.astype(np.float32), zp_bytes)]:
+        model = _model(np.float32, k=k, n=n, bits=bits, block=block, threshold=0.4, with_zp=True, with_bias=False,
+                       weights=(packed, scales, zp, None), accuracy_level=accuracy_level)
+        session = _session(model, 2)
+        outputs.append([session.run(None, {"a": a[:rows]})[0] for rows in (1, 9)])
+    for y16, y32 in zip(*outputs):
+        np.testing.assert_array_equal(y16.view(np.uint32), y32.view(np.uint32))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bits", BITS)
 def test_int8_rows_over_several_chunks_of_k(bits, layout):
@@ -362,7 +386,9 @@ def test_zero_points_of_neither_form_are_an_error_naming_the_node(bits):
     packed, scales, zp, bias = _packed(40, 45, bits, 16, True)
     model = _model(np.float32, k=40, n=45, bits=bits, block=16, threshold=0.0, with_zp=True, with_bias=False,
                    weights=(packed, scales, zp[:, :40], bias))  # neither N = 45 nor (4 bits) 32 bytes a row
-    with pytest.raises(Exception, match=r"ScapSparseMatMulNBits node 'nbits'.*zero_points must have shape \[3, 45\]"):
+    packed_form = r" or, packed as B_packed's rows, \[3, 32\]" if bits == 4 else ", got"
+    with pytest.raises(Exception, match=r"ScapSparseMatMulNBits node 'nbits'.*zero_points must have shape \[3, 45\]"
+                                        + packed_form):
         _session(model).run(None, {"a": np.zeros((1, 40), np.float32)})
 
 
@@ -464,6 +490,12 @@ def run_battery() -> int:
             except AssertionError as error:
                 failures += 1
                 print(f"FAIL {name} bits={bits} zp={with_zp} {layout}: {error}")
+    for layout, level in itertools.product(("f16-bytes", "f32-packed"), (0, 4)):  # the mixed forms
+        try:
+            test_op_matches_the_reference(4, 32, True, np.float32, level, layout)
+        except AssertionError as error:
+            failures += 1
+            print(f"FAIL mixed {layout} accuracy_level={level}: {error}")
     print(f"isa={scap_onnx.kernel_isa()}: {failures} failures")  # the kernels the library chose
     return failures
 
