@@ -384,13 +384,10 @@ void RowRangeBits(const NBitsRow& w, int64_t i0, int64_t i1, int64_t c0, int64_t
     if (c < c1) {  // a last, partial group of columns
       const int64_t tail = c1 - c;
       if constexpr (kBits == 4) {  // its bytes are there (padding columns): pad the rest
-        alignas(64) float s[kGroup] = {}, yy[kGroup] = {};
-        alignas(64) uint8_t z[kGroup] = {};
-        for (int64_t j = 0; j < tail; ++j) {
-          s[j] = ScaleAt(w, block, c + j);
-          z[j] = static_cast<uint8_t>(ZeroPointAt(w, block, c + j));
-          yy[j] = first ? 0.0f : y[c + j];
-        }
+        alignas(64) float s[kGroup], yy[kGroup] = {};
+        alignas(64) uint8_t z[kGroup];
+        PaddedBlockParams(w, block, c, tail, kGroup, s, z);
+        for (int64_t j = 0; j < tail; ++j) yy[j] = first ? 0.0f : y[c + j];
         BlockTileAny<Isa, 4, 1, PlainParams>(rows, dv, count, bytes_of(c), s, z, yy, first, dsum, exact);
         for (int64_t j = 0; j < tail; ++j) y[c + j] = yy[j];
       } else {
@@ -538,10 +535,7 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
           } else if (kBits == 4) {
             // The last strip, 4 bits: the codes of its whole groups are there (padding) up to
             // row_bytes; scales 0 past N.
-            for (int64_t j = 0; j < kStrip; ++j) {
-              pad_scale[j] = j < width ? ScaleAt(w, block, c + j) : 0.0f;
-              pad_zp[j] = j < width ? static_cast<uint8_t>(ZeroPointAt(w, block, c + j)) : 0;
-            }
+            PaddedBlockParams(w, block, c, width, kStrip, pad_scale, pad_zp);
             const int64_t groups = (width + kGroup - 1) / kGroup;
             for (int64_t g = 0; g < groups; ++g) {
               DequantisePanel<Isa, kBits, 1, PlainParams>(brows, count, (c + g * kGroup) * kBits / 8,
@@ -552,10 +546,7 @@ void RowsRangeBits(const NBitsRow& w, int64_t rows, int64_t i0, int64_t i1, int6
               std::memset(panel + r * kStride + groups * kGroup, 0, (kStrip - groups * kGroup) * sizeof(float));
             }
           } else {  // 8 bits, partial strip: scalar, codes read in range only
-            for (int64_t j = 0; j < width; ++j) {
-              pad_scale[j] = ScaleAt(w, block, c + j);
-              pad_zp[j] = static_cast<uint8_t>(ZeroPointAt(w, block, c + j));
-            }
+            PaddedBlockParams(w, block, c, width, kStrip, pad_scale, pad_zp);
             for (int64_t r = 0; r < count; ++r) {
               for (int64_t j = 0; j < kStrip; ++j) {
                 panel[r * kStride + j] =

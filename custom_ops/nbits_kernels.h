@@ -46,6 +46,16 @@ static inline int32_t ZeroPointAt(const NBitsRow& w, int64_t block, int64_t j) {
   return j % 32 < 16 ? byte & 0x0F : byte >> 4;
 }
 
+// Block `block`'s scales and zero points of columns [c, c + width) as float32 and a byte each,
+// padded with 0 up to `total`: what the kernels read for a last, partial group or strip.
+static inline void PaddedBlockParams(const NBitsRow& w, int64_t block, int64_t c, int64_t width, int64_t total,
+                                     float* scale, uint8_t* zp) {
+  for (int64_t j = 0; j < total; ++j) {
+    scale[j] = j < width ? ScaleAt(w, block, c + j) : 0.0f;
+    zp[j] = j < width ? static_cast<uint8_t>(ZeroPointAt(w, block, c + j)) : 0;
+  }
+}
+
 // Several rows of A quantised to int8 per row and block of K (accuracy_level 4; the rule is in
 // scap_sparse_matmul_nbits.h): what the int8 kernels read besides the weights.
 struct NBitsQuantized {

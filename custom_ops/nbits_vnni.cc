@@ -290,12 +290,7 @@ void RowsInt8Vnni(const NBitsRow& w, const NBitsQuantized& a, int64_t rows, int6
                        zp_stride,
                        default_zp};
         if (gw < 32) {  // past N: scale 0 (and no reads beyond the rows)
-          for (int64_t b = b0; b < b1; ++b) {
-            for (int64_t j = 0; j < 32; ++j) {
-              pad_scale[b * 32 + j] = j < gw ? ScaleAt(w, b, gi + j) : 0.0f;
-              pad_zp[b * 32 + j] = j < gw ? static_cast<uint8_t>(ZeroPointAt(w, b, gi + j)) : 0;
-            }
-          }
+          for (int64_t b = b0; b < b1; ++b) PaddedBlockParams(w, b, gi, gw, 32, pad_scale + b * 32, pad_zp + b * 32);
           gs = GroupScales{pad_scale, false, 32, w.zero_points != nullptr ? pad_zp : nullptr, false, 32, default_zp};
         }
         int64_t m = 0;
