@@ -43,8 +43,8 @@ struct Isa {
     *kept = _mm256_and_ps(keep, diff);
     return static_cast<uint32_t>(_mm256_movemask_ps(keep));
   }
-  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
-    return KeptPairColumns<kWidth>(d0, d1, j, k, v0, v1);
+  static void KeptPairParts(const float* d0, const float* d1, int32_t j, PairParts& out) {
+    KeptPairColumns<kWidth>(d0, d1, j, out);
   }
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -40,15 +40,25 @@ struct Isa {
     return keep;
   }
   // Compressed in registers, then stored whole: Zen 4 runs vcompressps to memory in microcode.
-  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
+  static void KeptPairParts(const float* d0, const float* d1, int32_t j, PairParts& out) {
     const Vec a0 = _mm512_loadu_ps(d0), a1 = _mm512_loadu_ps(d1), zero = _mm512_setzero_ps();
-    const __mmask16 keep = _mm512_cmp_ps_mask(a0, zero, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(a1, zero, _CMP_NEQ_UQ);
+    const __mmask16 keep0 = _mm512_cmp_ps_mask(a0, zero, _CMP_NEQ_UQ), keep1 = _mm512_cmp_ps_mask(a1, zero, _CMP_NEQ_UQ);
+    const __mmask16 both = keep0 & keep1, first = keep0 & ~keep1, second = keep1 & ~keep0;
     const __m512i columns = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
                                                                                         11, 12, 13, 14, 15));
-    _mm512_storeu_si512(k, _mm512_maskz_compress_epi32(keep, columns));
-    _mm512_storeu_ps(v0, _mm512_maskz_compress_ps(keep, a0));
-    _mm512_storeu_ps(v1, _mm512_maskz_compress_ps(keep, a1));
-    return PopCount(keep);
+    int64_t& c0 = out.count[0];
+    int64_t& c1 = out.count[1];
+    int64_t& c2 = out.count[2];
+    _mm512_storeu_si512(out.k[0] + c0, _mm512_maskz_compress_epi32(both, columns));
+    _mm512_storeu_ps(out.v0[0] + c0, _mm512_maskz_compress_ps(both, a0));
+    _mm512_storeu_ps(out.v1[0] + c0, _mm512_maskz_compress_ps(both, a1));
+    _mm512_storeu_si512(out.k[1] + c1, _mm512_maskz_compress_epi32(first, columns));
+    _mm512_storeu_ps(out.v0[1] + c1, _mm512_maskz_compress_ps(first, a0));
+    _mm512_storeu_si512(out.k[2] + c2, _mm512_maskz_compress_epi32(second, columns));
+    _mm512_storeu_ps(out.v1[2] + c2, _mm512_maskz_compress_ps(second, a1));
+    c0 += PopCount(both);
+    c1 += PopCount(first);
+    c2 += PopCount(second);
   }
   static void StoreHalf(uint16_t* p, Vec v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -5,7 +5,7 @@
 // a namespace of its own: code compiled with -mavx512f must never be picked by the linker for a
 // caller on a CPU without it. For the same reason nothing here calls std:: templates.
 //
-// An Isa provides: Vec, kWidth, Set, Load, LoadShared (a load kept in a register), KeptPair
+// An Isa provides: Vec, kWidth, Set, Load, LoadShared (a load kept in a register), KeptPairParts
 // (KeptPairColumns over kWidth columns, whole vectors stored), Store, LoadB(float*), LoadB(uint16_t*), Fma (a*b+c), Mul,
 // Add, Sub, StoreHalf, Drop (the drop rule on a vector: the kept lanes as bits, the dropped ones
 // zeroed), ChannelThreshold (threshold * scale per lane, the scale where that is NaN: 0 * inf),
@@ -240,20 +240,39 @@ inline int PopCount(uint32_t x) {
   return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
 }
 
-// Appends, of kCount columns j, j + 1, ... of two rows of D, those either row keeps (non-zero; NaN
-// is kept) to k, v0, v1; returns how many. Branch-free: it writes every column's slot and advances
-// past the kept ones only (an Isa's KeptPair where it has no compress instruction).
+// Where a pair's kept columns go, by part (RowPairLists): k[part] + count[part] onwards, with the
+// first row's values at v0[part] (parts 0 and 1) and the second's at v1[part] (parts 0 and 2).
+struct PairParts {
+  int32_t* k[kPairListParts];
+  float* v0[kPairListParts];
+  float* v1[kPairListParts];
+  int64_t count[kPairListParts];
+};
+
+// Appends, of kCount columns j, j + 1, ... of two rows of D, those both rows keep (non-zero; NaN is
+// kept) to part 0, those only the first keeps to part 1 and only the second to part 2. Branch-free:
+// it writes every column's slot of each part and advances past the kept ones only (an Isa's
+// KeptPairParts where it has no compress instruction).
 template <int64_t kCount>
-inline int64_t KeptPairColumns(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
-  int64_t c = 0;
+inline void KeptPairColumns(const float* d0, const float* d1, int32_t j, PairParts& out) {
   for (int64_t i = 0; i < kCount; ++i) {
     const float a0 = d0[i], a1 = d1[i];
-    k[c] = j + static_cast<int32_t>(i);
-    v0[c] = a0;
-    v1[c] = a1;
-    c += (a0 != 0.0f) | (a1 != 0.0f) ? 1 : 0;
+    const int32_t column = j + static_cast<int32_t>(i);
+    const bool keep0 = a0 != 0.0f, keep1 = a1 != 0.0f;
+    int64_t& both = out.count[0];
+    int64_t& first = out.count[1];
+    int64_t& second = out.count[2];
+    out.k[0][both] = column;
+    out.v0[0][both] = a0;
+    out.v1[0][both] = a1;
+    both += keep0 & keep1 ? 1 : 0;
+    out.k[1][first] = column;
+    out.v0[1][first] = a0;
+    first += keep0 & !keep1 ? 1 : 0;
+    out.k[2][second] = column;
+    out.v1[2][second] = a1;
+    second += !keep0 & keep1 ? 1 : 0;
   }
-  return c;
 }
 
 // Rows of B up to this long are prefetched a group ahead when decoding (Axpy8Prefetch).
@@ -599,14 +618,16 @@ void PackRows(const TW* b, int64_t depth, int64_t n, int64_t k0, int64_t k1, flo
   }
 }
 
-// For one pair of rows of A over kStrips strips of packed B (strips[s]: the strip's row 0):
-// acc0[0 : kStrips * kBlock] += sum over j < count of value[2j] * B[k[j], strip columns], and acc1 the
-// same with value[2j + 1] (strip_step floats between two strips' accumulators). Each row of B is loaded
-// once for both rows of A: a walk of one row's own kept rows is bound by those loads (about half the
-// FMA rate on Zen 4), and two rows share them while still skipping what both drop.
+// For one pair of rows of A over kStrips strips of packed B (strips[s]: the strip's row 0), one block
+// of its lists (RowPairLists) whose parts are [part[0], part[1]) both rows, [part[1], part[2]) the
+// first only, [part[2], part[3]) the second only: acc0[0 : kStrips * kBlock] += value0[j] * B[k[j],
+// strip columns] over the first two parts, acc1 += value1[j] * B[k[j], ...] over the first and the
+// last (strip_step floats between two strips' accumulators). A row of B that both rows keep is
+// loaded once for both: a walk of one row's own kept rows is bound by those loads (about half the
+// FMA rate on Zen 4 when every entry is one row's), and the FMAs are those of kept elements only.
 template <class Isa, int64_t kStrips>
 inline void PairListBlock(const float* const* strips, const int32_t* k, const float* value0, const float* value1,
-                          int64_t count, float* acc0, float* acc1, int64_t strip_step) {
+                          const int64_t* part, float* acc0, float* acc1, int64_t strip_step) {
   constexpr int64_t kVecs = Isa::kTileVecs;
   constexpr int64_t kW = Isa::kWidth;
   constexpr int64_t kBlock = kVecs * kW;
@@ -616,7 +637,7 @@ inline void PairListBlock(const float* const* strips, const int32_t* k, const fl
       sum0[s][v] = Isa::Load(acc0 + s * strip_step + v * kW);
       sum1[s][v] = Isa::Load(acc1 + s * strip_step + v * kW);
     }
-  for (int64_t j = 0; j < count; ++j) {
+  for (int64_t j = part[0]; j < part[1]; ++j) {
     const auto d0 = Isa::Set(value0[j]), d1 = Isa::Set(value1[j]);
     const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
     for (int64_t s = 0; s < kStrips; ++s)
@@ -625,6 +646,18 @@ inline void PairListBlock(const float* const* strips, const int32_t* k, const fl
         sum0[s][v] = Isa::Fma(bv, d0, sum0[s][v]);
         sum1[s][v] = Isa::Fma(bv, d1, sum1[s][v]);
       }
+  }
+  for (int64_t j = part[1]; j < part[2]; ++j) {
+    const auto d0 = Isa::Set(value0[j]);
+    const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
+    for (int64_t s = 0; s < kStrips; ++s)
+      for (int64_t v = 0; v < kVecs; ++v) sum0[s][v] = Isa::Fma(Isa::LoadShared(strips[s] + o + v * kW), d0, sum0[s][v]);
+  }
+  for (int64_t j = part[2]; j < part[3]; ++j) {
+    const auto d1 = Isa::Set(value1[j]);
+    const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
+    for (int64_t s = 0; s < kStrips; ++s)
+      for (int64_t v = 0; v < kVecs; ++v) sum1[s][v] = Isa::Fma(Isa::LoadShared(strips[s] + o + v * kW), d1, sum1[s][v]);
   }
   for (int64_t s = 0; s < kStrips; ++s)
     for (int64_t v = 0; v < kVecs; ++v) {
@@ -641,28 +674,6 @@ constexpr int64_t PairListStrips() {
   return 2 * 2 * Isa::kTileVecs + 2 + 2 <= Isa::kRegisters ? 2 : 1;
 }
 
-// The kept rows [j0, j0 + count) of one pair's list over `live` strips, where the block holds a row
-// of B with Inf or NaN: such a row meets only the rows of A that keep it (0 * Inf must not make NaN).
-template <class Isa, int64_t kStrips>
-void PairListBlockNonFinite(const float* const* strips, const uint8_t* row_finite, int64_t live, const int32_t* k,
-                            const float* value0, const float* value1, int64_t count, float* acc0, float* acc1,
-                            int64_t strip_step) {
-  constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
-  for (int64_t j = 0; j < count; ++j) {
-    if (row_finite[k[j]] != 0) {
-      for (int64_t s = 0; s < live; ++s) {
-        PairListBlock<Isa, 1>(strips + s, k + j, value0 + j, value1 + j, 1, acc0 + s * strip_step,
-                              acc1 + s * strip_step, strip_step);
-      }
-      continue;
-    }
-    const int64_t o = static_cast<int64_t>(k[j]) * kBlock;
-    for (int64_t s = 0; s < live; ++s) {
-      NonFiniteRow(strips[s] + o, kBlock, value0 + j, value1 - value0, 2, acc0 + s * strip_step, acc1 - acc0);
-    }
-  }
-}
-
 // TilesPacked with each pair of rows of A over the union of their own kept rows of B (lists): per
 // block of kPairListBlock rows of B and group of strips, each pair adds the kept rows of the block
 // that either of its rows keeps. acc holds every row of A (and the second row of an odd last pair),
@@ -673,32 +684,27 @@ void PairListColumns(const RowPairLists& lists, const PackedB& b, int64_t w_stri
   constexpr int64_t kBlock = Isa::kTileVecs * Isa::kWidth;
   constexpr int64_t kStrips = PairListStrips<Isa>();
   const int64_t pairs = lists.pairs;
+  const int64_t starts = PairListStarts(lists.blocks);
   const float* strips[kStrips];
   for (int64_t block = 0; block < lists.blocks; ++block) {
-    const int64_t k0 = block * kPairListBlock, k1 = Min(k0 + kPairListBlock, b.depth);
-    bool finite = true;
-    for (int64_t k = k0; k < k1; ++k) finite = finite && b.row_finite[k] != 0;
     for (int64_t s = 0; s < w_strips; s += kStrips) {
       const int64_t live = Min(kStrips, w_strips - s);
       for (int64_t i = 0; i < kStrips; ++i) {
         strips[i] = b.data + (first_strip + s + Min(i, live - 1)) * b.depth * kBlock;
       }
       for (int64_t p = 0; p < pairs; ++p) {
-        const int64_t* start = lists.start + p * (lists.blocks + 1) + block;
-        const int64_t j0 = start[0], count = start[1] - j0;
-        if (count == 0) continue;
-        const int32_t* k = lists.k + p * lists.stride + j0;
-        const float* value0 = lists.value + 2 * p * lists.stride + j0;
+        const int64_t* part = lists.start + p * starts + kPairListParts * block;
+        if (part[kPairListParts] == part[0]) continue;
+        const int32_t* k = lists.k + p * lists.stride;
+        const float* value0 = lists.value + 2 * p * lists.stride;
         const float* value1 = value0 + lists.stride;
         float* acc0 = acc + 2 * p * stride + s * kBlock;
         float* acc1 = acc0 + stride;
-        if (!finite) {
-          PairListBlockNonFinite<Isa, kStrips>(strips, b.row_finite, live, k, value0, value1, count, acc0, acc1, kBlock);
-        } else if (live == kStrips) {
-          PairListBlock<Isa, kStrips>(strips, k, value0, value1, count, acc0, acc1, kBlock);
+        if (live == kStrips) {
+          PairListBlock<Isa, kStrips>(strips, k, value0, value1, part, acc0, acc1, kBlock);
         } else {
           for (int64_t i = 0; i < live; ++i) {
-            PairListBlock<Isa, 1>(strips + i, k, value0, value1, count, acc0 + i * kBlock, acc1 + i * kBlock, kBlock);
+            PairListBlock<Isa, 1>(strips + i, k, value0, value1, part, acc0 + i * kBlock, acc1 + i * kBlock, kBlock);
           }
         }
       }
@@ -707,35 +713,53 @@ void PairListColumns(const RowPairLists& lists, const PackedB& b, int64_t w_stri
 }
 
 // RowPairLists of pairs [p0, p1) of D's rows, lists `stride` entries apart: per vector of kWidth
-// columns, Isa::KeptPair appends the columns either row keeps (storing whole vectors, so that stride
-// is depth + kPairListSlack).
+// columns, Isa::KeptPairParts appends the columns both rows keep to the list and those one row keeps
+// to the block's buffers of the other two parts (storing whole vectors, so that stride is depth +
+// kPairListSlack), which follow once the block is done.
 template <class Isa>
 void PairLists(const float* d, int64_t rows, int64_t depth, int64_t stride, int64_t p0, int64_t p1, int32_t* k,
                float* value, int64_t* count, int64_t* start) {
   constexpr int64_t kW = Isa::kWidth;
   static_assert(kPairListBlock % kW == 0 && kPairListSlack >= kW, "blocks of whole vectors");
+  constexpr int64_t kBuffer = kPairListBlock + kPairListSlack;
   const int64_t blocks = (depth + kPairListBlock - 1) / kPairListBlock;
   alignas(64) static const float kZeros[kW] = {};
+  alignas(64) int32_t first_k[kBuffer], second_k[kBuffer];
+  alignas(64) float first_v[kBuffer], second_v[kBuffer];
   for (int64_t p = p0; p < p1; ++p) {
     const float* d0 = d + 2 * p * depth;
     const float* d1 = 2 * p + 1 < rows ? d0 + depth : nullptr;
     int32_t* pk = k + p * stride;
     float* v0 = value + 2 * p * stride;
     float* v1 = v0 + stride;
-    int64_t* pstart = start + p * (blocks + 1);
+    int64_t* pstart = start + p * PairListStarts(blocks);
     int64_t c = 0;
     int64_t j = 0;
     for (int64_t block = 0; block < blocks; ++block) {
-      pstart[block] = c;
+      PairParts parts{{pk, first_k, second_k}, {v0, first_v, nullptr}, {v1, nullptr, second_v}, {c, 0, 0}};
       const int64_t j1 = Min(depth, (block + 1) * kPairListBlock);
-      for (; j + kW <= j1; j += kW) {
-        c += Isa::KeptPair(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), pk + c, v0 + c, v1 + c);
-      }
+      for (; j + kW <= j1; j += kW) Isa::KeptPairParts(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), parts);
       for (; j < j1; ++j) {  // the tail of K
-        c += KeptPairColumns<1>(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), pk + c, v0 + c, v1 + c);
+        KeptPairColumns<1>(d0 + j, d1 != nullptr ? d1 + j : kZeros, static_cast<int32_t>(j), parts);
+      }
+      // The parts one row keeps, after the block's first; the other row's values there are 0.
+      pstart[kPairListParts * block] = c;
+      c = parts.count[0];
+      const int64_t singles[2] = {parts.count[1], parts.count[2]};
+      const int32_t* single_k[2] = {first_k, second_k};
+      const float* single_v[2] = {first_v, second_v};
+      float* kept_v[2] = {v0, v1};
+      float* zero_v[2] = {v1, v0};
+      for (int part = 0; part < 2; ++part) {
+        pstart[kPairListParts * block + 1 + part] = c;
+        const size_t n = static_cast<size_t>(singles[part]);
+        std::memcpy(pk + c, single_k[part], n * sizeof(int32_t));
+        std::memcpy(kept_v[part] + c, single_v[part], n * sizeof(float));
+        std::memset(zero_v[part] + c, 0, n * sizeof(float));
+        c += singles[part];
       }
     }
-    pstart[blocks] = c;
+    pstart[kPairListParts * blocks] = c;
     count[p] = c;
   }
 }

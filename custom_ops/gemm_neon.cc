@@ -41,8 +41,8 @@ struct Isa {
     const uint32_t lane_bits[4] = {1, 2, 4, 8};
     return vaddvq_u32(vandq_u32(keep, vld1q_u32(lane_bits)));
   }
-  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
-    return KeptPairColumns<kWidth>(d0, d1, j, k, v0, v1);
+  static void KeptPairParts(const float* d0, const float* d1, int32_t j, PairParts& out) {
+    KeptPairColumns<kWidth>(d0, d1, j, out);
   }
   static void StoreHalf(uint16_t* p, Vec v) {
     vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v)));  // rounds to nearest even (FPCR default)

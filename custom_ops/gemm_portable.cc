@@ -67,8 +67,8 @@ struct Isa {
     }
     return bits;
   }
-  static int64_t KeptPair(const float* d0, const float* d1, int32_t j, int32_t* k, float* v0, float* v1) {
-    return KeptPairColumns<kWidth>(d0, d1, j, k, v0, v1);
+  static void KeptPairParts(const float* d0, const float* d1, int32_t j, PairParts& out) {
+    KeptPairColumns<kWidth>(d0, d1, j, out);
   }
   static void StoreHalf(uint16_t* p, const Vec& v) {
     for (int i = 0; i < 8; ++i) p[i] = FloatToHalf(v.v[i]);

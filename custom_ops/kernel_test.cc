@@ -7,6 +7,7 @@
 // odd shapes, thresholds 0 / typical / +inf, offsets, per-channel threshold scales (0, +inf and
 // others) and offsets, NaN in A, Inf and NaN in B, float32 and float16 weights, each path the op uses (one row split over K, tiles over column ranges, tiles
 // split over K). --expect fails unless the pick is ISA. Exit status 0 when everything matches.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -242,20 +243,27 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
   std::vector<int32_t> list_k(static_cast<size_t>(pairs * list_stride));
   std::vector<float> list_value(static_cast<size_t>(2 * pairs * list_stride));
   std::vector<int64_t> list_count(static_cast<size_t>(pairs), 0);
-  std::vector<int64_t> list_start(static_cast<size_t>(pairs * (blocks + 1)));
+  const int64_t starts = scap::PairListStarts(blocks);
+  std::vector<int64_t> list_start(static_cast<size_t>(pairs * starts));
   for (int64_t p = 0; p < pairs; ++p) {
     int64_t& count = list_count[static_cast<size_t>(p)];
-    for (int64_t k = 0; k < c.depth; ++k) {
-      if (k % scap::kPairListBlock == 0) list_start[static_cast<size_t>(p * (blocks + 1) + k / scap::kPairListBlock)] = count;
-      const float v0 = d[static_cast<size_t>(2 * p * c.depth + k)];
-      const float v1 = 2 * p + 1 < c.rows ? d[static_cast<size_t>((2 * p + 1) * c.depth + k)] : 0.0f;
-      if (v0 == 0.0f && v1 == 0.0f) continue;
-      list_k[static_cast<size_t>(p * list_stride + count)] = static_cast<int32_t>(k);
-      list_value[static_cast<size_t>(2 * p * list_stride + count)] = v0;
-      list_value[static_cast<size_t>((2 * p + 1) * list_stride + count)] = v1;
-      ++count;
+    for (int64_t block = 0; block < blocks; ++block) {
+      // Parts: both rows keep k, the first only, the second only.
+      for (int part = 0; part < scap::kPairListParts; ++part) {
+        list_start[static_cast<size_t>(p * starts + scap::kPairListParts * block + part)] = count;
+        for (int64_t k = block * scap::kPairListBlock; k < std::min(c.depth, (block + 1) * scap::kPairListBlock); ++k) {
+          const float v0 = d[static_cast<size_t>(2 * p * c.depth + k)];
+          const float v1 = 2 * p + 1 < c.rows ? d[static_cast<size_t>((2 * p + 1) * c.depth + k)] : 0.0f;
+          const int kind = v0 != 0.0f && v1 != 0.0f ? 0 : v0 != 0.0f ? 1 : v1 != 0.0f ? 2 : -1;
+          if (kind != part) continue;
+          list_k[static_cast<size_t>(p * list_stride + count)] = static_cast<int32_t>(k);
+          list_value[static_cast<size_t>(2 * p * list_stride + count)] = v0;
+          list_value[static_cast<size_t>((2 * p + 1) * list_stride + count)] = v1;
+          ++count;
+        }
+      }
     }
-    list_start[static_cast<size_t>(p * (blocks + 1) + blocks)] = count;
+    list_start[static_cast<size_t>(p * starts + scap::kPairListParts * blocks)] = count;
   }
   const scap::RowPairLists lists{list_k.data(), list_value.data(), list_count.data(), pairs, list_stride,
                                  list_start.data(), blocks};

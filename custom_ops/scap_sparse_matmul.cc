@@ -321,7 +321,7 @@ void RunPairListTask(void* data, size_t index) {
   tiles.rows = rows;
   tiles.tiles = (rows + tiles.tile_rows - 1) / tiles.tile_rows;
   const RowPairLists lists{all.k + p0 * all.stride, all.value + 2 * p0 * all.stride, all.count + p0, p1 - p0,
-                           all.stride, all.start + p0 * (all.blocks + 1), all.blocks};
+                           all.stride, all.start + p0 * PairListStarts(all.blocks), all.blocks};
   const int64_t block = job.kernels->tile_columns;
   thread_local std::vector<float> work;  // per pool thread: the accumulators
   work.resize(static_cast<size_t>(PackedWorkFloats(tiles.tiles * tiles.tile_rows, RoundUp(n1 - n0, block))));
@@ -354,7 +354,7 @@ RowPairLists MakePairLists(Ort::KernelContext& context, const KernelSet<float>& 
   s.list_k.resize(static_cast<size_t>(pairs * stride));
   s.list_value.resize(static_cast<size_t>(2 * pairs * stride));
   s.list_count.resize(static_cast<size_t>(pairs));
-  s.list_start.resize(static_cast<size_t>(pairs * (blocks + 1)));
+  s.list_start.resize(static_cast<size_t>(pairs * PairListStarts(blocks)));
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(kTargetTasks, rows * depth / kMinWorkForThreads));
   ListJob job{&kernels, s.d.data(), rows, depth, stride, pairs, std::min(tasks, pairs), s.list_k.data(),
               s.list_value.data(), s.list_count.data(), s.list_start.data()};

@@ -91,22 +91,32 @@ struct PackedB {
 };
 
 // Several rows of A as lists over pairs of rows (pair p: rows 2p and 2p + 1, the second all zeros
-// past the last row): the union of the pair's kept elements, k[p * stride + j] for j < count[p], k
-// ascending, with the first row's values at value[2 * p * stride + j] and the second's at
-// value[(2 * p + 1) * stride + j] (0 where that row drops k). For tiles_packed to skip per pair of
-// rows of A instead of per union of a tile: at 50% sparsity the union of 8 rows keeps nearly every
-// row of B, that of two rows three quarters.
+// past the last row): the union of the pair's kept elements, k[p * stride + j] for j < count[p], with
+// the first row's values at value[2 * p * stride + j] and the second's at value[(2 * p + 1) * stride +
+// j] (0 where that row drops k). Within each block of kPairListBlock rows of B the entries come in
+// kPairListParts parts, each with k ascending: the rows of B both rows keep, then those only the
+// first keeps, then those only the second keeps. A pair multiplies each row of B of its union once
+// for both its rows (their loads shared) yet does the FMAs of kept elements only: at 50% sparsity
+// the union of 8 rows keeps nearly every row of B, that of two rows three quarters, and the kept
+// elements are half. No dropped element meets a row of B, so Inf and NaN in B need no care.
 struct RowPairLists {
   const int32_t* k;
   const float* value;
   const int64_t* count;
   int64_t pairs;
   int64_t stride;  // entries between two lists: K + kPairListSlack
-  // Pair p's first entry with k >= b * kPairListBlock at start[p * (blocks + 1) + b], for b <= blocks
-  // (the last: count[p]), so that every column task walks the lists block by block without a search.
+  // Pair p's parts in block b start at start[p * PairListStarts(blocks) + kPairListParts * b + part];
+  // the block's last part ends where the next block starts (the last entry: count[p]), so that every
+  // column task walks the lists block by block without a search.
   const int64_t* start;
   int64_t blocks;
 };
+
+// Both rows, the first only, the second only.
+constexpr int64_t kPairListParts = 3;
+
+// Entries of RowPairLists::start per pair.
+inline int64_t PairListStarts(int64_t blocks) { return kPairListParts * blocks + 1; }
 
 // Rows of B per block of the pair lists' walk: the block of a few strips stays in L1.
 constexpr int64_t kPairListBlock = 64;
