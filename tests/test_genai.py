@@ -71,7 +71,7 @@ def sparse_folder(genai_folder, genai_stats, tmp_path_factory) -> Path:
     before = _snapshot(genai_folder)
     out = tmp_path_factory.mktemp("genai_sparse") / "smollm2-int4-scap"
     p = run_cli("rewrite", genai_folder, "--stats", genai_stats, "-o", out, check=True)
-    assert "rewrote 90 targets ->" in p.stdout
+    assert "rewrote 90 targets in 60 nodes ->" in p.stdout
     assert _snapshot(genai_folder) == before  # the input folder is never touched
     return out
 

@@ -145,6 +145,35 @@ def test_zero_threshold_scales_give_the_int4_logits(tiny_int4, tmp_path):
     assert rel < REL_TOL and worst < REL_TOL, (rel, worst)
 
 
+@needs_library
+@pytest.mark.parametrize("kind", ["sym", "asym"])
+def test_fused_nbits_nodes_compute_what_the_separate_ones_do(tiny_int4, kind, tmp_path):
+    """Targets that read one input under one drop rule (q, k and v; gate and up) fuse into one
+    ScapSparseMatMulNBits over their repacked weights side by side (B_packed, scales, packed zero
+    points concatenated along N); its outputs are the separate nodes' to float rounding."""
+    from scap_onnx.passes.pipeline import rewrite_file
+
+    model = tiny_int4[kind]
+    plan = {t.name: (0.3, 0.05, False) for t in find_targets(onnx.load(str(model), load_external_data=False))}
+    rewrite_file(model, tmp_path / "fused.onnx", plan)
+    rewrite_file(model, tmp_path / "separate.onnx", plan, fuse=False)
+    fused = scap_nodes(onnx.load(str(tmp_path / "fused.onnx")))
+    separate = scap_nodes(onnx.load(str(tmp_path / "separate.onnx")))
+    assert len(separate) == 14 and all(len(targets_of(n)) == 1 for n in separate)
+    assert sorted(len(targets_of(n)) for n in fused) == [1] * 4 + [2] * 2 + [3] * 2  # o, down; gate+up; q+k+v
+    widths = {n.name: int(next(a.i for a in n.attribute if a.name == "N")) for n in fused}
+    assert sorted(widths.values()) == [64, 64, 64, 64, 128, 128, 256, 256]
+    proto = onnx.load(str(model), load_external_data=False)
+    feeds, _ = next(iter(open_data(tiny_int4["eval"], proto, model, seq_len=64, max_tokens=64).batches()))
+    got = []
+    for name in ("fused", "separate"):
+        with ModelSource(tmp_path / f"{name}.onnx") as src:
+            p = onnx.ModelProto()
+            p.CopyFrom(src.proto)
+            got.append(_logits(open_session(p, data_dir=src.data_dir, use_library=True), feeds))
+    assert float(np.linalg.norm(got[0] - got[1]) / np.linalg.norm(got[1])) < 1e-5
+
+
 def test_targets_of_a_quantized_model(tiny_int4):
     for kind, fmt in (("sym", "int4 block 32"), ("asym", "int4 block 32 asym")):
         proto = onnx.load(str(tiny_int4[kind]), load_external_data=False)
@@ -178,14 +207,14 @@ def test_calibrate_rewrite_validate_through_the_cli(tiny_int4, kind, tmp_path):
                 "--seq-len", 64, "-o", stats, check=True)
     assert "calibrated 14 targets (8 inputs)" in p.stdout
     p = run_cli("rewrite", model, "--stats", stats, "--sparsity", SMOL_SPEC, "-o", sparse, check=True)
-    assert "rewrote 6 targets ->" in p.stdout  # NBits nodes are not fused: one node a target
+    assert "rewrote 6 targets in 4 nodes ->" in p.stdout  # each layer's gate and up fused: one input, one rule
     onnx.checker.check_model(str(sparse))
     proto = onnx.load(str(sparse))
     nodes = scap_nodes(proto)
-    assert len(nodes) == 6 and {n.op_type for n in nodes} == {OP_TYPE_NBITS}
+    assert len(nodes) == 4 and {n.op_type for n in nodes} == {OP_TYPE_NBITS}
     assert not [n for n in proto.graph.node if n.op_type == "MatMulNBits" and "mlp" in n.name]
-    assert sum(len(targets_of(n)) for n in nodes) == 6
-    assert "6 ScapSparseMatMulNBits nodes already in the model, computing 6 targets; NBits scales float16" \
+    assert sorted(len(targets_of(n)) for n in nodes) == [1, 1, 2, 2]
+    assert "4 ScapSparseMatMulNBits nodes already in the model, computing 6 targets; NBits scales float16" \
         in run_cli("inspect", sparse, check=True).stdout
     run_cli("validate", model, sparse, "--data", tiny_int4["eval"], "--tokens", 1024, "--seq-len", 64,
             "--sparsity", SMOL_SPEC, "--repeats", 3, "--warmup", 1, "--report", report, check=True)
@@ -426,7 +455,7 @@ def test_smollm2_int4_rewrite_validates_on_other_text(smol_int4, smol_int4_stats
     """Calibrated on pydoc, validated on fortunes: the numbers are printed (not bound here)."""
     sparse, report = tmp_path / "sparse.onnx", tmp_path / "report.json"
     p = run_cli("rewrite", smol_int4, "--stats", smol_int4_stats, "-o", sparse, check=True)
-    assert "rewrote 90 targets ->" in p.stdout
+    assert "rewrote 90 targets in 60 nodes ->" in p.stdout
     run_cli("validate", smol_int4, sparse, "--data", texts["fortunes"], "--tokens", 2048, "--seq-len", 128,
             "--sparsity", SMOL_SPEC, "--report", report, check=True)
     r = json.loads(report.read_text())

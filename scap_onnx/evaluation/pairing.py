@@ -6,8 +6,8 @@ target must be a MatMul or Gemm of DENSE reading that activation, and the node's
 target's (the constant resolver of scap_onnx.graph.view follows Identity nodes and the rewriter's
 Transpose; the first bytes are compared, so a model of the same shape with other weights is refused).
 A ScapSparseMatMulNBits reads repacked weights: its attributes must be the quantized target's
-(MatMulNBits, or MatMul of a QDQ weight) and its scales the target's, as scap_onnx.op.nbits repacks
-them (compared on the first block's, in the type the sparse model stores them in: float16 or float32).
+(MatMulNBits, or MatMul of a QDQ weight; N the targets' sum where several are fused) and its scales
+the targets', as scap_onnx.op.nbits repacks them (compared on the first block's, in the type the sparse model stores them in: float16 or float32).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class _Pairing:
             raise self._mismatch(f"sparse node {node.name!r} ({node.op_type}) cannot compute {members[0]!r}, a "
                                  f"{ts[0].op} of {ts[0].weight_format} weights in {self.dense.name}")
         if ts[0].quantized:
-            self._check_nbits_weight(node, ts[0])
+            self._check_nbits_weight(node, ts)
         elif len(ts) == 1:
             self._check_weight(node, ts[0])
         else:
@@ -182,26 +182,30 @@ class _Pairing:
                     tensor_head(a, self.dense.parent) != tensor_head(b, self.sparse.parent):
                 raise self._mismatch(f"weight {t.weight!r} differs between {self.dense.name} and {self.sparse.name}")
 
-    def _check_nbits_weight(self, node: onnx.NodeProto, t: Target) -> None:
-        """K, N, bits and block_size as the target's, and the first block's scales of every column
-        those of the target (repacked by scap_onnx.op.nbits, which writes them float32 or, rounded
-        where they were not, float16)."""
-        shape = {"K": t.k, "N": t.n, "bits": t.bits, "block_size": t.block_size}
+    def _check_nbits_weight(self, node: onnx.NodeProto, ts: list[Target]) -> None:
+        """K, bits and block_size as the targets', N their sum (one target, or several fused side by
+        side), and the first block's scales of every column those of the targets (repacked by
+        scap_onnx.op.nbits, which writes them float32 or, rounded where they were not, float16)."""
+        shape = {"K": ts[0].k, "N": sum(t.n for t in ts), "bits": ts[0].bits, "block_size": ts[0].block_size}
         got = {k: int(node_attribute(node, k, -1)) for k in shape}
-        if got != shape:
-            raise self._mismatch(f"sparse node {node.name!r} has {got}, its target {t.name!r} in {self.dense.name} "
-                                 f"{shape}")
-        a = self.d_inits.get(t.scales)
+        if got != shape or any((t.k, t.bits, t.block_size) != (ts[0].k, ts[0].bits, ts[0].block_size) for t in ts):
+            raise self._mismatch(f"sparse node {node.name!r} has {got}, its targets {[t.name for t in ts]} in "
+                                 f"{self.dense.name} {shape}")
         b = self.s_inits.get(node.input[2]) if len(node.input) > 2 else None
-        if a is not None and b is not None:
-            dense = numpy_helper.to_array(a, base_dir=str(self.dense.parent)) if has_external(a) \
-                else numpy_helper.to_array(a)
-            first = (qdq_scales if t.qdq else matmul_nbits_scales)(dense, k=t.k, n=t.n, block_size=t.block_size)[0]
-            written = FLOAT_TYPES.get(b.data_type)
-            expected = b"" if written is None else first.astype(written).tobytes()[:64]
-            if not expected or tensor_head(b, self.sparse.parent, len(expected)) != expected:
-                raise self._mismatch(f"weight {t.weight!r} (its scales) differs between {self.dense.name} and "
-                                     f"{self.sparse.name}")
+        written = FLOAT_TYPES.get(b.data_type) if b is not None else None
+        column = 0
+        for t in ts:
+            a = self.d_inits.get(t.scales)
+            if a is not None and b is not None:
+                dense = numpy_helper.to_array(a, base_dir=str(self.dense.parent)) if has_external(a) \
+                    else numpy_helper.to_array(a)
+                first = (qdq_scales if t.qdq else matmul_nbits_scales)(dense, k=t.k, n=t.n, block_size=t.block_size)[0]
+                expected = b"" if written is None else first.astype(written).tobytes()[:64]
+                start = column * (np.dtype(written).itemsize if written is not None else 0)
+                if not expected or tensor_head(b, self.sparse.parent, len(expected), start) != expected:
+                    raise self._mismatch(f"weight {t.weight!r} (its scales) differs between {self.dense.name} and "
+                                         f"{self.sparse.name}")
+            column += t.n
 
     def _check_fused_weight(self, node: onnx.NodeProto, members: list[str], ts: list[Target]) -> None:
         """A fused node's B is its targets' weights side by side (checked on the first row's bytes)."""
