@@ -18,6 +18,7 @@
 
 #include "run_tasks.h"
 #include "cpu_kernels.h"
+#include "huge_pages.h"
 #include "sparse_gemm.h"
 
 namespace scap {
@@ -587,6 +588,7 @@ ScapSparseMatMulKernel<T>::ScapSparseMatMulKernel(const OrtApi& api, const OrtKe
       b_constant_ = b;
     }
   }
+  BackConstantInputWithHugePages(api, info, 1);
 }
 
 template <typename T>

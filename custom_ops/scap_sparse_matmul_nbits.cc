@@ -19,6 +19,7 @@
 #include "nbits_kernels.h"
 #include "run_tasks.h"
 #include "cpu_kernels.h"
+#include "huge_pages.h"
 #include "sparse_gemm.h"
 
 namespace scap {
@@ -265,6 +266,8 @@ ScapSparseMatMulNBitsKernel<T>::ScapSparseMatMulNBitsKernel(const OrtApi& api, c
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(std::string(kOpTypeNBits) + " node '" + attributes_.node_name + "': " + e.what());
   }
+  BackConstantInputWithHugePages(api, info, 1);  // B_packed
+  BackConstantInputWithHugePages(api, info, 2);  // scales
 }
 
 template <typename T>
