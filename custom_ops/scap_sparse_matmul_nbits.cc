@@ -19,7 +19,6 @@
 #include "nbits_kernels.h"
 #include "run_tasks.h"
 #include "cpu_kernels.h"
-#include "huge_pages.h"
 #include "sparse_gemm.h"
 
 namespace scap {
@@ -260,14 +259,14 @@ void CheckType(const char* name, ONNXTensorElementDataType type, ONNXTensorEleme
 
 template <typename T>
 ScapSparseMatMulNBitsKernel<T>::ScapSparseMatMulNBitsKernel(const OrtApi& api, const OrtKernelInfo* info)
-    : KernelShell<ScapSparseMatMulNBitsKernel<T>>(api, info, kOpTypeNBits) {
+    : KernelShell<ScapSparseMatMulNBitsKernel<T>>(api, info, kOpTypeNBits),
+      b_packed_pages_(api, info, 1),
+      scales_pages_(api, info, 2) {
   try {
     shape_ = ReadShape(api, info);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(std::string(kOpTypeNBits) + " node '" + attributes_.node_name + "': " + e.what());
   }
-  BackConstantInputWithHugePages(api, info, 1);  // B_packed
-  BackConstantInputWithHugePages(api, info, 2);  // scales
 }
 
 template <typename T>
@@ -337,9 +336,10 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
     scratch.y.resize(static_cast<size_t>(rows * s.n));
     y_f32 = scratch.y.data();
   }
-  const NBitsRow w{reinterpret_cast<const uint8_t*>(b.GetTensorRawData()),
+  const void* b_packed = b_packed_pages_.data() != nullptr ? b_packed_pages_.data() : b.GetTensorRawData();
+  const NBitsRow w{static_cast<const uint8_t*>(b_packed),
                    s.row_bytes,
-                   scales.GetTensorRawData(),
+                   scales_pages_.data() != nullptr ? scales_pages_.data() : scales.GetTensorRawData(),
                    scale_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16,
                    zero_points != nullptr ? reinterpret_cast<const uint8_t*>(zero_points.GetTensorRawData()) : nullptr,
                    zp_packed,

@@ -30,6 +30,7 @@
 
 #include <cstdint>
 
+#include "huge_pages.h"
 #include "op_base.h"
 
 namespace scap {
@@ -53,6 +54,9 @@ struct ScapSparseMatMulNBitsKernel : KernelShell<ScapSparseMatMulNBitsKernel<T>>
   void Compute(OrtKernelContext* context);
 
   NBitsShape shape_;
+  // B_packed and scales where they are read from 2 MiB pages of a copy (huge_pages.h).
+  HugePageInput b_packed_pages_;
+  HugePageInput scales_pages_;
 };
 
 template <typename T>
