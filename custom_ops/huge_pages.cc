@@ -20,11 +20,6 @@ namespace {
 
 constexpr uintptr_t kHuge = uintptr_t{1} << 21;
 
-bool TurnedOff() {
-  const char* setting = std::getenv("SCAP_ONNX_HUGE_PAGES");
-  return setting != nullptr && std::strcmp(setting, "0") == 0;
-}
-
 // Bytes of one element of a constant input the kernels read (0: not one of them).
 size_t ElementBytes(ONNXTensorElementDataType type) {
   switch (type) {
@@ -55,6 +50,11 @@ bool ConstantInput(const OrtApi& api, const OrtKernelInfo* info, size_t index, c
 }
 
 #if defined(__linux__)
+bool TurnedOff() {
+  const char* setting = std::getenv("SCAP_ONNX_HUGE_PAGES");
+  return setting != nullptr && std::strcmp(setting, "0") == 0;
+}
+
 // Whether transparent huge pages are on at all ("never" in sysfs turns off what a copy would get).
 bool SystemHasHugePages() {
   std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
