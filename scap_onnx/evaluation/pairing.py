@@ -7,7 +7,8 @@ target's (the constant resolver of scap_onnx.graph.view follows Identity nodes a
 Transpose; the first bytes are compared, so a model of the same shape with other weights is refused).
 A ScapSparseMatMulNBits reads repacked weights: its attributes must be the quantized target's
 (MatMulNBits, or MatMul of a QDQ weight; N the targets' sum where several are fused) and its scales
-the targets', as scap_onnx.op.nbits repacks them (compared on the first block's, in the type the sparse model stores them in: float16 or float32).
+the targets', as scap_onnx.op.nbits repacks them (compared on the first block's, in the type the
+sparse model stores them in: float16 or float32).
 """
 
 from __future__ import annotations

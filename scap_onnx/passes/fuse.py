@@ -16,8 +16,9 @@ repacked weights lie side by side exactly: equal K, bits, block_size, accuracy_l
 zero-point form, and (4 bits) each N a multiple of 32, so that B_packed's and packed zero points' rows
 end on whole bytes of 32-column groups; B_packed, scales and zero points are concatenated along N.
 (On the random int4 Llama's og.Generator decode fused and apart read alike, 0.98-1.00x in three
-interleaved runs, docs/results.md: there a call's fixed costs are small beside its bytes.) The fused weight is concatenated only when the model is
-saved (an onnx_ir LazyTensor), so no copy of the model's weights is held in memory. The fused node
+interleaved runs, docs/results.md: there a call's fixed costs are small beside its bytes.) The fused
+weight is concatenated only when the model is saved (an onnx_ir LazyTensor), so no copy of the
+model's weights is held in memory. The fused node
 lists its members, the original target names, in its metadata (scap_onnx.op.contract.TARGETS_KEY),
 so that validate and measure report each target as before.
 """
@@ -89,14 +90,19 @@ def _constant(v: ir.Value) -> bool:
     return v.const_value is not None and not v.is_graph_input()
 
 
+def _bias_position(node: ir.Node) -> int:
+    """The bias input's position: just before the per-channel vectors (contract.CHANNEL_INPUTS)."""
+    return contract.CHANNEL_INPUTS[node.op_type][0] - 1
+
+
 def _weight_inputs(node: ir.Node) -> list[ir.Value | None]:
-    """The inputs concatenated along N: B (ScapSparseMatMul); B_packed, scales, zero_points (NBits)."""
-    count = 4 if node.op_type == OP_TYPE_NBITS else 2
-    return [node.inputs[i] if len(node.inputs) > i else None for i in range(1, count)]
+    """The inputs between A and the bias, concatenated along N: B (ScapSparseMatMul); B_packed,
+    scales, zero_points (NBits)."""
+    return [node.inputs[i] if len(node.inputs) > i else None for i in range(1, _bias_position(node))]
 
 
 def _bias_input(node: ir.Node) -> ir.Value | None:
-    i = 4 if node.op_type == OP_TYPE_NBITS else 2
+    i = _bias_position(node)
     return node.inputs[i] if len(node.inputs) > i else None
 
 
