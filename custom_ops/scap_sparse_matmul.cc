@@ -1,6 +1,7 @@
 // CPU kernel of ScapSparseMatMul: validates inputs, applies the drop rule, and runs the
 // row-skipping kernels (sparse_gemm.h) as tasks in ONNX Runtime's intra-op thread pool.
-// Several rows of float32 A over a constant B multiply over B packed once (PackedWins, PairListsWin);
+// Several rows of float32 A over a constant B multiply over B packed once (PackedWins; tiles or pair
+// lists timed per kind of pass, PassKind);
 // several rows that keep most of K between them go to onnxruntime's own Gemm through
 // OrtApi::InvokeOp instead, where measured faster (DenseWins). (Long because every path's task
 // split and choice lives here, beside the one Compute that picks among them.)
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -20,6 +22,7 @@
 #include "cpu_kernels.h"
 #include "huge_pages.h"
 #include "sparse_gemm.h"
+#include "timed_choice.h"
 
 namespace scap {
 namespace {
@@ -536,27 +539,34 @@ constexpr int64_t kPackedAlwaysRows = 16;
 constexpr int64_t kPackedFewRows = 4;
 constexpr double kPackedFewRowsShare = 0.98;
 
-// Over packed B, whether each pair of rows of A should walk the union of its own kept rows of B
-// (RowPairLists) rather than the register tiles the union of 8 rows (AVX-512; 4 on AVX2): at 50%
-// sparsity the tiles' union keeps nearly all of K, a pair's three quarters. A pair's walk loads each
-// kept row of B once for 2 FMAs a vector where the tiles load it once for 8, so it pays only when
-// the rows drop enough. Measured on a Zen 4 EPYC against onnxruntime's MatMul (tools/bench_kernel.py
-// with --gemm packed packed_rows, and --baseline-library against the tiles; docs/kernel_benchmarks.md,
-// "Pair lists"): from 128 rows the pairs tie or win at 50% sparsity (0.92-1.08x against 0.85-0.97x
-// on 1536x384 / 1536x576, 1.28x against 1.17x on 4096x4096) and win at 70% (1.09-1.92x against
-// 0.94-1.80x), and lose at 30-35% (0.89-0.99x against 0.95-1.06x); at 32 rows over 4096x4096, where B
-// streams from memory, they lose at 50% (0.90x against 1.02x) and tie at 70%.
-constexpr int64_t kPairListsMinRows = 64;
-constexpr double kPairListsMaxShare = 0.55;
-constexpr int64_t kPairListsFewRows = 32;
-constexpr double kPairListsFewRowsShare = 0.25;
+// Over packed B, each pair of rows of A can walk the union of its own kept rows of B (RowPairLists)
+// rather than the register tiles the union of 8 rows (AVX-512; 4 on AVX2): at 50% sparsity the
+// tiles' union keeps nearly all of K, a pair's three quarters. A pair's walk loads each kept row of
+// B once for 2 FMAs a vector where the tiles load it once for 8, so it pays only when the rows drop
+// enough, and where that is depends on the microarchitecture, not only on the instruction set
+// (TimedChoice): on a Zen 4 EPYC the pairs won from 64 rows at 50% sparsity (1.28x of onnxruntime's
+// MatMul against 1.17x for the tiles, K = N = 4096, M = 128); on a Zen 5 EPYC they lose there
+// (0.81-0.83x against 1.05x) and tie at 70%. So from kPairListsMinRows rows that keep at most
+// kPairListsMaxShare of K, the kernel times both on its first passes of each kind (rows by powers
+// of two, kept share by tenths) and keeps the faster; where the rows keep more, the tiles win on
+// both (the pairs 0.64-0.70x of onnxruntime at 0% on the Zen 5).
+constexpr int64_t kPairListsMinRows = 32;
+constexpr double kPairListsMaxShare = 0.75;
+constexpr int kRowKinds = 4;  // 32-63, 64-127, 128-255, 256 (kMaxRowsPerPass) rows
+constexpr int kShareKinds = 8;
+static_assert(kRowKinds * kShareKinds == ScapSparseMatMulKernel<float>::kPassKinds, "one kind per timed choice");
+static_assert(kPairListsMinRows << (kRowKinds - 1) == kMaxRowsPerPass, "the last row kind is a full pass");
 
-bool PairListsWin(int64_t rows, int64_t depth, int64_t kept_elements) {
+// The kind of a pass of `rows` rows that keep kept_elements of rows * depth, for TimedChoice; -1
+// where the tiles take it untimed.
+int PassKind(int64_t rows, int64_t depth, int64_t kept_elements) {
   const double share = static_cast<double>(kept_elements) / static_cast<double>(rows * depth);
-  return (rows >= kPairListsMinRows && share <= kPairListsMaxShare) ||
-         (rows >= kPairListsFewRows && share <= kPairListsFewRowsShare);
+  if (rows < kPairListsMinRows || share > kPairListsMaxShare) return -1;
+  int row_kind = 0;
+  while (row_kind + 1 < kRowKinds && rows >= (kPairListsMinRows << (row_kind + 1))) ++row_kind;
+  const int share_kind = std::min(kShareKinds - 1, static_cast<int>(share * 10.0));
+  return row_kind * kShareKinds + share_kind;
 }
-
 
 bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
   if (SelectAmx() != nullptr && rows > kKSplitMaxRows) return false;
@@ -735,19 +745,21 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
         (job.packed = Packed(raw_context)) != nullptr) {
       // B packed once into strips: Y's columns split over tasks, each reading its strips once.
       const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
-      if (policy == GemmPolicy::kPackedRows ||
-          (policy == GemmPolicy::kChoose && pass_rows >= kPairListsFewRows &&
-           PairListsWin(pass_rows, depth, kept_elements))) {
+      const int kind = policy == GemmPolicy::kChoose ? PassKind(pass_rows, depth, kept_elements) : -1;
+      const bool pairs = policy == GemmPolicy::kPackedRows || (kind >= 0 && tiles_or_pairs_.Next(kind) == 1);
+      const auto start = std::chrono::steady_clock::now();
+      if (pairs) {
         const RowPairLists lists = MakePairLists(context, Kernels<float>(), pass_rows, depth, scratch);
         const ListSplit split = threaded ? PairListSplit(n, kernels.list_columns, lists.pairs) : ListSplit{1, 1};
         job.lists = &lists;
         job.pair_tasks = split.pair_tasks;
         job.tasks = split.column_tasks * split.pair_tasks;
         RunTasks(context, &RunPairListTask<Bits>, job.tasks, &job);
-        continue;
+      } else {
+        job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
+        RunTasks(context, &RunPackedColumnTask<Bits>, job.tasks, &job);
       }
-      job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
-      RunTasks(context, &RunPackedColumnTask<Bits>, job.tasks, &job);
+      if (kind >= 0) tiles_or_pairs_.Record(kind, pairs ? 1 : 0, SecondsSince(start));
       continue;
     }
     if (pass_rows <= kKSplitMaxRows) {

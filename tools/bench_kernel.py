@@ -164,6 +164,12 @@ def sparse_input(m: int, k: int, sparsity: float, dtype: type, rng: np.random.Ge
     return a.astype(dtype)
 
 
+# Runs before timing: the op packs B on its first several-row call and then times its register tiles
+# against its pair lists on the next calls of each kind (custom_ops/timed_choice.h: two calls each),
+# keeping the faster; what is timed is the steady state after that.
+WARM_UP_RUNS = 5
+
+
 class Runner:
     """A session with its input and outputs bound once, so repeats time the graph alone."""
 
@@ -174,7 +180,8 @@ class Runner:
             self.binding.bind_cpu_input(name, value)
         for out in sess.get_outputs():
             self.binding.bind_output(out.name, "cpu")
-        sess.run_with_iobinding(self.binding)  # warm-up; also allocates outputs
+        for _ in range(WARM_UP_RUNS):  # also allocates outputs
+            sess.run_with_iobinding(self.binding)
 
     def time(self) -> float:
         start = time.perf_counter()
