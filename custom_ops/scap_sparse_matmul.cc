@@ -618,6 +618,8 @@ const PackedB* ScapSparseMatMulKernel<T>::Packed(OrtKernelContext* raw_context) 
     PackJob<Bits> job{&kernels, reinterpret_cast<const Bits*>(b.GetTensorRawData()), depth, n, tasks,
                       packed_.data(), packed_finite_.data()};
     RunTasks(context, &RunPackTask<Bits>, tasks, &job);
+    // Few rows of A stream packed B from memory as decoding streams B (huge_pages.h).
+    BackWithHugePages(packed_.data(), packed_.size() * sizeof(float));
     packed_b_ = PackedB{packed_.data(), packed_finite_.data(), depth, strip};
     packed_ready_ = true;
   });
