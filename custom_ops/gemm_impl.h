@@ -176,16 +176,24 @@ inline float ChannelThreshold(float threshold, float scale) {
   return product != product ? scale : product;
 }
 
+// Bits set in x.
+inline int PopCount(uint32_t x) {
+  x = x - ((x >> 1) & 0x55555555u);
+  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
 // The drop rule on rows of A (see KernelSet::sparsify) with or without each per-channel vector, a
 // loop compiled for each case so that a node without them pays nothing: vectors of d, and the kept
-// columns of every row ORed into the bitmap.
+// columns of every row ORed into the bitmap. Returns the kept elements.
 template <class Isa, typename TW, bool kScale, bool kOffset>
-void SparsifyRows(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen) {
+int64_t SparsifyRows(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen) {
   static_assert(32 % Isa::kWidth == 0, "a vector's kept bits must fit in one word of the bitmap");
   const float threshold = rule.threshold, offset = rule.offset;
   const float* scale = rule.threshold_scale;
   const float* channel_offset = rule.channel_offset;
   const auto off = Isa::Set(offset), thr = Isa::Set(threshold);
+  int64_t kept_elements = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const TW* a_row = a + r * depth;
     float* d_row = d + r * depth;
@@ -198,6 +206,7 @@ void SparsifyRows(const TW* a, int64_t rows, int64_t depth, const DropRule& rule
           Isa::Drop(diff, kScale ? Isa::ChannelThreshold(thr, Isa::Load(scale + j)) : thr, &kept_values);
       Isa::Store(d_row + j, kept_values);
       seen[j >> 5] |= bits << (j & 31);
+      kept_elements += PopCount(bits);
     }
     for (; j < depth; ++j) {
       float diff = ToFloat(a_row[j]) - offset;
@@ -206,23 +215,25 @@ void SparsifyRows(const TW* a, int64_t rows, int64_t depth, const DropRule& rule
       const bool keep = !(Abs(diff) <= tau);  // NaN compares false: kept
       d_row[j] = keep ? diff : 0.0f;
       seen[j >> 5] |= static_cast<uint32_t>(keep) << (j & 31);
+      kept_elements += keep ? 1 : 0;
     }
   }
+  return kept_elements;
 }
 
 template <class Isa, typename TW>
 int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen,
-                 int32_t* kept) {
+                 int32_t* kept, int64_t* kept_elements) {
   const int64_t words = SeenWords(depth);
   std::memset(seen, 0, static_cast<size_t>(words) * sizeof(uint32_t));
   if (rule.threshold_scale == nullptr && rule.channel_offset == nullptr) {
-    SparsifyRows<Isa, TW, false, false>(a, rows, depth, rule, d, seen);
+    *kept_elements = SparsifyRows<Isa, TW, false, false>(a, rows, depth, rule, d, seen);
   } else if (rule.channel_offset == nullptr) {
-    SparsifyRows<Isa, TW, true, false>(a, rows, depth, rule, d, seen);
+    *kept_elements = SparsifyRows<Isa, TW, true, false>(a, rows, depth, rule, d, seen);
   } else if (rule.threshold_scale == nullptr) {
-    SparsifyRows<Isa, TW, false, true>(a, rows, depth, rule, d, seen);
+    *kept_elements = SparsifyRows<Isa, TW, false, true>(a, rows, depth, rule, d, seen);
   } else {
-    SparsifyRows<Isa, TW, true, true>(a, rows, depth, rule, d, seen);
+    *kept_elements = SparsifyRows<Isa, TW, true, true>(a, rows, depth, rule, d, seen);
   }
   int64_t count = 0;
   for (int64_t w = 0; w < words; ++w) {
@@ -231,13 +242,6 @@ int64_t Sparsify(const TW* a, int64_t rows, int64_t depth, const DropRule& rule,
     }
   }
   return count;
-}
-
-// Bits set in x.
-inline int PopCount(uint32_t x) {
-  x = x - ((x >> 1) & 0x55555555u);
-  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
-  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
 }
 
 // Where a pair's kept columns go, by part (RowPairLists): k[part] + count[part] onwards, with the

@@ -159,9 +159,19 @@ void RunCase(const char* isa, const KernelSet<TW>& ks, const Case& c, std::mt199
   std::vector<float> d(static_cast<size_t>(c.rows * c.depth));
   std::vector<uint32_t> seen(static_cast<size_t>(scap::SeenWords(c.depth)));
   std::vector<int32_t> kept(static_cast<size_t>(c.depth));
+  int64_t kept_elements = -1;
   const int64_t kept_count =
       ks.sparsify(a.data(), c.rows, c.depth, scap::DropRule{c.threshold, c.offset, c.threshold_scale, c.channel_offset},
-                  d.data(), seen.data(), kept.data());
+                  d.data(), seen.data(), kept.data(), &kept_elements);
+  int64_t nonzero = 0;  // kept values are never 0 (a NaN is kept and is not 0)
+  for (const float v : d) nonzero += v != 0.0f ? 1 : 0;
+  ++g_checks;
+  if (kept_elements != nonzero) {
+    ++g_failures;
+    std::printf("FAIL %s sparsify rows=%lld K=%lld: counted %lld kept elements, D holds %lld\n", isa,
+                static_cast<long long>(c.rows), static_cast<long long>(c.depth), static_cast<long long>(kept_elements),
+                static_cast<long long>(nonzero));
+  }
   std::vector<TW> y(static_cast<size_t>(c.rows * c.n));
 
   if (c.rows == 1) {
@@ -317,7 +327,8 @@ void CheckFloat16Exact(const char* isa, const KernelSet<uint16_t>& ks) {
     float d[3];
     uint32_t seen[1];
     int32_t kept[1];
-    const int64_t kept_count = ks.sparsify(a.data(), rows, 1, scap::DropRule{0.0f, 0.0f}, d, seen, kept);
+    int64_t kept_elements = 0;
+    const int64_t kept_count = ks.sparsify(a.data(), rows, 1, scap::DropRule{0.0f, 0.0f}, d, seen, kept, &kept_elements);
     std::vector<uint16_t> y(static_cast<size_t>(rows * n));
     if (rows == 1) {
       std::vector<float> partial(static_cast<size_t>(n));
@@ -360,7 +371,8 @@ void CheckFloat16Exact(const char* isa, const KernelSet<uint16_t>& ks) {
     float d;
     uint32_t seen;
     int32_t kept;
-    const int64_t kept_count = ks.sparsify(&a, 1, 1, scap::DropRule{0.0f, offset}, &d, &seen, &kept);
+    int64_t kept_elements = 0;
+    const int64_t kept_count = ks.sparsify(&a, 1, 1, scap::DropRule{0.0f, offset}, &d, &seen, &kept, &kept_elements);
     ks.row_partial(SparseRow{&d, &kept, kept_count}, ones.data(), n2, 0, kept_count, partial.data());
     ks.reduce(partial.data(), 1, n2, n2, nullptr, y.data());
     const uint16_t want = scap::FloatToHalf(scap::HalfToFloat(a) - offset);

@@ -78,13 +78,6 @@ std::pair<int64_t, int64_t> TaskRange(size_t index, int64_t tasks, int64_t count
   return {std::min(i * units / tasks * unit, count), std::min((i + 1) * units / tasks * unit, count)};
 }
 
-// Kept (non-zero) elements of D's first `count` values.
-int64_t CountKept(const float* d, int64_t count) {
-  int64_t kept = 0;
-  for (int64_t i = 0; i < count; ++i) kept += d[i] != 0.0f ? 1 : 0;
-  return kept;
-}
-
 // Elements of A per task of the drop rule, at least: below twice this a call sparsifies on its own thread.
 constexpr int64_t kMinSparsifyElementsPerTask = 1 << 15;
 
@@ -100,7 +93,6 @@ struct SparsifyJob {
   uint32_t* seen;    // tasks * words
   int32_t* kept;     // tasks * depth: the kernel's own list of each task's kept columns
   int64_t* counts;   // 2 * tasks: per task, the elements its rows keep and the length of its list
-  bool count_elements;  // whether to count the kept elements (decoding does not need them)
 };
 
 template <typename Bits>
@@ -114,18 +106,16 @@ void RunSparsifyTask(void* data, size_t index) {
     return;
   }
   counts[1] = job.kernels->sparsify(job.a + r0 * job.depth, r1 - r0, job.depth, job.rule, job.d + r0 * job.depth,
-                                    job.seen + index * job.words, job.kept + index * job.depth);
-  if (job.count_elements) counts[0] = CountKept(job.d + r0 * job.depth, (r1 - r0) * job.depth);
+                                    job.seen + index * job.words, job.kept + index * job.depth, &counts[0]);
 }
 
 // The drop rule on rows [0, rows) of A into s.d (row-major, dropped elements 0), the ascending union
-// of their kept columns into s.kept, and the number of kept elements (returned; 0 unless
-// count_elements). Several rows run
-// as tasks over ranges of rows: done on the calling thread alone, the drop rule over all of A was a
+// of their kept columns into s.kept, and the number of kept elements (returned). Several rows run as
+// tasks over ranges of rows: done on the calling thread alone, the drop rule over all of A was a
 // serial share of every several-rows call.
 template <typename Bits>
 int64_t Sparsify(Ort::KernelContext& context, const Bits* a, int64_t rows, int64_t depth, const DropRule& rule,
-                 Scratch& s, bool count_elements = false) {
+                 Scratch& s) {
   const int64_t words = SeenWords(depth);
   const int64_t tasks = std::max<int64_t>(1, std::min({kTargetTasks, rows, rows * depth / kMinSparsifyElementsPerTask}));
   s.d.resize(static_cast<size_t>(rows * depth));
@@ -133,7 +123,7 @@ int64_t Sparsify(Ort::KernelContext& context, const Bits* a, int64_t rows, int64
   s.kept.resize(static_cast<size_t>(tasks * depth));
   s.task_counts.resize(static_cast<size_t>(2 * tasks));
   SparsifyJob<Bits> job{&Kernels<Bits>(), a, rows, depth, tasks, words, rule, s.d.data(), s.seen.data(),
-                        s.kept.data(), s.task_counts.data(), count_elements};
+                        s.kept.data(), s.task_counts.data()};
   RunTasks(context, &RunSparsifyTask<Bits>, tasks, &job);
   int64_t kept_elements = 0;
   for (int64_t t = 0; t < tasks; ++t) kept_elements += s.task_counts[static_cast<size_t>(2 * t)];
@@ -180,7 +170,7 @@ SparseTiles SparsifyTiles(Ort::KernelContext& context, const Bits* a, int64_t ro
                           const DropRule& rule, int64_t tile_rows, Scratch& s, int64_t* kept_elements) {
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   const int64_t padded_rows = tiles * tile_rows;
-  *kept_elements = Sparsify(context, a, rows, depth, rule, s, /*count_elements=*/true);
+  *kept_elements = Sparsify(context, a, rows, depth, rule, s);
   const int64_t kept = static_cast<int64_t>(s.kept.size());
   if (kept == depth) {
     s.d.resize(static_cast<size_t>(padded_rows * depth));

@@ -326,8 +326,10 @@ void ScapSparseMatMulNBitsKernel<T>::Compute(OrtKernelContext* raw_context) {
   scratch.seen.resize(static_cast<size_t>(SeenWords(s.k)));
   scratch.kept.resize(static_cast<size_t>(s.k));
   const DropRule rule{attributes_.threshold, attributes_.offset, channels.threshold_scale, channels.channel_offset};
+  int64_t kept_elements = 0;
   const int64_t kept = Kernels<Bits>().sparsify(reinterpret_cast<const Bits*>(a.GetTensorRawData()), rows, s.k, rule,
-                                                scratch.d.data(), scratch.seen.data(), scratch.kept.data());
+                                                scratch.d.data(), scratch.seen.data(), scratch.kept.data(),
+                                                &kept_elements);
 
   float* y_f32;
   if constexpr (std::is_same<Bits, float>::value) {

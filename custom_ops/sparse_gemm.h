@@ -132,10 +132,10 @@ struct KernelSet {
   int64_t list_columns;  // columns a pair of rows walks at once over packed B (tiles_packed with lists)
   // The drop rule on `rows` rows of A (TW as well), `depth` elements each: d = A - offset -
   // channel_offset with the dropped elements (see DropRule; NaN is kept) set to 0. Writes the
-  // ascending union of the rows' kept columns to kept[0 .. returned count); seen: SeenWords(depth)
-  // of work space.
+  // ascending union of the rows' kept columns to kept[0 .. returned count) and the number of kept
+  // elements of all rows to *kept_elements; seen: SeenWords(depth) of work space.
   int64_t (*sparsify)(const TW* a, int64_t rows, int64_t depth, const DropRule& rule, float* d, uint32_t* seen,
-                      int32_t* kept);
+                      int32_t* kept, int64_t* kept_elements);
   // One row of A: partial[0:N] = sum over kept[i0:i1] of values[k] * B[k, :].
   void (*row_partial)(const SparseRow& row, const TW* b, int64_t n, int64_t i0, int64_t i1, float* partial);
   // y[0:N] = sum of `parts` partials, part_stride floats apart (+ bias).
