@@ -7,11 +7,12 @@ copies exceed the last-level cache twice over; for each accuracy_level asked (de
 MatMulNBits and the op at that same level (the op quantises several rows of A to int8 at 4, as
 MatMulNBits does; one row and levels 0-3 run its float path) run interleaved, all levels together,
 and the medians of the repeats are compared: "acc4" is the op at 4 against MatMulNBits at 4. The
-same run measures the machine's streaming read bandwidth (a bitwise OR over twice the cache, on
-as many threads), so every level also shows the rate at which the op streamed the kept rows of
-B_packed (scales and zero points not counted). Beside the wall-clock ratios, the ratios of CPU time
-per call (the process's, all its threads, over the same interleaved repeats): on a machine that
-others share, a thread's wall time depends on how often it was scheduled, its CPU time much less so.
+same run measures the machine's streaming read bandwidth (onnxruntime's ReduceSum over 8 times
+the cache, on as many threads), so every level also shows the rate at which the op streamed the
+kept rows of B_packed (scales and zero points not counted). Beside the wall-clock ratios, the
+ratios of CPU time per call (the process's, all its threads, over the same interleaved repeats): on
+a machine that others share, a thread's wall time depends on how often it was scheduled, its CPU
+time much less so.
 
 Weights: random codes, scales and zero points (block-quantization statistics do not matter for the
 time), packed as MatMulNBits takes them and repacked for the op by scap_onnx.op.nbits as the
@@ -96,7 +97,7 @@ def run_grid(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     cache = last_level_cache_bytes()
     rng = np.random.default_rng(1)
-    bandwidth = read_bandwidth(2 * cache, args.threads, args.repeats)
+    bandwidth = read_bandwidth(8 * cache, args.threads, args.repeats)
     print(f"# streaming read bandwidth, {args.threads} thread(s): {bandwidth:.1f} GB/s", flush=True)
     results = []
     for shape in args.shapes:
