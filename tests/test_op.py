@@ -524,6 +524,30 @@ def test_packed_weights_run_their_own_kernel():
     assert digests[None] == digests["packed"], "8 rows keeping all of K did not choose packed B"
 
 
+def test_tiles_and_pair_lists_are_timed_then_one_is_kept():
+    """64 rows of float32 A that drop half of K each, over constant B: a node times its register tiles
+    against its pair lists on its first calls of that kind (two each, alternating) and then keeps the
+    faster. Both ways match the reference, they sum in different orders (so both ran), and every
+    later call gives the bits of one of them."""
+    if kernel_isa() not in {"avx512", "avx2"}:
+        pytest.skip(f"the {kernel_isa()} kernels do not multiply several rows over packed B")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((64, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 256)).astype(np.float32)
+    threshold = 0.6745  # the median of |N(0, 1)|: half of each row drops
+    session = _session(_model(np.float32, threshold=threshold, b=b), threads=2)
+    ref = _reference(a, b, None, threshold, 0.0)
+    outputs = [session.run(None, {"a": a})[0] for _ in range(7)]
+    for y in outputs:
+        check_close(y, ref, TOL[np.float32], "tiles or pair lists")
+    # Calls 1-4: tiles, pairs, tiles, pairs (timed); from call 5 the faster of the two.
+    tiles, pairs = outputs[0].tobytes(), outputs[1].tobytes()
+    assert tiles != pairs, "the trial calls gave the same bits: only one way ran"
+    assert [y.tobytes() for y in outputs[:4]] == [tiles, pairs, tiles, pairs]
+    assert outputs[4].tobytes() in {tiles, pairs}
+    assert all(y.tobytes() == outputs[4].tobytes() for y in outputs[5:])
+
+
 def test_kernel_isa_is_reported():
     """ScapOnnxKernelIsa names one of the library's kernel families (uncapped: the best the CPU runs)."""
     assert kernel_isa() in {"amx", "avx512", "avx2", "neon", "portable"}
