@@ -13,6 +13,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <utility>
@@ -537,14 +539,14 @@ constexpr double kPackedFewRowsShare = 0.98;
 // (TimedChoice): on a Zen 4 EPYC the pairs won from 64 rows at 50% sparsity (1.28x of onnxruntime's
 // MatMul against 1.17x for the tiles, K = N = 4096, M = 128); on a Zen 5 EPYC they lose there
 // (0.81-0.83x against 1.05x) and tie at 70%. So from kPairListsMinRows rows that keep at most
-// kPairListsMaxShare of K, the kernel times both on its first passes of each kind (rows by powers
-// of two, kept share by tenths) and keeps the faster; where the rows keep more, the tiles win on
-// both (the pairs 0.64-0.70x of onnxruntime at 0% on the Zen 5).
+// kPairListsMaxShare of K, the process times both on its first passes of each kind over each shape
+// of B (rows by powers of two, kept share by tenths; TilesOrPairs) and keeps the faster; where the
+// rows keep more, the tiles win on both (the pairs 0.64-0.70x of onnxruntime at 0% on the Zen 5).
 constexpr int64_t kPairListsMinRows = 32;
 constexpr double kPairListsMaxShare = 0.75;
 constexpr int kRowKinds = 4;  // 32-63, 64-127, 128-255, 256 (kMaxRowsPerPass) rows
 constexpr int kShareKinds = 8;
-static_assert(kRowKinds * kShareKinds == ScapSparseMatMulKernel<float>::kPassKinds, "one kind per timed choice");
+constexpr int kPassKinds = kRowKinds * kShareKinds;
 static_assert(kPairListsMinRows << (kRowKinds - 1) == kMaxRowsPerPass, "the last row kind is a full pass");
 
 // The kind of a pass of `rows` rows that keep kept_elements of rows * depth, for TimedChoice; -1
@@ -556,6 +558,18 @@ int PassKind(int64_t rows, int64_t depth, int64_t kept_elements) {
   while (row_kind + 1 < kRowKinds && rows >= (kPairListsMinRows << (row_kind + 1))) ++row_kind;
   const int share_kind = std::min(kShareKinds - 1, static_cast<int>(share * 10.0));
   return row_kind * kShareKinds + share_kind;
+}
+
+// The choice for B of `depth` x `n`, one for the whole process: every node over that shape, in any
+// session, takes the way chosen once (the trials are shared), so that two sessions of one model sum
+// in the same order (the two ways round differently in the last bits).
+TimedChoice<kPassKinds>& TilesOrPairs(int64_t depth, int64_t n) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int64_t>, std::unique_ptr<TimedChoice<kPassKinds>>> choices;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_ptr<TimedChoice<kPassKinds>>& choice = choices[{depth, n}];
+  if (choice == nullptr) choice = std::make_unique<TimedChoice<kPassKinds>>();
+  return *choice;
 }
 
 bool PackedWins(int64_t rows, int64_t depth, int64_t kept) {
@@ -738,7 +752,8 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
       // B packed once into strips: Y's columns split over tasks, each reading its strips once.
       const bool threaded = pass_rows * depth * n >= kMinWorkForThreads;
       const int kind = policy == GemmPolicy::kChoose ? PassKind(pass_rows, depth, kept_elements) : -1;
-      const bool pairs = policy == GemmPolicy::kPackedRows || (kind >= 0 && tiles_or_pairs_.Next(kind) == 1);
+      TimedChoice<kPassKinds>* choice = kind >= 0 ? &TilesOrPairs(depth, n) : nullptr;
+      const bool pairs = policy == GemmPolicy::kPackedRows || (choice != nullptr && choice->Next(kind) == 1);
       const auto start = std::chrono::steady_clock::now();
       if (pairs) {
         const RowPairLists lists = MakePairLists(context, Kernels<float>(), pass_rows, depth, scratch);
@@ -751,7 +766,7 @@ void ScapSparseMatMulKernel<T>::Compute(OrtKernelContext* raw_context) {
         job.tasks = threaded ? ColumnTasks(n, kernels.tile_columns) : 1;
         RunTasks(context, &RunPackedColumnTask<Bits>, job.tasks, &job);
       }
-      if (kind >= 0) tiles_or_pairs_.Record(kind, pairs ? 1 : 0, SecondsSince(start));
+      if (choice != nullptr) choice->Record(kind, pairs ? 1 : 0, SecondsSince(start));
       continue;
     }
     if (pass_rows <= kKSplitMaxRows) {

@@ -8,7 +8,6 @@
 
 #include "op_base.h"
 #include "sparse_gemm.h"
-#include "timed_choice.h"
 
 namespace scap {
 
@@ -59,14 +58,6 @@ struct ScapSparseMatMulKernel : KernelShell<ScapSparseMatMulKernel<T>> {
   std::vector<uint8_t> packed_finite_;
   PackedB packed_b_{};
   bool packed_ready_ = false;
-
- public:
-  // Kinds of several-row passes over packed B whose register tiles and pair lists are timed
-  // against each other (PassKind in the .cc: rows by powers of two from 32, kept share by tenths).
-  static constexpr int kPassKinds = 32;
-
- private:
-  TimedChoice<kPassKinds> tiles_or_pairs_;
 };
 
 template <typename T>

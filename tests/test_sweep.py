@@ -222,13 +222,16 @@ def test_sweep_default_is_teal_on_random_weights(llama_sweep):
     """On this random-weight model no offset candidate cuts the output error by the margin, so the
     default (one pass, static, ``margin``) reads the TEAL-style statistics and keeps zero centres:
     the same points as TEAL-style; the one-shot's mode for down loses a little more at 0.5
-    (measured 0.113 % against 0.106 %)."""
+    (measured 0.113 % against 0.106 %). The same points up to rounding: the op sums a batch in either
+    of two orders, whichever it timed faster on the machine (custom_ops/timed_choice.h), and a last
+    bit that differs can move an activation across a later threshold (measured: 2e-5 relative)."""
     _, out, _ = llama_sweep
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     for level in (0.3, 0.5):
         (d,) = [r for r in rows if r["method"] == "default" and r["level"] == level]
         (t,) = [r for r in rows if r["method"] == "teal" and r["level"] == level]
-        assert (d["sparsity"], d["quality"]) == (t["sparsity"], t["quality"])
+        assert d["sparsity"] == t["sparsity"]
+        assert d["quality"] == pytest.approx(t["quality"], rel=1e-3)
 
 
 def test_sweep_budget_beats_teal_on_minilm(minilm, texts, tmp_path):
