@@ -227,10 +227,15 @@ bool HasNonFinite(const uint16_t* values, int64_t count) {
 // outweigh its dispatch and its partial sum (small layers of small models run in few tasks). A
 // power of two, so that pools of 2, 4 or 8 threads get equal shares: 7 tasks on 2 threads left one
 // thread 4/7 of the work (SmolLM2's down_proj, 1536x576 at 47% kept: 85-92 us a call, 72-76 us
-// with 4 tasks).
+// with 4 tasks). A call under twice kMinWorkForThreads stays one task (576x576 at 70%: two tasks
+// took 1.24x the time of one); above, tasks of half that: 8 tasks where 4 of kMinWorkForThreads
+// left a thread idle at the end (Zen 5 EPYC, 2 threads, SmolLM2's shapes at 55%: 576x1536, 1536x576
+// and 576x576 took 1.07-1.22x the time with the old split, in both places of an A/B).
+constexpr int64_t kMinWorkPerKSplitTask = kMinWorkForThreads / 2;
+
 int64_t KSplitTasks(int64_t kept, int64_t work) {
   const int64_t by_rows = kept / kMinKeptRowsPerTask;
-  const int64_t by_work = work / kMinWorkForThreads;
+  const int64_t by_work = work < 2 * kMinWorkForThreads ? 1 : work / kMinWorkPerKSplitTask;
   const int64_t most = std::max<int64_t>(1, std::min({kKSplitTasks, by_rows, by_work}));
   int64_t tasks = 1;
   while (tasks * 2 <= most) tasks *= 2;
