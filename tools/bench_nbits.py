@@ -126,8 +126,10 @@ def run_grid(args: argparse.Namespace) -> dict:
             runners = {name: Runner(sess, {"A": a}) for name, sess in sessions.items()}
             times = {name: [] for name in runners}
             cpu = {name: [] for name in runners}
-            for _ in range(args.repeats):  # interleaved
-                for name, runner in runners.items():
+            order = list(runners)
+            for r in range(args.repeats):  # interleaved, in turns: no session always runs after the same one
+                for name in order[r % len(order):] + order[:r % len(order)]:
+                    runner = runners[name]
                     cpu0 = time.process_time()
                     times[name].append(runner.time() / copies)
                     cpu[name].append((time.process_time() - cpu0) / copies)
