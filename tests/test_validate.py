@@ -136,11 +136,13 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts,
     times two orders against each other on its first calls, and the first windows of the two
     sessions may round differently); token-by-token decoding only to a few percent, because hard
     thresholds make the sparse model discontinuous: rounding differences between the one-row and
-    many-row paths flip an
-    element at a threshold now and then, and the flips multiply through the layers. Measured with
-    this test's statistics (smol_stats) on an AVX-512 CPU: on these 2 x 47 predictions the two
-    perplexities differ by 1.1% with the AVX2, AVX-512 and AMX kernels and by 2.6% with the portable
-    ones (SCAP_ONNX_ISA=portable); over 1016 tokens of KJV (8 windows of 128) by 2.1%. Hence 4%."""
+    many-row paths flip an element at a threshold now and then, and the flips multiply through the
+    layers. Measured with this test's statistics (smol_stats) on AVX-512 CPUs, where each build of
+    the kernels draws other roundings: on these 2 x 47 predictions 1.1% (AVX2, AVX-512 and AMX),
+    2.6% (portable), then on a Zen 5 0.6% and, after the one-row split changed from 4 to 8 tasks,
+    5.1%; over 1016 tokens of KJV (8 windows of 128) 2.1%, then 1.1% and 3.5% for the same two
+    builds (a correct op in both: the split matches the reference to 2e-7). Hence 8%: a check of
+    the decode path (KV cache, positions), not of the op's last bits."""
     import onnxruntime as ort
 
     from scap_onnx.calibration.data import open_data
@@ -166,7 +168,7 @@ def test_perplexity_matches_independent_computation(smollm2, smol_sparse, texts,
 
     assert math.isclose(ppl["dense"], ppl_of(_decode_nll, dense), rel_tol=1e-4)
     assert math.isclose(ppl["sparse"], ppl_of(_window_nll, sparse), rel_tol=1e-5)
-    assert math.isclose(ppl["sparse"], ppl_of(_decode_nll, sparse), rel_tol=0.04)
+    assert math.isclose(ppl["sparse"], ppl_of(_decode_nll, sparse), rel_tol=0.08)
 
 
 def test_measured_sparsity_matches_measure_module(smollm2, smol_sparse, texts, monkeypatch):
